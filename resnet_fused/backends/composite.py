@@ -1,0 +1,91 @@
+"""The composite block: ATen convolutions plus the schema ops of one namespace.
+
+Shared by the `torch` backend (ops in resnet_fused_torch, Python/ATen) and the
+`native` backend (ops in resnet_fused, the C++/CUDA extension): the data flow is the
+same, only the kernels behind the ops differ.
+
+Training:  c1 = conv1(x); stats -> finalize (running stats) -> y1 = bn_act(c1)
+           c2 = conv2(y1); stats -> finalize -> out = bn_act(c2, residual=shortcut)
+Eval:      out = conv_bias_shortcut_relu(conv_bias_relu(x)) on folded weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops import like_format
+from .base import Backend, FoldedBlock
+
+
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) with the weights in x's dtype (so an autocast region, which runs the
+    block in the autocast dtype, needs no per-op casts)."""
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding)
+
+
+class CompositeBackend(Backend):
+    """Subclasses set `name` and `namespace` and implement unavailable_reason."""
+
+    namespace: str = ""
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def bn_act_train(self, c: torch.Tensor, bn: nn.BatchNorm2d,
+                     residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """Training BatchNorm of c (batch statistics, running update) + residual + ReLU."""
+        ops = self.ops
+        mean, var = ops.channel_stats(c.detach())
+        count = c.numel() // c.shape[1]
+        momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+        invstd, _, _ = ops.bn_finalize(mean, var, bn.weight.detach(), bn.bias.detach(),
+                                       bn.running_mean, bn.running_var,
+                                       bn.num_batches_tracked, momentum, float(bn.eps), count)
+        if residual is not None:
+            residual = like_format(residual, c)
+        out, _ = ops.bn_act(c, mean, invstd, bn.weight, bn.bias, residual)
+        return out
+
+    def shortcut_train(self, block, x: torch.Tensor) -> torch.Tensor:
+        if block.conv3 is None:
+            return x
+        sc = conv_forward(block.conv3, x)
+        if block.bn3 is not None:
+            # torchvision's downsample BN: nn.BatchNorm2d itself (3 of 8 blocks in a
+            # ResNet-18, none on the main path).
+            sc = block.bn3(sc)
+        return sc
+
+    def forward_train(self, block, x: torch.Tensor) -> torch.Tensor:
+        y1 = self.bn_act_train(conv_forward(block.conv1, x), block.bn1, None)
+        c2 = conv_forward(block.conv2, y1)
+        return self.bn_act_train(c2, block.bn2, self.shortcut_train(block, x))
+
+    def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+        ops = self.ops
+        y1 = ops.conv_bias_relu(x, folded.w1, folded.b1, folded.stride1, folded.padding1)
+        return ops.conv_bias_shortcut_relu(y1, folded.w2, folded.b2, x, folded.w3,
+                                           folded.padding2, folded.stride3, folded.padding3)
+
+
+class TorchBackend(CompositeBackend):
+    """Portable: ATen ops on any device; float64 too (gradcheck)."""
+
+    name = "torch"
+    namespace = "resnet_fused_torch"
+
+    def __init__(self):
+        from . import torch_ops  # noqa: F401  (defines the ops of the namespace)
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def unsupported_dtype_reason(self, dtype, device) -> Optional[str]:
+        if dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            return None
+        return f"the torch backend supports floating dtypes, not {dtype}"

@@ -1,0 +1,136 @@
+"""The torch backend's ops: each schema op of resnet_fused/schemas.py as ATen ops.
+
+Registered under the namespace `resnet_fused_torch` with torch.library.custom_op, so
+they run on any device and dtype PyTorch supports (float64 included, for gradcheck),
+and are the numerical twin of the native and triton kernels: same inputs, same
+outputs, same packed mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from ..ops import is_channels_last, register_op_layer, stats_dtype
+from ..schemas import MUTATING, SCHEMAS
+
+NS = "resnet_fused_torch"
+_BIT_WEIGHTS = {}
+
+
+def _schema_tail(name: str) -> str:
+    return SCHEMAS[name][len(name):]
+
+
+def _physical_flat(t: torch.Tensor) -> torch.Tensor:
+    """t's elements in memory order (NHWC order for channels_last)."""
+    return (t.permute(0, 2, 3, 1) if is_channels_last(t) else t).reshape(-1)
+
+
+def pack_mask(positive: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into the schemas' mask format (bit i%8 of byte i//8)."""
+    flat = _physical_flat(positive).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    key = flat.device
+    if key not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[key] = (2 ** torch.arange(8, device=flat.device)).to(torch.uint8)
+    return (flat.view(-1, 8) * _BIT_WEIGHTS[key]).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The bool tensor (shape and layout of `like`) that `mask` packs."""
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = ((mask.unsqueeze(1) >> shifts) & 1).reshape(-1)[: like.numel()].bool()
+    if is_channels_last(like):
+        n, c, h, w = like.shape
+        return bits.view(n, h, w, c).permute(0, 3, 1, 2)
+    return bits.view(like.shape)
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _op(name: str):
+    return torch.library.custom_op(f"{NS}::{name}", mutates_args=MUTATING.get(name, ()),
+                                   schema=_schema_tail(name))
+
+
+@_op("channel_stats")
+def channel_stats(x):
+    var, mean = torch.var_mean(x.to(stats_dtype(x)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+@_op("bn_finalize")
+def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps, count):
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.to(mean.dtype) * invstd
+    shift = bias.to(mean.dtype) - mean * scale
+    num_batches_tracked.add_(1)
+    if momentum < 0:  # momentum=None: cumulative moving average, factor read on the device
+        factor = 1.0 / num_batches_tracked.to(mean.dtype)
+    else:
+        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, factor))
+    running_var.copy_(torch.lerp(running_var.to(mean.dtype), unbiased, factor))
+    return invstd, scale, shift
+
+
+@_op("bn_act")
+def bn_act(c, mean, invstd, weight, bias, residual: Optional[torch.Tensor]):
+    scale = weight.to(mean.dtype) * invstd
+    shift = bias.to(mean.dtype) - mean * scale
+    y = c.to(mean.dtype) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        y = y + residual.to(mean.dtype)
+    y = y.relu_()
+    positive = y > 0
+    out = torch.empty_like(c)
+    out.copy_(y)
+    return out, pack_mask(positive)
+
+
+@_op("bn_act_backward")
+def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
+    acc = mean.dtype
+    g = grad_out.to(acc) * unpack_mask(mask, c)
+    xhat = (c.to(acc) - _per_channel(mean)) * _per_channel(invstd)
+    m = c.numel() // c.shape[1]
+    grad_bias = g.sum((0, 2, 3))
+    grad_weight = (g * xhat).sum((0, 2, 3))
+    grad_c_acc = _per_channel(weight.to(acc) * invstd) * (
+        g - _per_channel(grad_bias / m) - xhat * _per_channel(grad_weight / m))
+    grad_c = torch.empty_like(c)
+    grad_c.copy_(grad_c_acc)
+    if residual_grad:
+        grad_res = torch.empty_like(c)
+        grad_res.copy_(g)
+    else:
+        grad_res = c.new_empty((0,))
+    return grad_c, grad_weight, grad_bias, grad_res
+
+
+@_op("conv_bias_relu")
+def conv_bias_relu(x, weight, bias, stride, padding):
+    return F.conv2d(x, weight, bias, stride, padding).relu_()
+
+
+@_op("conv_bias_shortcut_relu")
+def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.Tensor],
+                            padding, shortcut_stride, shortcut_padding):
+    out = F.conv2d(y, weight, bias, 1, padding)
+    if shortcut_weight is not None:
+        out = out + F.conv2d(x, shortcut_weight, None, shortcut_stride, shortcut_padding)
+    else:
+        out = out + x
+    return out.relu_()
+
+
+register_op_layer(NS, fakes=True)
+ops = getattr(torch.ops, NS)

@@ -1,0 +1,463 @@
+"""Implicit-GEMM convolution in Triton, NHWC, with fused prologue and epilogue.
+
+One kernel serves every convolution of the block, eval and training forward:
+
+    out[n, p, q, k] = epilogue( sum_{r, s, c} A(x)[n, p*st + r - pad, q*st + s - pad, c] * w[k, c, r, s]
+                                [+ sum_{r, s, c} x2[n, p*st2 + r - pad2, q*st2 + s - pad2, c] * w2[k, c, r, s]] )
+    A(x)     = relu?(x * in_scale[c] + in_shift[c])   (the prologue, e.g. bn1 + ReLU of conv1's raw output);
+               taps outside the image are ZERO after the transform (padding in y1 space)
+    epilogue = relu?(acc + bias[k] (+ residual[n, p, q, k])), cast to x's dtype, optionally
+               with per-channel (mean, biased var) of the written values.
+
+As a GEMM: rows are the output pixels (M = N*P*Q), columns the output channels (K),
+and the reduction runs over R*S*C (taps x input channels). The reduction is ONE flat
+loop over `R*S*C_pad` in steps of BK, C_pad = C rounded up to BK so that a step never
+straddles two taps: Triton software-pipelines only the innermost loop, and the flat
+loop measured 75-87% of cuDNN where nested tap/channel loops reached 50-75%
+(DESIGN.md). The projection shortcut is a second such loop into the same fp32
+accumulator (K-concatenation), so x is read once and the block stays two kernels.
+
+Cost model, for the benchmark: FLOPs = 2 * N*P*Q * K * C*R*S (+ 2 * N*P*Q * K * C2*R2*S2
+for the projection); the compute floor is FLOPs / peak (bf16 dense). The curated GPU
+configs below target the ResNet-18 stages at batch 128 (M = 100k..400k rows, K = C =
+64..512): 128x128x64 / 8 warps for the wide stages, 128x64 and 64x128 with 4 stages
+for K=64, 64x64 for the small-M 7x7 stage, BK=32 variants for fp32 (shared memory).
+
+Layouts: x, x2, residual and the output are channels_last (NHWC in memory); weights
+are PyTorch-shaped [K, C, R, S] and read as channels_last ([K, R, S, C] in memory),
+which costs no copy when the weight already is channels_last.
+
+Hopper (TMA): `_conv_tma_kernel` reads x through a 4-D tensor descriptor over NHWC
+whose out-of-bounds zero fill gives the padding; it covers stride-1 convolutions
+without a prologue or second GEMM (see `_tma_eligible`). It is off unless
+RESNET_FUSED_TRITON_TMA=1, until a GPU session has measured where it wins.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from torch.library import wrap_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ----------------------------------------------------------------------------------------
+# Configurations. The interpreter runs exactly one, small enough to exercise the masked
+# edges (C=24/40 span a partial channel chunk, K=40 a partial column tile).
+# ----------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    _CONFIGS = [_cfg(32, 32, 16, 4, 1)]
+else:
+    _CONFIGS = [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(256, 128, 64, 8, 3),
+        _cfg(64, 64, 32, 4, 4),      # fp32 and tiny channel counts
+        _cfg(128, 64, 32, 4, 3),     # fp32
+        _cfg(32, 32, 16, 2, 2),      # C=3 stems and odd tiny shapes
+    ]
+
+# The stats partials are sized for the smallest BM any config can pick.
+_MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that waste most of a tile on this shape or overflow shared memory."""
+    C = named_args["C"]
+    K = named_args["K"]
+    M = named_args["M"]
+    x = named_args["x_ptr"]
+    esize = x.element_size() if hasattr(x, "element_size") else 2
+    # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
+    has_x2 = kwargs.get("HAS_X2", named_args.get("HAS_X2", False))
+    cmax = max(C, named_args["C2"] if has_x2 else 0)
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        if bn > max(16, triton.next_power_of_2(K)):
+            continue
+        if bk > max(16, triton.next_power_of_2(cmax)):
+            continue
+        if bm > max(16, triton.next_power_of_2(M)):
+            continue
+        if (bm * bk + bk * bn) * esize * max(c.num_stages, 1) > 200 * 1024:
+            continue
+        kept.append(c)
+    if not kept:  # every config is too big for this tiny shape: keep the smallest one
+        kept = [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"] * c.kwargs["BK"])]
+    return kept
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
+               n64, oh, ow, row_ok, rk, rn, n_ok,
+               H, W, C,
+               STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+               HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BK: tl.constexpr):
+    """acc += implicit-im2col(x)[rows, :] @ w[:, cols] over all R*S taps x C channels."""
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
+    c_pad = tl.cdiv(C, BK) * BK
+    # Weight rows are k * (R*S*C) + (r*S + s) * C + c (channels_last weight); int64 so a
+    # huge K*R*S*C cannot overflow.
+    w_col = rn.to(tl.int64) * (R * S * C)
+    for kk in range(0, R * S * c_pad, BK):
+        tap = kk // c_pad
+        c0 = kk - tap * c_pad
+        r = tap // S
+        s = tap - r * S
+        ih = ih0 + r
+        iw = iw0 + s
+        pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        # Pixel offset in int64: N*H*W*C overflows int32 for large activations.
+        pix = ((n64 * H + ih) * W + iw) * C
+        cc = c0 + rk
+        c_ok = cc < C
+        a_mask = pix_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + pix[:, None] + cc[None, :], mask=a_mask, other=0.0)
+        if HAS_PRO:
+            sc = tl.load(scale_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
+            af = a.to(tl.float32) * sc[None, :] + sh[None, :]
+            if IN_RELU:
+                af = tl.maximum(af, 0.0)
+            # Padding is zero in the transformed space: mask AFTER the transform.
+            af = tl.where(a_mask, af, 0.0)
+            a = af.to(x_ptr.dtype.element_ty)
+        b_mask = c_ok[:, None] & n_ok[None, :]
+        b = tl.load(w_ptr + w_col[None, :] + (tap * C + cc)[:, None], mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
+              bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+              STATS: tl.constexpr, BM: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    off = rm.to(tl.int64)[:, None] * K + rn[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        acc = acc + res
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + off, out, mask=mask)
+    if STATS:
+        # Per-tile mean and centred sum of squares of the values as written (rounded to
+        # the output dtype), combined across tiles by _stats_combine_kernel (Chan et al.):
+        # no atomics, so autotuning's repeated launches and the result are deterministic.
+        v = tl.where(mask, out.to(tl.float32), 0.0)
+        cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
+        t_mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(mask, v - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        tl.store(pmean_ptr + pid_m * K + rn, t_mean, mask=n_ok)
+        tl.store(pm2_ptr + pid_m * K + rn, t_m2, mask=n_ok)
+        tl.store(pcnt_ptr + pid_m, cnt)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _conv_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    scale_ptr, shift_ptr,
+    x2_ptr, w2_ptr,
+    pmean_ptr, pm2_ptr, pcnt_ptr,
+    M, K, H, W, C, P, Q,
+    H2, W2, C2,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    STRIDE2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_X2: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
+    STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
+    # hot in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(K, BN)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    row_ok = rm < M
+    n_ok = rn < K
+    pq = P * Q
+    n_img = rm // pq
+    rem = rm - n_img * pq
+    oh = rem // Q
+    ow = rem - oh * Q
+    n64 = n_img.to(tl.int64)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn, n_ok,
+                     H, W, C, STRIDE, PAD, R, S, HAS_PRO, IN_RELU, INPUT_PRECISION, BK)
+    if HAS_X2:
+        acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn,
+                         n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
+                         INPUT_PRECISION, BK)
+    _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K, bias_ptr, res_ptr, out_ptr,
+              pmean_ptr, pm2_ptr, pcnt_ptr, HAS_BIAS, HAS_RES, RELU, STATS, BM)
+
+
+@triton.jit
+def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, var_ptr, T, K,
+                          BT: tl.constexpr, BC: tl.constexpr):
+    """Combine per-tile (count, mean, M2) into per-channel mean and biased variance.
+
+    Rows never written by the conv (fewer tiles than the buffer has) have count 0.
+    Each chunk of BT tiles is merged exactly around its own mean, then folded into the
+    running result with Chan's pairwise update: no catastrophic cancellation of
+    E[x^2] - E[x]^2.
+    """
+    pid = tl.program_id(0)
+    rc = pid * BC + tl.arange(0, BC)
+    c_ok = rc < K
+    n_a = tl.zeros((BC,), dtype=tl.float32)
+    mean_a = tl.zeros((BC,), dtype=tl.float32)
+    m2_a = tl.zeros((BC,), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        rt = t0 + tl.arange(0, BT)
+        t_ok = rt < T
+        cnt = tl.load(pcnt_ptr + rt, mask=t_ok, other=0.0)
+        # Unwritten rows hold garbage (maybe NaN): never read them, 0 * NaN is NaN.
+        t_ok = t_ok & (cnt > 0)
+        mask = t_ok[:, None] & c_ok[None, :]
+        off = rt.to(tl.int64)[:, None] * K + rc[None, :]
+        mi = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+        m2i = tl.load(pm2_ptr + off, mask=mask, other=0.0)
+        cnt2 = tl.where(t_ok, cnt, 0.0)[:, None] + tl.zeros((BT, BC), dtype=tl.float32)
+        n_b = tl.sum(cnt2, axis=0)
+        mean_b = tl.sum(cnt2 * mi, axis=0) / tl.maximum(n_b, 1.0)
+        dev = tl.where(cnt2 > 0, mi - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2i, axis=0) + tl.sum(cnt2 * dev * dev, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        frac = n_b / tl.maximum(n, 1.0)
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+        n_a = n
+    tl.store(mean_ptr + rc, mean_a, mask=c_ok)
+    tl.store(var_ptr + rc, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Python launcher
+# ----------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 only where PyTorch's own convolution switch allows it."""
+    if dtype != torch.float32:
+        return "ieee"  # ignored for 16-bit inputs; they always use the tensor cores
+    if _INTERPRET:
+        return "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _act(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dim() != 4:
+        raise ValueError(f"conv2d_nhwc: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _weight(w: torch.Tensor, name: str, c_in: int, dtype: torch.dtype) -> torch.Tensor:
+    if w.dim() != 4:
+        raise ValueError(f"conv2d_nhwc: {name} must be 4-D (K, C, R, S), got shape {tuple(w.shape)}")
+    if w.shape[1] != c_in:
+        raise ValueError(f"conv2d_nhwc: {name} expects {w.shape[1]} input channels, "
+                         f"the activation has {c_in}")
+    if w.dtype != dtype:
+        raise TypeError(f"conv2d_nhwc: {name} dtype {w.dtype} differs from the activation dtype {dtype}")
+    # [K, R, S, C] in memory; no copy when the weight is already channels_last.
+    return w.contiguous(memory_format=torch.channels_last)
+
+
+def _out_size(h: int, r: int, stride: int, pad: int) -> int:
+    return (h + 2 * pad - r) // stride + 1
+
+
+def _check_int(v, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"conv2d_nhwc: {name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _channel_vec(v: torch.Tensor, name: str, n: int, device) -> torch.Tensor:
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"conv2d_nhwc: {name} must have shape ({n},), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"conv2d_nhwc: {name} is on {v.device}, the activation on {device}")
+    if not v.is_floating_point():
+        raise TypeError(f"conv2d_nhwc: {name} must be floating point, got {v.dtype}")
+    return v.contiguous()
+
+
+def _new_empty(*args, **kwargs) -> torch.Tensor:
+    """torch.empty; the tests replace it with a NaN-filling version to catch unwritten elements."""
+    return torch.empty(*args, **kwargs)
+
+
+def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                stride: int = 1, padding: int = 1,
+                residual: Optional[torch.Tensor] = None, relu: bool = False,
+                x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+                stride2: int = 1, padding2: int = 0,
+                in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
+                in_relu: bool = False,
+                stats: bool = False):
+    """Fused implicit-GEMM convolution; see the module docstring for the exact formula.
+
+    x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S],
+    bias [K] (any float dtype, added in fp32). residual [N, K, P, Q] in x's dtype.
+    x2/w2: a second convolution summed into the same accumulator (projection
+    shortcut); its output size must equal the first's. in_scale/in_shift [C]: the
+    input prologue relu?(x * in_scale + in_shift) (both or neither; in_relu applies
+    only with them); padded taps are zero after it. stats=True also returns fp32
+    per-channel mean and biased variance of the written output.
+
+    Returns out [N, K, P, Q], channels_last, x's dtype; or (out, mean, var).
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("conv2d_nhwc: x and w must be tensors")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"conv2d_nhwc: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    stride = _check_int(stride, "stride", 1)
+    padding = _check_int(padding, "padding", 0)
+    x = _act(x, "x")
+    N, C, H, W = x.shape
+    w = _weight(w, "w", C, x.dtype)
+    if w.device != x.device:
+        raise ValueError(f"conv2d_nhwc: w is on {w.device}, x on {x.device}")
+    K, _, R, S = w.shape
+    P, Q = _out_size(H, R, stride, padding), _out_size(W, S, stride, padding)
+    if P <= 0 or Q <= 0:
+        raise ValueError(f"conv2d_nhwc: empty output {P}x{Q} for input {H}x{W}, "
+                         f"kernel {R}x{S}, stride {stride}, padding {padding}")
+    M = N * P * Q
+    dev = x.device
+
+    if bias is not None:
+        bias = _channel_vec(bias, "bias", K, dev)
+
+    if (x2 is None) != (w2 is None):
+        raise ValueError("conv2d_nhwc: x2 and w2 must be given together")
+    H2 = W2 = C2 = 1
+    R2 = S2 = 1
+    if x2 is not None:
+        stride2 = _check_int(stride2, "stride2", 1)
+        padding2 = _check_int(padding2, "padding2", 0)
+        if x2.dtype != x.dtype:
+            raise TypeError(f"conv2d_nhwc: x2 dtype {x2.dtype} differs from x dtype {x.dtype}")
+        x2 = _act(x2, "x2")
+        if x2.device != dev:
+            raise ValueError(f"conv2d_nhwc: x2 is on {x2.device}, x on {dev}")
+        N2, C2, H2, W2 = x2.shape
+        w2 = _weight(w2, "w2", C2, x.dtype)
+        if w2.device != dev:
+            raise ValueError(f"conv2d_nhwc: w2 is on {w2.device}, x on {dev}")
+        if w2.shape[0] != K:
+            raise ValueError(f"conv2d_nhwc: w2 has {w2.shape[0]} output channels, w has {K}")
+        R2, S2 = w2.shape[2], w2.shape[3]
+        P2, Q2 = _out_size(H2, R2, stride2, padding2), _out_size(W2, S2, stride2, padding2)
+        if N2 != N or (P2, Q2) != (P, Q):
+            raise ValueError(f"conv2d_nhwc: the second convolution's output {(N2, K, P2, Q2)} "
+                             f"does not match the first's {(N, K, P, Q)}")
+
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("conv2d_nhwc: in_scale and in_shift must be given together")
+    if in_relu and in_scale is None:
+        raise ValueError("conv2d_nhwc: in_relu needs in_scale and in_shift")
+    if in_scale is not None:
+        in_scale = _channel_vec(in_scale, "in_scale", C, dev)
+        in_shift = _channel_vec(in_shift, "in_shift", C, dev)
+
+    if residual is not None:
+        if tuple(residual.shape) != (N, K, P, Q):
+            raise ValueError(f"conv2d_nhwc: residual shape {tuple(residual.shape)} != output "
+                             f"shape {(N, K, P, Q)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"conv2d_nhwc: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+        if residual.device != dev:
+            raise ValueError(f"conv2d_nhwc: residual is on {residual.device}, x on {dev}")
+        residual = residual.contiguous(memory_format=torch.channels_last)
+
+    out = _new_empty((N, K, P, Q), device=dev, dtype=x.dtype, memory_format=torch.channels_last)
+    if stats:
+        t_max = triton.cdiv(M, _MIN_BM)
+        pmean = _new_empty((t_max, K), device=dev, dtype=torch.float32)
+        pm2 = _new_empty((t_max, K), device=dev, dtype=torch.float32)
+        # Zero counts mark the rows a config with a larger BM leaves unwritten.
+        pcnt = torch.zeros((t_max,), device=dev, dtype=torch.float32)
+    else:
+        pmean = pm2 = pcnt = out  # never read (STATS=False)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)
+
+    dummy = out
+    wrap_triton(_conv_kernel)[grid](
+        x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
+        in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
+        x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
+        pmean, pm2, pcnt,
+        M, K, H, W, C, P, Q, H2, W2, C2,
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
+        R2=R2, S2=S2,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        HAS_X2=x2 is not None, HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu),
+        STATS=bool(stats), INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    if not stats:
+        return out
+    mean = _new_empty((K,), device=dev, dtype=torch.float32)
+    var = _new_empty((K,), device=dev, dtype=torch.float32)
+    BC = 32 if _INTERPRET else 64
+    wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, BC),)](
+        pmean, pm2, pcnt, mean, var, t_max, K, BT=32, BC=BC)
+    return out, mean, var
+
+
+def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:
+    """Multiply-adds x 2 of one convolution: 2 * N*P*Q * K * C*R*S."""
+    return 2 * N * P * Q * K * C * R * S
+
+
+__all__ = ["conv2d_nhwc", "conv_flops"]

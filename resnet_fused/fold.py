@@ -1,0 +1,78 @@
+"""BatchNorm folding for eval mode, cached on the parameters' versions.
+
+In eval, bn(conv(x)) = conv(x, W * s) + (b - mean) * s + beta with
+s = gamma / sqrt(running_var + eps): the block becomes two convolutions with bias.
+Folding runs in float32 (float64 for float64 modules) and casts once to the
+activation dtype. The result is cached on the module and recomputed when any
+parameter or buffer changes: every in-place update (optimizer step,
+load_state_dict, running-stat update) bumps the tensor's `_version`, and .to() /
+.half() make new tensors (new data_ptr).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends.base import FoldedBlock
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
+    """(weight, bias) of conv followed by eval-mode bn, in float32/float64, bias always
+    present (zeros when the conv has none)."""
+    acc = _acc_dtype(conv.weight)
+    w = conv.weight.to(acc)
+    b = conv.bias.to(acc) if conv.bias is not None else w.new_zeros(w.shape[0])
+    if bn is None:
+        return w, b
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    return w * scale.view(-1, 1, 1, 1), (b - bn.running_mean.to(acc)) * scale + bn.bias.to(acc)
+
+
+def fold_block(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
+    """The FoldedBlock of `block` for activations of `dtype` and `memory_format`.
+    Differentiable: when autograd is on, gradients flow back to the block's parameters."""
+    w1, b1 = fold_conv_bn(block.conv1, block.bn1)
+    w2, b2 = fold_conv_bn(block.conv2, block.bn2)
+    w3 = None
+    stride3 = padding3 = 0
+    if block.conv3 is not None:
+        w3, b3 = fold_conv_bn(block.conv3, block.bn3)
+        b2 = b2 + b3  # the shortcut's bias rides in K2's epilogue bias
+        stride3, padding3 = block.conv3.stride[0], block.conv3.padding[0]
+        w3 = w3.to(dtype).contiguous(memory_format=memory_format)
+    return FoldedBlock(
+        w1=w1.to(dtype).contiguous(memory_format=memory_format), b1=b1.to(dtype),
+        w2=w2.to(dtype).contiguous(memory_format=memory_format), b2=b2.to(dtype),
+        w3=w3, stride1=block.conv1.stride[0], padding1=block.conv1.padding[0],
+        padding2=block.conv2.padding[0], stride3=stride3, padding3=padding3)
+
+
+def _state_key(block, dtype, memory_format):
+    tensors = [t for t in block.parameters()] + [t for t in block.buffers()]
+    return (dtype, memory_format) + tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
+    """The cached FoldedBlock, refolded when a parameter or buffer changed.
+
+    Under autograd (some parameter requires grad and grad mode is on) or torch.compile
+    the fold is recomputed every call: the former keeps the graph to the parameters,
+    the latter lets the compiler constant-fold it (freezing) or fuse it.
+    """
+    needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())
+    if needs_graph or torch.compiler.is_compiling():
+        return fold_block(block, dtype, memory_format)
+    key = _state_key(block, dtype, memory_format)
+    cache = block.__dict__.get("_fold_cache")
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    with torch.no_grad():
+        result = fold_block(block, dtype, memory_format)
+    block.__dict__["_fold_cache"] = (key, result)
+    return result

@@ -1,0 +1,80 @@
+"""The plain PyTorch block and network this project starts from.
+
+`Residual` and `resnet18` are Dive into Deep Learning's ResNet-18, as written
+there: every convolution keeps its bias, the projection shortcut is a 1x1 strided
+convolution without BatchNorm. They are the numerical reference of every test and
+the "eager" provider of the benchmark, and what `fuse_model` converts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Residual(nn.Module):
+    """The D2L residual block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, input_channels: int, num_channels: int, use_1x1conv: bool = False,
+                 strides: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1,
+                               stride=strides)
+        self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
+        if use_1x1conv:
+            self.conv3 = nn.Conv2d(input_channels, num_channels, kernel_size=1, stride=strides)
+        else:
+            self.conv3 = None
+        self.bn1 = nn.BatchNorm2d(num_channels)
+        self.bn2 = nn.BatchNorm2d(num_channels)
+
+    def forward(self, X):
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3:
+            X = self.conv3(X)
+        Y += X
+        return F.relu(Y)
+
+
+def resnet_block(input_channels: int, num_channels: int, num_residuals: int,
+                 first_block: bool = False) -> list[nn.Module]:
+    blk = []
+    for i in range(num_residuals):
+        if i == 0 and not first_block:
+            blk.append(Residual(input_channels, num_channels, use_1x1conv=True, strides=2))
+        else:
+            blk.append(Residual(num_channels, num_channels))
+    return blk
+
+
+def resnet18(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """D2L's ResNet-18: 7x7/2 stem + BN + ReLU + 3x3/2 max-pool, four stages of two
+    residual blocks (64, 128, 256, 512 channels; stages 2-4 start with a strided
+    projection block), global average pool, flatten, linear."""
+    b1 = nn.Sequential(nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3),
+                       nn.BatchNorm2d(64), nn.ReLU(),
+                       nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    b2 = nn.Sequential(*resnet_block(64, 64, 2, first_block=True))
+    b3 = nn.Sequential(*resnet_block(64, 128, 2))
+    b4 = nn.Sequential(*resnet_block(128, 256, 2))
+    b5 = nn.Sequential(*resnet_block(256, 512, 2))
+    return nn.Sequential(b1, b2, b3, b4, b5, nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+                         nn.Linear(512, num_classes))
+
+
+def plain_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plain computation of any supported block (D2L Residual, its 3x3-projection
+    variant, torchvision's BasicBlock or a FusedResidual's parameters), with nn.functional
+    ops only: the reference the tests run in float64."""
+    from .module import block_parts
+
+    p = block_parts(block)
+    y = F.relu(p.bn1(p.conv1(x)))
+    y = p.bn2(p.conv2(y))
+    sc = x
+    if p.conv3 is not None:
+        sc = p.conv3(x)
+        if p.bn3 is not None:
+            sc = p.bn3(sc)
+    return F.relu(y + sc)

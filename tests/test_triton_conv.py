@@ -1,0 +1,293 @@
+"""The Triton implicit-GEMM convolution (resnet_fused/backends/triton/conv.py).
+
+Every case compares against float64 PyTorch with the tolerance rule of
+tests/tolerance.py, where "plain" is the same computation written with
+F.conv2d and elementwise ops in the tested dtype. Without a GPU these run in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
+tiny; with a GPU the same cases run compiled, plus bfloat16.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES
+from tolerance import assert_within
+
+from resnet_fused.backends.triton import conv  # noqa: E402
+conv2d_nhwc = conv.conv2d_nhwc
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN, so an unwritten element fails."""
+    def nan_empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+    monkeypatch.setattr(conv, "_new_empty", nan_empty)
+
+
+# The interpreter computes bf16 on raw bits: bf16 only on the GPU.
+DTYPE_DEVICE = [(dt, "cpu") for dt in (torch.float32, torch.float16)] + [
+    pytest.param(dt, "cuda", marks=pytest.mark.cuda)
+    for dt in (torch.float32, torch.float16, torch.bfloat16)
+]
+
+
+def _reference(dtype, x, w, bias, stride, padding, residual=None, relu=False,
+               x2=None, w2=None, stride2=1, padding2=0,
+               in_scale=None, in_shift=None, in_relu=False):
+    """The plain PyTorch computation, with every tensor cast to `dtype`."""
+    def c(t):
+        return None if t is None else t.to(dtype)
+    xin = c(x)
+    if in_scale is not None:
+        xin = xin * c(in_scale)[None, :, None, None] + c(in_shift)[None, :, None, None]
+        if in_relu:
+            xin = torch.relu(xin)
+    y = F.conv2d(xin, c(w), c(bias), stride=stride, padding=padding)
+    if x2 is not None:
+        y = y + F.conv2d(c(x2), c(w2), None, stride=stride2, padding=padding2)
+    if residual is not None:
+        y = y + c(residual)
+    if relu:
+        y = torch.relu(y)
+    return y
+
+
+def _make(device, dtype, *shape):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+def _check(name, dtype, device, fused, args, kwargs):
+    """fused vs plain-in-dtype vs float64 (all inputs already rounded to dtype)."""
+    ref = _reference(torch.float64, *args, **kwargs)
+    plain = _reference(dtype, *args, **kwargs)
+    assert fused.dtype == dtype
+    assert fused.is_contiguous(memory_format=CL), f"{name}: output is not channels_last"
+    assert_within(name, fused, plain, ref)
+
+
+# (N, C, H, W, K, R, stride, padding)
+CASES = [
+    pytest.param(2, 8, 7, 7, 8, 3, 1, 1, id="3x3s1-c8-7x7"),
+    pytest.param(2, 24, 13, 13, 40, 3, 2, 1, id="3x3s2-c24-k40-13x13"),
+    pytest.param(2, 40, 9, 11, 24, 3, 1, 1, id="3x3s1-c40-k24-9x11"),
+    pytest.param(2, 40, 13, 13, 24, 1, 2, 0, id="1x1s2-c40-k24-13x13"),
+    pytest.param(2, 24, 7, 7, 16, 1, 1, 0, id="1x1s1-c24-k16"),
+    pytest.param(1, 3, 9, 9, 16, 3, 2, 1, id="batch1-c3-stem"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,K,R,stride,padding", CASES)
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_conv_bias_relu(N, C, H, W, K, R, stride, padding, dtype, device):
+    x = _make(device, dtype, N, C, H, W).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, C, R, R) / (C * R * R) ** 0.5).to(dtype)
+    b = _make(device, dtype, K)
+    out = conv2d_nhwc(x, w, b, stride=stride, padding=padding, relu=True)
+    assert out.shape == (N, K, (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1)
+    _check("conv_bias_relu", dtype, device, out, (x, w, b, stride, padding), dict(relu=True))
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_no_bias_no_relu_nchw_input(dtype, device):
+    """NCHW input is accepted (converted once); a raw conv keeps negative values."""
+    x = _make(device, dtype, 2, 16, 8, 8)  # NCHW-contiguous
+    w = (_make(device, torch.float32, 24, 16, 3, 3) / 12).to(dtype)
+    out = conv2d_nhwc(x, w, stride=1, padding=1)
+    assert (out < 0).any()
+    _check("conv", dtype, device, out, (x, w, None, 1, 1), {})
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_channels_last_weight(dtype, device):
+    """A channels_last weight ([K, R, S, C] in memory) gives the same result."""
+    x = _make(device, dtype, 2, 24, 7, 7).to(memory_format=CL)
+    w = (_make(device, torch.float32, 16, 24, 3, 3) / 15).to(dtype)
+    a = conv2d_nhwc(x, w, stride=1, padding=1)
+    b = conv2d_nhwc(x, w.contiguous(memory_format=CL), stride=1, padding=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_residual_relu(dtype, device):
+    """K2 with the identity shortcut: relu(conv(y) + b + x)."""
+    y = _make(device, dtype, 2, 24, 9, 9).to(memory_format=CL)
+    x = _make(device, dtype, 2, 24, 9, 9).to(memory_format=CL)
+    w = (_make(device, torch.float32, 24, 24, 3, 3) / 15).to(dtype)
+    b = _make(device, dtype, 24)
+    out = conv2d_nhwc(y, w, b, stride=1, padding=1, residual=x, relu=True)
+    _check("conv_residual_relu", dtype, device, out, (y, w, b, 1, 1), dict(residual=x, relu=True))
+
+
+@pytest.mark.parametrize("R2,stride2,padding2", [(1, 2, 0), (3, 2, 1), (1, 1, 0)],
+                         ids=["proj1x1s2", "proj3x3s2", "proj1x1s1"])
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_projection_second_gemm(R2, stride2, padding2, dtype, device):
+    """K2 with the projection: relu(conv(y, w2) + conv(x, w3) + b) in one accumulator."""
+    N, C, H, K = 2, 24, 13 if stride2 == 2 else 7, 40
+    P = (H + 2 * padding2 - R2) // stride2 + 1
+    x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    y = _make(device, dtype, N, K, P, P).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, K, 3, 3) / 19).to(dtype)
+    w3 = (_make(device, torch.float32, K, C, R2, R2) / (C * R2 * R2) ** 0.5).to(dtype)
+    b = _make(device, dtype, K)
+    out = conv2d_nhwc(y, w, b, stride=1, padding=1, x2=x, w2=w3, stride2=stride2,
+                      padding2=padding2, relu=True)
+    _check("conv_projection", dtype, device, out, (y, w, b, 1, 1),
+           dict(x2=x, w2=w3, stride2=stride2, padding2=padding2, relu=True))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_prologue_padding_is_zero_after_transform(stride, dtype, device):
+    """relu(x*scale+shift) on load; the padded border is zero in the TRANSFORMED space.
+
+    shift > 0 on most channels makes relu(0*scale + shift) != 0, so padding applied in
+    the raw space (the OOB zero fill before the transform) would be caught at the border.
+    """
+    N, C, H, K = 2, 24, 9, 16
+    c1 = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    scale = torch.rand(C, device=device) + 0.5
+    shift = torch.rand(C, device=device) + 0.2
+    shift[::5] = -1.0  # some channels clipped by the ReLU too
+    w = (_make(device, torch.float32, K, C, 3, 3) / 15).to(dtype)
+    b = _make(device, dtype, K)
+    out = conv2d_nhwc(c1, w, b, stride=stride, padding=1, in_scale=scale, in_shift=shift,
+                      in_relu=True)
+    # The plain path's transform is in fp32 then rounded to dtype, as the kernel's is.
+    y1 = torch.relu(c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    _check("conv_prologue", dtype, device, out, (y1, w, b, stride, 1), {})
+    # Without in_relu, negative transformed values pass through.
+    out2 = conv2d_nhwc(c1, w, None, stride=stride, padding=1, in_scale=scale, in_shift=shift)
+    y1b = (c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    _check("conv_prologue_norelu", dtype, device, out2, (y1b, w, None, stride, 1), {})
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_stats_epilogue(dtype, device):
+    """stats=True: fp32 per-channel mean and biased variance of the written output."""
+    N, C, H, K = 2, 24, 13, 40
+    x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, C, 3, 3) / 15).to(dtype)
+    b = (_make(device, torch.float32, K) * 3).to(dtype)  # far-from-zero means
+    out, mean, var = conv2d_nhwc(x, w, b, stride=1, padding=1, stats=True)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (K,)
+    _check("conv_stats_out", dtype, device, out, (x, w, b, 1, 1), {})
+    # Exactly the statistics of what was written (up to fp32 summation order).
+    o64 = out.double()
+    torch.testing.assert_close(mean.double(), o64.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), o64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+    # And, through the tolerance rule, the statistics of the exact convolution.
+    ref = _reference(torch.float64, x, w, b, 1, 1)
+    plain = _reference(dtype, x, w, b, 1, 1).float()
+    assert_within("stats_mean", mean, plain.mean((0, 2, 3)), ref.mean((0, 2, 3)), dtype=dtype)
+    assert_within("stats_var", var, plain.var((0, 2, 3), unbiased=False),
+                  ref.var((0, 2, 3), unbiased=False), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_stats_with_prologue_and_relu(dtype, device):
+    """The training conv2 shape of use: prologue in, stats out, residual + ReLU ignored."""
+    N, C, H, K = 1, 16, 11, 24
+    c1 = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    scale = torch.rand(C, device=device) + 0.5
+    shift = torch.randn(C, device=device)
+    w = (_make(device, torch.float32, K, C, 3, 3) / 12).to(dtype)
+    out, mean, var = conv2d_nhwc(c1, w, None, stride=2, padding=1, in_scale=scale,
+                                 in_shift=shift, in_relu=True, stats=True)
+    y1 = torch.relu(c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    _check("conv_prologue_stats", dtype, device, out, (y1, w, None, 2, 1), {})
+    o64 = out.double()
+    torch.testing.assert_close(mean.double(), o64.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), o64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_combine_skips_unwritten_rows_and_is_stable(device):
+    """The tile combiner: rows with count 0 may hold NaN garbage; a large common
+    offset (mean 1e3, std 1) must not cancel the variance away."""
+    T, K, BM = 70, 40, 32
+    M = T * BM - 5
+    vals = (torch.randn(M, K, dtype=torch.float64, device=device) + 1e3)
+    pmean = torch.full((T + 9, K), float("nan"), device=device)
+    pm2 = torch.full((T + 9, K), float("nan"), device=device)
+    pcnt = torch.zeros(T + 9, device=device)
+    for t in range(T):
+        v = vals[t * BM:(t + 1) * BM]
+        pmean[t] = v.mean(0).float()
+        pm2[t] = ((v - v.mean(0)) ** 2).sum(0).float()
+        pcnt[t] = v.shape[0]
+    mean = torch.full((K,), float("nan"), device=device)
+    var = torch.full((K,), float("nan"), device=device)
+    conv._stats_combine_kernel[(triton_cdiv(K, 32),)](pmean, pm2, pcnt, mean, var, T + 9, K, BT=32, BC=32)
+    torch.testing.assert_close(mean.double(), vals.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), vals.var(0, unbiased=False), rtol=1e-4, atol=0)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("allow", [False, True])
+def test_fp32_tf32_switch_cuda(allow):
+    """fp32 honours torch.backends.cudnn.allow_tf32: off -> IEEE fp32 products."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        x = torch.randn(4, 64, 14, 14, device="cuda").to(memory_format=CL)
+        w = torch.randn(64, 64, 3, 3, device="cuda") / 24
+        out = conv2d_nhwc(x, w, stride=1, padding=1)
+        plain = F.conv2d(x, w, padding=1)
+        ref = F.conv2d(x.double(), w.double(), padding=1)
+        assert_within("fp32_tf32" if allow else "fp32_ieee", out, plain, ref)
+        if not allow:  # truly fp32: far below TF32's ~1e-3 relative error
+            assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resnet_stage_shapes_cuda(dtype):
+    """The benchmark's stage shapes at a small batch, through the autotuned GPU configs."""
+    for C, K, H, s in [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (256, 256, 14, 1),
+                       (512, 512, 7, 1)]:
+        x = torch.randn(4, C, H, H, device="cuda").to(dtype).to(memory_format=CL)
+        w = (torch.randn(K, C, 3, 3, device="cuda") / (9 * C) ** 0.5).to(dtype)
+        b = torch.randn(K, device="cuda").to(dtype)
+        out = conv2d_nhwc(x, w, b, stride=s, padding=1, relu=True)
+        _check(f"stage{C}-{K}-{H}", dtype, "cuda", out, (x, w, b, s, 1), dict(relu=True))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(1, 8, 5, 5).to(memory_format=CL)
+    w = torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        conv2d_nhwc(x[0], w)
+    with pytest.raises(ValueError, match="w expects 4 input channels"):
+        conv2d_nhwc(x, w[:, :4])
+    with pytest.raises(TypeError, match="w dtype"):
+        conv2d_nhwc(x, w.half())
+    with pytest.raises(TypeError, match="x dtype must be"):
+        conv2d_nhwc(x.double(), w.double())
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        conv2d_nhwc(x, w, stride=0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        conv2d_nhwc(x, w, torch.randn(7))
+    with pytest.raises(ValueError, match="x2 and w2 must be given together"):
+        conv2d_nhwc(x, w, x2=x)
+    with pytest.raises(ValueError, match="does not match"):
+        conv2d_nhwc(x, w, x2=torch.randn(1, 8, 9, 9), w2=torch.randn(8, 8, 1, 1), stride2=1)
+    with pytest.raises(ValueError, match="w2 has 4 output channels"):
+        conv2d_nhwc(x, w, x2=x, w2=torch.randn(4, 8, 1, 1))
+    with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
+        conv2d_nhwc(x, w, in_scale=torch.ones(8))
+    with pytest.raises(ValueError, match="in_relu needs"):
+        conv2d_nhwc(x, w, in_relu=True)
+    with pytest.raises(ValueError, match="residual shape"):
+        conv2d_nhwc(x, w, residual=torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="empty output"):
+        conv2d_nhwc(torch.randn(1, 8, 1, 1), w, padding=0)

@@ -1,0 +1,71 @@
+"""The `triton` backend: implicit-GEMM convolutions with fused prologues/epilogues.
+
+Eval: two kernels per block (eval_ops.py): K1 relu(conv(x, W1') + b1'), K2
+relu(conv(y1, W2') + b2' + shortcut) with a projection shortcut as a second GEMM
+into the same accumulator. Training: train.py (the fused training path).
+
+Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
+interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
+(kernels are bound to the interpreter when they are defined).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
+
+from ..base import Backend, FoldedBlock
+from . import conv as _conv
+from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
+
+_CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
+             "resnet_fused to use the interpreter")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return (f"the triton backend needs a GPU of compute capability >= 8.0 "
+                        f"(tensor-core bf16/tf32); {torch.cuda.get_device_name(device)} is "
+                        f"{major}.{minor}")
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return _CPU_HINT
+            if not _conv._INTERPRET:
+                return ("TRITON_INTERPRET=1 was set after resnet_fused's Triton kernels were "
+                        "defined; set it before importing resnet_fused")
+            return None
+        return f"Triton does not run on {device.type} devices; " + _CPU_HINT
+
+    def unsupported_dtype_reason(self, dtype: torch.dtype, device) -> Optional[str]:
+        device = torch.device(device)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the triton backend supports float32, float16 and bfloat16, not {dtype}"
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            return ("the triton backend on CPU runs Triton's interpreter, whose bfloat16 "
+                    "arithmetic is wrong; use float32 or float16 there (bfloat16 runs on CUDA)")
+        return None
+
+    def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.resnet_fused_triton
+        y1 = ops.conv_bias_relu(x, folded.w1, folded.b1, folded.stride1, folded.padding1)
+        return ops.conv_bias_shortcut_relu(y1, folded.w2, folded.b2, x, folded.w3,
+                                           folded.padding2, folded.stride3, folded.padding3)
+
+    def forward_train(self, block, x: torch.Tensor) -> torch.Tensor:
+        from .train import train_block
+        return train_block(block, x)
+
+
+__all__ = ["TritonBackend"]

@@ -1,0 +1,78 @@
+"""The triton backend's eval ops: K1 conv_bias_relu and K2 conv_bias_shortcut_relu.
+
+Registered with torch.library.triton_op (kernels launched through wrap_triton), so
+torch.compile(fullgraph=True) traces into the Triton kernels instead of treating the
+ops as opaque, and the Python body doubles as the fake implementation. Schemas are
+those of resnet_fused/schemas.py. Autograd (for gradients through an eval-mode
+model) is the op layer's (resnet_fused/ops.py): dReLU plus ATen's
+convolution_backward.
+
+Layout: the kernels work on channels_last tensors. NCHW inputs are converted once
+on entry and the result is returned NCHW (the schemas' rule: outputs keep the
+memory format of the first activation argument).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from ... import ops as op_layer
+from ...schemas import SCHEMAS
+from .conv import conv2d_nhwc
+
+NS = "resnet_fused_triton"
+
+
+def _schema_tail(name: str) -> str:
+    return SCHEMAS[name][len(name):]
+
+
+def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return out.contiguous(memory_format=op_layer.memory_format_of(like))
+
+
+# Note: triton_op's `schema=` is honoured from torch 2.14 on; older torch (2.11 on
+# the GPU image) infers the schema from the annotations, which gives the same
+# signature with `SymInt` for the `int` arguments.
+@triton_op(f"{NS}::conv_bias_relu", mutates_args=(), schema=_schema_tail("conv_bias_relu"))
+def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
+                   padding: int) -> torch.Tensor:
+    out = conv2d_nhwc(x, weight.to(x.dtype), bias, stride=stride, padding=padding, relu=True)
+    return _restore_format(out, x)
+
+
+@triton_op(f"{NS}::conv_bias_shortcut_relu", mutates_args=(),
+           schema=_schema_tail("conv_bias_shortcut_relu"))
+def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            x: torch.Tensor, shortcut_weight: Optional[torch.Tensor],
+                            padding: int, shortcut_stride: int,
+                            shortcut_padding: int) -> torch.Tensor:
+    if shortcut_weight is None:
+        # Identity shortcut: x is the residual added in the epilogue.
+        out = conv2d_nhwc(y, weight.to(y.dtype), bias, stride=1, padding=padding,
+                          residual=x, relu=True)
+    else:
+        # Projection: a second GEMM over x into the same accumulator; its folded
+        # bias is already inside `bias`.
+        out = conv2d_nhwc(y, weight.to(y.dtype), bias, stride=1, padding=padding,
+                          x2=x, w2=shortcut_weight.to(y.dtype), stride2=shortcut_stride,
+                          padding2=shortcut_padding, relu=True)
+    return _restore_format(out, y)
+
+
+def _register_autograd() -> None:
+    # The op layer's register_op_layer(NS) registers every op of the namespace at once,
+    # and the namespace's training ops (bn_act, ...) live in another module; the eval
+    # ops get the same autograd functions here, so either order works.
+    torch.library.register_autograd(f"{NS}::conv_bias_relu", op_layer._conv_bias_relu_backward,
+                                    setup_context=op_layer._conv_bias_relu_setup)
+    torch.library.register_autograd(f"{NS}::conv_bias_shortcut_relu",
+                                    op_layer._conv_bias_shortcut_relu_backward,
+                                    setup_context=op_layer._conv_bias_shortcut_relu_setup)
+
+
+_register_autograd()
+
+__all__ = ["NS", "conv_bias_relu", "conv_bias_shortcut_relu"]

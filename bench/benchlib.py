@@ -1,0 +1,396 @@
+"""Shared pieces of the benchmark: shapes, cost model, timers, providers, rows.
+
+Used by bench/run.py (the main job), the pytest-benchmark suite (bench/test_bench_*.py)
+and the result scripts (bench/make_tables.py, bench/make_preference.py). Nothing here
+queries CUDA at import time.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class BlockShape:
+    """One residual block configuration: input channels, output channels, input
+    height = width, stride of conv1 (and of the projection), batch."""
+
+    name: str
+    cin: int
+    cout: int
+    hw: int
+    stride: int
+    batch: int
+
+    @property
+    def proj(self) -> bool:
+        # The D2L network uses a 1x1 projection exactly where shape or channels change.
+        return self.cin != self.cout or self.stride != 1
+
+    @property
+    def hw_out(self) -> int:
+        return (self.hw + 2 - 3) // self.stride + 1
+
+    @property
+    def key(self) -> str:
+        """The shape key make_preference.py writes: cin-cout-h-w-stride (input H, W)."""
+        return f"{self.cin}-{self.cout}-{self.hw}-{self.hw}-{self.stride}"
+
+    def with_batch(self, n: int) -> "BlockShape":
+        return BlockShape(self.name, self.cin, self.cout, self.hw, self.stride, n)
+
+
+# The five ResNet-18 stage shapes at a 224x224 input (the anchors' shapes).
+GPU_STAGES = [
+    BlockShape("s2_64x56", 64, 64, 56, 1, 128),
+    BlockShape("s3_down_64to128", 64, 128, 56, 2, 128),
+    BlockShape("s3_128x28", 128, 128, 28, 1, 128),
+    BlockShape("s4_256x14", 256, 256, 14, 1, 128),
+    BlockShape("s5_512x7", 512, 512, 7, 1, 128),
+]
+GPU_SWEEP_SHAPE = "s3_128x28"
+GPU_SWEEP_BATCHES = [1, 8, 32, 256]
+# Numerics on the GPU: the anchors' shape (128ch 28x28, batch 32) and a projection block.
+GPU_NUMERICS = [BlockShape("s3_128x28", 128, 128, 28, 1, 32),
+                BlockShape("s3_down_64to128", 64, 128, 28, 2, 16)]
+
+# CPU: the same structure at sizes two shared cores finish in seconds. These figures say
+# nothing about GPU speed; they check that every path runs and is right.
+CPU_STAGES = [
+    BlockShape("s2_64x56", 16, 16, 14, 1, 4),
+    BlockShape("s3_down_64to128", 16, 32, 14, 2, 4),
+    BlockShape("s3_128x28", 32, 32, 14, 1, 4),
+    BlockShape("s4_256x14", 64, 64, 7, 1, 4),
+]
+CPU_SWEEP_SHAPE = "s3_128x28"
+CPU_SWEEP_BATCHES = [1, 8]
+# Tiny, so that Triton's interpreter finishes in seconds.
+CPU_NUMERICS = [BlockShape("s3_128x28", 8, 8, 6, 1, 2),
+                BlockShape("s3_down_64to128", 8, 16, 6, 2, 2)]
+
+SHAPE_ALIASES = {"s2": "s2_64x56", "s3d": "s3_down_64to128", "s3": "s3_128x28",
+                 "s4": "s4_256x14", "s5": "s5_512x7"}
+
+
+def select_shapes(stages: list[BlockShape], spec: Optional[str]) -> list[BlockShape]:
+    """Shapes named in a comma list (s2,s3d,s3,s4,s5 or full names); all when spec is None."""
+    if not spec:
+        return list(stages)
+    by_name = {s.name: s for s in stages}
+    out = []
+    for word in spec.split(","):
+        word = word.strip()
+        name = SHAPE_ALIASES.get(word, word)
+        if name not in by_name:
+            raise SystemExit(f"--shapes: unknown shape {word!r}; choose from "
+                             f"{', '.join(list(SHAPE_ALIASES) + list(by_name))}")
+        out.append(by_name[name])
+    return out
+
+
+# ----------------------------------------------------------------------------- cost model
+def block_flops(s: BlockShape, training: bool = False) -> float:
+    """Convolution FLOPs of one block: 2*N*Hout*Wout*Cout*Cin*R*S per conv. Training
+    (forward + backward: data and weight gradients) counts 3x the forward."""
+    ho = s.hw_out
+    per_pixel = s.cout * (s.cin * 9 + s.cout * 9 + (s.cin if s.proj else 0))
+    f = 2.0 * s.batch * ho * ho * per_pixel
+    return 3.0 * f if training else f
+
+
+def resnet18_flops(n: int, hw: int = 224, in_ch: int = 1, classes: int = 10,
+                   training: bool = False) -> float:
+    """Convolution + linear FLOPs of the D2L ResNet-18 at an hw x hw input."""
+    def conv(cin, cout, k, h_out):
+        return 2.0 * n * h_out * h_out * cout * cin * k * k
+    h = (hw + 6 - 7) // 2 + 1
+    f = conv(in_ch, 64, 7, h)
+    h = (h + 2 - 3) // 2 + 1  # max-pool
+    cin = 64
+    for cout, first in ((64, True), (128, False), (256, False), (512, False)):
+        for i in range(2):
+            stride = 2 if (i == 0 and not first) else 1
+            s = BlockShape("", cin, cout, h, stride, n)
+            f += block_flops(s)
+            h, cin = s.hw_out, cout
+    f += 2.0 * n * 512 * classes
+    return 3.0 * f if training else f
+
+
+# Dense bf16/fp16 tensor-core rates (TFLOP/s) used when the peak is not measured.
+# Datasheet values are leads; measured ones are this workplace's (8192^3 bf16 matmul,
+# random data, triton do_bench median): see bench/NOTES.md.
+PEAK_TABLE = [  # (substring of torch.cuda.get_device_name, TFLOP/s, source)
+    ("H200", 798.0, "measured: H200 bf16 matmul 8192^3, 2026-11-26"),
+    ("H100 PCIe", 756.0, "datasheet"),
+    ("H100 NVL", 835.0, "datasheet"),
+    ("H100", 989.0, "datasheet (SXM)"),
+    ("A100", 312.0, "datasheet"),
+    ("L40S", 362.0, "datasheet"),
+    ("L4", 121.0, "datasheet"),
+    ("A10", 125.0, "datasheet"),
+]
+
+
+def peak_from_table(gpu_name: str) -> tuple[Optional[float], str]:
+    for sub, tf, src in PEAK_TABLE:
+        if sub in gpu_name:
+            return tf, src
+    return None, "unknown card: pass --peak-tflops"
+
+
+def peak_for_dtype(peak_half: Optional[float], dtype: torch.dtype) -> Optional[float]:
+    """The compute floor's rate for a dtype: fp16/bf16 the tensor-core peak; fp32 runs as
+    TF32 in cuDNN by default (half the bf16 rate), else about 1/15 of it (plain fp32)."""
+    if peak_half is None:
+        return None
+    if dtype in (torch.float16, torch.bfloat16):
+        return peak_half
+    if dtype == torch.float32:
+        return peak_half / 2 if torch.backends.cudnn.allow_tf32 else peak_half / 15
+    return None
+
+
+# ----------------------------------------------------------------------------- timing
+def quantile_ms(samples: list[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of samples in ms."""
+    samples = sorted(samples)
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")  # deciles
+    return statistics.median(samples), q[1], q[7]
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            grad_to_none=None) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms of one call of fn.
+
+    CUDA: triton.testing.do_bench (CUDA events around each call, L2 flushed between
+    calls, warm-up first). CPU: host clock around each call after a warm-up call.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup, rep = (10, 40) if quick else (25, 100)
+        res = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                      quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(v) for v in res)
+    fn()  # warm-up: first-call allocations and lazy initialisation stay out
+    budget_s = 0.15 if quick else 0.5
+    samples: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(samples) < 3 or (time.perf_counter() < t_end and len(samples) < 50):
+        if grad_to_none is not None:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return quantile_ms(samples)
+
+
+class Rotating:
+    """Cycles through several distinct input sets so timed calls do not all hit one
+    buffer (METHOD.md: rotate inputs that would fit in cache)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.i = 0
+
+    def next(self):
+        item = self.items[self.i]
+        self.i = (self.i + 1) % len(self.items)
+        return item
+
+
+def n_input_sets(nbytes: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    # Enough distinct sets to exceed a Hopper L2 (50-60 MB) twice over, within 1 GiB.
+    want = math.ceil(2 * 64 * 2**20 / max(nbytes, 1))
+    return int(max(2, min(8, want, (2**30) // max(nbytes, 1))))
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- models
+def randomize_bn(m: nn.Module, seed: Optional[int] = None):
+    """Non-trivial BN parameters and running statistics (never the identity init)."""
+    g = None
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            with torch.no_grad():
+                for t, lo, hi in ((mod.running_mean, -0.5, 0.5), (mod.running_var, 0.5, 2.0),
+                                  (mod.weight, 0.5, 1.5), (mod.bias, -0.5, 0.5)):
+                    t.copy_(torch.empty(t.shape, dtype=torch.float64).uniform_(lo, hi, generator=g))
+    return m
+
+
+def make_block(s: BlockShape, seed: int = 0) -> nn.Module:
+    """The D2L block, as the user writes it, in fp32 on the CPU."""
+    from resnet_fused import Residual
+
+    torch.manual_seed(seed)
+    blk = Residual(s.cin, s.cout, use_1x1conv=s.proj, strides=s.stride)
+    return randomize_bn(blk, seed)
+
+
+def to_layout(m_or_t, device, dtype, channels_last: bool):
+    m_or_t = m_or_t.to(device=device, dtype=dtype)
+    if channels_last:
+        if isinstance(m_or_t, torch.Tensor):
+            return m_or_t.contiguous(memory_format=torch.channels_last)
+        return m_or_t.to(memory_format=torch.channels_last)
+    return m_or_t
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
+    """Eval-mode BN folded into the preceding convolution: (weight, bias) in fp32."""
+    w = conv.weight.detach().float()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(
+        w.shape[0], device=w.device)
+    if bn is None:
+        return w, b
+    s = bn.weight.detach().float() / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+    return w * s.view(-1, 1, 1, 1), (b - bn.running_mean.detach().float()) * s + bn.bias.detach().float()
+
+
+def cudnn_fused_eval(blk: nn.Module, dtype: torch.dtype, channels_last: bool):
+    """The anchors' cuDNN baseline: BN folded, conv1+bias+ReLU and conv2+bias+shortcut+ReLU
+    as cuDNN's fused ops (ATen cudnn_convolution_relu / cudnn_convolution_add_relu); the
+    projection (folded bias included) runs as its own convolution. CUDA only."""
+    w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)
+    w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    w1, w2 = (w.to(dtype).contiguous(memory_format=mf) for w in (w1, w2))
+    b1, b2 = b1.to(dtype), b2.to(dtype)
+    w3 = b3 = None
+    if blk.conv3 is not None:
+        w3, b3 = fold_conv_bn(blk.conv3, getattr(blk, "bn3", None))
+        w3, b3 = w3.to(dtype).contiguous(memory_format=mf), b3.to(dtype)
+    s1 = blk.conv1.stride
+    s3 = blk.conv3.stride if blk.conv3 is not None else None
+    p3 = blk.conv3.padding if blk.conv3 is not None else None
+
+    def run(x):
+        y = torch.cudnn_convolution_relu(x, w1, b1, s1, (1, 1), (1, 1), 1)
+        z = F.conv2d(x, w3, b3, s3, p3) if w3 is not None else x
+        return torch.cudnn_convolution_add_relu(y, w2, z, 1.0, b2, (1, 1), (1, 1), (1, 1), 1)
+    return run
+
+
+# ----------------------------------------------------------------------------- environment
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001 - triton is optional on CPU
+        env["triton"] = f"unavailable ({type(e).__name__})"
+    try:
+        import resnet_fused
+        env["package_version"] = getattr(resnet_fused, "__version__", "unknown")
+    except Exception as e:  # noqa: BLE001
+        env["package_version"] = f"import failed ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count,
+                   mem_gib=round(p.total_memory / 2**30, 1),
+                   capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(),
+                   tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
+    else:
+        env.update(gpu="cpu", cpu_threads=torch.get_num_threads())
+    return env
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """The card's bf16 matmul rate and device copy bandwidth (METHOD.md's two numbers),
+    on random data, ~2 s of device time."""
+    import triton.testing
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    tflops = 2 * n**3 / ms / 1e9
+    del a, b
+    src = torch.empty(2**29, device=device, dtype=torch.float32).uniform_()  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    gbps = 2 * src.numel() * 4 / ms / 1e6  # bytes read + written
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_tflops": round(tflops, 1), "copy_gbps": round(gbps, 1)}
+
+
+# ----------------------------------------------------------------------------- rows
+# One schema for every row (Liger-Kernel style): the first columns identify the
+# measurement, the p-columns hold it, the rest qualify it. Empty string where unused.
+COLUMNS = [
+    "section", "kernel", "provider", "mode", "metric", "unit", "x_name", "x_value",
+    "p50", "p20", "p80",
+    "dtype", "layout", "shape", "batch",
+    "speedup_vs_eager", "speedup_vs_fp32", "speedup_vs_compile",
+    "tflops", "of_peak", "floor_ms", "gbps", "of_bw", "img_s", "check_rel",
+    "quantity", "plain", "limit", "status", "note",
+    "device", "gpu", "peak_tflops", "torch", "triton", "package_version", "timestamp",
+]
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+            torch.float64: "fp64"}[dt]
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}
+
+
+def fmt(v, digits=4) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if v == 0 or (1e-3 <= abs(v) < 1e5):
+            return f"{v:.{digits}g}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def copy_module(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m)
+
+
+def repo_path(*parts) -> str:
+    return os.path.join(ROOT, *parts)

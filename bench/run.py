@@ -1,0 +1,855 @@
+#!/usr/bin/env python
+"""What the fused residual block gains on this machine, and whether it is right.
+
+    python bench/run.py            # everything available here (GPU: a few minutes)
+    python bench/run.py --quick    # fewer repeats, no batch sweep on CPU
+    python bench/run.py --help
+
+Sections, in order:
+  1. numerics  every FusedResidual backend, dtype and mode against float64, next to the
+               plain block's own error in that dtype; PASS/FAIL by tests/tolerance.py.
+  2. block     the five ResNet-18 stage shapes (batch 128), eval and training
+               forward+backward; providers: eager as written (fp32 NCHW), eager in the
+               bench dtype (channels_last), torch.compile, cuDNN fused ops with folded BN
+               (eval), FusedResidual per backend.
+  3. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
+  4. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
+  5. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+Rows go to results.csv / results.json (one schema), results.md and speedup.png in the
+results folder (default bench/out/<gpu>_<date>/); the summary is printed last.
+Without CUDA the same runs at small shapes on the CPU: it checks numerics and that every
+path runs; its timings say nothing about a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+if ROOT not in sys.path:
+    sys.path.insert(1, ROOT)  # run from a checkout without `pip install -e .`
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present, else CPU (small shapes)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats; CPU: fewer shapes, no sweep, no compile")
+    p.add_argument("--shapes", help="comma list of stage shapes: s2,s3d,s3,s4,s5 (default all)")
+    p.add_argument("--modes", default="eval,train", help="eval,train (default both)")
+    p.add_argument("--backends", help="FusedResidual backends, comma list among "
+                   "torch,native,triton (default: every available one)")
+    p.add_argument("--providers", default="eager_fp32,eager,compile,cudnn_fused,fused",
+                   help="baselines and fused providers to time (default all)")
+    p.add_argument("--dtype", help="dtype of the timed providers other than eager_fp32: "
+                   "bf16 (CUDA default), fp16, fp32 (CPU default)")
+    p.add_argument("--numerics-dtypes", help="dtypes of the numerics report "
+                   "(default fp32,fp16,bf16)")
+    p.add_argument("--batch", type=int, help="batch of the stage shapes (default 128; CPU 4)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode: default, max-autotune-no-cudagraphs, or none "
+                   "to leave compile out")
+    p.add_argument("--peak-tflops", type=float,
+                   help="dense bf16/fp16 rate of the card for the compute floor "
+                   "(default: measured at start on CUDA)")
+    p.add_argument("--no-measure-peak", action="store_true",
+                   help="take the peak from the built-in table instead of measuring it")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="stop starting new timings after this many seconds (0: no limit)")
+    p.add_argument("--out", help="results folder (default bench/out/<gpu>_<date>/)")
+    p.add_argument("--no-numerics", action="store_true")
+    p.add_argument("--no-timing", action="store_true", help="numerics only")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--no-net", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.device == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--device cuda: no CUDA device is visible to PyTorch "
+                     f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+DEVICE = torch.device("cuda" if (ARGS.device == "cuda" or (ARGS.device == "auto" and
+                                                         torch.cuda.is_available())) else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+# Without a GPU, Triton kernels can only run in its interpreter, which must be switched on
+# before any kernel is defined (backends are imported lazily, below this line).
+TRITON_INTERP_SET_HERE = False
+if not ON_GPU and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    TRITON_INTERP_SET_HERE = True
+
+import benchlib as bl  # noqa: E402
+import make_tables  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import tolerance  # noqa: E402  (the numerics rule of DESIGN.md, shared with the tests)
+
+try:
+    import resnet_fused  # noqa: E402
+    from resnet_fused import FusedResidual, fuse_model, resnet18  # noqa: E402
+    from resnet_fused import backends as rf_backends  # noqa: E402
+except Exception as e:  # noqa: BLE001
+    raise SystemExit(f"cannot import resnet_fused ({type(e).__name__}: {e}); install it with "
+                     "`pip install --no-build-isolation -e .` from the repository root")
+
+# Op namespace of each backend (resnet_fused/schemas.py).
+NAMESPACE = {"native": "resnet_fused", "torch": "resnet_fused_torch",
+             "triton": "resnet_fused_triton"}
+
+
+# ============================================================================ bookkeeping
+class Run:
+    def __init__(self):
+        self.t0 = time.time()
+        self.rows: list[dict] = []
+        self.skips: list[str] = []
+        self.errors: list[str] = []
+        self.env = bl.environment(DEVICE)
+        self.base = {k: self.env.get(k, "") for k in
+                     ("device", "gpu", "torch", "triton", "package_version", "timestamp")}
+        self.peak = None
+        self.bw = None
+
+    def elapsed(self) -> str:
+        s = int(time.time() - self.t0)
+        return f"{s // 60:2d}:{s % 60:02d}"
+
+    def over_budget(self) -> bool:
+        return ARGS.budget_s > 0 and time.time() - self.t0 > ARGS.budget_s
+
+    def say(self, msg: str):
+        print(f"[{self.elapsed()}] {msg}", flush=True)
+
+    def skip(self, what: str, why: str):
+        line = f"skip {what}: {why}"
+        if line not in self.skips:
+            self.skips.append(line)
+            self.say(line)
+
+    def row(self, **kw) -> dict:
+        r = dict.fromkeys(bl.COLUMNS, "")
+        r.update(self.base)
+        r["peak_tflops"] = self.peak if self.peak is not None else ""
+        r.update({k: v for k, v in kw.items() if v is not None})
+        unknown = set(r) - set(bl.COLUMNS)
+        assert not unknown, f"row has columns outside the schema: {unknown}"
+        self.rows.append(r)
+        return r
+
+
+R = Run()
+
+
+def err_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+
+
+def bench_dtype() -> torch.dtype:
+    if ARGS.dtype:
+        if ARGS.dtype not in bl.DTYPES:
+            raise SystemExit(f"--dtype: unknown dtype {ARGS.dtype!r}; use bf16, fp16 or fp32")
+        return bl.DTYPES[ARGS.dtype]
+    return torch.bfloat16 if ON_GPU else torch.float32
+
+
+def layout_cl(dtype: torch.dtype) -> bool:
+    """channels_last for the timed providers on the GPU (what cuDNN and our kernels are
+    fast in); NCHW for the as-written fp32 block and on the CPU."""
+    return ON_GPU
+
+
+def fused_backends() -> list[str]:
+    """Backends to run, in registry order; prints why each left-out one is left out."""
+    wanted = list(rf_backends.NAMES)
+    if ARGS.backends:
+        wanted = [b.strip() for b in ARGS.backends.split(",") if b.strip()]
+        for b in wanted:
+            if b not in rf_backends.NAMES:
+                raise SystemExit(f"--backends: unknown backend {b!r}; choose from "
+                                 f"{', '.join(rf_backends.NAMES)}")
+    out = []
+    for b in wanted:
+        reason = rf_backends.unavailable_reason(b, DEVICE)
+        if reason is not None:
+            R.skip(f"fused_{b}", reason)
+            continue
+        out.append(b)
+    return out
+
+
+def dtype_reason(backend: str, dtype: torch.dtype):
+    """Why `backend` cannot run `dtype` here, or None."""
+    if backend == "triton" and not ON_GPU and dtype == torch.bfloat16:
+        return "Triton's CPU interpreter computes bfloat16 wrongly; checked on GPU only"
+    be = rf_backends.get(backend, DEVICE)
+    return be.unsupported_dtype_reason(dtype, DEVICE)
+
+
+def modes() -> list[str]:
+    ms = [m.strip() for m in ARGS.modes.split(",") if m.strip()]
+    for m in ms:
+        if m not in ("eval", "train"):
+            raise SystemExit(f"--modes: unknown mode {m!r}; use eval and/or train")
+    return ms
+
+
+def providers() -> list[str]:
+    known = ("eager_fp32", "eager", "compile", "cudnn_fused", "fused")
+    ps = [p.strip() for p in ARGS.providers.split(",") if p.strip()]
+    for p in ps:
+        if p not in known:
+            raise SystemExit(f"--providers: unknown provider {p!r}; choose from {', '.join(known)}")
+    return ps
+
+
+@contextlib.contextmanager
+def freezing(on: bool):
+    import torch._inductor.config as icfg
+    old = icfg.freezing
+    icfg.freezing = on
+    try:
+        yield
+    finally:
+        icfg.freezing = old
+
+
+# ============================================================================ 1. numerics
+def _run_block(m, x64, gy64, dtype, cl, train):
+    """Output (and gradients, running statistics after the step) of block m in dtype."""
+    m.train(train)
+    x = bl.to_layout(x64.detach().clone(), DEVICE, dtype, cl)
+    res = {}
+    if train:
+        x.requires_grad_(True)
+        out = m(x)
+        out.backward(bl.to_layout(gy64.clone(), DEVICE, dtype, cl))
+        res["out"] = out.detach()
+        res["grad_input"] = x.grad.detach()
+        res["grads"] = {n: p.grad.detach() for n, p in m.named_parameters() if p.grad is not None}
+        res["stats"] = {n: b.detach() for n, b in m.named_buffers()
+                        if n.endswith(("running_mean", "running_var"))}
+    else:
+        with torch.no_grad():
+            res["out"] = m(x).detach()
+    return res
+
+
+def _judge(name, fused, plain, ref, factor, dtype) -> dict:
+    """Errors (tolerance.errors) and the verdict of tolerance.assert_within."""
+    f_l2, f_max = tolerance.errors(fused, ref)
+    p_l2, p_max = tolerance.errors(plain, ref)
+    try:
+        tolerance.assert_within(name, fused, plain, ref, factor=factor, dtype=dtype)
+        ok, msg = True, ""
+    except AssertionError as e:
+        ok, msg = False, str(e)
+    return dict(f_l2=f_l2, f_max=f_max, p_l2=p_l2, p_max=p_max, ok=ok, msg=msg)
+
+
+def _worst(judged: dict, ref_norms: dict):
+    """The tensor that fails, or else the one with the largest error over the plain one.
+    Tensors whose true value is ~0 (the bias of a convolution followed by training BN has
+    a zero gradient) have huge relative errors in both paths; they are shown only if they
+    fail."""
+    top = max(ref_norms.values(), default=0.0)
+
+    def badness(kv):
+        n, j = kv
+        degenerate = ref_norms.get(n, top) <= 1e-6 * top
+        return (not j["ok"], not degenerate, j["f_l2"] / max(j["p_l2"], 1e-30))
+    return max(judged.items(), key=badness)
+
+
+def numerics_section(backends: list[str]):
+    shapes = bl.GPU_NUMERICS if ON_GPU else bl.CPU_NUMERICS
+    spec = ARGS.numerics_dtypes or "fp32,fp16,bf16"
+    dtypes = []
+    for d in spec.split(","):
+        d = d.strip()
+        if d not in bl.DTYPES:
+            raise SystemExit(f"--numerics-dtypes: unknown dtype {d!r}")
+        dtypes.append(bl.DTYPES[d])
+    R.say(f"== numerics: {', '.join('fused_' + b for b in backends)} vs float64, dtypes "
+          f"{', '.join(bl.dtype_name(d) for d in dtypes)}, modes {', '.join(modes())}")
+    todo = [(s, m, d) for s in shapes for m in modes() for d in dtypes]
+    for i, (s, mode, dt) in enumerate(todo, 1):
+        train = mode == "train"
+        cl = ON_GPU and dt != torch.float32
+        base = bl.make_block(s, seed=100 + i)
+        g = torch.Generator().manual_seed(200 + i)
+        x64 = torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g, dtype=torch.float64)
+        gy64 = torch.randn(s.batch, s.cout, s.hw_out, s.hw_out, generator=g, dtype=torch.float64)
+        x64, gy64 = x64.to(DEVICE), gy64.to(DEVICE)
+        ref = _run_block(copy.deepcopy(base).to(DEVICE, torch.float64), x64, gy64,
+                         torch.float64, False, train)
+        try:
+            plain = _run_block(bl.to_layout(copy.deepcopy(base), DEVICE, dt, cl), x64, gy64,
+                               dt, cl, train)
+        except Exception as e:  # noqa: BLE001 - e.g. a dtype the CPU's ATen lacks
+            R.skip(f"numerics {bl.dtype_name(dt)} {mode} {s.key}",
+                   f"the plain block itself fails in this dtype here ({err_text(e)})")
+            continue
+        for b in backends:
+            what = f"fused_{b} {bl.dtype_name(dt)} {mode} {s.key} n={s.batch}"
+            reason = dtype_reason(b, dt)
+            if reason:
+                R.skip(f"numerics fused_{b} {bl.dtype_name(dt)}", reason)
+                continue
+            common = dict(section="numerics", kernel="residual_block", provider=f"fused_{b}",
+                          mode=mode, x_name="dtype", x_value=bl.dtype_name(dt),
+                          dtype=bl.dtype_name(dt), layout="NHWC" if cl else "NCHW",
+                          shape=s.key, batch=s.batch)
+            try:
+                fm = FusedResidual.from_residual(
+                    bl.to_layout(copy.deepcopy(base), DEVICE, dt, cl), backend=b)
+                fused = _run_block(fm, x64, gy64, dt, cl, train)
+            except Exception as e:  # noqa: BLE001
+                R.errors.append(f"numerics {what}: {err_text(e)}")
+                R.say(f"  ! {what}: {err_text(e)}")
+                R.row(**common, quantity="out", metric="rel_l2", status="ERROR",
+                      note=err_text(e))
+                continue
+            judged = {"out": _judge("out", fused["out"], plain["out"], ref["out"], 2.0, dt)}
+            if train:
+                judged["grad_input"] = _judge("grad_input", fused["grad_input"],
+                                              plain["grad_input"], ref["grad_input"], 3.0, dt)
+                for kind, factor in (("grads", 3.0), ("stats", 2.0)):
+                    per = {}
+                    for n, r in ref[kind].items():
+                        if n not in fused[kind] or n not in plain[kind]:
+                            per[n] = dict(f_l2=float("inf"), f_max=float("inf"), p_l2=0.0,
+                                          p_max=0.0, ok=False,
+                                          msg=f"{n}: missing in the fused block's {kind}")
+                            continue
+                        per[n] = _judge(n, fused[kind][n], plain[kind][n], r, factor, dt)
+                    if per:
+                        norms = {n: r.double().norm().item() for n, r in ref[kind].items()}
+                        n, j = _worst(per, norms)
+                        j = dict(j, which=n, all_ok=all(v["ok"] for v in per.values()))
+                        judged["grad_params" if kind == "grads" else "running_stats"] = j
+            verdicts = []
+            for q, j in judged.items():
+                ok = j.get("all_ok", j["ok"])
+                status = "PASS" if ok else "FAIL"
+                note = (f"worst: {j['which']}; " if "which" in j else "") + j["msg"]
+                R.row(**common, quantity=q, metric="rel_l2", unit="", p50=j["f_l2"],
+                      plain=j["p_l2"], status=status, note=note.strip("; "))
+                R.row(**common, quantity=q, metric="max_abs_rel", unit="", p50=j["f_max"],
+                      plain=j["p_max"], status=status, note=note.strip("; "))
+                verdicts.append(f"{q} {j['f_l2']:.2e}/{j['p_l2']:.2e} {status}")
+            R.say(f"  [{i}/{len(todo)}] {what}: " + ", ".join(verdicts))
+
+
+# ============================================================================ 2-3. block timing
+def _inputs(s, dtype, cl, train, n_sets):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    xs, gys = [], []
+    for _ in range(n_sets):
+        x = torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g).to(DEVICE)
+        x = bl.to_layout(x, DEVICE, dtype, cl)
+        if train:
+            x.requires_grad_(True)
+        xs.append(x)
+        gy = torch.randn(s.batch, s.cout, s.hw_out, s.hw_out, generator=g).to(DEVICE)
+        gys.append(bl.to_layout(gy, DEVICE, dtype, cl))
+    return xs, gys
+
+
+def _build(provider, base, dtype, cl, train):
+    """(callable module-or-function, its parameters) for a provider, or raises."""
+    if provider == "compile":
+        m = bl.to_layout(copy.deepcopy(base), DEVICE, dtype, cl).train(train)
+        torch._dynamo.reset()
+        return torch.compile(m, mode=None if ARGS.compile_mode == "default" else ARGS.compile_mode), \
+            list(m.parameters())
+    if provider == "cudnn_fused":
+        m = bl.to_layout(copy.deepcopy(base), DEVICE, dtype, cl).eval()
+        return bl.cudnn_fused_eval(m, dtype, cl), []
+    if provider.startswith("fused_"):
+        m = FusedResidual.from_residual(bl.to_layout(copy.deepcopy(base), DEVICE, dtype, cl),
+                                        backend=provider[len("fused_"):]).train(train)
+        return m, list(m.parameters())
+    m = bl.to_layout(copy.deepcopy(base), DEVICE, dtype, cl).train(train)
+    return m, list(m.parameters())
+
+
+def _provider_list(mode, backends, dtype):
+    """(provider, dtype, channels_last) to time for a mode, with skip reasons printed."""
+    ps = providers()
+    out = []
+    if "eager_fp32" in ps:
+        out.append(("eager_fp32", torch.float32, False))
+    cl = layout_cl(dtype)
+    if "eager" in ps:
+        if dtype == torch.float32 and not cl and "eager_fp32" in ps:
+            pass  # the same computation as eager_fp32; timed once
+        else:
+            out.append(("eager", dtype, cl))
+    if "compile" in ps:
+        if ARGS.compile_mode == "none":
+            R.skip("compile", "--compile-mode none")
+        elif not ON_GPU and ARGS.quick:
+            R.skip("compile", "left out of --quick on CPU (Inductor's C++ build takes minutes on "
+                   "two cores)")
+        else:
+            out.append(("compile", dtype, cl))
+    if "cudnn_fused" in ps and mode == "eval":
+        if not ON_GPU:
+            R.skip("cudnn_fused", "cuDNN's fused conv+bias+add+ReLU ops need CUDA")
+        else:
+            out.append(("cudnn_fused", dtype, cl))
+    if "fused" in ps:
+        for b in backends:
+            if b == "triton" and not ON_GPU:
+                R.skip("timing fused_triton", "Triton runs in its interpreter on the CPU: "
+                       "checked for numerics, not timed")
+                continue
+            reason = dtype_reason(b, dtype)
+            if reason:
+                R.skip(f"timing fused_{b} {bl.dtype_name(dtype)}", reason)
+                continue
+            out.append((f"fused_{b}", dtype, cl))
+    return out
+
+
+def time_block(s, mode, backends, dtype, section, x_name, x_value, label):
+    """Time every provider on one shape and mode; rows carry speedups and rates."""
+    train = mode == "train"
+    base = bl.make_block(s, seed=7)
+    plist = _provider_list(mode, backends, dtype)
+    flops = bl.block_flops(s, training=train)
+    nbytes = s.batch * s.cin * s.hw * s.hw * 4
+    n_sets = bl.n_input_sets(nbytes, DEVICE)
+    inputs = {}
+    ref_out = {}
+    rows = {}
+    for prov, dt, cl in plist:
+        if R.over_budget():
+            R.skip(f"{label} {mode} {prov}", "time budget (--budget-s) spent")
+            continue
+        key = (dt, cl)
+        if key not in inputs:
+            inputs[key] = _inputs(s, dt, cl, train, n_sets)
+        xs, gys = inputs[key]
+        common = dict(section=section, kernel="residual_block", provider=prov, mode=mode,
+                      metric="time", unit="ms", x_name=x_name, x_value=x_value,
+                      dtype=bl.dtype_name(dt), layout="NHWC" if cl else "NCHW", shape=s.key,
+                      batch=s.batch)
+        note = []
+        try:
+            t_build = time.time()
+            m, params = _build(prov, base, dt, cl, train)
+            rot = bl.Rotating(range(len(xs)))
+            if train:
+                def fn(m=m):
+                    j = rot.next()
+                    m(xs[j]).backward(gys[j])
+                with freezing(False):
+                    out = m(xs[0])
+                    out.backward(gys[0])
+            else:
+                def fn(m=m):
+                    with torch.no_grad():
+                        m(xs[rot.next()])
+                with freezing(prov == "compile"), torch.no_grad():
+                    out = m(xs[0])
+            bl.sync(DEVICE)
+            if prov == "compile":
+                note.append(f"compile {time.time() - t_build:.1f} s")
+            out = out.detach().float()
+            if not torch.isfinite(out).all():
+                raise RuntimeError("non-finite output")
+            # The first provider (eager as written, when timed) is the check reference: a
+            # fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
+            if "ref" not in ref_out:
+                ref_out["ref"] = out
+            check = tolerance.rel_l2(out, ref_out["ref"])
+            if check > 5e-2:
+                note.append(f"MISMATCH: output differs from eager by {check:.2e}")
+                R.errors.append(f"{label} {mode} {prov}: output differs from eager by {check:.2e}")
+            with freezing(prov == "compile"):
+                p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
+                                           grad_to_none=(params + xs) if train else None)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other providers
+            R.say(f"  ! {label} {mode} {prov}: {err_text(e)}")
+            R.errors.append(f"{label} {mode} {prov}: {err_text(e)}")
+            R.row(**common, status="ERROR", note=err_text(e))
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+            if ON_GPU:
+                torch.cuda.empty_cache()
+            continue
+        finally:
+            if prov == "compile":
+                torch._dynamo.reset()
+        tflops = flops / p50 / 1e9
+        peak = bl.peak_for_dtype(R.peak, dt)
+        rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
+                           of_peak=(tflops / peak) if peak else None,
+                           floor_ms=(flops / peak / 1e9) if peak else None,
+                           check_rel=check, status="OK", note="; ".join(note))
+        R.say(f"  {label:<22} {mode:<5} {prov:<13} {bl.dtype_name(dt)} "
+              f"{p50:9.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s"
+              + (f"  ({'; '.join(note)})" if note else ""))
+        del m
+    _speedups(rows)
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+def _speedups(rows: dict):
+    eager = rows.get("eager", rows.get("eager_fp32"))
+    fp32 = rows.get("eager_fp32")
+    comp = rows.get("compile")
+    for r in rows.values():
+        if eager:
+            r["speedup_vs_eager"] = eager["p50"] / r["p50"]
+        if fp32:
+            r["speedup_vs_fp32"] = fp32["p50"] / r["p50"]
+        if comp:
+            r["speedup_vs_compile"] = comp["p50"] / r["p50"]
+
+
+def block_section(backends, dtype):
+    stages = bl.GPU_STAGES if ON_GPU else bl.CPU_STAGES
+    if not ON_GPU and ARGS.quick and not ARGS.shapes:
+        stages = stages[:2]  # one identity and one projection block
+    shapes = bl.select_shapes(stages, ARGS.shapes)
+    if ARGS.batch:
+        shapes = [s.with_batch(ARGS.batch) for s in shapes]
+    R.say(f"== block: {len(shapes)} shapes x {', '.join(modes())}, "
+          f"{bl.dtype_name(dtype)}{' channels_last' if layout_cl(dtype) else ''}")
+    for mode in modes():
+        for s in shapes:
+            time_block(s, mode, backends, dtype, "block", "shape", s.key,
+                       f"{s.name} n={s.batch}")
+
+
+def sweep_section(backends, dtype):
+    stages = bl.GPU_STAGES if ON_GPU else bl.CPU_STAGES
+    name = bl.GPU_SWEEP_SHAPE if ON_GPU else bl.CPU_SWEEP_SHAPE
+    batches = bl.GPU_SWEEP_BATCHES if ON_GPU else bl.CPU_SWEEP_BATCHES
+    s0 = next(s for s in stages if s.name == name)
+    R.say(f"== batch sweep: {s0.name} ({s0.key}), batch {', '.join(map(str, batches))}")
+    for mode in modes():
+        for n in batches:
+            s = s0.with_batch(n)
+            time_block(s, mode, backends, dtype, "sweep", "batch", n, f"{s.name} n={n}")
+
+
+# ============================================================================ 4. kernels
+def kernels_section(backends, dtype):
+    """Each op of each backend's namespace at the stage shapes (eval convs, BN kernels)."""
+    stages = bl.GPU_STAGES if ON_GPU else bl.CPU_STAGES[:1]
+    shapes = bl.select_shapes(stages, ARGS.shapes if ON_GPU else None)
+    if ARGS.quick and ON_GPU:
+        shapes = shapes[:3]
+    R.say(f"== kernels: ops of {', '.join(backends)} at {len(shapes)} shapes")
+    elt = torch.finfo(dtype).bits // 8
+    cl = layout_cl(dtype)
+    for b in backends:
+        if b == "triton" and not ON_GPU:
+            R.skip("kernels triton", "Triton runs in its interpreter on the CPU: not timed")
+            continue
+        if dtype_reason(b, dtype):
+            continue
+        rf_backends.get(b, DEVICE)  # importing the backend registers its ops
+        ns = getattr(torch.ops, NAMESPACE[b])
+        for s in shapes:
+            if R.over_budget():
+                R.skip(f"kernels {b}", "time budget (--budget-s) spent")
+                return
+            blk = bl.to_layout(bl.make_block(s, seed=3), DEVICE, torch.float32, False).eval()
+            w1, b1 = bl.fold_conv_bn(blk.conv1, blk.bn1)
+            w2, b2 = bl.fold_conv_bn(blk.conv2, blk.bn2)
+            w3 = None
+            if blk.conv3 is not None:
+                w3, b3 = bl.fold_conv_bn(blk.conv3, None)
+                b2 = b2 + b3
+            prep = lambda w: bl.to_layout(w, DEVICE, dtype, cl)  # noqa: E731
+            g = torch.Generator().manual_seed(5)
+            ho = s.hw_out
+            x = prep(torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g))
+            y = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g).relu())
+            c = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g) * 2 + 0.5)
+            res = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
+            gout = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
+            cf = c.float()
+            mean = cf.mean((0, 2, 3))
+            var = cf.var((0, 2, 3), unbiased=False)
+            invstd = torch.rsqrt(var + 1e-5)
+            wt, bs = blk.bn1.weight.detach().float(), blk.bn1.bias.detach().float()
+            rm, rv = torch.zeros_like(mean), torch.ones_like(mean)
+            nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
+            numel = c.numel()
+            count = s.batch * ho * ho
+            xsc = x if w3 is not None else y  # identity shortcut: a tensor shaped like y
+            w3p = prep(w3) if w3 is not None else None
+            ops = []
+
+            def add(name, fn, nbytes=None, flops=None):
+                ops.append((name, fn, nbytes, flops))
+            add("channel_stats", lambda: ns.channel_stats(c), nbytes=numel * elt)
+            add("bn_finalize", lambda: ns.bn_finalize(mean, var, wt, bs, rm, rv, nbt, 0.1, 1e-5,
+                                                      count), nbytes=None)
+            add("bn_act", lambda: ns.bn_act(c, mean, invstd, wt, bs, res),
+                nbytes=3 * numel * elt + numel // 8)
+            mask = ns.bn_act(c, mean, invstd, wt, bs, res)[1]
+            add("bn_act_backward", lambda: ns.bn_act_backward(gout, mask, c, mean, invstd, wt, True),
+                nbytes=4 * numel * elt + numel // 8)
+            add("conv_bias_relu", lambda: ns.conv_bias_relu(x, prep(w1), b1.to(DEVICE, dtype),
+                                                            s.stride, 1),
+                flops=2.0 * numel * s.cin * 9)
+            w2p, b2p = prep(w2), b2.to(DEVICE, dtype)
+            add("conv_bias_shortcut_relu",
+                lambda: ns.conv_bias_shortcut_relu(y, w2p, b2p, xsc, w3p, 1, s.stride, 0),
+                flops=2.0 * numel * (s.cout * 9 + (s.cin if w3 is not None else 0)))
+            for name, fn, nbytes, flops in ops:
+                common = dict(section="kernels", kernel=name, provider=f"fused_{b}", mode="op",
+                              metric="time", unit="ms", x_name="shape", x_value=s.key,
+                              dtype=bl.dtype_name(dtype), layout="NHWC" if cl else "NCHW",
+                              shape=s.key, batch=s.batch)
+                try:
+                    out = fn()
+                    first = out[0] if isinstance(out, (tuple, list)) else out
+                    if first.is_floating_point() and not torch.isfinite(first.float()).all():
+                        raise RuntimeError("non-finite output")
+                    p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick)
+                except Exception as e:  # noqa: BLE001
+                    R.say(f"  ! {b}.{name} {s.key}: {err_text(e)}")
+                    R.errors.append(f"kernel {b}.{name} {s.key}: {err_text(e)}")
+                    R.row(**common, status="ERROR", note=err_text(e))
+                    continue
+                extra = {}
+                rate = ""
+                if nbytes:
+                    gbps = nbytes / p50 / 1e6
+                    extra.update(gbps=gbps, of_bw=(gbps / R.bw) if R.bw else None)
+                    rate = f"{gbps:8.1f} GB/s"
+                if flops:
+                    tf = flops / p50 / 1e9
+                    peak = bl.peak_for_dtype(R.peak, dtype)
+                    extra.update(tflops=tf, of_peak=(tf / peak) if peak else None)
+                    rate = f"{tf:8.2f} TFLOP/s"
+                R.row(**common, p50=p50, p20=p20, p80=p80, status="OK", **extra)
+                R.say(f"  {b:<7} {name:<24} {s.key:<16} {p50:9.4f} ms  {rate}")
+
+
+# ============================================================================ 5. net
+def net_section(backends, dtype):
+    n = ARGS.batch or (128 if ON_GPU else 2)
+    hw = 224 if ON_GPU else 64
+    R.say(f"== net: D2L ResNet-18, batch {n}, 1x{hw}x{hw}")
+    torch.manual_seed(11)
+    base = bl.randomize_bn(resnet18(in_channels=1, num_classes=10), seed=11)
+    cl = layout_cl(dtype)
+    for mode in modes():
+        train = mode == "train"
+        flops = bl.resnet18_flops(n, hw, training=train)
+        plist = _provider_list("net", backends, dtype)
+        rows = {}
+        ref = None
+        for prov, dt, pcl in plist:
+            if R.over_budget():
+                R.skip(f"net {mode} {prov}", "time budget (--budget-s) spent")
+                continue
+            common = dict(section="net", kernel="resnet18", provider=prov, mode=mode,
+                          metric="time", unit="ms", x_name="batch", x_value=n,
+                          dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
+                          shape=f"1x{hw}x{hw}", batch=n)
+            note = []
+            try:
+                t_build = time.time()
+                m = bl.to_layout(copy.deepcopy(base), DEVICE, dt, pcl)
+                if prov.startswith("fused_"):
+                    m = fuse_model(m, backend=prov[len("fused_"):])
+                    m = bl.to_layout(m, DEVICE, dt, pcl)
+                m.train(train)
+                if prov == "compile":
+                    torch._dynamo.reset()
+                    m = torch.compile(m, mode=None if ARGS.compile_mode == "default"
+                                      else ARGS.compile_mode)
+                g = torch.Generator().manual_seed(3)
+                xs = [bl.to_layout(torch.randn(n, 1, hw, hw, generator=g), DEVICE, dt, pcl)
+                      for _ in range(bl.n_input_sets(n * hw * hw * 4, DEVICE))]
+                if train:
+                    for x in xs:
+                        x.requires_grad_(True)
+                rot = bl.Rotating(xs)
+                params = [p for p in m.parameters()]
+                if train:
+                    def fn(m=m):
+                        m(rot.next()).float().sum().backward()
+                    out = m(xs[0])
+                    out.float().sum().backward()
+                else:
+                    def fn(m=m):
+                        with torch.no_grad():
+                            m(rot.next())
+                    with freezing(prov == "compile"), torch.no_grad():
+                        out = m(xs[0])
+                bl.sync(DEVICE)
+                if prov == "compile":
+                    note.append(f"compile {time.time() - t_build:.1f} s")
+                out = out.detach().float()
+                if not torch.isfinite(out).all():
+                    raise RuntimeError("non-finite output")
+                if ref is None:  # the first provider (eager as written) is the reference
+                    ref = out
+                check = tolerance.rel_l2(out, ref)
+                if check > 1e-1:
+                    note.append(f"MISMATCH: output differs from eager by {check:.2e}")
+                    R.errors.append(f"net {mode} {prov}: output differs from eager by {check:.2e}")
+                with freezing(prov == "compile"):
+                    p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
+                                               grad_to_none=(params + xs) if train else None)
+            except Exception as e:  # noqa: BLE001
+                R.say(f"  ! net {mode} {prov}: {err_text(e)}")
+                R.errors.append(f"net {mode} {prov}: {err_text(e)}")
+                R.row(**common, status="ERROR", note=err_text(e))
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                continue
+            finally:
+                if prov == "compile":
+                    torch._dynamo.reset()
+            tflops = flops / p50 / 1e9
+            peak = bl.peak_for_dtype(R.peak, dt)
+            rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, img_s=n / p50 * 1e3,
+                               tflops=tflops, of_peak=(tflops / peak) if peak else None,
+                               check_rel=check, status="OK", note="; ".join(note))
+            R.say(f"  resnet18 {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
+                  f"{n / p50 * 1e3:10.0f} img/s" + (f"  ({'; '.join(note)})" if note else ""))
+            del m
+        _speedups(rows)
+        if ON_GPU:
+            torch.cuda.empty_cache()
+
+
+# ============================================================================ output
+def out_dir() -> str:
+    if ARGS.out:
+        return ARGS.out
+    slug = bl.gpu_slug(R.env["gpu"]) if ON_GPU else "cpu"
+    return os.path.join(HERE, "out", f"{slug}_{R.env['timestamp'][:10]}")
+
+
+def write_outputs(folder: str) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    p = os.path.join(folder, "results.csv")
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bl.COLUMNS)
+        w.writeheader()
+        for r in R.rows:
+            w.writerow({k: bl.fmt(v, 6) if isinstance(v, float) else v for k, v in r.items()})
+    paths.append(p)
+    p = os.path.join(folder, "results.json")
+    with open(p, "w") as f:
+        json.dump({"env": R.env, "skipped": R.skips, "errors": R.errors, "rows": R.rows}, f,
+                  indent=1, default=str)
+    paths.append(p)
+    p = os.path.join(folder, "results.md")
+    with open(p, "w") as f:
+        f.write(make_tables.markdown(R.rows, R.env, R.skips))
+    paths.append(p)
+    if not ARGS.no_plot:
+        p = os.path.join(folder, "speedup.png")
+        try:
+            if make_tables.plot_speedup(R.rows, R.env, p):
+                paths.append(p)
+        except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the rows
+            R.skip("speedup.png", f"plot failed ({err_text(e)})")
+    return paths
+
+
+def banner():
+    e = R.env
+    if ON_GPU:
+        R.say(f"{e['gpu']} (sm {e['capability']}, {e['sms']} SMs, {e['mem_gib']} GiB), torch "
+              f"{e['torch']}, CUDA {e['cuda']}, cuDNN {e['cudnn']}, triton {e['triton']}, "
+              f"resnet_fused {e['package_version']}")
+    else:
+        R.say(f"CPU ({e['cpu_threads']} threads), torch {e['torch']}, triton {e['triton']}, "
+              f"resnet_fused {e['package_version']}")
+        R.say("CPU: GPU figures need CUDA. Small shapes; this run checks numerics and that "
+              "every path runs, its timings say nothing about a GPU.")
+        if TRITON_INTERP_SET_HERE:
+            R.say("TRITON_INTERPRET=1 set: Triton kernels run in the interpreter (numerics only)")
+
+
+def setup_peak():
+    if not ON_GPU:
+        return
+    if ARGS.peak_tflops:
+        R.peak, src = ARGS.peak_tflops, "--peak-tflops"
+    elif not ARGS.no_measure_peak:
+        try:
+            c = bl.measure_ceilings(DEVICE)
+            R.peak, R.bw, src = c["bf16_tflops"], c["copy_gbps"], "measured: bf16 matmul 8192^3"
+            R.row(section="env", kernel="ceiling", provider="cublas", metric="rate",
+                  unit="TFLOP/s", p50=c["bf16_tflops"], dtype="bf16", note=src)
+            R.row(section="env", kernel="ceiling", provider="copy", metric="bandwidth",
+                  unit="GB/s", p50=c["copy_gbps"], note="2 GiB device copy, read + write")
+        except Exception as e:  # noqa: BLE001
+            R.peak, src = bl.peak_from_table(R.env["gpu"])
+            src = f"table ({src}); measuring failed: {err_text(e)}"
+    else:
+        R.peak, src = bl.peak_from_table(R.env["gpu"])
+    R.env.update(peak_tflops=R.peak, peak_source=src, copy_gbps=R.bw)
+    R.say(f"compute floor: {R.peak} TFLOP/s dense bf16/fp16 ({src})"
+          + (f"; copy {R.bw:.0f} GB/s" if R.bw else ""))
+
+
+def summary(paths):
+    print()
+    print(make_tables.summary_text(R.rows, R.env, R.skips, R.errors))
+    print(f"results: {os.path.dirname(paths[0]) if paths else '(none written)'}  "
+          f"({', '.join(os.path.basename(p) for p in paths)})")
+    print(f"total {time.time() - R.t0:.0f} s")
+
+
+def main():
+    banner()
+    setup_peak()
+    backends = fused_backends()
+    dtype = bench_dtype()
+    R.env["bench_dtype"] = bl.dtype_name(dtype)
+    R.env["quick"] = ARGS.quick
+    if not ARGS.no_numerics:
+        if backends:
+            numerics_section(backends)
+        else:
+            R.skip("numerics", "no FusedResidual backend is available here")
+    if not ARGS.no_timing:
+        block_section(backends, dtype)
+        if not ARGS.no_sweep and not (ARGS.quick and not ON_GPU):
+            sweep_section(backends, dtype)
+        if not ARGS.no_kernels and "fused" in providers():
+            kernels_section(backends, dtype)
+        if not ARGS.no_net:
+            net_section(backends, dtype)
+    paths = write_outputs(out_dir())
+    summary(paths)
+    fails = [r for r in R.rows if r["status"] in ("FAIL", "ERROR")]
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""BatchNorm (training statistics) in Triton: the four BN ops of resnet_fused/schemas.py
+under the namespace `resnet_fused_triton`, and the per-channel helpers the fused block
+(train.py, conv_bwd.py) calls inside its own ops.
+
+Ops (schemas exactly as resnet_fused/schemas.py):
+    channel_stats(x) -> (mean, var)                         per-tile partials, Chan combine
+    bn_finalize(mean, var, w, b, running_*..., momentum, eps, count) -> (invstd, scale, shift)
+    bn_act(c, mean, invstd, w, b, residual?) -> (out, mask)  one elementwise pass + packed mask
+    bn_act_backward(grad_out, mask, c, mean, invstd, w, residual_grad)
+        -> (grad_c, grad_w, grad_b, grad_res)                 reduce pass + apply pass
+
+Activations may be NCHW- or channels_last-contiguous: every kernel indexes a channel as
+(n, c, hw) with the tensor's own strides, and the mask follows the *physical* offset.
+
+How the ops are registered: on a GPU with `torch.library.triton_op`, so torch.compile
+sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_op`,
+because triton_op's fake is its own Python body, which in the interpreter would run the
+kernels on fake tensors (wrap_triton hands back the raw interpreted kernel). The fake
+implementations there are the shared ones of resnet_fused/ops.py (FAKES). Either way
+resnet_fused.ops.register_op_layer(NS, fakes=False) then adds bn_act's autograd.
+
+Numerics: every reduction accumulates in fp32 around a shift (channel_stats: the first
+element of each tile's chunk, then Chan's pairwise combine), so a large mean does not
+cancel the variance away; BN parameters and running buffers are read and written in
+their own dtype, computed in fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+from ...schemas import SCHEMAS
+
+NS = "resnet_fused_triton"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tile sizes. The interpreter pays per program and per op, not per element: big tiles.
+_BR = 64 if INTERPRET else 32      # rows (pixels) per reduction step
+_BC = 32 if INTERPRET else 64      # channels per reduction program
+_EW_BYTES = 64 if INTERPRET else 128  # mask bytes per elementwise program (x8 elements)
+_RED_PROGRAMS = 4 if INTERPRET else 1024  # target programs of a reduction over rows
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel so torch.compile can trace it (wrap_triton on a GPU).
+
+    In the interpreter, a call with fake/meta tensors (a shape-only run) launches
+    nothing: the op's outputs are allocated by the caller, which is all a fake needs.
+    """
+    if INTERPRET:
+        if any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
+               for a in args):
+            return
+        kernel[grid](*args, **kwargs)
+    else:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+# =========================================================================== kernels
+@triton.jit
+def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS,
+                          BR: tl.constexpr, BC: tl.constexpr):
+    """Per (row chunk, channel block): mean and centred sum of squares of the chunk.
+
+    Sums are taken around the chunk's first row (a shift close to the mean for real
+    data), so they stay small; the centred M2 = sum(d^2) - sum(d)^2 / n is then exact
+    to fp32 rounding of values of the size of the spread, not of the mean."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rc = pid_c * BC + tl.arange(0, BC)
+    c_ok = rc < C
+    row0 = pid_s * ROWS
+    row_end = tl.minimum(row0 + ROWS, M)
+    n0 = row0 // HW
+    shift = tl.load(x_ptr + n0.to(tl.int64) * sN + (row0 - n0 * HW) * sHW + rc * sC,
+                    mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.zeros((BR, BC), dtype=tl.float32)
+    s2 = tl.zeros((BR, BC), dtype=tl.float32)
+    for r0 in range(row0, row_end, BR):
+        rows = r0 + tl.arange(0, BR)
+        r_ok = rows < row_end
+        n = rows // HW
+        off = (n.to(tl.int64) * sN + (rows - n * HW) * sHW)[:, None] + (rc * sC)[None, :]
+        m = r_ok[:, None] & c_ok[None, :]
+        v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, v - shift[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    cnt = (row_end - row0).to(tl.float32)
+    t1 = tl.sum(s1, axis=0)
+    t2 = tl.sum(s2, axis=0)
+    tl.store(pmean_ptr + pid_s * C + rc, shift + t1 / cnt, mask=c_ok)
+    tl.store(pm2_ptr + pid_s * C + rc, tl.maximum(t2 - t1 * t1 / cnt, 0.0), mask=c_ok)
+
+
+@triton.jit
+def _stats_combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, C, ROWS, SPLIT,
+                          BC: tl.constexpr):
+    """Chan's pairwise combination of the chunk (count, mean, M2) triples."""
+    pid = tl.program_id(0)
+    rc = pid * BC + tl.arange(0, BC)
+    c_ok = rc < C
+    n_a = tl.zeros((BC,), dtype=tl.float32)
+    mean_a = tl.zeros((BC,), dtype=tl.float32)
+    m2_a = tl.zeros((BC,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        n_b = tl.minimum(ROWS, M - s * ROWS).to(tl.float32)
+        mean_b = tl.load(pmean_ptr + s * C + rc, mask=c_ok, other=0.0)
+        m2_b = tl.load(pm2_ptr + s * C + rc, mask=c_ok, other=0.0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        frac = n_b / n
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+        n_a = n
+    tl.store(mean_ptr + rc, mean_a, mask=c_ok)
+    tl.store(var_ptr + rc, m2_a / n_a, mask=c_ok)
+
+
+@triton.jit
+def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                     invstd_ptr, scale_ptr, shift_ptr, C, momentum, eps, count,
+                     UPDATE: tl.constexpr, BC: tl.constexpr):
+    """invstd, scale, shift; with UPDATE the running statistics as nn.BatchNorm2d.
+
+    One program: num_batches_tracked is read, incremented and written once, and the
+    cumulative-average factor 1/num_batches_tracked is computed on the device (no
+    host sync). momentum < 0 stands for momentum=None."""
+    if UPDATE:
+        t = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, t)
+        f = tl.where(momentum >= 0.0, momentum, 1.0 / t.to(tl.float32))
+        # Bessel's correction for the running (unbiased) variance.
+        bessel = count.to(tl.float32) / (count - 1).to(tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        ok = rc < C
+        mean = tl.load(mean_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + rc, mask=ok, other=1.0).to(tl.float32)
+        w = tl.load(w_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        scale = w * invstd
+        tl.store(invstd_ptr + rc, invstd, mask=ok)
+        tl.store(scale_ptr + rc, scale, mask=ok)
+        tl.store(shift_ptr + rc, b - mean * scale, mask=ok)
+        if UPDATE:
+            rm = tl.load(rm_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+            rm = (1.0 - f) * rm + f * mean
+            rv = (1.0 - f) * rv + f * (var * bessel)
+            tl.store(rm_ptr + rc, rm.to(rm_ptr.dtype.element_ty), mask=ok)
+            tl.store(rv_ptr + rc, rv.to(rv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bn_act_kernel(c_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                   r_ptr, rmean_ptr, rinvstd_ptr, rw_ptr, rb_ptr,
+                   out_ptr, mask_ptr, total, C, sC,
+                   HAS_RES: tl.constexpr, RES_BN: tl.constexpr, BYTES: tl.constexpr):
+    """out = relu(bn(c) [+ r | + bn_r(r)]) and its packed mask, over physical offsets.
+
+    A program owns BYTES whole mask bytes (8*BYTES elements), viewed [BYTES, 8], so
+    each byte is assembled in registers and written once (no read-modify-write)."""
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    bit = tl.arange(0, 8)
+    i = byte[:, None] * 8 + bit[None, :]
+    ok = i < total
+    ch = ((i // sC) % C).to(tl.int32)
+    x = tl.load(c_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    inv = tl.load(invstd_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    y = (x - mean) * (inv * w) + b
+    if HAS_RES:
+        r = tl.load(r_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        if RES_BN:
+            rmean = tl.load(rmean_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            rinv = tl.load(rinvstd_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            rw = tl.load(rw_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            rb = tl.load(rb_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            r = (r - rmean) * (rinv * rw) + rb
+        y = y + r
+    out = tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i, out, mask=ok)
+    # The bit is of the value as stored (rounded), as the schema says.
+    bits = tl.where(ok & (out.to(tl.float32) > 0.0), 1 << bit[None, :], 0)
+    tl.store(mask_ptr + byte, tl.sum(bits, axis=1).to(tl.uint8), mask=byte * 8 < total)
+
+
+@triton.jit
+def _load_mask_bit(mask_ptr, i, ok):
+    """The bit of physical element offset i in a packed mask (1 = output was > 0)."""
+    byte = tl.load(mask_ptr + i // 8, mask=ok, other=0).to(tl.int32)
+    return ((byte >> (i % 8).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(g_ptr, mask_ptr, c_ptr, mean_ptr, invstd_ptr, red_ptr,
+                          M, C, HW, sN, sC, sHW, ROWS,
+                          HAS_MASK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """red[0, c] += sum(g), red[1, c] += sum(g * xhat), g = grad_out (* mask bit)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rc = pid_c * BC + tl.arange(0, BC)
+    c_ok = rc < C
+    mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    inv = tl.load(invstd_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    row0 = pid_s * ROWS
+    row_end = tl.minimum(row0 + ROWS, M)
+    sg = tl.zeros((BR, BC), dtype=tl.float32)
+    sgx = tl.zeros((BR, BC), dtype=tl.float32)
+    for r0 in range(row0, row_end, BR):
+        rows = r0 + tl.arange(0, BR)
+        r_ok = rows < row_end
+        n = rows // HW
+        off = (n.to(tl.int64) * sN + (rows - n * HW) * sHW)[:, None] + (rc * sC)[None, :]
+        m = r_ok[:, None] & c_ok[None, :]
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            g = tl.where(_load_mask_bit(mask_ptr, off, m), g, 0.0)
+        c = tl.load(c_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xhat = (c - mean[None, :]) * inv[None, :]
+        sg += g
+        sgx += tl.where(m, g * xhat, 0.0)
+    tl.atomic_add(red_ptr + rc, tl.sum(sg, axis=0), mask=c_ok)
+    tl.atomic_add(red_ptr + C + rc, tl.sum(sgx, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _bn_bwd_coef_kernel(red_ptr, mean_ptr, invstd_ptr, w_ptr, coef_ptr, gw_ptr, gb_ptr,
+                        C, M, BC: tl.constexpr):
+    """Per-channel coefficients of the BN backward apply, grad_c = a*g + b*(c - mean) + d:
+        a = w*invstd,  b = -a*invstd*sum(g*xhat)/M,  d = -a*sum(g)/M
+    coef rows: a, b, d, mean (the consumers read all four; see conv_bwd.py).
+    Also grad_weight = sum(g*xhat), grad_bias = sum(g) (fp32)."""
+    pid = tl.program_id(0)
+    rc = pid * BC + tl.arange(0, BC)
+    ok = rc < C
+    sg = tl.load(red_ptr + rc, mask=ok, other=0.0)
+    sgx = tl.load(red_ptr + C + rc, mask=ok, other=0.0)
+    mean = tl.load(mean_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+    inv = tl.load(invstd_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rc, mask=ok, other=0.0).to(tl.float32)
+    a = w * inv
+    mf = M.to(tl.float32)
+    tl.store(coef_ptr + rc, a, mask=ok)
+    tl.store(coef_ptr + C + rc, -a * inv * sgx / mf, mask=ok)
+    tl.store(coef_ptr + 2 * C + rc, -a * sg / mf, mask=ok)
+    tl.store(coef_ptr + 3 * C + rc, mean, mask=ok)
+    tl.store(gw_ptr + rc, sgx, mask=ok)
+    tl.store(gb_ptr + rc, sg, mask=ok)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(g_ptr, mask_ptr, c_ptr, coef_ptr, gc_ptr, gr_ptr, total, C, sC,
+                         RES_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < total
+    ch = ((i // sC) % C).to(tl.int32)
+    g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.where(_load_mask_bit(mask_ptr, i, ok), g, 0.0)
+    c = tl.load(c_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    a = tl.load(coef_ptr + ch, mask=ok, other=0.0)
+    b = tl.load(coef_ptr + C + ch, mask=ok, other=0.0)
+    d = tl.load(coef_ptr + 2 * C + ch, mask=ok, other=0.0)
+    mean = tl.load(coef_ptr + 3 * C + ch, mask=ok, other=0.0)
+    gc = a * g + b * (c - mean) + d
+    tl.store(gc_ptr + i, gc.to(gc_ptr.dtype.element_ty), mask=ok)
+    if RES_GRAD:
+        tl.store(gr_ptr + i, g.to(gr_ptr.dtype.element_ty), mask=ok)
+
+
+# =========================================================================== checks
+def _check_act(t: torch.Tensor, op: str, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{NS}::{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{NS}::{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{NS}::{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{NS}::{op}: {name} must be NCHW- or channels_last-contiguous")
+    if t.numel() == 0:
+        raise ValueError(f"{NS}::{op}: {name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def _check_like(t: torch.Tensor, ref: torch.Tensor, op: str, name: str, ref_name: str):
+    if t.shape != ref.shape:
+        raise ValueError(f"{NS}::{op}: {name} shape {tuple(t.shape)} != {ref_name} shape "
+                         f"{tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{NS}::{op}: {name} dtype {t.dtype} != {ref_name} dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{NS}::{op}: {name} is on {t.device}, {ref_name} on {ref.device}")
+    if t.stride() != ref.stride():
+        raise ValueError(f"{NS}::{op}: {name} strides {t.stride()} != {ref_name} strides "
+                         f"{ref.stride()} (make it contiguous in {ref_name}'s memory format)")
+
+
+def _check_vec(t, C: int, op: str, name: str, device, fp32: bool = False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{NS}::{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != (C,):
+        raise ValueError(f"{NS}::{op}: {name} must have shape ({C},), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{NS}::{op}: {name} must be floating point, got {t.dtype}")
+    if fp32 and t.dtype != torch.float32:
+        raise TypeError(f"{NS}::{op}: {name} must be float32 statistics, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{NS}::{op}: {name} is on {t.device}, the activation on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{NS}::{op}: {name} must be contiguous")
+
+
+def _geometry(x: torch.Tensor):
+    """(N, C, HW, sN, sC, sHW): element (n, c, hw) is at n*sN + c*sC + hw*sHW for both
+    NCHW and channels_last contiguous tensors (hw strides are W-stride * hw)."""
+    N, C, H, W = x.shape
+    return N, C, H * W, x.stride(0), x.stride(1), x.stride(3)
+
+
+def _row_split(M: int):
+    """Rows per reduction program (a multiple of _BR) and the number of programs."""
+    rows = max(_BR, triton.cdiv(triton.cdiv(M, _RED_PROGRAMS), _BR) * _BR)
+    return rows, triton.cdiv(M, rows)
+
+
+# =========================================================================== helpers
+# Plain Python functions that allocate and launch; the ops below and the fused block
+# (train.py) call them inside their own op bodies.
+def channel_stats_impl(x: torch.Tensor):
+    N, C, HW, sN, sC, sHW = _geometry(x)
+    M = N * HW
+    rows, split = _row_split(M)
+    pmean = torch.empty((split, C), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
+    launch(_stats_partial_kernel, (triton.cdiv(C, _BC), split), x, pmean, pm2,
+           M, C, HW, sN, sC, sHW, rows, BR=_BR, BC=_BC)
+    mean = torch.empty((C,), device=x.device, dtype=torch.float32)
+    var = torch.empty((C,), device=x.device, dtype=torch.float32)
+    launch(_stats_combine_kernel, (triton.cdiv(C, _BC),), pmean, pm2, mean, var,
+           M, C, rows, split, BC=_BC)
+    return mean, var
+
+
+def finalize_impl(mean, var, weight, bias, eps: float, running=None, momentum: float = -1.0,
+                  count: int = 2):
+    """(invstd, scale, shift) fp32; running = (running_mean, running_var, nbt) to update."""
+    C = mean.shape[0]
+    invstd = torch.empty_like(mean, dtype=torch.float32)
+    scale = torch.empty_like(invstd)
+    shift = torch.empty_like(invstd)
+    rm, rv, nbt = running if running is not None else (mean, mean, mean)
+    launch(_finalize_kernel, (1,), mean, var, weight, bias, rm, rv, nbt, invstd, scale, shift,
+           C, float(momentum), float(eps), int(count),
+           UPDATE=running is not None, BC=min(1024, triton.next_power_of_2(max(C, 16))))
+    return invstd, scale, shift
+
+
+def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
+    """relu(bn(c) + residual), res_bn = (mean, invstd, weight, bias) to normalise the
+    residual first (the BN'd projection shortcut). Returns (out, mask)."""
+    out = torch.empty_like(c)
+    total = c.numel()
+    nbytes = (total + 7) // 8
+    mask = torch.empty((nbytes,), device=c.device, dtype=torch.uint8)
+    rb = res_bn if res_bn is not None else (mean, invstd, weight, bias)
+    launch(_bn_act_kernel, (triton.cdiv(nbytes, _EW_BYTES),), c, mean, invstd, weight, bias,
+           residual if residual is not None else c, rb[0], rb[1], rb[2], rb[3],
+           out, mask, total, c.shape[1], c.stride(1),
+           HAS_RES=residual is not None, RES_BN=res_bn is not None, BYTES=_EW_BYTES)
+    return out, mask
+
+
+def bn_backward_coef(grad_out, mask, c, mean, invstd, weight):
+    """Reduce sum(g), sum(g*xhat) (g = grad_out * mask bit when mask is given) and turn
+    them into the apply coefficients [4, C] (a, b, d, mean), grad_weight and grad_bias."""
+    N, C, HW, sN, sC, sHW = _geometry(c)
+    M = N * HW
+    rows, split = _row_split(M)
+    red = torch.zeros((2, C), device=c.device, dtype=torch.float32)
+    launch(_bn_bwd_reduce_kernel, (triton.cdiv(C, _BC), split), grad_out,
+           mask if mask is not None else grad_out, c, mean, invstd, red,
+           M, C, HW, sN, sC, sHW, rows, HAS_MASK=mask is not None, BR=_BR, BC=_BC)
+    coef = torch.empty((4, C), device=c.device, dtype=torch.float32)
+    gw = torch.empty((C,), device=c.device, dtype=torch.float32)
+    gb = torch.empty((C,), device=c.device, dtype=torch.float32)
+    launch(_bn_bwd_coef_kernel, (triton.cdiv(C, _BC),), red, mean, invstd, weight,
+           coef, gw, gb, C, M, BC=_BC)
+    return coef, gw, gb
+
+
+# =========================================================================== ops
+def _channel_stats(x: torch.Tensor):
+    _check_act(x, "channel_stats", "x")
+    return channel_stats_impl(x)
+
+
+def _bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
+                 momentum: float, eps: float, count: int):
+    op = "bn_finalize"
+    if not isinstance(mean, torch.Tensor) or mean.dim() != 1:
+        raise ValueError(f"{NS}::{op}: mean must be a 1-D tensor")
+    C, dev = mean.shape[0], mean.device
+    _check_vec(mean, C, op, "mean", dev, fp32=True)
+    _check_vec(var, C, op, "var", dev, fp32=True)
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vec(t, C, op, name, dev)
+    if (num_batches_tracked.dim() != 0 or num_batches_tracked.dtype != torch.int64
+            or num_batches_tracked.device != dev):
+        raise ValueError(f"{NS}::{op}: num_batches_tracked must be an int64 scalar tensor on "
+                         f"{dev}, got {num_batches_tracked.dtype} shape "
+                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+    if count <= 1:
+        raise ValueError(f"{NS}::{op}: count must be > 1 (values per channel), got {count}")
+    if eps <= 0:
+        raise ValueError(f"{NS}::{op}: eps must be > 0, got {eps}")
+    return finalize_impl(mean, var, weight, bias, eps,
+                         (running_mean, running_var, num_batches_tracked), momentum, count)
+
+
+def _bn_act(c, mean, invstd, weight, bias, residual=None):
+    op = "bn_act"
+    _check_act(c, op, "c")
+    C = c.shape[1]
+    _check_vec(mean, C, op, "mean", c.device, fp32=True)
+    _check_vec(invstd, C, op, "invstd", c.device, fp32=True)
+    _check_vec(weight, C, op, "weight", c.device)
+    _check_vec(bias, C, op, "bias", c.device)
+    if residual is not None:
+        _check_like(residual, c, op, "residual", "c")
+    return bn_act_impl(c, mean, invstd, weight, bias, residual)
+
+
+def _bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad: bool):
+    op = "bn_act_backward"
+    _check_act(c, op, "c")
+    _check_like(grad_out, c, op, "grad_out", "c")
+    C = c.shape[1]
+    nbytes = (c.numel() + 7) // 8
+    if mask.dtype != torch.uint8 or mask.shape != (nbytes,) or mask.device != c.device:
+        raise ValueError(f"{NS}::{op}: mask must be uint8 of shape ({nbytes},) on {c.device}, "
+                         f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    _check_vec(mean, C, op, "mean", c.device, fp32=True)
+    _check_vec(invstd, C, op, "invstd", c.device, fp32=True)
+    _check_vec(weight, C, op, "weight", c.device)
+    coef, gw, gb = bn_backward_coef(grad_out, mask, c, mean, invstd, weight)
+    grad_c = torch.empty_like(c)
+    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
+    total = c.numel()
+    block = 8 * _EW_BYTES
+    launch(_bn_bwd_apply_kernel, (triton.cdiv(total, block),), grad_out, mask, c, coef,
+           grad_c, grad_res if residual_grad else grad_c, total, C, c.stride(1),
+           RES_GRAD=bool(residual_grad), BLOCK=block)
+    return grad_c, gw, gb, grad_res
+
+
+_IMPLS = {
+    "channel_stats": (_channel_stats, ()),
+    "bn_finalize": (_bn_finalize, ("running_mean", "running_var", "num_batches_tracked")),
+    "bn_act": (_bn_act, ()),
+    "bn_act_backward": (_bn_act_backward, ()),
+}
+
+
+def define_op(name: str, fn, schema: str, mutates=(), fake=None):
+    """Define NS::name from `fn`: triton_op on a GPU, custom_op + `fake` in the
+    interpreter (see the module docstring for why). Returns the op."""
+    qual = f"{NS}::{name}"
+    if INTERPRET:
+        op = torch.library.custom_op(qual, fn, mutates_args=tuple(mutates), schema=schema)
+        if fake is not None:
+            op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qual, fn, mutates_args=tuple(mutates), schema=schema)
+
+
+def _schema_of(name: str) -> str:
+    full = SCHEMAS[name]
+    assert full.startswith(name + "(")
+    return full[len(name):]
+
+
+def _define_bn_ops():
+    from ...ops import FAKES
+
+    ops = {}
+    for name, (fn, mutates) in _IMPLS.items():
+        ops[name] = define_op(name, fn, _schema_of(name), mutates, FAKES[name])
+    return ops
+
+
+OPS = _define_bn_ops()
+
+__all__ = ["NS", "INTERPRET", "OPS", "launch", "define_op", "channel_stats_impl",
+           "finalize_impl", "bn_act_impl", "bn_backward_coef"]

@@ -20,7 +20,7 @@ from torch.library import triton_op
 
 from ... import ops as op_layer
 from ...schemas import SCHEMAS
-from .conv import conv2d_nhwc
+from .conv import _INTERPRET, conv2d_nhwc
 
 NS = "resnet_fused_triton"
 
@@ -33,18 +33,37 @@ def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=op_layer.memory_format_of(like))
 
 
-# Note: triton_op's `schema=` is honoured from torch 2.14 on; older torch (2.11 on
-# the GPU image) infers the schema from the annotations, which gives the same
-# signature with `SymInt` for the `int` arguments.
-@triton_op(f"{NS}::conv_bias_relu", mutates_args=(), schema=_schema_tail("conv_bias_relu"))
+def _op(name: str):
+    """triton_op on a GPU; an opaque custom_op with the op layer's fake under the interpreter.
+
+    Under TRITON_INTERPRET=1, wrap_triton hands back the raw interpreted kernel, which
+    cannot be traced: a triton_op's fake (its own body) would run the kernel on fake
+    tensors, and torch.compile would have no kernel node to put in the graph. There
+    the op is opaque, which is all a compiler can do with an interpreted kernel.
+
+    triton_op's `schema=` is honoured from torch 2.14 on; older torch (2.11 on the GPU
+    image) infers it from the annotations: the same signature with `SymInt` for `int`.
+    """
+    schema = _schema_tail(name)
+
+    def register(fn):
+        if _INTERPRET:
+            op = torch.library.custom_op(f"{NS}::{name}", fn, mutates_args=(), schema=schema)
+            op.register_fake(op_layer.FAKES[name])
+            return op
+        return triton_op(f"{NS}::{name}", fn, mutates_args=(), schema=schema)
+
+    return register
+
+
+@_op("conv_bias_relu")
 def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
                    padding: int) -> torch.Tensor:
     out = conv2d_nhwc(x, weight.to(x.dtype), bias, stride=stride, padding=padding, relu=True)
     return _restore_format(out, x)
 
 
-@triton_op(f"{NS}::conv_bias_shortcut_relu", mutates_args=(),
-           schema=_schema_tail("conv_bias_shortcut_relu"))
+@_op("conv_bias_shortcut_relu")
 def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             x: torch.Tensor, shortcut_weight: Optional[torch.Tensor],
                             padding: int, shortcut_stride: int,

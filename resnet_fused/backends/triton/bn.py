@@ -16,8 +16,10 @@ How the ops are registered: on a GPU with `torch.library.triton_op`, so torch.co
 sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_op`,
 because triton_op's fake is its own Python body, which in the interpreter would run the
 kernels on fake tensors (wrap_triton hands back the raw interpreted kernel). The fake
-implementations there are the shared ones of resnet_fused/ops.py (FAKES). Either way
-resnet_fused.ops.register_op_layer(NS, fakes=False) then adds bn_act's autograd.
+implementations there are the shared ones of resnet_fused/ops.py (FAKES). bn_act's
+autograd is the op layer's (resnet_fused/ops.py), registered at the end of this module.
+The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's
+`schema=` and infers the schema from them.
 
 Numerics: every reduction accumulates in fp32 around a shift (channel_stats: the first
 element of each tile's chunk, then Chan's pairwise combine), so a large mean does not
@@ -27,6 +29,7 @@ their own dtype, computed in fp32.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -402,13 +405,15 @@ def bn_backward_coef(grad_out, mask, c, mean, invstd, weight):
 
 
 # =========================================================================== ops
-def _channel_stats(x: torch.Tensor):
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_act(x, "channel_stats", "x")
     return channel_stats_impl(x)
 
 
-def _bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
-                 momentum: float, eps: float, count: int):
+def _bn_finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 running_mean: torch.Tensor, running_var: torch.Tensor,
+                 num_batches_tracked: torch.Tensor, momentum: float, eps: float,
+                 count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "bn_finalize"
     if not isinstance(mean, torch.Tensor) or mean.dim() != 1:
         raise ValueError(f"{NS}::{op}: mean must be a 1-D tensor")
@@ -431,7 +436,9 @@ def _bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches
                          (running_mean, running_var, num_batches_tracked), momentum, count)
 
 
-def _bn_act(c, mean, invstd, weight, bias, residual=None):
+def _bn_act(c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor, residual: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     op = "bn_act"
     _check_act(c, op, "c")
     C = c.shape[1]
@@ -444,7 +451,10 @@ def _bn_act(c, mean, invstd, weight, bias, residual=None):
     return bn_act_impl(c, mean, invstd, weight, bias, residual)
 
 
-def _bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad: bool):
+def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor,
+                     mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                     residual_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "bn_act_backward"
     _check_act(c, op, "c")
     _check_like(grad_out, c, op, "grad_out", "c")
@@ -494,11 +504,16 @@ def _schema_of(name: str) -> str:
 
 
 def _define_bn_ops():
-    from ...ops import FAKES
+    from ... import ops as op_layer
 
     ops = {}
     for name, (fn, mutates) in _IMPLS.items():
-        ops[name] = define_op(name, fn, _schema_of(name), mutates, FAKES[name])
+        ops[name] = define_op(name, fn, _schema_of(name), mutates, op_layer.FAKES[name])
+    # bn_act's autograd is the op layer's (backward = NS::bn_act_backward). Registered
+    # here rather than by register_op_layer(NS), because the eval ops of this namespace
+    # register their own autograd in eval_ops.py (register_op_layer does all at once).
+    torch.library.register_autograd(f"{NS}::bn_act", op_layer._make_bn_act_backward(NS),
+                                    setup_context=op_layer._bn_act_setup)
     return ops
 
 

@@ -35,8 +35,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
 
 
 def fold_block(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
-    """The FoldedBlock of `block` for activations of `dtype` and `memory_format`.
-    Differentiable: when autograd is on, gradients flow back to the block's parameters."""
+    """The FoldedBlock of `block` for activations of `dtype` and `memory_format`."""
     w1, b1 = fold_conv_bn(block.conv1, block.bn1)
     w2, b2 = fold_conv_bn(block.conv2, block.bn2)
     w3 = None
@@ -61,12 +60,10 @@ def _state_key(block, dtype, memory_format):
 def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
     """The cached FoldedBlock, refolded when a parameter or buffer changed.
 
-    Under autograd (some parameter requires grad and grad mode is on) or torch.compile
-    the fold is recomputed every call: the former keeps the graph to the parameters,
-    the latter lets the compiler constant-fold it (freezing) or fuse it.
+    Under torch.compile the fold is traced every call instead, so the compiler can
+    constant-fold it (freezing) or fuse it.
     """
-    needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())
-    if needs_graph or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return fold_block(block, dtype, memory_format)
     key = _state_key(block, dtype, memory_format)
     cache = block.__dict__.get("_fold_cache")

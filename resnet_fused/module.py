@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from torch.nn import functional as F
+
 from . import backends
+from .backends.composite import conv_forward
 from .fold import folded
 from .ops import memory_format_of
 
@@ -256,12 +259,10 @@ class FusedResidual(nn.Module):
             # The block runs in the autocast dtype (convolutions autocast to it anyway;
             # BN statistics accumulate in float32 inside the ops).
             cdtype = torch.get_autocast_dtype(dev)
+            # The output is in the autocast dtype, as the plain blocks' in-place
+            # `Y += X` / `out += identity` leaves it.
             with torch.autocast(dev, enabled=False):
-                out = self._forward(x.to(cdtype))
-            if self.conv3 is None:
-                # Like the plain block, whose `y + x` promotes to x's dtype.
-                out = out.to(torch.promote_types(cdtype, x.dtype))
-            return out
+                return self._forward(x.to(cdtype))
         w = self.conv1.weight
         if x.dtype != w.dtype:
             raise TypeError(f"FusedResidual: input dtype {x.dtype} does not match the "
@@ -279,7 +280,29 @@ class FusedResidual(nn.Module):
                 raise ValueError("Expected more than 1 value per channel when training, got "
                                  f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
             return backend.forward_train(self, x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return self._forward_eval_unfolded(x)
         return backend.forward_eval(self, folded(self, x.dtype, memory_format_of(x)), x)
+
+    def _forward_eval_unfolded(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode while autograd records (the caller wants gradients, e.g. frozen-BN
+        fine-tuning or saliency): conv -> BN(running stats) -> ReLU unfolded, so every
+        gradient, BN's weight and bias included, has the plain block's numerics (a
+        folded bf16 weight would round the gradient of gamma). Wrap inference in
+        torch.no_grad()/inference_mode() to get the folded, fused kernels."""
+        def bn(b, t):
+            return F.batch_norm(t, b.running_mean, b.running_var, b.weight, b.bias, False,
+                                0.0, b.eps)
+
+        y = F.relu(bn(self.bn1, conv_forward(self.conv1, x)))
+        y = bn(self.bn2, conv_forward(self.conv2, y))
+        sc = x
+        if self.conv3 is not None:
+            sc = conv_forward(self.conv3, x)
+            if self.bn3 is not None:
+                sc = bn(self.bn3, sc)
+        return F.relu(y + sc)
 
 
 def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:

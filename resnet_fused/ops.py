@@ -144,7 +144,7 @@ def _conv_bias_relu_backward(ctx, grad_out):
     g = grad_out * (out > 0)
     nx, nw, nb = ctx.needs_input_grad[:3]
     gx, gw = _conv_grads(g, x, weight, stride, padding, nx, nw)
-    gb = g.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if nb else None
+    gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
     return gx, gw, gb, None, None
 
 
@@ -162,7 +162,7 @@ def _conv_bias_shortcut_relu_backward(ctx, grad_out):
     g = grad_out * (out > 0)
     ny, nw, nb, nx, nw3 = ctx.needs_input_grad[:5]
     gy, gw = _conv_grads(g, y, weight, 1, padding, ny, nw)
-    gb = g.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if nb else None
+    gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
     if ctx.has_w3:
         gx, gw3 = _conv_grads(g, x, w3, stride3, padding3, nx, nw3)
     else:

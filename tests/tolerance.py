@@ -49,3 +49,16 @@ def assert_within(name, fused, plain, ref, factor=2.0, dtype=None):
         f"{name}: relative L2 error {f_l2:.3e} > {factor} x plain {p_l2:.3e} + {floor:.0e}")
     assert f_max <= factor * p_max + 4 * floor, (
         f"{name}: max-abs error {f_max:.3e} > {factor} x plain {p_max:.3e} + {4 * floor:.0e}")
+
+
+def assert_near_zero(name, fused, plain, scale, factor=3.0, dtype=None):
+    """For a quantity that is exactly zero in exact arithmetic (e.g. the gradient of a
+    conv bias that feeds a training-mode BatchNorm): both paths produce rounding noise,
+    so relative error is meaningless. Assert fused's norm is at most factor x the plain
+    path's noise plus the floor times `scale` (the norm of a related nonzero quantity)."""
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values"
+    floor = FLOOR[dtype or fused.dtype]
+    f = fused.detach().double().norm().item()
+    p = plain.detach().double().norm().item()
+    assert f <= factor * p + floor * scale, (
+        f"{name}: should be ~0, norm {f:.3e} > {factor} x plain {p:.3e} + {floor:.0e} x {scale:.3e}")

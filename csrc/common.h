@@ -1,0 +1,216 @@
+// Shared by the CPU (ops.cpp) and CUDA (cuda/*.cu, cuda/*.cpp) translation units:
+// input validation with messages a user can act on, and the physical-layout helpers
+// the kernels use. Kept header-only and light so every TU compiles quickly.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace resnet_fused {
+
+// Where activation element i (physical offset in memory) finds its channel:
+//   NCHW: ch = (i / HW) % C        NHWC (channels_last): ch = i % C
+// `inner` is the run length of one channel in memory (HW for NCHW, 1 for NHWC).
+struct Layout {
+  bool nhwc;
+  int64_t N, C, H, W;
+  int64_t HW() const { return H * W; }
+  int64_t numel() const { return N * C * H * W; }
+  int64_t inner() const { return nhwc ? 1 : H * W; }
+};
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + "]";
+}
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// An activation: 4-D, float64/32/16/bf16, NCHW- or channels_last-contiguous.
+// When both layouts hold (C == 1 or H == W == 1) they are the same order in
+// memory, so NCHW indexing is used.
+inline Layout check_activation(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got ",
+              t.dim(), "-D with shape ", shape_str(t));
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor");
+  Layout l;
+  l.N = t.size(0); l.C = t.size(1); l.H = t.size(2); l.W = t.size(3);
+  if (t.is_contiguous()) {
+    l.nhwc = false;
+  } else if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    l.nhwc = true;
+  } else {
+    TORCH_CHECK(false, op, ": ", name,
+                " must be contiguous in NCHW or channels_last memory format, got strides ",
+                t.strides(), " for shape ", shape_str(t), " (call .contiguous() first)");
+  }
+  return l;
+}
+
+inline at::MemoryFormat format_of(const Layout& l) {
+  return l.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A second activation that must match `ref` (shape, dtype, device, memory format).
+inline void check_like(const char* op, const char* name, const at::Tensor& t,
+                       const char* ref_name, const at::Tensor& ref, const Layout& l) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the same shape as ",
+              ref_name, ", got ", shape_str(t), " and ", shape_str(ref));
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name,
+              " must have the same dtype as ", ref_name, ", got ", t.scalar_type(), " and ",
+              ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, ", got ", t.device(), " and ", ref.device());
+  TORCH_CHECK(t.is_contiguous(format_of(l)), op, ": ", name,
+              " must be contiguous in the same memory format as ", ref_name, " (",
+              l.nhwc ? "channels_last" : "NCHW", "), got strides ", t.strides());
+}
+
+// A per-channel vector of C elements on ref's device. `stat` requires the
+// statistics dtype (float32, or float64 for float64 activations).
+inline void check_channel_vec(const char* op, const char* name, const at::Tensor& t, int64_t C,
+                              const at::Tensor& ref, std::optional<at::ScalarType> stat) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name,
+              " must be a 1-D tensor with one value per channel (", C, "), got shape ",
+              shape_str(t));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              "the activation (", ref.device(), "), got ", t.device());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+  if (stat) {
+    TORCH_CHECK(t.scalar_type() == *stat, op, ": ", name, " must be ", *stat,
+                " (the statistics dtype for ", ref.scalar_type(), " activations), got ",
+                t.scalar_type());
+  }
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Statistics dtype for an activation dtype: float64 stays float64, else float32.
+inline at::ScalarType stat_dtype(at::ScalarType act) {
+  return act == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t mask_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+inline void check_mask(const char* op, const at::Tensor& mask, const at::Tensor& ref) {
+  TORCH_CHECK(mask.defined(), op, ": mask is undefined");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": mask must be uint8 (the packed ReLU mask), got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.device() == ref.device(), op, ": mask must be on the same device as c, got ",
+              mask.device(), " and ", ref.device());
+  TORCH_CHECK(mask.is_contiguous() && mask.numel() == mask_bytes(ref.numel()), op,
+              ": mask must be a contiguous uint8 tensor of ceil(numel / 8) = ",
+              mask_bytes(ref.numel()), " bytes for c of shape ", shape_str(ref), ", got ",
+              mask.numel(), " elements");
+}
+
+// ---- eval convolutions (shared by the CPU and CUDA implementations) ----
+
+inline void check_conv(const char* op, const char* xname, const at::Tensor& x, const char* wname,
+                       const at::Tensor& w, int64_t stride, int64_t padding) {
+  check_activation(op, xname, x);
+  TORCH_CHECK(w.defined() && w.dim() == 4, op, ": ", wname,
+              " must be a 4-D (C_out, C_in, kH, kW) tensor, got shape ",
+              w.defined() ? shape_str(w) : std::string("undefined"));
+  TORCH_CHECK(w.size(1) == x.size(1), op, ": ", wname, " expects ", w.size(1),
+              " input channels but ", xname, " has ", x.size(1), " (", xname, " shape ",
+              shape_str(x), ", ", wname, " shape ", shape_str(w), ")");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": ", wname,
+              " must have the same dtype as ", xname, ", got ", w.scalar_type(), " and ",
+              x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), op, ": ", wname, " must be on the same device as ", xname,
+              ", got ", w.device(), " and ", x.device());
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  const int64_t ho = (x.size(2) + 2 * padding - w.size(2)) / stride + 1;
+  const int64_t wo = (x.size(3) + 2 * padding - w.size(3)) / stride + 1;
+  TORCH_CHECK(x.size(2) + 2 * padding >= w.size(2) && x.size(3) + 2 * padding >= w.size(3) &&
+                  ho > 0 && wo > 0,
+              op, ": ", xname, " of shape ", shape_str(x), " is smaller than the ", w.size(2),
+              "x", w.size(3), " kernel with padding ", padding);
+}
+
+inline void check_bias(const char* op, const at::Tensor& b, const at::Tensor& w,
+                       const at::Tensor& x) {
+  TORCH_CHECK(b.defined() && b.dim() == 1 && b.size(0) == w.size(0), op,
+              ": bias must be a 1-D tensor of C_out = ", w.size(0), " values, got shape ",
+              b.defined() ? shape_str(b) : std::string("undefined"));
+  TORCH_CHECK(b.device() == x.device(), op, ": bias must be on the same device as the input, got ",
+              b.device(), " and ", x.device());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), op,
+              ": bias must have the same dtype as the input, got ", b.scalar_type(), " and ",
+              x.scalar_type());
+}
+
+inline std::vector<int64_t> conv_out_shape(const at::Tensor& x, const at::Tensor& w,
+                                           int64_t stride, int64_t padding) {
+  return {x.size(0), w.size(0), (x.size(2) + 2 * padding - w.size(2)) / stride + 1,
+          (x.size(3) + 2 * padding - w.size(3)) / stride + 1};
+}
+
+// Validates conv_bias_shortcut_relu's arguments; returns nothing, throws on error.
+inline void check_conv_shortcut(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& x, const std::optional<at::Tensor>& sw,
+                                int64_t padding, int64_t sstride, int64_t spadding) {
+  const char* op = "conv_bias_shortcut_relu";
+  check_conv(op, "y", y, "weight", weight, 1, padding);
+  check_bias(op, bias, weight, y);
+  auto out = conv_out_shape(y, weight, 1, padding);
+  if (sw.has_value() && sw->defined()) {
+    check_conv(op, "x", x, "shortcut_weight", *sw, sstride, spadding);
+    TORCH_CHECK(x.scalar_type() == y.scalar_type(), op,
+                ": x must have the same dtype as y, got ", x.scalar_type(), " and ", y.scalar_type());
+    auto sc = conv_out_shape(x, *sw, sstride, spadding);
+    TORCH_CHECK(sc == out, op, ": the projection shortcut conv2d(x, shortcut_weight, stride=", sstride,
+                ", padding=", spadding, ") has shape ", at::IntArrayRef(sc),
+                " but the main branch output has shape ", at::IntArrayRef(out));
+  } else {
+    check_activation(op, "x", x);
+    TORCH_CHECK(x.scalar_type() == y.scalar_type(), op,
+                ": x must have the same dtype as y, got ", x.scalar_type(), " and ", y.scalar_type());
+    TORCH_CHECK(x.device() == y.device(), op, ": x must be on the same device as y, got ",
+                x.device(), " and ", y.device());
+    TORCH_CHECK(x.sizes() == at::IntArrayRef(out), op,
+                ": the identity shortcut x must have the main branch output shape ",
+                at::IntArrayRef(out), ", got ", shape_str(x),
+                " (pass shortcut_weight for a projection shortcut)");
+  }
+}
+
+// relu(conv(x, w) + b [+ z]) with plain ATen ops: the CPU implementation, and the CUDA
+// fallback where cuDNN's fused op does not apply. Output in x's memory format.
+inline at::Tensor conv_add_relu_aten(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                     int64_t stride, int64_t padding,
+                                     const std::optional<at::Tensor>& z) {
+  const auto fmt = x.suggest_memory_format();
+  at::Tensor out = at::convolution(x, w, b, {stride, stride}, {padding, padding}, {1, 1}, false,
+                                   {0, 0}, 1);
+  out = out.contiguous(fmt);
+  if (z.has_value()) out.add_(*z);
+  out.relu_();
+  return out;
+}
+
+inline at::Tensor shortcut_of(const at::Tensor& x, const std::optional<at::Tensor>& sw,
+                              int64_t sstride, int64_t spadding) {
+  if (sw.has_value() && sw->defined()) {
+    return at::convolution(x, *sw, std::nullopt, {sstride, sstride}, {spadding, spadding}, {1, 1},
+                           false, {0, 0}, 1);
+  }
+  return x;
+}
+
+}  // namespace resnet_fused

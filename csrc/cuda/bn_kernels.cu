@@ -1,0 +1,705 @@
+// CUDA kernels of the BatchNorm ops: channel_stats, bn_finalize, bn_act, bn_act_backward.
+//
+// Layout handling: activations are NCHW- or channels_last-contiguous (physical
+// offset i; channel (i / HW) % C or i % C). Elementwise kernels work on groups of
+// 8 consecutive physical elements, which is one byte of the packed ReLU mask, and
+// load/store each group with 16-byte vector accesses when the group is aligned and
+// shares a channel pattern (NHWC: C % 8 == 0; NCHW: H*W % 8 == 0); anything else
+// (tails, odd C, misaligned views) takes a scalar path. Indices are int64.
+//
+// Reductions (channel_stats and pass 1 of bn_act_backward) are two-stage: a grid of
+// blocks writes per-block partial sums per channel, then one small kernel adds the
+// partials per channel (in double) and writes the result. channel_stats uses sums
+// shifted by the channel's first element, so var = E[(x-k)^2] - E[x-k]^2 does not
+// cancel catastrophically when |mean| >> std. No host synchronisation anywhere.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "../common.h"
+
+namespace resnet_fused {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+
+// ---- 8-element vector access (16-byte transactions: 1 for 2-byte types, 2 for
+// float, 4 for double). Caller guarantees 16-byte alignment.
+template <typename T, typename A>
+__device__ __forceinline__ void load8(const T* __restrict__ p, A (&out)[8]) {
+  constexpr int kWords = 8 * sizeof(T) / 16;
+  static_assert(kWords >= 1 && kWords * 16 == 8 * sizeof(T), "8 elements must be whole 16-byte words");
+  union {
+    uint4 w[kWords];
+    T v[8];
+  } u;
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) u.w[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = static_cast<A>(u.v[j]);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void store8(T* __restrict__ p, const A (&in)[8]) {
+  constexpr int kWords = 8 * sizeof(T) / 16;
+  union {
+    uint4 w[kWords];
+    T v[8];
+  } u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) u.v[j] = static_cast<T>(in[j]);
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Grid size for the elementwise kernels: enough blocks for the groups, at most a
+// few waves (grid-stride loop). For NHWC, the block count is rounded so that the
+// grid stride is a multiple of C: each thread then always sees the same channels
+// and loads their parameters once.
+int64_t elementwise_blocks(int64_t ngroups, const Layout& l) {
+  int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((ngroups + kThreads - 1) / kThreads,
+                                                          int64_t(num_sms()) * 16));
+  if (l.nhwc && l.C % 8 == 0) {
+    const int64_t cg = l.C / 8;
+    const int64_t q = cg / std::gcd<int64_t>(cg, kThreads);
+    if (q > 1 && q <= 4096) blocks = (blocks + q - 1) / q * q;
+  }
+  return blocks;
+}
+
+// ============================================================ per-channel reductions
+// Mode kStats: a = sum(x - k), b = sum((x - k)^2), k = the channel's first element.
+// Mode kBwd:   a = sum(g), b = sum(g * (c - mean) * invstd), g = mask ? dy : 0.
+enum Mode { kStats = 0, kBwd = 1 };
+
+template <int MODE, typename A>
+struct Contrib {
+  A k, s;  // shift (stats) or mean (bwd); invstd (bwd)
+  __device__ __forceinline__ void add(A x, A dy, bool bit, A& a, A& b) const {
+    if constexpr (MODE == kStats) {
+      const A d = x - k;
+      a += d;
+      b += d * d;
+    } else {
+      const A g = bit ? dy : A(0);
+      a += g;
+      b += g * (x - k) * s;
+    }
+  }
+};
+
+// NHWC: block = TX x TY threads (TX * TY == 256, both powers of two); thread (tx, ty)
+// owns V consecutive channels (V = 8: vector path, C % 8 == 0; V = 1: any C) and walks
+// rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw).
+// partial: [2][S][C], S = gridDim.x.
+template <typename T, typename A, int MODE, int V>
+__global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
+    const A* __restrict__ mean, const A* __restrict__ invstd, int64_t M, int64_t C,
+    A* __restrict__ partial) {
+  __shared__ A sm_a[kThreads * V];
+  __shared__ A sm_b[kThreads * V];
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int64_t c0 = (int64_t(blockIdx.y) * TX + tx) * V;
+  const bool active = c0 < C;  // V == 8 implies C % 8 == 0, so all V channels are valid
+  A a[V], b[V];
+  Contrib<MODE, A> f[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    a[v] = A(0);
+    b[v] = A(0);
+    f[v].k = A(0);
+    f[v].s = A(0);
+    if (active) {
+      if constexpr (MODE == kStats) {
+        f[v].k = static_cast<A>(x[c0 + v]);  // row 0 of channel c0+v
+      } else {
+        f[v].k = mean[c0 + v];
+        f[v].s = invstd[c0 + v];
+      }
+    }
+  }
+  if (active) {
+    const int64_t step = int64_t(gridDim.x) * TY;
+    for (int64_t r = int64_t(blockIdx.x) * TY + ty; r < M; r += step) {
+      const int64_t off = r * C + c0;
+      A xv[V], dv[V];
+      uint8_t bits = 0;
+      if constexpr (V == 8) {
+        load8(x + off, xv);
+        if constexpr (MODE == kBwd) {
+          load8(dy + off, dv);
+          bits = mask[off >> 3];  // off % 8 == 0
+        }
+      } else {
+        xv[0] = static_cast<A>(x[off]);
+        if constexpr (MODE == kBwd) {
+          dv[0] = static_cast<A>(dy[off]);
+          bits = (mask[off >> 3] >> (off & 7)) & 1;
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if constexpr (MODE == kBwd) {
+          f[v].add(xv[v], dv[v], (bits >> v) & 1, a[v], b[v]);
+        } else {
+          f[v].add(xv[v], A(0), false, a[v], b[v]);
+        }
+      }
+    }
+  }
+  // Tree reduction over ty (threads with the same tx hold the same channels).
+  const int tid = ty * TX + tx;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    sm_a[tid * V + v] = a[v];
+    sm_b[tid * V + v] = b[v];
+  }
+  __syncthreads();
+  for (int s = TY / 2; s > 0; s >>= 1) {
+    if (ty < s) {
+      const int o = (ty + s) * TX + tx;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        sm_a[tid * V + v] += sm_a[o * V + v];
+        sm_b[tid * V + v] += sm_b[o * V + v];
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    const int64_t S = gridDim.x;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      partial[int64_t(blockIdx.x) * C + c0 + v] = sm_a[tx * V + v];
+      partial[(S + blockIdx.x) * C + c0 + v] = sm_b[tx * V + v];
+    }
+  }
+}
+
+// Block-wide sum of two values over a 1-D block of kThreads threads; result in thread 0.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  __shared__ A wa[kThreads / 32], wb[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, o);
+    b += __shfl_down_sync(0xffffffffu, b, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    wa[warp] = a;
+    wb[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kThreads / 32 ? wa[lane] : A(0);
+    b = lane < kThreads / 32 ? wb[lane] : A(0);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      a += __shfl_down_sync(0xffffffffu, a, o);
+      b += __shfl_down_sync(0xffffffffu, b, o);
+    }
+  }
+}
+
+// NCHW: grid (S, C), 1-D block; block (s, c) reduces planes n = s, s + S, ... of
+// channel c; VEC: H*W % 8 == 0 and 16-byte aligned pointers, groups of 8 in a plane.
+template <typename T, typename A, int MODE, bool VEC>
+__global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
+    const A* __restrict__ mean, const A* __restrict__ invstd, int64_t N, int64_t C, int64_t HW,
+    A* __restrict__ partial) {
+  const int64_t c = blockIdx.y;
+  Contrib<MODE, A> f;
+  if constexpr (MODE == kStats) {
+    f.k = static_cast<A>(x[c * HW]);
+    f.s = A(0);
+  } else {
+    f.k = mean[c];
+    f.s = invstd[c];
+  }
+  A a = A(0), b = A(0);
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const int64_t plane = (n * C + c) * HW;
+    if constexpr (VEC) {
+      for (int64_t j = threadIdx.x; j < HW / 8; j += blockDim.x) {
+        const int64_t off = plane + j * 8;
+        A xv[8], dv[8];
+        uint8_t bits = 0;
+        load8(x + off, xv);
+        if constexpr (MODE == kBwd) {
+          load8(dy + off, dv);
+          bits = mask[off >> 3];
+        } else {
+#pragma unroll
+          for (int v = 0; v < 8; ++v) dv[v] = A(0);
+        }
+#pragma unroll
+        for (int v = 0; v < 8; ++v) f.add(xv[v], dv[v], (bits >> v) & 1, a, b);
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) {
+        const int64_t off = plane + j;
+        const A xv = static_cast<A>(x[off]);
+        A dv = A(0);
+        bool bit = false;
+        if constexpr (MODE == kBwd) {
+          dv = static_cast<A>(dy[off]);
+          bit = (mask[off >> 3] >> (off & 7)) & 1;
+        }
+        f.add(xv, dv, bit, a, b);
+      }
+    }
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    partial[int64_t(blockIdx.x) * C + c] = a;
+    partial[(int64_t(gridDim.x) + blockIdx.x) * C + c] = b;
+  }
+}
+
+// Stage 2: one warp per channel adds the S partials (in double) and writes
+//   kStats: out0 = mean = k + A/M, out1 = var = max(B/M - (A/M)^2, 0)
+//   kBwd:   out0 = sum(g) = A,      out1 = sum(g * xhat) = B
+template <typename T, typename A, int MODE>
+__global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
+    const A* __restrict__ partial, int64_t S, int64_t C, int64_t M, const T* __restrict__ x,
+    int64_t kstride, A* __restrict__ out0, A* __restrict__ out1) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // whole warp leaves together: shuffles below stay full-warp
+  double a = 0.0, b = 0.0;
+  for (int64_t s = lane; s < S; s += 32) {
+    a += static_cast<double>(partial[s * C + c]);
+    b += static_cast<double>(partial[(S + s) * C + c]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, o);
+    b += __shfl_down_sync(0xffffffffu, b, o);
+  }
+  if (lane == 0) {
+    if constexpr (MODE == kStats) {
+      const double dm = a / double(M);
+      out0[c] = static_cast<A>(static_cast<double>(x[c * kstride]) + dm);
+      out1[c] = static_cast<A>(fmax(b / double(M) - dm * dm, 0.0));
+    } else {
+      out0[c] = static_cast<A>(a);
+      out1[c] = static_cast<A>(b);
+    }
+  }
+}
+
+// Runs both stages. For kStats dy/mask/mean/invstd are unused.
+template <typename T, typename A, int MODE>
+void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mask, const A* mean,
+                    const A* invstd, bool vec_ok, A* out0, A* out1, const at::TensorOptions& opts) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t M = l.N * l.HW();
+  const int64_t target = int64_t(num_sms()) * 8;  // blocks: ~8 per SM of 256 threads
+  Tensor partial;
+  int64_t S;
+  if (l.nhwc) {
+    const bool v8 = vec_ok && l.C % 8 == 0;
+    const int V = v8 ? 8 : 1;
+    const int64_t cgroups = (l.C + V - 1) / V;
+    int TX = 1;
+    while (TX < cgroups && TX < 32) TX *= 2;
+    const int TY = kThreads / TX;
+    const int64_t gy = (cgroups + TX - 1) / TX;
+    TORCH_CHECK(gy <= 65535, "channel reduction: too many channels (", l.C, ")");
+    // Enough blocks to fill the GPU, but at least ~8 rows per thread so the partials
+    // stay small next to the input.
+    S = std::max<int64_t>(1, std::min<int64_t>((M + TY * 8 - 1) / (TY * 8), (target + gy - 1) / gy));
+    S = std::min<int64_t>(S, 65535);
+    partial = at::empty({2, S, l.C}, opts);
+    const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(gy)), block(TX, TY);
+    if (v8) {
+      reduce_nhwc_kernel<T, A, MODE, 8><<<grid, block, 0, stream>>>(x, dy, mask, mean, invstd, M, l.C,
+                                                                   partial.data_ptr<A>());
+    } else {
+      reduce_nhwc_kernel<T, A, MODE, 1><<<grid, block, 0, stream>>>(x, dy, mask, mean, invstd, M, l.C,
+                                                                   partial.data_ptr<A>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_CHECK(l.C <= 65535, "channel reduction: at most 65535 channels in NCHW, got ", l.C);
+    S = std::max<int64_t>(1, std::min<int64_t>(l.N, (target + l.C - 1) / l.C));
+    S = std::min<int64_t>(S, 65535);
+    partial = at::empty({2, S, l.C}, opts);
+    const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(l.C));
+    if (vec_ok && l.HW() % 8 == 0) {
+      reduce_nchw_kernel<T, A, MODE, true><<<grid, kThreads, 0, stream>>>(
+          x, dy, mask, mean, invstd, l.N, l.C, l.HW(), partial.data_ptr<A>());
+    } else {
+      reduce_nchw_kernel<T, A, MODE, false><<<grid, kThreads, 0, stream>>>(
+          x, dy, mask, mean, invstd, l.N, l.C, l.HW(), partial.data_ptr<A>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t warps = kThreads / 32;
+  const int64_t blocks = (l.C + warps - 1) / warps;
+  reduce_finish_kernel<T, A, MODE><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      partial.data_ptr<A>(), S, l.C, M, x, l.nhwc ? 1 : l.HW(), out0, out1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ============================================================ channel_stats
+std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
+  const Layout l = check_activation("channel_stats", "x", x);
+  TORCH_CHECK(x.is_cuda(), "channel_stats: expected a CUDA tensor, got ", x.device());
+  TORCH_CHECK(l.numel() > 0, "channel_stats: x must not be empty, got shape ", shape_str(x));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto sdt = stat_dtype(x.scalar_type());
+  Tensor mean = at::empty({l.C}, x.options().dtype(sdt));
+  Tensor var = at::empty({l.C}, x.options().dtype(sdt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    channel_reduce<scalar_t, A, kStats>(l, x.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr,
+                                        nullptr, aligned16(x.const_data_ptr()), mean.data_ptr<A>(),
+                                        var.data_ptr<A>(), x.options().dtype(sdt));
+  });
+  return {mean, var};
+}
+
+// ============================================================ bn_finalize
+// One block: every thread reads num_batches_tracked before thread 0 increments it
+// (the __syncthreads between), so the momentum=None factor 1/n needs no host sync.
+template <typename A, typename R>
+__global__ void bn_finalize_kernel(const A* __restrict__ mean, const A* __restrict__ var,
+                                   const A* __restrict__ weight, const A* __restrict__ bias,
+                                   R* __restrict__ rm, R* __restrict__ rv, int64_t* __restrict__ nbt,
+                                   double momentum, double eps, int64_t count, int64_t C,
+                                   A* __restrict__ invstd, A* __restrict__ scale, A* __restrict__ shift) {
+  const int64_t n_new = nbt[0] + 1;
+  const A f = momentum >= 0.0 ? static_cast<A>(momentum) : A(1) / static_cast<A>(n_new);
+  const A unbias = static_cast<A>(static_cast<double>(count) / static_cast<double>(count - 1));
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const A m = mean[c], v = var[c];
+    const A is = A(1) / sqrt(v + static_cast<A>(eps));
+    const A sc = weight[c] * is;
+    invstd[c] = is;
+    scale[c] = sc;
+    shift[c] = bias[c] - m * sc;
+    rm[c] = static_cast<R>((A(1) - f) * static_cast<A>(rm[c]) + f * m);
+    rv[c] = static_cast<R>((A(1) - f) * static_cast<A>(rv[c]) + f * v * unbias);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nbt[0] = n_new;
+}
+
+// Defined in ops.cpp's anonymous namespace too; repeated here (same checks) because
+// each TU keeps its helpers private.
+void check_finalize_cuda(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
+                         const Tensor& rm, const Tensor& rv, const Tensor& nbt, double eps, int64_t count) {
+  const char* op = "bn_finalize";
+  TORCH_CHECK(mean.defined() && mean.dim() == 1, op, ": mean must be a 1-D per-channel tensor, got shape ",
+              mean.defined() ? shape_str(mean) : std::string("undefined"));
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": mean must be float32 (or float64), got ", mean.scalar_type());
+  const int64_t C = mean.size(0);
+  check_channel_vec(op, "var", var, C, mean, mean.scalar_type());
+  check_channel_vec(op, "weight", weight, C, mean, std::nullopt);
+  check_channel_vec(op, "bias", bias, C, mean, std::nullopt);
+  check_channel_vec(op, "running_mean", rm, C, mean, std::nullopt);
+  check_channel_vec(op, "running_var", rv, C, mean, std::nullopt);
+  TORCH_CHECK(rv.scalar_type() == rm.scalar_type(), op,
+              ": running_mean and running_var must have the same dtype, got ", rm.scalar_type(),
+              " and ", rv.scalar_type());
+  TORCH_CHECK(nbt.defined() && nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
+              ": num_batches_tracked must be a one-element int64 tensor");
+  TORCH_CHECK(nbt.device() == mean.device(), op,
+              ": num_batches_tracked must be on the same device as mean, got ", nbt.device(), " and ",
+              mean.device());
+  TORCH_CHECK(count > 1, op, ": count (N*H*W) must be > 1 to normalise with batch statistics, got ",
+              count, " (BatchNorm needs more than 1 value per channel when training)");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Tensor& var,
+                                                    const Tensor& weight, const Tensor& bias,
+                                                    Tensor& running_mean, Tensor& running_var,
+                                                    Tensor& num_batches_tracked, double momentum,
+                                                    double eps, int64_t count) {
+  check_finalize_cuda(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, eps, count);
+  TORCH_CHECK(mean.is_cuda(), "bn_finalize: expected CUDA tensors, got ", mean.device());
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const int64_t C = mean.size(0);
+  // weight/bias in the statistics dtype (a no-op unless the module is half precision).
+  const Tensor w = weight.to(mean.scalar_type()), b = bias.to(mean.scalar_type());
+  Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (C + 31) / 32 * 32)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_finalize_cuda", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bn_finalize_running", [&] {
+      using R = scalar_t;
+      bn_finalize_kernel<A, R><<<1, threads, 0, stream>>>(
+          mean.const_data_ptr<A>(), var.const_data_ptr<A>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(),
+          running_mean.data_ptr<R>(), running_var.data_ptr<R>(), num_batches_tracked.data_ptr<int64_t>(),
+          momentum, eps, count, C, invstd.data_ptr<A>(), scale.data_ptr<A>(), shift.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {invstd, scale, shift};
+}
+
+// ============================================================ bn_act
+// Channel of element i: NHWC i % C, NCHW (i / HW) % C.
+__device__ __forceinline__ int64_t channel_of(int64_t i, bool nhwc, int64_t C, int64_t HW) {
+  return nhwc ? i % C : (i / HW) % C;
+}
+
+// The channel of a grid-stride loop's offset `base`, advanced by D elements per step
+// with additions only: a 64-bit division per group would cost a large share of the
+// issue slots of these bandwidth-bound kernels. inner = HW (NCHW) or 1 (NHWC).
+struct ChanIter {
+  int64_t ch, pos, inner, C, d_pos, d_ch;
+  __device__ __forceinline__ ChanIter(int64_t base, int64_t D, bool nhwc, int64_t C_, int64_t HW)
+      : inner(nhwc ? 1 : HW), C(C_) {
+    pos = base % inner;
+    ch = (base / inner) % C;
+    d_pos = D % inner;
+    d_ch = (D / inner) % C;
+  }
+  __device__ __forceinline__ void advance() {
+    pos += d_pos;
+    int64_t carry = d_ch;  // <= C - 1
+    if (pos >= inner) {
+      pos -= inner;
+      carry += 1;
+    }
+    ch += carry;  // < 2C
+    if (ch >= C) ch -= C;
+  }
+};
+
+// out = relu(scale*c + shift [+ res]), mask byte g = bits of the 8 outputs > 0.
+// VEC: every full group is 16-byte aligned and its 8 channels are ch0..ch0+7 (NHWC,
+// C % 8 == 0) or one channel (NCHW, HW % 8 == 0).
+template <typename T, typename A, bool VEC>
+__global__ void __launch_bounds__(kThreads) bn_act_kernel(
+    const T* __restrict__ c, const T* __restrict__ res, const A* __restrict__ mean,
+    const A* __restrict__ invstd, const A* __restrict__ weight, const A* __restrict__ bias,
+    T* __restrict__ out, uint8_t* __restrict__ mask, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
+  const int64_t ngroups = (numel + 7) / 8;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t cached = -1;  // channel (NHWC: first channel) whose parameters are in sc/sh
+  A sc[8], sh[8];
+  const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
+  for (int64_t g = g0; g < ngroups; g += stride, it.advance()) {
+    const int64_t base = g * 8;
+    uint8_t bits = 0;
+    if (VEC && base + 8 <= numel) {
+      const int64_t ch0 = it.ch;
+      if (ch0 != cached) {
+        cached = ch0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int64_t ch = nhwc ? ch0 + j : ch0;
+          sc[j] = weight[ch] * invstd[ch];
+          sh[j] = bias[ch] - mean[ch] * sc[j];
+        }
+      }
+      A v[8], r[8];
+      load8(c + base, v);
+      if (res != nullptr) {
+        load8(res + base, r);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = sc[j] * v[j] + sh[j] + r[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = sc[j] * v[j] + sh[j];
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // The mask is of the stored value: a tiny positive v may round to 0.
+        const T o = static_cast<T>(v[j] > A(0) ? v[j] : A(0));
+        v[j] = static_cast<A>(o);
+        bits |= static_cast<uint8_t>(v[j] > A(0)) << j;
+      }
+      store8(out + base, v);
+    } else {
+      for (int j = 0; j < 8 && base + j < numel; ++j) {
+        const int64_t i = base + j;
+        const int64_t ch = channel_of(i, nhwc, C, HW);
+        const A s = weight[ch] * invstd[ch];
+        A v = s * static_cast<A>(c[i]) + (bias[ch] - mean[ch] * s);
+        if (res != nullptr) v += static_cast<A>(res[i]);
+        const T o = static_cast<T>(v > A(0) ? v : A(0));
+        out[i] = o;
+        bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
+      }
+    }
+    mask[g] = bits;
+  }
+}
+
+bool vec_layout_ok(const Layout& l) { return l.nhwc ? l.C % 8 == 0 : l.HW() % 8 == 0; }
+
+void check_stats_args_cuda(const char* op, const Tensor& c, const Layout& l, const Tensor& mean,
+                           const Tensor& invstd, const Tensor& weight) {
+  const auto sdt = stat_dtype(c.scalar_type());
+  check_channel_vec(op, "mean", mean, l.C, c, sdt);
+  check_channel_vec(op, "invstd", invstd, l.C, c, sdt);
+  check_channel_vec(op, "weight", weight, l.C, c, std::nullopt);
+}
+
+std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                       const Tensor& weight, const Tensor& bias,
+                                       const std::optional<Tensor>& residual) {
+  const char* op = "bn_act";
+  const Layout l = check_activation(op, "c", c);
+  TORCH_CHECK(c.is_cuda(), op, ": expected a CUDA tensor, got ", c.device());
+  check_stats_args_cuda(op, c, l, mean, invstd, weight);
+  check_channel_vec(op, "bias", bias, l.C, c, std::nullopt);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_like(op, "residual", *residual, "c", c, l);
+  const c10::cuda::CUDAGuard guard(c.device());
+  Tensor out = at::empty_like(c);
+  const int64_t numel = c.numel();
+  Tensor mask = at::empty({mask_bytes(numel)}, c.options().dtype(at::kByte));
+  if (numel == 0) return {out, mask};
+  const auto sdt = stat_dtype(c.scalar_type());
+  const Tensor w = weight.to(sdt), b = bias.to(sdt);
+  const bool vec = vec_layout_ok(l) && aligned16(c.const_data_ptr()) && aligned16(out.data_ptr()) &&
+                   (!has_res || aligned16(residual->const_data_ptr()));
+  const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* pr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    auto kernel = vec ? bn_act_kernel<scalar_t, A, true> : bn_act_kernel<scalar_t, A, false>;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        c.const_data_ptr<scalar_t>(), pr, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+        w.const_data_ptr<A>(), b.const_data_ptr<A>(), out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(),
+        numel, l.C, l.HW(), l.nhwc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mask};
+}
+
+// ============================================================ bn_act_backward
+// Pass 2: g = mask ? dy : 0; grad_c = A*(g - sum_g/M) - B*(c - mean) with
+// A = w*invstd, B = w*invstd^2*sum_gx/M; grad_res = g.
+template <typename T, typename A, bool VEC>
+__global__ void __launch_bounds__(kThreads) bn_act_backward_kernel(
+    const T* __restrict__ dy, const uint8_t* __restrict__ mask, const T* __restrict__ c,
+    const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ weight,
+    const A* __restrict__ sum_g, const A* __restrict__ sum_gx, T* __restrict__ grad_c,
+    T* __restrict__ grad_res, int64_t numel, int64_t C, int64_t HW, bool nhwc, int64_t M) {
+  const int64_t ngroups = (numel + 7) / 8;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const A inv_m = A(1) / static_cast<A>(M);
+  int64_t cached = -1;
+  A ka[8], kmb[8], kb[8], kmu[8];
+  const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
+  for (int64_t g = g0; g < ngroups; g += stride, it.advance()) {
+    const int64_t base = g * 8;
+    const uint8_t bits = mask[g];
+    if (VEC && base + 8 <= numel) {
+      const int64_t ch0 = it.ch;
+      if (ch0 != cached) {
+        cached = ch0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int64_t ch = nhwc ? ch0 + j : ch0;
+          const A is = invstd[ch];
+          ka[j] = weight[ch] * is;
+          kmb[j] = sum_g[ch] * inv_m;
+          kb[j] = ka[j] * is * sum_gx[ch] * inv_m;
+          kmu[j] = mean[ch];
+        }
+      }
+      A gv[8], cv[8];
+      load8(dy + base, gv);
+      load8(c + base, cv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        gv[j] = ((bits >> j) & 1) ? gv[j] : A(0);
+        cv[j] = ka[j] * (gv[j] - kmb[j]) - kb[j] * (cv[j] - kmu[j]);
+      }
+      store8(grad_c + base, cv);
+      if (grad_res != nullptr) store8(grad_res + base, gv);
+    } else {
+      for (int j = 0; j < 8 && base + j < numel; ++j) {
+        const int64_t i = base + j;
+        const int64_t ch = channel_of(i, nhwc, C, HW);
+        const A is = invstd[ch];
+        const A a = weight[ch] * is;
+        const A gv = ((bits >> j) & 1) ? static_cast<A>(dy[i]) : A(0);
+        grad_c[i] = static_cast<T>(a * (gv - sum_g[ch] * inv_m) -
+                                   a * is * sum_gx[ch] * inv_m * (static_cast<A>(c[i]) - mean[ch]));
+        if (grad_res != nullptr) grad_res[i] = static_cast<T>(gv);
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
+    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad) {
+  const char* op = "bn_act_backward";
+  const Layout l = check_activation(op, "c", c);
+  TORCH_CHECK(c.is_cuda(), op, ": expected a CUDA tensor, got ", c.device());
+  check_like(op, "grad_out", grad_out, "c", c, l);
+  check_mask(op, mask, c);
+  check_stats_args_cuda(op, c, l, mean, invstd, weight);
+  TORCH_CHECK(c.numel() > 0, op, ": c must not be empty");
+  const c10::cuda::CUDAGuard guard(c.device());
+  const auto sdt = stat_dtype(c.scalar_type());
+  const int64_t numel = c.numel(), M = l.N * l.HW();
+  Tensor grad_c = at::empty_like(c);
+  Tensor grad_res = residual_grad ? at::empty_like(c) : at::empty({0}, c.options());
+  Tensor gw = at::empty({l.C}, c.options().dtype(sdt)), gb = at::empty({l.C}, c.options().dtype(sdt));
+  const Tensor w = weight.to(sdt);
+  const bool aligned = aligned16(c.const_data_ptr()) && aligned16(grad_out.const_data_ptr()) &&
+                       aligned16(grad_c.data_ptr()) && (!residual_grad || aligned16(grad_res.data_ptr()));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_backward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    // Pass 1: gb = sum(g), gw = sum(g * xhat) per channel.
+    channel_reduce<scalar_t, A, kBwd>(l, c.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+                                      mask.const_data_ptr<uint8_t>(), mean.const_data_ptr<A>(),
+                                      invstd.const_data_ptr<A>(), aligned, gb.data_ptr<A>(),
+                                      gw.data_ptr<A>(), c.options().dtype(sdt));
+    // Pass 2: elementwise.
+    const bool vec = aligned && vec_layout_ok(l);
+    const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
+    auto kernel = vec ? bn_act_backward_kernel<scalar_t, A, true> : bn_act_backward_kernel<scalar_t, A, false>;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(), c.const_data_ptr<scalar_t>(),
+        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), w.const_data_ptr<A>(), gb.const_data_ptr<A>(),
+        gw.const_data_ptr<A>(), grad_c.data_ptr<scalar_t>(),
+        residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr, numel, l.C, l.HW(), l.nhwc, M);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_c, gw, gb, grad_res};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("channel_stats", &channel_stats_cuda);
+  m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_act", &bn_act_cuda);
+  m.impl("bn_act_backward", &bn_act_backward_cuda);
+}
+
+}  // namespace resnet_fused

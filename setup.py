@@ -1,0 +1,96 @@
+"""Build of resnet_fused and its C++/CUDA extension resnet_fused._C (csrc/).
+
+    CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .
+
+Environment (flash-attention style):
+    RESNET_FUSED_SKIP_EXT=1      no extension at all: pure-Python install (torch and
+                                 triton backends only)
+    RESNET_FUSED_SKIP_CUDA=1     CPU kernels only, even when CUDA is available
+    RESNET_FUSED_CUDA_ARCHS      ';'-separated SM list, default "90a" (H100/H200);
+                                 e.g. "80;90a" -> -gencode arch=compute_80,code=sm_80 ...
+    MAX_JOBS                     parallel compile jobs (read by torch's BuildExtension)
+    CUDA_HOME                    CUDA toolkit root; nvcc must be at $CUDA_HOME/bin/nvcc
+
+CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda) and
+nvcc is found, whether or not a GPU is present: the build needs no GPU.
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = "resnet_fused"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _gencode_flags(archs):
+    flags = []
+    for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
+        num = arch.replace("sm_", "").replace("compute_", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    if not flags:
+        sys.exit(f"RESNET_FUSED_CUDA_ARCHS={archs!r} names no architecture")
+    return flags
+
+
+def _extensions():
+    if _flag("RESNET_FUSED_SKIP_EXT"):
+        print("resnet_fused: RESNET_FUSED_SKIP_EXT=1, building no extension", file=sys.stderr)
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    # No -std flag: torch's cpp_extension picks the standard its headers need
+    # (C++17 up to some versions, C++20 for torch 2.14).
+    cxx = ["-O3"]
+    sources = ["csrc/ops.cpp"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    # The CUDA 13 wheels of torch ship the CUDA headers (cublas, cusparse, ...) that
+    # torch's CUDA headers include in site-packages/nvidia/cu13/include.
+    wheel_cuda_inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    with_cuda = (
+        not _flag("RESNET_FUSED_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and nvcc is not None
+        and os.path.exists(nvcc)
+    )
+    if not with_cuda and not _flag("RESNET_FUSED_SKIP_CUDA") and torch.version.cuda is not None:
+        print(f"resnet_fused: torch is a CUDA build but nvcc was not found (CUDA_HOME={cuda_home!r}); "
+              "building CPU kernels only. Set CUDA_HOME to the CUDA toolkit root.", file=sys.stderr)
+    if with_cuda:
+        sources += ["csrc/cuda/bn_kernels.cu", "csrc/cuda/conv_cudnn.cpp"]
+        cxx.append("-DRESNET_FUSED_WITH_CUDA=1")
+        if os.path.isdir(wheel_cuda_inc):
+            include_dirs.append(wheel_cuda_inc)
+        nvcc_flags = ["-O3", "-lineinfo", "-DRESNET_FUSED_WITH_CUDA=1"]
+        nvcc_flags += _gencode_flags(os.environ.get("RESNET_FUSED_CUDA_ARCHS", "90a"))
+        ext = cpp_extension.CUDAExtension(
+            f"{PACKAGE}._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            f"{PACKAGE}._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+        )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="Fused ResNet residual blocks for PyTorch: C++/CUDA and Triton kernels",
+    packages=find_packages(include=["resnet_fused*"]),
+    python_requires=">=3.10",
+    install_requires=["torch"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

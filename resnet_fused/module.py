@@ -84,8 +84,8 @@ def _conv_geometry_error(name, conv, kernel, stride, in_ch=None):
         return f"{name} is {type(conv).__name__}, expected nn.Conv2d"
     k = kernel
     pad = k // 2
-    want = dict(kernel_size=(k, k), stride=(stride, stride), padding=(pad, pad),
-                dilation=(1, 1), groups=1, padding_mode="zeros")
+    want = dict(kernel_size=(k, k), dilation=(1, 1), groups=1, padding_mode="zeros",
+                stride=(stride, stride), padding=(pad, pad))
     for attr, value in want.items():
         if getattr(conv, attr) != value:
             return f"{name}.{attr} is {getattr(conv, attr)}, expected {value}"
@@ -200,14 +200,18 @@ class FusedResidual(nn.Module):
         p = block_parts(block)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.conv1, self.bn1, self.conv2, self.bn2 = p.conv1, p.bn1, p.conv2, p.bn2
-        if p.layout == "torchvision":
-            if p.conv3 is not None:
-                self.downsample = block._modules["downsample"]
+        mine = {"conv1": p.conv1, "bn1": p.bn1, "conv2": p.conv2, "bn2": p.bn2}
+        if p.conv3 is not None:
+            if p.layout == "torchvision":
+                mine["downsample"] = block._modules["downsample"]
             else:
-                self.downsample = None
-        elif p.conv3 is not None:
-            self.conv3 = p.conv3
+                mine["conv3"] = p.conv3
+        # Register in the source block's order, so state_dict keys come out in its order.
+        order = [n for n in block._modules if n in mine]
+        for name in order + [n for n in mine if n not in order]:
+            setattr(self, name, mine[name])
+        if p.layout == "torchvision" and p.conv3 is None:
+            self.downsample = None
         self._layout = p.layout
         self.backend = backends.check_name(backend)
         self.train(block.training)

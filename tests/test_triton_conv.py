@@ -291,3 +291,56 @@ def test_bad_inputs_raise_clear_errors():
         conv2d_nhwc(x, w, residual=torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="empty output"):
         conv2d_nhwc(torch.randn(1, 8, 1, 1), w, padding=0)
+
+
+# ------------------------------------------------------------------ tensor-descriptor path
+# The interpreter emulates tensor descriptors (OOB zero fill at negative coordinates
+# included), so the TMA kernel's tiling and index logic is checked here; the hardware
+# TMA unit itself only runs on a Hopper GPU (the cuda-marked case below).
+TMA_CASES = [
+    pytest.param(2, 24, 9, 11, 40, 3, id="3x3-c24-k40-9x11"),
+    pytest.param(1, 40, 7, 7, 24, 3, id="3x3-b1-c40-7x7"),
+    pytest.param(2, 16, 13, 5, 16, 1, id="1x1-c16-13x5"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,K,R", TMA_CASES)
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_tma_path(N, C, H, W, K, R, dtype, device):
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need compute capability >= 9.0")
+    pad = (R - 1) // 2
+    x = _make(device, dtype, N, C, H, W).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, C, R, R) / (C * R * R) ** 0.5).to(dtype)
+    b = _make(device, dtype, K)
+    res = _make(device, dtype, N, K, H, W).to(memory_format=CL)
+    out = conv2d_nhwc(x, w, b, stride=1, padding=pad, residual=res, relu=True, _path="tma")
+    _check("tma_residual", dtype, device, out, (x, w, b, 1, pad), dict(residual=res, relu=True))
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_tma_path_with_projection(dtype, device):
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need compute capability >= 9.0")
+    y = _make(device, dtype, 2, 40, 7, 7).to(memory_format=CL)
+    x = _make(device, dtype, 2, 24, 13, 13).to(memory_format=CL)
+    w = (_make(device, torch.float32, 40, 40, 3, 3) / 19).to(dtype)
+    w3 = (_make(device, torch.float32, 40, 24, 1, 1) / 5).to(dtype)
+    b = _make(device, dtype, 40)
+    out = conv2d_nhwc(y, w, b, padding=1, x2=x, w2=w3, stride2=2, padding2=0, relu=True,
+                      _path="tma")
+    _check("tma_projection", dtype, device, out, (y, w, b, 1, 1),
+           dict(x2=x, w2=w3, stride2=2, padding2=0, relu=True))
+
+
+def test_tma_path_refuses_what_it_cannot_do():
+    x = torch.randn(1, 8, 5, 5).to(memory_format=CL)
+    w = torch.randn(8, 8, 3, 3)
+    with pytest.raises(ValueError, match="TMA path needs stride 1"):
+        conv2d_nhwc(x, w, stride=2, _path="tma")
+    with pytest.raises(ValueError, match="TMA path needs"):
+        conv2d_nhwc(x, w, stats=True, _path="tma")
+    with pytest.raises(ValueError, match="TMA path needs"):  # 6 fp32 channels = 24 bytes
+        conv2d_nhwc(torch.randn(1, 6, 5, 5), torch.randn(8, 6, 3, 3), _path="tma")
+    with pytest.raises(ValueError, match="_path must be"):
+        conv2d_nhwc(x, w, _path="fast")

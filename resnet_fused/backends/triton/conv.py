@@ -29,8 +29,10 @@ which costs no copy when the weight already is channels_last.
 
 Hopper (TMA): `_conv_tma_kernel` reads x through a 4-D tensor descriptor over NHWC
 whose out-of-bounds zero fill gives the padding; it covers stride-1 convolutions
-without a prologue or second GEMM (see `_tma_eligible`). It is off unless
-RESNET_FUSED_TRITON_TMA=1, until a GPU session has measured where it wins.
+without a prologue or stats, a projection GEMM included (that one through pointers;
+see `_tma_eligible`). Automatic selection picks it only with
+RESNET_FUSED_TRITON_TMA=1, until a GPU session has measured where it wins; its index
+logic is tested in the interpreter (which emulates descriptors) via _path="tma".
 """
 from __future__ import annotations
 
@@ -156,6 +158,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
               bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
               STATS: tl.constexpr, BM: tl.constexpr):
+    """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -232,6 +235,163 @@ def _conv_kernel(
                          INPUT_PRECISION, BK)
     _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K, bias_ptr, res_ptr, out_ptr,
               pmean_ptr, pm2_ptr, pcnt_ptr, HAS_BIAS, HAS_RES, RELU, STATS, BM)
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor-descriptor (TMA) variant: stride 1, no prologue, no stats.
+# A program owns a BH x BW patch of output pixels of one image, so each tap's input
+# patch is ONE 4-D box [1, BH, BW, BK] of the NHWC input, loaded at (possibly negative)
+# coordinates (n, oh0 - PAD + r, ow0 - PAD + s, c0): the descriptor's out-of-bounds zero
+# fill is the convolution's zero padding, and channels past C read as zero too, so a
+# BK chunk may run past C into the next tap's weights harmlessly. The weights are a
+# 2-D descriptor over [K, R*S*C]. The projection GEMM (strided) and the epilogue use the
+# pointer code.
+# ----------------------------------------------------------------------------------------
+
+
+def _tcfg(bh, bw, bn, bk, warps, stages):
+    return triton.Config({"BH": bh, "BW": bw, "BN": bn, "BK": bk}, num_warps=warps,
+                         num_stages=stages)
+
+
+if _INTERPRET:
+    _TMA_CONFIGS = [_tcfg(4, 8, 32, 16, 4, 1)]
+else:
+    _TMA_CONFIGS = [
+        _tcfg(8, 16, 128, 64, 8, 3),
+        _tcfg(16, 8, 128, 64, 8, 3),
+        _tcfg(8, 8, 128, 64, 4, 4),
+        _tcfg(8, 8, 64, 64, 4, 4),
+        _tcfg(8, 16, 64, 64, 4, 4),
+        _tcfg(16, 16, 128, 64, 8, 3),
+    ]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    C, K, P, Q = named_args["C"], named_args["K"], named_args["P"], named_args["Q"]
+    kept = [c for c in configs
+            if c.kwargs["BN"] <= max(16, triton.next_power_of_2(K))
+            and c.kwargs["BK"] <= max(16, triton.next_power_of_2(C))
+            and c.kwargs["BH"] <= max(4, triton.next_power_of_2(P))
+            and c.kwargs["BW"] <= max(8, triton.next_power_of_2(Q))]
+    return kept or [min(configs, key=lambda c: c.kwargs["BH"] * c.kwargs["BW"] * c.kwargs["BN"])]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2"],
+                 prune_configs_by={"early_config_prune": _prune_tma})
+@triton.jit
+def _conv_tma_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    x2_ptr, w2_ptr,
+    N, K, H, W, C, P, Q,
+    H2, W2, C2,
+    PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    STRIDE2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_X2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(K, BN)
+    tiles_w = tl.cdiv(Q, BW)
+    tiles_h = tl.cdiv(P, BH)
+    # Output-channel tiles fastest: consecutive programs reuse the same input patch in L2.
+    pid_n = pid % num_n
+    t = pid // num_n
+    tw = t % tiles_w
+    t = t // tiles_w
+    th = t % tiles_h
+    n = t // tiles_h
+    oh0 = th * BH
+    ow0 = tw * BW
+
+    i = tl.arange(0, BH * BW)
+    oh = oh0 + i // BW
+    ow = ow0 + i % BW
+    row_ok = (oh < P) & (ow < Q)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < K
+
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C], strides=[H * W * C, W * C, C, 1],
+                                       block_shape=[1, BH, BW, BK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, R * S * C], strides=[R * S * C, 1],
+                                       block_shape=[BN, BK])
+    c_pad = tl.cdiv(C, BK) * BK
+    acc = tl.zeros((BH * BW, BN), dtype=tl.float32)
+    for kk in range(0, R * S * c_pad, BK):
+        tap = kk // c_pad
+        c0 = kk - tap * c_pad
+        r = tap // S
+        s = tap - r * S
+        a = x_desc.load([n, oh0 - PAD + r, ow0 - PAD + s, c0])
+        a = tl.reshape(a, (BH * BW, BK))
+        b = w_desc.load([pid_n * BN, tap * C + c0])
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+
+    n64 = tl.zeros((BH * BW,), dtype=tl.int64) + n
+    if HAS_X2:
+        rk = tl.arange(0, BK)
+        acc = _gemm_loop(acc, x2_ptr, w2_ptr, x2_ptr, x2_ptr, n64, oh, ow, row_ok, rk, rn,
+                         n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
+                         INPUT_PRECISION, BK)
+    rows = (n64 * P + oh) * Q + ow
+    _epilogue(acc, rows, rn, row_ok, n_ok, 0, 0, K, bias_ptr, res_ptr, out_ptr,
+              out_ptr, out_ptr, out_ptr, HAS_BIAS, HAS_RES, RELU, False, BH * BW)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator():
+    """Device-side descriptors need scratch memory from a global allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, device="cuda", dtype=torch.int8)
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET = True
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t) or torch.compiler.is_compiling()
+
+
+def _tma_eligible(x, w, stride, in_scale, stats) -> bool:
+    """Where the descriptor path is legal: stride 1, no prologue or stats, 16-byte aligned
+    rows (C * itemsize % 16 == 0) and bases, tensor descriptors in this Triton."""
+    if stride != 1 or in_scale is not None or stats:
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if (x.shape[1] * x.element_size()) % 16 or x.data_ptr() % 16 or w.data_ptr() % 16:
+        return False
+    return True
+
+
+def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
+    """The path: "pointer", "tma" (tests), or None = automatic.
+
+    Automatic picks TMA only with RESNET_FUSED_TRITON_TMA=1, on compute capability >= 9,
+    in eager (not while torch.compile traces: device-side descriptors need the global
+    allocator), until benchmarks on an H100/H200 say for which shapes it wins.
+    """
+    if path == "pointer":
+        return False
+    if path == "tma":
+        if not _tma_eligible(x, w, stride, in_scale, stats):
+            raise ValueError("conv2d_nhwc: the TMA path needs stride 1, no prologue, no stats, "
+                             "C * itemsize a multiple of 16 bytes and 16-byte aligned tensors")
+        return True
+    if path is not None:
+        raise ValueError(f"conv2d_nhwc: _path must be None, 'pointer' or 'tma', not {path!r}")
+    if _INTERPRET or os.environ.get("RESNET_FUSED_TRITON_TMA", "0") != "1":
+        return False
+    if x.device.type != "cuda" or _is_traced(x):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return _tma_eligible(x, w, stride, in_scale, stats)
 
 
 @triton.jit
@@ -341,7 +501,8 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
                 stride2: int = 1, padding2: int = 0,
                 in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
                 in_relu: bool = False,
-                stats: bool = False):
+                stats: bool = False,
+                _path: Optional[str] = None):
     """Fused implicit-GEMM convolution; see the module docstring for the exact formula.
 
     x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S],
@@ -353,6 +514,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     per-channel mean and biased variance of the written output.
 
     Returns out [N, K, P, Q], channels_last, x's dtype; or (out, mean, var).
+    _path ("pointer" / "tma" / None = automatic) is for tests and benchmarks.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
         raise TypeError("conv2d_nhwc: x and w must be tensors")
@@ -432,6 +594,26 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)
 
     dummy = out
+    if _use_tma(x, w, stride, in_scale, stats, _path):
+        if not _INTERPRET:
+            _ensure_tma_allocator()
+
+        def tma_grid(meta):
+            return (N * triton.cdiv(P, meta["BH"]) * triton.cdiv(Q, meta["BW"])
+                    * triton.cdiv(K, meta["BN"]),)
+
+        wrap_triton(_conv_tma_kernel)[tma_grid](
+            x, w, bias if bias is not None else dummy,
+            residual if residual is not None else dummy, out,
+            x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
+            N, K, H, W, C, P, Q, H2, W2, C2,
+            PAD=padding, R=R, S=S,
+            STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
+            R2=R2, S2=S2,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+            HAS_X2=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        )
+        return out
     wrap_triton(_conv_kernel)[grid](
         x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,

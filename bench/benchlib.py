@@ -394,3 +394,73 @@ def copy_module(m: nn.Module) -> nn.Module:
 
 def repo_path(*parts) -> str:
     return os.path.join(ROOT, *parts)
+
+
+# ----------------------------------------------------------------------------- op cases
+def op_cases(ns, s: BlockShape, dtype: torch.dtype, cl: bool, device: torch.device):
+    """[(op name, zero-argument callable, bytes moved or None, FLOPs or None)] for every op
+    of resnet_fused/schemas.py in op namespace `ns` (torch.ops.<namespace>), on the
+    tensors of block shape `s`: eval convolutions with BN folded, BN kernels on the conv
+    output. Bytes count each tensor read or written once (the floor of any kernel)."""
+    blk = make_block(s, seed=3).eval()
+    w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)
+    w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
+    w3 = None
+    if blk.conv3 is not None:
+        w3, b3 = fold_conv_bn(blk.conv3, None)
+        b2 = b2 + b3  # the schema's K2 bias holds the projection's folded bias
+
+    def prep(t):
+        return to_layout(t, device, dtype, cl)
+
+    g = torch.Generator().manual_seed(5)
+    ho = s.hw_out
+    elt = torch.finfo(dtype).bits // 8
+    x = prep(torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g))
+    y = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g).relu())
+    c = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g) * 2 + 0.5)
+    res = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
+    gout = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
+    cf = c.float()
+    mean = cf.mean((0, 2, 3))
+    var = cf.var((0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + 1e-5)
+    wt = blk.bn1.weight.detach().float().to(device)
+    bs = blk.bn1.bias.detach().float().to(device)
+    rm, rv = torch.zeros_like(mean), torch.ones_like(mean)
+    nbt = torch.zeros((), dtype=torch.long, device=device)
+    numel = c.numel()
+    count = s.batch * ho * ho
+    sc = x if w3 is not None else y  # identity shortcut: a tensor shaped like y
+    w1p, b1p = prep(w1), b1.to(device, dtype)
+    w2p, b2p = prep(w2), b2.to(device, dtype)
+    w3p = prep(w3) if w3 is not None else None
+    masks = []
+
+    def bn_act_backward():
+        if not masks:  # the mask is bn_act's output; made on first use
+            masks.append(ns.bn_act(c, mean, invstd, wt, bs, res)[1])
+        return ns.bn_act_backward(gout, masks[0], c, mean, invstd, wt, True)
+    return [
+        ("channel_stats", lambda: ns.channel_stats(c), numel * elt, None),
+        ("bn_finalize", lambda: ns.bn_finalize(mean, var, wt, bs, rm, rv, nbt, 0.1, 1e-5, count),
+         None, None),
+        ("bn_act", lambda: ns.bn_act(c, mean, invstd, wt, bs, res), 3 * numel * elt + numel // 8,
+         None),
+        ("bn_act_backward", bn_act_backward, 4 * numel * elt + numel // 8, None),
+        ("conv_bias_relu", lambda: ns.conv_bias_relu(x, w1p, b1p, s.stride, 1), None,
+         2.0 * numel * s.cin * 9),
+        ("conv_bias_shortcut_relu",
+         lambda: ns.conv_bias_shortcut_relu(y, w2p, b2p, sc, w3p, 1, s.stride, 0), None,
+         2.0 * numel * (s.cout * 9 + (s.cin if w3 is not None else 0))),
+    ]
+
+
+def suite_config() -> dict:
+    """What the pytest-benchmark suite runs on: CUDA, bf16 channels_last, the stage shapes;
+    or, with BENCH_DEVICE=cpu (a dry run of the suite's code), tiny fp32 CPU shapes."""
+    if os.environ.get("BENCH_DEVICE") == "cpu":
+        return {"device": torch.device("cpu"), "dtype": torch.float32, "cl": False,
+                "shapes": CPU_STAGES[:2]}
+    return {"device": torch.device("cuda"), "dtype": torch.bfloat16, "cl": True,
+            "shapes": GPU_STAGES}

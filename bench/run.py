@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting new timings after this many seconds (0: no limit)")
     p.add_argument("--out", help="results folder (default bench/out/<gpu>_<date>/)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU only: torch threads (default 1: steadier timings on a shared "
+                   "machine; GPU runs leave the default)")
     p.add_argument("--no-numerics", action="store_true")
     p.add_argument("--no-timing", action="store_true", help="numerics only")
     p.add_argument("--no-sweep", action="store_true")
@@ -86,6 +89,8 @@ if ARGS.device == "cuda" and not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if (ARGS.device == "cuda" or (ARGS.device == "auto" and
                                                          torch.cuda.is_available())) else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+if not ON_GPU and ARGS.threads > 0:
+    torch.set_num_threads(ARGS.threads)
 # Without a GPU, Triton kernels can only run in its interpreter, which must be switched on
 # before any kernel is defined (backends are imported lazily, below this line).
 TRITON_INTERP_SET_HERE = False
@@ -389,7 +394,7 @@ def _build(provider, base, dtype, cl, train):
     return m, list(m.parameters())
 
 
-def _provider_list(mode, backends, dtype):
+def _provider_list(mode, backends, dtype, section="block"):
     """(provider, dtype, channels_last) to time for a mode, with skip reasons printed."""
     ps = providers()
     out = []
@@ -407,9 +412,14 @@ def _provider_list(mode, backends, dtype):
         elif not ON_GPU and ARGS.quick:
             R.skip("compile", "left out of --quick on CPU (Inductor's C++ build takes minutes on "
                    "two cores)")
+        elif not ON_GPU and (mode == "train" or section != "block"):
+            R.skip(f"compile {section} {mode}", "on CPU only the eval block shapes are compiled "
+                   "(Inductor's C++ build of a backward takes 30-50 s a shape on two cores)")
+        elif ON_GPU and ARGS.quick and section == "sweep":
+            R.skip("compile sweep", "left out of the batch sweep in --quick")
         else:
             out.append(("compile", dtype, cl))
-    if "cudnn_fused" in ps and mode == "eval":
+    if "cudnn_fused" in ps and mode == "eval" and section != "net":  # a block-level baseline
         if not ON_GPU:
             R.skip("cudnn_fused", "cuDNN's fused conv+bias+add+ReLU ops need CUDA")
         else:
@@ -432,7 +442,7 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label):
     """Time every provider on one shape and mode; rows carry speedups and rates."""
     train = mode == "train"
     base = bl.make_block(s, seed=7)
-    plist = _provider_list(mode, backends, dtype)
+    plist = _provider_list(mode, backends, dtype, section)
     flops = bl.block_flops(s, training=train)
     nbytes = s.batch * s.cin * s.hw * s.hw * 4
     n_sets = bl.n_input_sets(nbytes, DEVICE)
@@ -561,7 +571,6 @@ def kernels_section(backends, dtype):
     if ARGS.quick and ON_GPU:
         shapes = shapes[:3]
     R.say(f"== kernels: ops of {', '.join(backends)} at {len(shapes)} shapes")
-    elt = torch.finfo(dtype).bits // 8
     cl = layout_cl(dtype)
     for b in backends:
         if b == "triton" and not ON_GPU:
@@ -575,51 +584,12 @@ def kernels_section(backends, dtype):
             if R.over_budget():
                 R.skip(f"kernels {b}", "time budget (--budget-s) spent")
                 return
-            blk = bl.to_layout(bl.make_block(s, seed=3), DEVICE, torch.float32, False).eval()
-            w1, b1 = bl.fold_conv_bn(blk.conv1, blk.bn1)
-            w2, b2 = bl.fold_conv_bn(blk.conv2, blk.bn2)
-            w3 = None
-            if blk.conv3 is not None:
-                w3, b3 = bl.fold_conv_bn(blk.conv3, None)
-                b2 = b2 + b3
-            prep = lambda w: bl.to_layout(w, DEVICE, dtype, cl)  # noqa: E731
-            g = torch.Generator().manual_seed(5)
-            ho = s.hw_out
-            x = prep(torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g))
-            y = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g).relu())
-            c = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g) * 2 + 0.5)
-            res = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
-            gout = prep(torch.randn(s.batch, s.cout, ho, ho, generator=g))
-            cf = c.float()
-            mean = cf.mean((0, 2, 3))
-            var = cf.var((0, 2, 3), unbiased=False)
-            invstd = torch.rsqrt(var + 1e-5)
-            wt, bs = blk.bn1.weight.detach().float(), blk.bn1.bias.detach().float()
-            rm, rv = torch.zeros_like(mean), torch.ones_like(mean)
-            nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
-            numel = c.numel()
-            count = s.batch * ho * ho
-            xsc = x if w3 is not None else y  # identity shortcut: a tensor shaped like y
-            w3p = prep(w3) if w3 is not None else None
-            ops = []
-
-            def add(name, fn, nbytes=None, flops=None):
-                ops.append((name, fn, nbytes, flops))
-            add("channel_stats", lambda: ns.channel_stats(c), nbytes=numel * elt)
-            add("bn_finalize", lambda: ns.bn_finalize(mean, var, wt, bs, rm, rv, nbt, 0.1, 1e-5,
-                                                      count), nbytes=None)
-            add("bn_act", lambda: ns.bn_act(c, mean, invstd, wt, bs, res),
-                nbytes=3 * numel * elt + numel // 8)
-            mask = ns.bn_act(c, mean, invstd, wt, bs, res)[1]
-            add("bn_act_backward", lambda: ns.bn_act_backward(gout, mask, c, mean, invstd, wt, True),
-                nbytes=4 * numel * elt + numel // 8)
-            add("conv_bias_relu", lambda: ns.conv_bias_relu(x, prep(w1), b1.to(DEVICE, dtype),
-                                                            s.stride, 1),
-                flops=2.0 * numel * s.cin * 9)
-            w2p, b2p = prep(w2), b2.to(DEVICE, dtype)
-            add("conv_bias_shortcut_relu",
-                lambda: ns.conv_bias_shortcut_relu(y, w2p, b2p, xsc, w3p, 1, s.stride, 0),
-                flops=2.0 * numel * (s.cout * 9 + (s.cin if w3 is not None else 0)))
+            try:
+                ops = bl.op_cases(ns, s, dtype, cl, DEVICE)
+            except Exception as e:  # noqa: BLE001
+                R.say(f"  ! {b} ops at {s.key}: {err_text(e)}")
+                R.errors.append(f"kernels {b} {s.key}: {err_text(e)}")
+                continue
             for name, fn, nbytes, flops in ops:
                 common = dict(section="kernels", kernel=name, provider=f"fused_{b}", mode="op",
                               metric="time", unit="ms", x_name="shape", x_value=s.key,
@@ -662,7 +632,7 @@ def net_section(backends, dtype):
     for mode in modes():
         train = mode == "train"
         flops = bl.resnet18_flops(n, hw, training=train)
-        plist = _provider_list("net", backends, dtype)
+        plist = _provider_list(mode, backends, dtype, "net")
         rows = {}
         ref = None
         for prov, dt, pcl in plist:

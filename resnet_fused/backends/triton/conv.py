@@ -185,7 +185,9 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
         tl.store(pcnt_ptr + pid_m, cnt)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2"],
+# Geometry constexprs are in the key too: a 1x1 and a 3x3 conv can share M, K, C, H, W.
+@triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2", "R", "STRIDE",
+                                        "R2", "HAS_X2", "HAS_PRO", "STATS"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(
@@ -277,7 +279,8 @@ def _prune_tma(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BH"] * c.kwargs["BW"] * c.kwargs["BN"])]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2"],
+@triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2", "R",
+                                            "R2", "HAS_X2"],
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _conv_tma_kernel(

@@ -45,8 +45,15 @@ def _load(name: str) -> Optional[Backend]:
 
 
 def check_name(name: str) -> str:
+    """Validate a backend name and import what it may use.
+
+    Called when a FusedResidual is built (always eager code), so that forward, which
+    torch.compile traces, finds the backends already imported: Dynamo cannot trace an
+    import."""
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    for n in (NAMES if name == "auto" else ("torch", name)):
+        _load(n)
     return name
 
 

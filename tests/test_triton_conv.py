@@ -237,6 +237,7 @@ def test_fp32_tf32_switch_cuda(allow):
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allow
     try:
+        assert conv._input_precision(torch.float32) == ("tf32" if allow else "ieee")
         x = torch.randn(4, 64, 14, 14, device="cuda").to(memory_format=CL)
         w = torch.randn(64, 64, 3, 3, device="cuda") / 24
         out = conv2d_nhwc(x, w, stride=1, padding=1)
@@ -344,3 +345,26 @@ def test_tma_path_refuses_what_it_cannot_do():
         conv2d_nhwc(torch.randn(1, 6, 5, 5), torch.randn(8, 6, 3, 3), _path="tma")
     with pytest.raises(ValueError, match="_path must be"):
         conv2d_nhwc(x, w, _path="fast")
+
+
+def test_tf32_switch_is_read_from_pytorch():
+    """Which fp32 precision the launcher would ask for (the kernel itself needs a GPU)."""
+    cudnn = torch.backends.cudnn
+    old = cudnn.allow_tf32
+    try:
+        cudnn.allow_tf32 = False
+        assert conv._conv_allows_tf32() is False
+        cudnn.allow_tf32 = True
+        assert conv._conv_allows_tf32() is True
+        if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+            old_p = cudnn.conv.fp32_precision
+            try:
+                cudnn.conv.fp32_precision = "ieee"
+                assert conv._conv_allows_tf32() is False
+                cudnn.conv.fp32_precision = "tf32"
+                assert conv._conv_allows_tf32() is True
+            finally:
+                cudnn.conv.fp32_precision = old_p
+    finally:
+        cudnn.allow_tf32 = old
+    assert cudnn.allow_tf32 == old  # state restored, and readable through the legacy API

@@ -451,7 +451,24 @@ def _input_precision(dtype: torch.dtype) -> str:
         return "ieee"  # ignored for 16-bit inputs; they always use the tensor cores
     if _INTERPRET:
         return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if _conv_allows_tf32() else "ieee"
+
+
+def _conv_allows_tf32() -> bool:
+    """PyTorch's switch for TF32 in fp32 convolutions, new API first.
+
+    torch >= 2.9 has torch.backends.cudnn.conv.fp32_precision ("tf32" / "ieee" / "none",
+    the last meaning: inherit); the legacy torch.backends.cudnn.allow_tf32 raises when the
+    two APIs were mixed, so it is read only when the new one does not decide.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    prec = getattr(conv, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def _act(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from . import backends
 from .backends.composite import conv_forward
+from .backends.preference import shape_key
 from .fold import folded
 from .ops import memory_format_of
 
@@ -248,7 +249,8 @@ class FusedResidual(nn.Module):
 
     def _backend_for(self, x: torch.Tensor):
         if self.backend == "auto":
-            return backends.choose(x.device, x.dtype, self.training, tuple(x.shape))
+            key = shape_key(x.shape, self.out_channels, self.stride)
+            return backends.choose(x.device, x.dtype, self.training, key)
         backend = backends.get(self.backend, x.device)
         reason = backend.unsupported_dtype_reason(x.dtype, x.device)
         if reason is not None:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .base import Backend, FoldedBlock
+from .preference import preferred_order
 
 NAMES = ("torch", "native", "triton")
 CHOICES = ("auto",) + NAMES
@@ -79,16 +80,15 @@ def available(device) -> list[str]:
     return [n for n in NAMES if unavailable_reason(n, device) is None]
 
 
-def choose(device: torch.device, dtype: torch.dtype, training: bool, x_shape=None) -> Backend:
-    """The "auto" choice for this device, dtype and mode.
+def choose(device: torch.device, dtype: torch.dtype, training: bool,
+           shape_key: Optional[str] = None) -> Backend:
+    """The "auto" choice for this device, dtype, mode and block shape.
 
     On CPU: the torch composite (ATen's CPU convolutions are the fast part there).
-    On CUDA: the first available backend of the measured preference order for the
-    mode (resnet_fused/backends/preference.py, written from benchmark results).
+    On CUDA: the first available backend of the measured preference order
+    (resnet_fused/backends/preference.py; measured.json from benchmark results).
     """
-    from .preference import preferred_order
-
-    for name in preferred_order(device, dtype, training, x_shape):
+    for name in preferred_order(device, dtype, training, shape_key):
         backend = _load(name)
         if backend is None or backend.unavailable_reason(device) is not None:
             continue

@@ -1,31 +1,68 @@
-"""Which backend "auto" tries first, per device and mode.
+"""Which backend "auto" tries first, per device, mode, dtype and block shape.
 
-The order comes from measured benchmark results (bench/results/<gpu>/); where no
-measurement exists for a card, the defaults below apply. A backend that is not
-available, or does not support the dtype, is skipped.
+Measured winners come from resnet_fused/backends/measured.json, written from
+benchmark results by bench/make_preference.py (format documented there). Where no
+measurement matches the card and shape, the defaults below apply. A backend that is
+not available here, or does not support the dtype, is skipped by the caller.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 
-# (mode) -> order on CUDA. Rewritten by the benchmark (bench/make_preference.py)
-# from measured per-shape winners; shape keys are (C_in, C_out, H, W, stride).
+# Order on CUDA without a measurement: cuDNN convolutions + our BN kernels first (the
+# convolutions are the bulk of the time and cuDNN's are the fastest we measured),
+# then Triton, then the ATen composite.
 CUDA_DEFAULT = {
     "eval": ("native", "triton", "torch"),
     "train": ("native", "triton", "torch"),
 }
-# Measured per-shape winners: {(gpu_substring, mode, (cin, cout, h, w, stride)): name}
-MEASURED: dict = {}
+CPU_ORDER = ("torch",)
+MEASURED_PATH = os.path.join(os.path.dirname(__file__), "measured.json")
 
 
-def preferred_order(device: torch.device, dtype: torch.dtype, training: bool, x_shape=None):
+@functools.lru_cache(maxsize=None)
+def measured() -> dict:
+    """{(gpu, mode, dtype, shape_key): backend} from measured.json ({} when absent)."""
+    try:
+        with open(MEASURED_PATH) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    table = {}
+    for e in data.get("entries", []):
+        table[(e["gpu"], e["mode"], e["dtype"], e["shape"])] = e["backend"]
+    return table
+
+
+def shape_key(x_shape, out_channels: int, stride: int) -> str:
+    """The key of a block shape: cin-cout-h-w-stride (input H, W)."""
+    _, cin, h, w = x_shape
+    return f"{cin}-{out_channels}-{h}-{w}-{stride}"
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def preferred_order(device: torch.device, dtype: torch.dtype, training: bool,
+                    key: str | None = None) -> tuple:
     if device.type != "cuda":
-        return ("torch",)
+        return CPU_ORDER
     mode = "train" if training else "eval"
     order = CUDA_DEFAULT[mode]
-    if MEASURED and x_shape is not None:
-        name = torch.cuda.get_device_name(device)
-        for (gpu, m, shape), winner in MEASURED.items():
-            if m == mode and gpu in name and tuple(shape[:4]) == tuple(x_shape[1:]) + shape[4:4]:
+    # Under torch.compile the default order applies: reading the table and the device
+    # name is host-side work Dynamo should not trace.
+    table = {} if torch.compiler.is_compiling() else measured()
+    if table and key is not None:
+        name = _device_name(device.index if device.index is not None else
+                            torch.cuda.current_device())
+        dname = str(dtype).replace("torch.", "")
+        for (gpu, m, dt, shape), winner in table.items():
+            if m == mode and dt == dname and shape == key and gpu in name:
                 return (winner,) + tuple(n for n in order if n != winner)
     return order

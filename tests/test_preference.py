@@ -1,0 +1,37 @@
+"""backend="auto": measured winners per card and shape, defaults elsewhere."""
+import json
+
+import torch
+
+from resnet_fused.backends import preference
+
+
+def test_measured_winner_first_then_defaults(monkeypatch, tmp_path):
+    table = {"format": 1, "entries": [
+        {"gpu": "H200", "mode": "eval", "dtype": "bfloat16", "shape": "64-64-56-56-1",
+         "backend": "triton"}]}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(preference, "MEASURED_PATH", str(path))
+    preference.measured.cache_clear()
+    monkeypatch.setattr(preference, "_device_name", lambda i: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    key = preference.shape_key((128, 64, 56, 56), 64, 1)
+    assert key == "64-64-56-56-1"
+    assert preference.preferred_order(cuda, torch.bfloat16, False, key)[0] == "triton"
+    # Another mode, dtype, shape or card: the default order.
+    default_eval = preference.CUDA_DEFAULT["eval"]
+    assert preference.preferred_order(cuda, torch.bfloat16, True, key) == preference.CUDA_DEFAULT["train"]
+    assert preference.preferred_order(cuda, torch.float16, False, key) == default_eval
+    assert preference.preferred_order(cuda, torch.bfloat16, False, "1-2-3-4-1") == default_eval
+    monkeypatch.setattr(preference, "_device_name", lambda i: "NVIDIA A100")
+    assert preference.preferred_order(cuda, torch.bfloat16, False, key) == default_eval
+    preference.measured.cache_clear()
+
+
+def test_cpu_order_and_missing_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(preference, "MEASURED_PATH", str(tmp_path / "absent.json"))
+    preference.measured.cache_clear()
+    assert preference.measured() == {}
+    assert preference.preferred_order(torch.device("cpu"), torch.float32, True) == ("torch",)
+    preference.measured.cache_clear()

@@ -271,8 +271,12 @@ else:
 
 def _prune_tma(configs, named_args, **kwargs):
     C, K, P, Q = named_args["C"], named_args["K"], named_args["P"], named_args["Q"]
+    x = named_args["x_ptr"]
+    esize = x.element_size() if hasattr(x, "element_size") else 2
     kept = [c for c in configs
-            if c.kwargs["BN"] <= max(16, triton.next_power_of_2(K))
+            if (c.kwargs["BH"] * c.kwargs["BW"] + c.kwargs["BN"]) * c.kwargs["BK"] * esize
+            * max(c.num_stages, 1) <= 200 * 1024
+            and c.kwargs["BN"] <= max(16, triton.next_power_of_2(K))
             and c.kwargs["BK"] <= max(16, triton.next_power_of_2(C))
             and c.kwargs["BH"] <= max(4, triton.next_power_of_2(P))
             and c.kwargs["BW"] <= max(8, triton.next_power_of_2(Q))]
@@ -398,24 +402,32 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
 
 
 @triton.jit
-def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, var_ptr, T, K,
-                          BT: tl.constexpr, BC: tl.constexpr):
-    """Combine per-tile (count, mean, M2) into per-channel mean and biased variance.
+def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, K, TPS,
+                          FINAL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Combine per-tile (count, mean, M2) rows into fewer rows, or the final statistics.
 
-    Rows never written by the conv (fewer tiles than the buffer has) have count 0.
-    Each chunk of BT tiles is merged exactly around its own mean, then folded into the
-    running result with Chan's pairwise update: no catastrophic cancellation of
-    E[x^2] - E[x]^2.
+    Program (pid_c, pid_s) merges tiles [pid_s*TPS, (pid_s+1)*TPS) for BC channels and
+    writes row pid_s of (omean, om2, ocnt); with FINAL (one split) it writes the mean
+    and the biased variance M2/n instead. Two launches (many splits, then one) keep
+    every program's serial loop short when there are thousands of tiles.
+
+    Rows never written by the conv (fewer tiles than the buffer has) have count 0 and
+    are never read. Each chunk of BT tiles is merged exactly around its own mean, then
+    folded into the running result with Chan's pairwise update: no catastrophic
+    cancellation of E[x^2] - E[x]^2.
     """
-    pid = tl.program_id(0)
-    rc = pid * BC + tl.arange(0, BC)
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rc = pid_c * BC + tl.arange(0, BC)
     c_ok = rc < K
     n_a = tl.zeros((BC,), dtype=tl.float32)
     mean_a = tl.zeros((BC,), dtype=tl.float32)
     m2_a = tl.zeros((BC,), dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    t_begin = pid_s * TPS
+    t_end = tl.minimum(t_begin + TPS, T)
+    for t0 in range(t_begin, t_end, BT):
         rt = t0 + tl.arange(0, BT)
-        t_ok = rt < T
+        t_ok = rt < t_end
         cnt = tl.load(pcnt_ptr + rt, mask=t_ok, other=0.0)
         # Unwritten rows hold garbage (maybe NaN): never read them, 0 * NaN is NaN.
         t_ok = t_ok & (cnt > 0)
@@ -434,8 +446,38 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, var_ptr, T, K,
         mean_a = mean_a + delta * frac
         m2_a = m2_a + m2_b + delta * delta * n_a * frac
         n_a = n
-    tl.store(mean_ptr + rc, mean_a, mask=c_ok)
-    tl.store(var_ptr + rc, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)
+    if FINAL:
+        tl.store(omean_ptr + rc, mean_a, mask=c_ok)
+        tl.store(om2_ptr + rc, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)
+    else:
+        tl.store(omean_ptr + pid_s * K + rc, mean_a, mask=c_ok)
+        tl.store(om2_ptr + pid_s * K + rc, m2_a, mask=c_ok)
+        # Same count for every channel block; written by each (benign, identical).
+        tl.store(ocnt_ptr + pid_s, tl.max(n_a, axis=0))
+
+
+# Tiles per split of the first combine pass (small in the interpreter so tests cover it).
+_TPS = 8 if _INTERPRET else 256
+_BT = 16 if _INTERPRET else 64
+_BC = 32 if _INTERPRET else 64
+
+
+def _combine_stats(pmean, pm2, pcnt, K, dev):
+    """fp32 (mean, biased var) per channel from per-tile partials; no host sync."""
+    T = pcnt.shape[0]
+    mean = _new_empty((K,), device=dev, dtype=torch.float32)
+    var = _new_empty((K,), device=dev, dtype=torch.float32)
+    if T > _TPS:
+        splits = triton.cdiv(T, _TPS)
+        smean = _new_empty((splits, K), device=dev, dtype=torch.float32)
+        sm2 = _new_empty((splits, K), device=dev, dtype=torch.float32)
+        scnt = _new_empty((splits,), device=dev, dtype=torch.float32)
+        wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), splits)](
+            pmean, pm2, pcnt, smean, sm2, scnt, T, K, _TPS, FINAL=False, BT=_BT, BC=_BC)
+        pmean, pm2, pcnt, T = smean, sm2, scnt, splits
+    wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), 1)](
+        pmean, pm2, pcnt, mean, var, pcnt, T, K, T, FINAL=True, BT=_BT, BC=_BC)
+    return mean, var
 
 
 # ----------------------------------------------------------------------------------------
@@ -649,11 +691,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     )
     if not stats:
         return out
-    mean = _new_empty((K,), device=dev, dtype=torch.float32)
-    var = _new_empty((K,), device=dev, dtype=torch.float32)
-    BC = 32 if _INTERPRET else 64
-    wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, BC),)](
-        pmean, pm2, pcnt, mean, var, t_max, K, BT=32, BC=BC)
+    mean, var = _combine_stats(pmean, pm2, pcnt, K, dev)
     return out, mean, var
 
 

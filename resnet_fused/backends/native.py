@@ -1,0 +1,77 @@
+"""The `native` backend: the C++/CUDA extension resnet_fused._C.
+
+Same data flow as the torch backend (CompositeBackend): ATen/cuDNN convolutions, and
+the ops of the `resnet_fused` namespace for everything around them (BatchNorm
+statistics, finalize with the running update, BN-apply + residual + ReLU with the
+packed mask, its backward; cuDNN's fused conv+bias(+add)+ReLU in eval). The ops have
+CPU kernels (csrc/ops.cpp) and CUDA kernels (csrc/cuda/), so this backend runs on CPU
+too (that is how CI tests it).
+
+The extension is imported here, on first use of the backend, never by
+`import resnet_fused`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .composite import CompositeBackend
+
+BUILD_HINT = (
+    "build it from the source checkout with "
+    "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
+    "(RESNET_FUSED_SKIP_CUDA=1 for CPU kernels only)"
+)
+
+
+def load_extension():
+    """Import resnet_fused._C (registering its ops) and the op layer for it.
+
+    Returns (module, None) or (None, the import error as text).
+    """
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.resnet_fused.*)
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    from ..ops import register_op_layer
+
+    register_op_layer("resnet_fused", fakes=True)
+    return _C, None
+
+
+class NativeBackend(CompositeBackend):
+    """cuDNN convolutions + our BN kernels (CUDA), or their C++ twins on CPU."""
+
+    name = "native"
+    namespace = "resnet_fused"
+
+    def __init__(self):
+        self._ext, self._import_error = load_extension()
+
+    @property
+    def built_with_cuda(self) -> bool:
+        return bool(self._ext is not None and getattr(self._ext, "built_with_cuda", False))
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if self._ext is None:
+            return (f"the C++ extension resnet_fused._C is not built ({self._import_error}); "
+                    f"{BUILD_HINT}")
+        device = torch.device(device)
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if not self.built_with_cuda:
+                return ("the C++ extension resnet_fused._C was built without CUDA kernels "
+                        "(torch without CUDA, nvcc not found, or RESNET_FUSED_SKIP_CUDA=1); "
+                        "rebuild with CUDA_HOME set to the CUDA toolkit")
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            return None
+        return f"the native backend has CPU and CUDA kernels, not {device.type} ones"
+
+    def unsupported_dtype_reason(self, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+        # float64 is supported too (CPU and CUDA kernels), for gradcheck.
+        if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return None
+        return f"the native backend supports float32, float16, bfloat16 and float64, not {dtype}"

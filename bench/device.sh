@@ -101,5 +101,5 @@ cp "$RES"/speedup.png "bench/results/$SLUG/" 2>/dev/null || true
 echo
 echo "=== device.sh: $SLUG, build: $BUILD_STATUS; tests: $TEST_STATUS; bench rc $BENCH_RC; $(elapsed) s total"
 echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
-sed -n '/^=== summary/,$p' "$LOG"
+sed -n '/^=== summary/,/^total [0-9]* s$/p' "$LOG"
 exit 0

@@ -12,9 +12,9 @@ Sections, in order:
                forward+backward; providers: eager as written (fp32 NCHW), eager in the
                bench dtype (channels_last), torch.compile, cuDNN fused ops with folded BN
                (eval), FusedResidual per backend.
-  3. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
-  4. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
-  5. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  3. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
+  5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
 Rows go to results.csv / results.json (one schema), results.md and speedup.png in the
 results folder (default bench/out/<gpu>_<date>/); the summary is printed last.
 Without CUDA the same runs at small shapes on the CPU: it checks numerics and that every
@@ -282,7 +282,13 @@ def _worst(judged: dict, ref_norms: dict):
 
 
 def numerics_section(backends: list[str]):
-    shapes = bl.GPU_NUMERICS if ON_GPU else bl.CPU_NUMERICS
+    if ON_GPU:
+        plan = [(s, backends) for s in bl.GPU_NUMERICS]
+    else:
+        others = [b for b in backends if b != "triton"]
+        plan = [(s, others) for s in bl.CPU_NUMERICS if others]
+        if "triton" in backends:
+            plan += [(s, ["triton"]) for s in bl.CPU_NUMERICS_TRITON]
     spec = ARGS.numerics_dtypes or "fp32,fp16,bf16"
     dtypes = []
     for d in spec.split(","):
@@ -292,8 +298,8 @@ def numerics_section(backends: list[str]):
         dtypes.append(bl.DTYPES[d])
     R.say(f"== numerics: {', '.join('fused_' + b for b in backends)} vs float64, dtypes "
           f"{', '.join(bl.dtype_name(d) for d in dtypes)}, modes {', '.join(modes())}")
-    todo = [(s, m, d) for s in shapes for m in modes() for d in dtypes]
-    for i, (s, mode, dt) in enumerate(todo, 1):
+    todo = [(s, bs, m, d) for s, bs in plan for m in modes() for d in dtypes]
+    for i, (s, shape_backends, mode, dt) in enumerate(todo, 1):
         train = mode == "train"
         cl = ON_GPU and dt != torch.float32
         base = bl.make_block(s, seed=100 + i)
@@ -310,7 +316,7 @@ def numerics_section(backends: list[str]):
             R.skip(f"numerics {bl.dtype_name(dt)} {mode} {s.key}",
                    f"the plain block itself fails in this dtype here ({err_text(e)})")
             continue
-        for b in backends:
+        for b in shape_backends:
             what = f"fused_{b} {bl.dtype_name(dt)} {mode} {s.key} n={s.batch}"
             reason = dtype_reason(b, dt)
             if reason:
@@ -808,13 +814,14 @@ def main():
         else:
             R.skip("numerics", "no FusedResidual backend is available here")
     if not ARGS.no_timing:
+        # Most telling first, so that a --budget-s cut loses the least.
         block_section(backends, dtype)
+        if not ARGS.no_net:
+            net_section(backends, dtype)
         if not ARGS.no_sweep and not (ARGS.quick and not ON_GPU):
             sweep_section(backends, dtype)
         if not ARGS.no_kernels and "fused" in providers():
             kernels_section(backends, dtype)
-        if not ARGS.no_net:
-            net_section(backends, dtype)
     paths = write_outputs(out_dir())
     summary(paths)
     fails = [r for r in R.rows if r["status"] in ("FAIL", "ERROR")]

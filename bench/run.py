@@ -369,15 +369,16 @@ def numerics_section(backends: list[str]):
 
 # ============================================================================ 2-3. block timing
 def _inputs(s, dtype, cl, train, n_sets):
-    g = torch.Generator(device="cpu").manual_seed(1234)
+    # Drawn on the device itself: a CPU draw of a few hundred MB costs seconds a shape.
+    g = torch.Generator(device=DEVICE).manual_seed(1234)
     xs, gys = [], []
     for _ in range(n_sets):
-        x = torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g).to(DEVICE)
+        x = torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g, device=DEVICE)
         x = bl.to_layout(x, DEVICE, dtype, cl)
         if train:
             x.requires_grad_(True)
         xs.append(x)
-        gy = torch.randn(s.batch, s.cout, s.hw_out, s.hw_out, generator=g).to(DEVICE)
+        gy = torch.randn(s.batch, s.cout, s.hw_out, s.hw_out, generator=g, device=DEVICE)
         gys.append(bl.to_layout(gy, DEVICE, dtype, cl))
     return xs, gys
 
@@ -420,7 +421,7 @@ def _provider_list(mode, backends, dtype, section="block"):
                    "two cores)")
         elif not ON_GPU and (mode == "train" or section != "block"):
             R.skip(f"compile {section} {mode}", "on CPU only the eval block shapes are compiled "
-                   "(Inductor's C++ build of a backward takes 30-50 s a shape on two cores)")
+                   "(Inductor's C++ builds take 30-50 s a graph on two cores)")
         elif ON_GPU and ARGS.quick and section == "sweep":
             R.skip("compile sweep", "left out of the batch sweep in --quick")
         else:

@@ -276,8 +276,8 @@ def train_block(block, x: torch.Tensor) -> torch.Tensor:
     """Training forward of the block (batch statistics), differentiable in x and every
     parameter; updates the running statistics of bn1, bn2 (and bn3) as nn.BatchNorm2d.
     x: NCHW or channels_last contiguous; the output has x's memory format."""
-    conv1, conv2, conv3 = block.conv1, block.conv2, block.conv3
-    bn1, bn2, bn3 = block.bn1, block.bn2, block.bn3
+    conv1, conv2, conv3 = block.conv1, block.conv2, getattr(block, "conv3", None)
+    bn1, bn2, bn3 = block.bn1, block.bn2, getattr(block, "bn3", None)
     N, Cin, H, W = x.shape
     s = conv1.stride[0]
     K = conv1.out_channels

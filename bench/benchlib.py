@@ -368,7 +368,7 @@ COLUMNS = [
     "dtype", "layout", "shape", "batch",
     "speedup_vs_eager", "speedup_vs_fp32", "speedup_vs_compile",
     "tflops", "of_peak", "floor_ms", "gbps", "of_bw", "img_s", "check_rel",
-    "quantity", "plain", "limit", "status", "note",
+    "quantity", "plain", "status", "note",
     "device", "gpu", "peak_tflops", "torch", "triton", "package_version", "timestamp",
 ]
 

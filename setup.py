@@ -30,7 +30,8 @@ def _flag(name):
 def _gencode_flags(archs):
     flags = []
     for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
-        num = arch.replace("sm_", "").replace("compute_", "")
+        # Accept "90a", "sm_90a", "compute_90a" and torch's dotted "9.0" / "9.0a".
+        num = arch.replace("sm_", "").replace("compute_", "").replace(".", "")
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
     if not flags:
         sys.exit(f"RESNET_FUSED_CUDA_ARCHS={archs!r} names no architecture")

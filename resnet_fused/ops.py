@@ -20,7 +20,7 @@ import torch
 
 from .schemas import SCHEMAS
 
-_REGISTERED: set[str] = set()
+_REGISTERED: set[tuple[str, str]] = set()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -175,22 +175,30 @@ def op_name(ns: str, name: str) -> str:
     return f"{ns}::{name}"
 
 
-def register_op_layer(ns: str, fakes: bool = True) -> None:
+AUTOGRAD = {
+    "bn_act": (lambda ns: _make_bn_act_backward(ns), _bn_act_setup),
+    "conv_bias_relu": (lambda ns: _conv_bias_relu_backward, _conv_bias_relu_setup),
+    "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
+                                _conv_bias_shortcut_relu_setup),
+}
+
+
+def register_op_layer(ns: str, fakes: bool = True, names=None) -> None:
     """Register fakes (when `fakes`) and autograd for the ops of namespace `ns`.
 
-    Call once, after the namespace's ops exist. triton_op ops trace their Python body
-    under fake tensors, so their backend passes fakes=False.
+    Call once per op, after the op exists. `names` limits it to some ops (a namespace
+    whose ops are defined in several files registers each file's own); default: all.
+    Ops defined with triton_op trace their Python body under fake tensors and need no
+    fake, so their backend passes fakes=False.
     """
-    if ns in _REGISTERED:
-        return
-    if fakes:
-        for name, fn in FAKES.items():
-            torch.library.register_fake(op_name(ns, name), fn)
-    torch.library.register_autograd(op_name(ns, "bn_act"), _make_bn_act_backward(ns),
-                                    setup_context=_bn_act_setup)
-    torch.library.register_autograd(op_name(ns, "conv_bias_relu"), _conv_bias_relu_backward,
-                                    setup_context=_conv_bias_relu_setup)
-    torch.library.register_autograd(op_name(ns, "conv_bias_shortcut_relu"),
-                                    _conv_bias_shortcut_relu_backward,
-                                    setup_context=_conv_bias_shortcut_relu_setup)
-    _REGISTERED.add(ns)
+    for name in (SCHEMAS if names is None else names):
+        key = (ns, name)
+        if key in _REGISTERED:
+            continue
+        if fakes:
+            torch.library.register_fake(op_name(ns, name), FAKES[name])
+        if name in AUTOGRAD:
+            make_backward, setup = AUTOGRAD[name]
+            torch.library.register_autograd(op_name(ns, name), make_backward(ns),
+                                            setup_context=setup)
+        _REGISTERED.add(key)

@@ -81,17 +81,8 @@ def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _restore_format(out, y)
 
 
-def _register_autograd() -> None:
-    # The op layer's register_op_layer(NS) registers every op of the namespace at once,
-    # and the namespace's training ops (bn_act, ...) live in another module; the eval
-    # ops get the same autograd functions here, so either order works.
-    torch.library.register_autograd(f"{NS}::conv_bias_relu", op_layer._conv_bias_relu_backward,
-                                    setup_context=op_layer._conv_bias_relu_setup)
-    torch.library.register_autograd(f"{NS}::conv_bias_shortcut_relu",
-                                    op_layer._conv_bias_shortcut_relu_backward,
-                                    setup_context=op_layer._conv_bias_shortcut_relu_setup)
-
-
-_register_autograd()
+# Fakes were registered with each op above (interpreter) or come from triton_op itself.
+op_layer.register_op_layer(NS, fakes=False,
+                           names=("conv_bias_relu", "conv_bias_shortcut_relu"))
 
 __all__ = ["NS", "conv_bias_relu", "conv_bias_shortcut_relu"]

@@ -77,35 +77,19 @@ def _load_grad(g_ptr, gmask_ptr, gc_ptr, coef_ptr, idx, ok, ch, K,
 
 
 @triton.jit
-def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
-                  ec_ptr, ess_ptr, estat_ptr, red_ptr, res_ptr, rmask_ptr,
-                  N, H, W, C, P, Q, K, HC, WC,
-                  STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-                  HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, EPI_RELU_BN: tl.constexpr,
-                  HAS_RES: tl.constexpr, RES_MASK: tl.constexpr, PREC: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    cls = tl.program_id(2)
-    ph = cls // STRIDE
-    pw = cls - ph * STRIDE
-    rows = pid_m * BM + tl.arange(0, BM)
-    n = rows // (HC * WC)
-    rem = rows - n * (HC * WC)
-    h = ph + STRIDE * (rem // WC)
-    w = pw + STRIDE * (rem % WC)
-    row_ok = (n < N) & (h < H) & (w < W)
-    n64 = n.to(tl.int64)
-    # First valid tap of this parity class and the number of valid taps per axis.
+def _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_ok, ph, pw,
+                rc, c_ok, C, P, Q, K,
+                STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, PREC: tl.constexpr,
+                BK: tl.constexpr):
+    """acc += sum over the valid taps of this parity class and K of G * w^T."""
+    # First valid tap of the class (ph, pw) and the number of valid taps per axis.
     r0 = (ph + PAD) % STRIDE
     s0 = (pw + PAD) % STRIDE
     NR = (R - r0 + STRIDE - 1) // STRIDE
     NSS = (S - s0 + STRIDE - 1) // STRIDE
-    rc = pid_n * BN + tl.arange(0, BN)
-    c_ok = rc < C
     rk = tl.arange(0, BK)
     k_pad = tl.cdiv(K, BK) * BK
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kk in range(0, NR * NSS * k_pad, BK):
         t = kk // k_pad
         k0 = kk - t * k_pad
@@ -126,6 +110,45 @@ def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
                     + ((r * S + s) * C + rc)[None, :],
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
+                  ec_ptr, ess_ptr, estat_ptr, red_ptr, res_ptr, rmask_ptr,
+                  g2_ptr, g2mask_ptr, g2c_ptr, coef2_ptr, w2_ptr,
+                  N, H, W, C, P, Q, K, HC, WC,
+                  STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+                  HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, EPI_RELU_BN: tl.constexpr,
+                  HAS_RES: tl.constexpr, RES_MASK: tl.constexpr,
+                  HAS_G2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
+                  HAS_MASK2: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cls = tl.program_id(2)
+    ph = cls // STRIDE
+    pw = cls - ph * STRIDE
+    rows = pid_m * BM + tl.arange(0, BM)
+    n = rows // (HC * WC)
+    rem = rows - n * (HC * WC)
+    h = ph + STRIDE * (rem // WC)
+    w = pw + STRIDE * (rem % WC)
+    row_ok = (n < N) & (h < H) & (w < W)
+    n64 = n.to(tl.int64)
+    rc = pid_n * BN + tl.arange(0, BN)
+    c_ok = rc < C
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_ok,
+                      ph, pw, rc, c_ok, C, P, Q, K, STRIDE, PAD, R, S, HAS_MASK, HAS_BN,
+                      PREC, BK)
+    if HAS_G2:
+        # The projection shortcut's data gradient: a second GEMM (same output pixels,
+        # stride and K; its own taps, padding and operand prologue) into the same
+        # accumulator, so it is never written out.
+        acc = _dgrad_loop(acc, g2_ptr, g2mask_ptr, g2c_ptr, coef2_ptr, w2_ptr, n64, h, w,
+                          row_ok, ph, pw, rc, c_ok, C, P, Q, K, STRIDE, PAD2, R2, S2,
+                          HAS_MASK2, HAS_BN2, PREC, BK)
 
     off = (((n64 * H + h) * W + w) * C)[:, None] + rc[None, :]
     m = row_ok[:, None] & c_ok[None, :]
@@ -232,7 +255,10 @@ def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: in
                coef: Optional[torch.Tensor] = None,
                relu_c: Optional[torch.Tensor] = None, relu_ss: Optional[torch.Tensor] = None,
                relu_stat: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, res_mask: Optional[torch.Tensor] = None):
+               residual: Optional[torch.Tensor] = None, res_mask: Optional[torch.Tensor] = None,
+               g2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+               padding2: int = 0, gmask2: Optional[torch.Tensor] = None,
+               gc2: Optional[torch.Tensor] = None, coef2: Optional[torch.Tensor] = None):
     """Data gradient of conv2d(X, w, stride, padding) for X of spatial size in_hw.
 
     g [N,K,P,Q] channels_last: grad of the conv output, or (with gc, coef) the BN
@@ -241,6 +267,9 @@ def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: in
     conv output before the BN+ReLU whose input X was ([N,C,H,W]), relu_ss = [scale;
     shift] and relu_stat = [mean; invstd] of that BN ([2, C] fp32 each).
     residual (X-shaped, channels_last) is added last, times res_mask bits if given.
+    g2, w2, padding2 (+ gmask2, gc2, coef2 as for g): a second convolution of the same
+    input X and stride (the projection shortcut) whose data gradient is accumulated
+    into the same tile: dX = dgrad(g, w) + dgrad(g2, w2).
     Returns dX (channels_last, g's dtype), and with the epilogue also red [2, C] fp32 =
     (sum(dZ), sum(dZ*xhat)).
     """
@@ -265,6 +294,18 @@ def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: in
         if residual.shape != out.shape:
             raise ValueError(f"conv_dgrad: residual {tuple(residual.shape)} != input gradient "
                              f"{tuple(out.shape)}")
+    R2 = S2 = 1
+    if g2 is not None:
+        _nhwc(g2, "g2")
+        if g2.shape[0] != N or tuple(g2.shape[2:]) != (P, Q) or w2.shape[0] != g2.shape[1] \
+                or w2.shape[1] != C:
+            raise ValueError(f"conv_dgrad: second gradient {tuple(g2.shape)} / weight "
+                             f"{tuple(w2.shape)} do not match {tuple(g.shape)} / {tuple(w.shape)}")
+        R2, S2 = w2.shape[2], w2.shape[3]
+        if (H + 2 * padding2 - R2) // stride + 1 != P or (W + 2 * padding2 - S2) // stride + 1 != Q:
+            raise ValueError("conv_dgrad: the second convolution's output size differs")
+        w2_cl = w2.contiguous(memory_format=torch.channels_last)
+        gm2, gcc2, cf2 = _grad_operand(g2, gmask2, gc2, coef2, g2.shape[1])
     HC, WC = triton.cdiv(H, stride), triton.cdiv(W, stride)
     cfg = _DG
     grid = (triton.cdiv(N * HC * WC, cfg["BM"]), triton.cdiv(C, cfg["BN"]), stride * stride)
@@ -273,10 +314,13 @@ def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: in
            red if epi else out,
            residual if residual is not None else out,
            res_mask if res_mask is not None else out,
+           *((g2, gm2, gcc2, cf2, w2_cl) if g2 is not None else (out,) * 5),
            N, H, W, C, P, Q, K, HC, WC,
            STRIDE=stride, PAD=padding, R=R, S=S,
            HAS_MASK=gmask is not None, HAS_BN=gc is not None, EPI_RELU_BN=epi,
            HAS_RES=residual is not None, RES_MASK=res_mask is not None,
+           HAS_G2=g2 is not None, PAD2=padding2, R2=R2, S2=S2,
+           HAS_MASK2=gmask2 is not None, HAS_BN2=gc2 is not None,
            PREC=_input_precision(g.dtype), **cfg)
     return (out, red) if epi else out
 

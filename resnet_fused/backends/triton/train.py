@@ -24,15 +24,16 @@ Backward (block_train_backward; conv_bwd.py, bn.py):
                                          prologue; dReLU recomputed from c1; BN1
                                          reductions in the epilogue
   dW2 = wgrad(G2, y1)                    both operands rebuilt in the prologue
-  [dXs = dgrad(G3, w3); dW3 = wgrad(G3, x)]  G3 = g or bn3-backward-apply(g, c3)
+  [dW3 = wgrad(G3, x)]                   G3 = g or bn3-backward-apply(g, c3)
   dW1 = wgrad(G1, x)                     G1 = bn1-backward-apply(dZ1, c1) in the prologue
-  dX  = dgrad(G1, w1) + (g | dXs)        the shortcut gradient added in the epilogue
-                                         (identity: g = grad_out*mask read directly)
+  dX  = dgrad(G1, w1) + g | + dgrad(G3, w3)
+                                         identity: g = grad_out*mask added in the
+                                         epilogue; projection: a second GEMM into the
+                                         same accumulator (never written out)
 
 Saved for backward: x, c1, c2 (c3 only for a BN'd projection), the 1-bit mask and a
 [6, C] fp32 tensor of batch means/variances. Nothing of y1, bn2(c2), the shortcut or
-out is kept. Backward temporaries: dZ1 (c1-sized) and, for a projection, dXs (x-sized),
-plus fp32 weight-gradient buffers.
+out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
 
 No host synchronisation anywhere: every data-dependent value stays on the device.
 """
@@ -162,11 +163,10 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
             inv3, _, _ = finalize_impl(m3, v3, g3, g3, eps3)
             coef3, dg3, dbeta3 = bn_backward_coef(grad_out, mask, c3, m3, inv3, g3)
             g3_op = dict(gmask=mask, gc=c3, coef=coef3)
-        # The shortcut's data gradient is written once and added in conv1's dgrad epilogue.
-        # TODO(fusion): a second GEMM into conv1's dgrad accumulator would save that pass.
-        dxs = conv_dgrad(grad_out, w3, (H, W), stride, pad3, **g3_op)
         dw3, db3 = conv_wgrad(grad_out, x, w3.shape, stride, pad3, **g3_op, need_db=has_b3)
-        res = dict(residual=dxs)
+        # The shortcut's data gradient: a second GEMM into conv1's dgrad accumulator.
+        res = dict(g2=grad_out, w2=w3, padding2=pad3,
+                   **{k + "2": v for k, v in g3_op.items()})
 
     g1_op = dict(gc=c1, coef=coef1)
     dw1, db1 = conv_wgrad(dz1, x, w1.shape, stride, 1, **g1_op, need_db=has_b1)

@@ -17,7 +17,7 @@ sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_o
 because triton_op's fake is its own Python body, which in the interpreter would run the
 kernels on fake tensors (wrap_triton hands back the raw interpreted kernel). The fake
 implementations there are the shared ones of resnet_fused/ops.py (FAKES). bn_act's
-autograd is the op layer's (resnet_fused/ops.py), registered at the end of this module.
+autograd is the op layer's: register_op_layer(NS, fakes=False, names=<these four ops>).
 The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's
 `schema=` and infers the schema from them.
 
@@ -509,11 +509,9 @@ def _define_bn_ops():
     ops = {}
     for name, (fn, mutates) in _IMPLS.items():
         ops[name] = define_op(name, fn, _schema_of(name), mutates, op_layer.FAKES[name])
-    # bn_act's autograd is the op layer's (backward = NS::bn_act_backward). Registered
-    # here rather than by register_op_layer(NS), because the eval ops of this namespace
-    # register their own autograd in eval_ops.py (register_op_layer does all at once).
-    torch.library.register_autograd(f"{NS}::bn_act", op_layer._make_bn_act_backward(NS),
-                                    setup_context=op_layer._bn_act_setup)
+    # bn_act's autograd is the op layer's (backward = NS::bn_act_backward). Fakes were
+    # given to define_op (interpreter) or are triton_op's own body (GPU).
+    op_layer.register_op_layer(NS, fakes=False, names=tuple(_IMPLS))
     return ops
 
 

@@ -27,15 +27,19 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_archs():
+    """RESNET_FUSED_CUDA_ARCHS (default "90a") as a list such as ["80", "90a"]."""
+    archs = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "90a")
+    # Accept "90a", "sm_90a", "compute_90a" and torch's dotted "9.0" / "9.0a".
+    out = [a.strip().replace("sm_", "").replace("compute_", "").replace(".", "")
+           for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not out or not all(a.rstrip("af").isdigit() for a in out):
+        sys.exit(f"RESNET_FUSED_CUDA_ARCHS={archs!r}: expected e.g. '90a', '80;90a' or '9.0a'")
+    return out
+
+
 def _gencode_flags(archs):
-    flags = []
-    for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
-        # Accept "90a", "sm_90a", "compute_90a" and torch's dotted "9.0" / "9.0a".
-        num = arch.replace("sm_", "").replace("compute_", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    if not flags:
-        sys.exit(f"RESNET_FUSED_CUDA_ARCHS={archs!r} names no architecture")
-    return flags
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
 def _extensions():
@@ -65,12 +69,16 @@ def _extensions():
         print(f"resnet_fused: torch is a CUDA build but nvcc was not found (CUDA_HOME={cuda_home!r}); "
               "building CPU kernels only. Set CUDA_HOME to the CUDA toolkit root.", file=sys.stderr)
     if with_cuda:
+        archs = _cuda_archs()
         sources += ["csrc/cuda/bn_kernels.cu", "csrc/cuda/conv_cudnn.cpp"]
-        cxx.append("-DRESNET_FUSED_WITH_CUDA=1")
+        # The SM list goes into the module (resnet_fused._C.cuda_archs) so the backend can
+        # say "rebuild for this GPU" instead of failing with "no kernel image".
+        sm_list = ",".join(a.rstrip("af") for a in archs)
+        cxx += ["-DRESNET_FUSED_WITH_CUDA=1", f"-DRESNET_FUSED_SM_LIST={sm_list}"]
         if os.path.isdir(wheel_cuda_inc):
             include_dirs.append(wheel_cuda_inc)
         nvcc_flags = ["-O3", "-lineinfo", "-DRESNET_FUSED_WITH_CUDA=1"]
-        nvcc_flags += _gencode_flags(os.environ.get("RESNET_FUSED_CUDA_ARCHS", "90a"))
+        nvcc_flags += _gencode_flags(archs)
         ext = cpp_extension.CUDAExtension(
             f"{PACKAGE}._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},

@@ -195,7 +195,9 @@ inline void check_conv_shortcut(const at::Tensor& y, const at::Tensor& weight, c
 inline at::Tensor conv_add_relu_aten(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                      int64_t stride, int64_t padding,
                                      const std::optional<at::Tensor>& z) {
-  const auto fmt = x.suggest_memory_format();
+  // The output format rule of the schemas (and of the fakes in resnet_fused/ops.py):
+  // NCHW whenever x is NCHW-contiguous, channels_last otherwise.
+  const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::convolution(x, w, b, {stride, stride}, {padding, padding}, {1, 1}, false,
                                    {0, 0}, 1);
   out = out.contiguous(fmt);

@@ -25,10 +25,15 @@
 #define RESNET_FUSED_WITH_CUDA 0
 #endif
 
+// SM versions the CUDA kernels were compiled for (e.g. 90 for sm_90a), from setup.py.
+#ifndef RESNET_FUSED_SM_LIST
+#define RESNET_FUSED_SM_LIST
+#endif
+
 // The extension must be importable as a Python module so that `import resnet_fused._C`
 // runs the static initialisers that register the ops. No pybind11: it costs compile
 // time and nothing here needs it. `built_with_cuda` tells Python whether the CUDA
-// kernels were compiled in.
+// kernels were compiled in, `cuda_archs` for which SM versions (a tuple of ints).
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -41,6 +46,19 @@ PyObject* PyInit__C(void) {
   Py_INCREF(flag);
   if (PyModule_AddObject(m, "built_with_cuda", flag) < 0) {
     Py_DECREF(flag);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  static const int archs[] = {0, RESNET_FUSED_SM_LIST};  // leading 0: never empty
+  const Py_ssize_t n_archs = static_cast<Py_ssize_t>(sizeof(archs) / sizeof(archs[0])) - 1;
+  PyObject* tuple = PyTuple_New(n_archs);
+  if (tuple == nullptr) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < n_archs; ++i) PyTuple_SET_ITEM(tuple, i, PyLong_FromLong(archs[i + 1]));
+  if (PyModule_AddObject(m, "cuda_archs", tuple) < 0) {
+    Py_DECREF(tuple);
     Py_DECREF(m);
     return nullptr;
   }

@@ -453,3 +453,28 @@ def test_cuda_kernels_match_cpu_kernels_on_larger_shapes(dtype, channels_last):
         for name, g, e in zip(("grad_c", "grad_w", "grad_b", "grad_res"), res_g, res_c):
             torch.testing.assert_close(g.cpu().double(), e.double(), rtol=2e-2, atol=2e-2 * e.double().abs().max().item() / 10,
                                        msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- availability
+def test_unavailable_reasons_say_what_to_do(monkeypatch):
+    from types import SimpleNamespace
+
+    from resnet_fused.backends.native import NativeBackend
+
+    b = NativeBackend()
+    assert b.unavailable_reason(torch.device("cpu")) is None
+    assert isinstance(_C.cuda_archs, tuple) and all(isinstance(a, int) for a in _C.cuda_archs)
+    assert bool(_C.cuda_archs) == _C.built_with_cuda
+    b._ext, b._import_error = None, "ModuleNotFoundError: no module named resnet_fused._C"
+    reason = b.unavailable_reason(torch.device("cpu"))
+    assert "resnet_fused._C is not built" in reason and "pip install --no-build-isolation" in reason
+    b._ext = SimpleNamespace(built_with_cuda=False, cuda_archs=())
+    assert "built without CUDA kernels" in b.unavailable_reason(torch.device("cuda"))
+    b._ext = SimpleNamespace(built_with_cuda=True, cuda_archs=(90,))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert b.unavailable_reason(torch.device("cuda")) == "CUDA is not available"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert "compiled for sm_90 but this GPU is sm_80" in b.unavailable_reason(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert b.unavailable_reason(torch.device("cuda")) is None

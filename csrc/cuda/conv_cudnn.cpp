@@ -41,7 +41,7 @@ Tensor conv_bias_relu_cuda(const Tensor& x, const Tensor& weight, const Tensor& 
   check_bias("conv_bias_relu", bias, weight, x);
   TORCH_CHECK(x.is_cuda(), "conv_bias_relu: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = x.suggest_memory_format();
+  const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   if (fused_applies(x)) {
     try {
       return at::cudnn_convolution_relu(x, weight.contiguous(fmt), bias, {stride, stride},
@@ -61,7 +61,7 @@ Tensor conv_bias_shortcut_relu_cuda(const Tensor& y, const Tensor& weight, const
   check_conv_shortcut(y, weight, bias, x, shortcut_weight, padding, shortcut_stride, shortcut_padding);
   TORCH_CHECK(y.is_cuda(), "conv_bias_shortcut_relu: expected CUDA tensors, got ", y.device());
   const c10::cuda::CUDAGuard guard(y.device());
-  const auto fmt = y.suggest_memory_format();
+  const auto fmt = y.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   // The projection is computed first and fed to cuDNN as the added tensor z.
   const Tensor sc = shortcut_of(x, shortcut_weight, shortcut_stride, shortcut_padding).contiguous(fmt);
   if (fused_applies(y)) {

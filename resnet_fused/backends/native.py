@@ -67,8 +67,20 @@ class NativeBackend(CompositeBackend):
                         "rebuild with CUDA_HOME set to the CUDA toolkit")
             if not torch.cuda.is_available():
                 return "CUDA is not available"
-            return None
+            return self._arch_mismatch(device)
         return f"the native backend has CPU and CUDA kernels, not {device.type} ones"
+
+    def _arch_mismatch(self, device: torch.device) -> Optional[str]:
+        # A cubin for sm_XY runs on compute capability X.Z with Z >= Y (sm_90a: 9.0 only).
+        archs = tuple(getattr(self._ext, "cuda_archs", ()))
+        if not archs:
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        if any(a // 10 == major and a % 10 <= minor for a in archs):
+            return None
+        built = ", ".join(f"sm_{a}" for a in archs)
+        return (f"resnet_fused._C was compiled for {built} but this GPU is sm_{major}{minor}; "
+                f"rebuild with RESNET_FUSED_CUDA_ARCHS=\"{major}{minor}\"")
 
     def unsupported_dtype_reason(self, dtype: torch.dtype, device: torch.device) -> Optional[str]:
         # float64 is supported too (CPU and CUDA kernels), for gradcheck.

@@ -17,16 +17,19 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
-from ..base import Backend, FoldedBlock
+from ..composite import CompositeBackend
+from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
+from .train import train_block  # defines block_train; imported here, never while tracing
 
 _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
              "resnet_fused to use the interpreter")
 
 
-class TritonBackend(Backend):
+class TritonBackend(CompositeBackend):
     name = "triton"
+    namespace = "resnet_fused_triton"
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)
@@ -57,14 +60,9 @@ class TritonBackend(Backend):
                     "arithmetic is wrong; use float32 or float16 there (bfloat16 runs on CUDA)")
         return None
 
-    def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
-        ops = torch.ops.resnet_fused_triton
-        y1 = ops.conv_bias_relu(x, folded.w1, folded.b1, folded.stride1, folded.padding1)
-        return ops.conv_bias_shortcut_relu(y1, folded.w2, folded.b2, x, folded.w3,
-                                           folded.padding2, folded.stride3, folded.padding3)
+    # forward_eval: CompositeBackend's K1 -> K2 over this namespace's eval ops.
 
     def forward_train(self, block, x: torch.Tensor) -> torch.Tensor:
-        from .train import train_block
         return train_block(block, x)
 
 

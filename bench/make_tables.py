@@ -226,14 +226,19 @@ def plot_speedup(rows, env, path) -> bool:
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.2), squeeze=False)
+    # One colour per provider across every panel, and one legend listing them all (a
+    # panel may lack a provider, e.g. compile in training on CPU).
+    every = [p for p in _ordered({p for _, _, by_x in panels for d in by_x.values() for p in d})
+             if p != "eager"]
+    colour = {p: f"C{i % 10}" for i, p in enumerate(every)}
     for ax, (section, mode, by_x) in zip(axes[0], panels):
-        provs = [p for p in _ordered({p for d in by_x.values() for p in d}) if p != "eager"]
+        provs = [p for p in every if any(p in d for d in by_x.values())]
         xs = list(by_x)
         width = 0.8 / max(len(provs), 1)
         for i, p in enumerate(provs):
             vals = [_num(by_x[x].get(p, {}).get("speedup_vs_eager")) or 0.0 for x in xs]
             ax.bar([j + (i - (len(provs) - 1) / 2) * width for j in range(len(xs))], vals,
-                   width, label=LABEL.get(p, p))
+                   width, color=colour[p])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs if section == "block" else [f"ResNet-18 n={x}" for x in xs],
@@ -241,7 +246,9 @@ def plot_speedup(rows, env, path) -> bool:
         ax.set_title(f"{'block' if section == 'block' else 'network'}, {mode}", fontsize=10)
         ax.set_ylabel("speedup over eager (same dtype)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[p]) for p in every]
+    axes[0][-1].legend(handles, [LABEL.get(p, p) for p in every], fontsize=7,
+                       loc="upper left", bbox_to_anchor=(1.0, 1.0))
     title = f"{env.get('gpu', '?')}, {env.get('bench_dtype', '')}, torch {env.get('torch', '')}, " \
             f"triton {env.get('triton', '')}, {(env.get('timestamp') or '')[:10]}"
     if env.get("device") != "cuda":

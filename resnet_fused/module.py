@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from . import backends
 from .backends.composite import conv_forward
 from .backends.preference import shape_key
-from .fold import folded
+from .fold import block_tensors, folded
 from .ops import memory_format_of
 
 
@@ -287,7 +287,7 @@ class FusedResidual(nn.Module):
                                  f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
             return backend.forward_train(self, x)
         if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters())):
+                t.requires_grad for t in block_tensors(self))):
             return self._forward_eval_unfolded(x)
         return backend.forward_eval(self, folded(self, x.dtype, memory_format_of(x)), x)
 

@@ -271,14 +271,12 @@ def to_layout(m_or_t, device, dtype, channels_last: bool):
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
-    """Eval-mode BN folded into the preceding convolution: (weight, bias) in fp32."""
-    w = conv.weight.detach().float()
-    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(
-        w.shape[0], device=w.device)
-    if bn is None:
-        return w, b
-    s = bn.weight.detach().float() / torch.sqrt(bn.running_var.detach().float() + bn.eps)
-    return w * s.view(-1, 1, 1, 1), (b - bn.running_mean.detach().float()) * s + bn.bias.detach().float()
+    """Eval-mode BN folded into the preceding convolution: (weight, bias) in fp32, detached
+    (the package's own fold, so the cuDNN baseline gets exactly our folded weights)."""
+    from resnet_fused.fold import fold_conv_bn as package_fold  # lazy: run.py sets
+    # TRITON_INTERPRET before the package is first imported
+    with torch.no_grad():
+        return package_fold(conv, bn)
 
 
 def cudnn_fused_eval(blk: nn.Module, dtype: torch.dtype, channels_last: bool):

@@ -17,13 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from torch.nn import functional as F
-
 from . import backends
-from .backends.composite import conv_forward
 from .backends.preference import shape_key
 from .fold import block_tensors, folded
 from .ops import memory_format_of
+from .reference import plain_block_forward
 
 
 class ConversionError(ValueError):
@@ -215,7 +213,9 @@ class FusedResidual(nn.Module):
             self.downsample = None
         self._layout = p.layout
         self.backend = backends.check_name(backend)
-        self.train(block.training)
+        # The block's own flag only: self.train() would also reset the submodules, and a
+        # BN deliberately left in eval (frozen BN) must stay so.
+        self.training = block.training
         return self
 
     def extra_repr(self) -> str:
@@ -247,10 +247,10 @@ class FusedResidual(nn.Module):
         if min(x.shape) == 0:
             raise ValueError(f"FusedResidual: input of shape {tuple(x.shape)} is empty")
 
-    def _backend_for(self, x: torch.Tensor):
+    def _backend_for(self, x: torch.Tensor, training: bool):
         if self.backend == "auto":
             key = shape_key(x.shape, self.out_channels, self.stride)
-            return backends.choose(x.device, x.dtype, self.training, key)
+            return backends.choose(x.device, x.dtype, training, key)
         backend = backends.get(self.backend, x.device)
         reason = backend.unsupported_dtype_reason(x.dtype, x.device)
         if reason is not None:
@@ -276,39 +276,36 @@ class FusedResidual(nn.Module):
                             f"(e.g. .to({x.dtype})) or run under torch.autocast")
         return self._forward(x)
 
+    def _bn_modes(self) -> tuple:
+        return tuple(b.training for b in (self.bn1, self.bn2, self.bn3) if b is not None)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=memory_format_of(x))
-        backend = self._backend_for(x)
-        if self.training:
+        # The BatchNorm modules' own mode decides, as in the plain block: a model in
+        # train() whose BNs were put in eval() (frozen-BN fine-tuning) normalises with
+        # running statistics.
+        modes = self._bn_modes()
+        # Resolved (and the dtype checked) on every path, so a backend that cannot take
+        # this input says so even where the unfused path below would serve it.
+        backend = self._backend_for(x, all(modes))
+        if all(modes):
             n, _, h, w = x.shape
             s = self.stride
             if n * ((h - 1) // s + 1) * ((w - 1) // s + 1) <= 1:
                 raise ValueError("Expected more than 1 value per channel when training, got "
                                  f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
             return backend.forward_train(self, x)
+        if any(modes):
+            # Some BNs train, some not: no fused path computes that mix.
+            return plain_block_forward(self, x)
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 t.requires_grad for t in block_tensors(self))):
-            return self._forward_eval_unfolded(x)
+            # Eval while autograd records (frozen-BN fine-tuning, saliency maps):
+            # unfolded, so every gradient, BN's weight and bias included, has the plain
+            # block's numerics (a bf16-folded weight would round the gradient of gamma).
+            # Inference under torch.no_grad()/inference_mode() takes the folded kernels.
+            return plain_block_forward(self, x)
         return backend.forward_eval(self, folded(self, x.dtype, memory_format_of(x)), x)
-
-    def _forward_eval_unfolded(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval mode while autograd records (the caller wants gradients, e.g. frozen-BN
-        fine-tuning or saliency): conv -> BN(running stats) -> ReLU unfolded, so every
-        gradient, BN's weight and bias included, has the plain block's numerics (a
-        folded bf16 weight would round the gradient of gamma). Wrap inference in
-        torch.no_grad()/inference_mode() to get the folded, fused kernels."""
-        def bn(b, t):
-            return F.batch_norm(t, b.running_mean, b.running_var, b.weight, b.bias, False,
-                                0.0, b.eps)
-
-        y = F.relu(bn(self.bn1, conv_forward(self.conv1, x)))
-        y = bn(self.bn2, conv_forward(self.conv2, y))
-        sc = x
-        if self.conv3 is not None:
-            sc = conv_forward(self.conv3, x)
-            if self.bn3 is not None:
-                sc = bn(self.bn3, sc)
-        return F.relu(y + sc)
 
 
 def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:

@@ -63,18 +63,27 @@ def resnet18(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
                          nn.Linear(512, num_classes))
 
 
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) with the weights in x's dtype (a no-op cast when they match; inside an
+    autocast region FusedResidual runs the block in the autocast dtype)."""
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding)
+
+
 def plain_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The plain computation of any supported block (D2L Residual, its 3x3-projection
-    variant, torchvision's BasicBlock or a FusedResidual's parameters), with nn.functional
-    ops only: the reference the tests run in float64."""
+    variant, torchvision's BasicBlock or a FusedResidual's parameters): convolutions,
+    then each BatchNorm module called as it is (training or eval, as that module is
+    set), the shortcut, the add and ReLU. The reference of the tests, and
+    FusedResidual's own path where no fused path applies."""
     from .module import block_parts
 
     p = block_parts(block)
-    y = F.relu(p.bn1(p.conv1(x)))
-    y = p.bn2(p.conv2(y))
+    y = F.relu(p.bn1(conv_forward(p.conv1, x)))
+    y = p.bn2(conv_forward(p.conv2, y))
     sc = x
     if p.conv3 is not None:
-        sc = p.conv3(x)
+        sc = conv_forward(p.conv3, x)
         if p.bn3 is not None:
             sc = p.bn3(sc)
     return F.relu(y + sc)

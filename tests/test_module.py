@@ -236,3 +236,33 @@ def test_autocast_cpu_bf16_matches_plain_autocast():
 
 def test_repr_names_backend():
     assert "backend='torch'" in repr(FusedResidual(4, 4, backend="torch"))
+
+
+@pytest.mark.parametrize("frozen", ["all", "bn1", "downsample"])
+def test_bn_modules_own_mode_decides_like_plain(frozen):
+    """model.train() with BNs put back in eval (frozen-BN fine-tuning), or only some of
+    them: each BN behaves as its own mode says, as in the plain block."""
+    def make():
+        blk = BLOCKS["basic_down_s2"]()
+        blk.train()
+        bns = {"all": [blk.bn1, blk.bn2, blk.downsample[1]], "bn1": [blk.bn1],
+               "downsample": [blk.downsample[1]]}[frozen]
+        for bn in bns:
+            bn.eval()
+        return blk
+
+    plain = make().double()
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch")
+    assert fused.training
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [plain(xs[0]), fused(xs[1])]
+    for o in outs:
+        o.square().sum().backward()
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(xs[1].grad, xs[0].grad)
+    for (name, a), b in zip(plain.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, a, msg=name)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)

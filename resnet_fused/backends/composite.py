@@ -14,17 +14,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..ops import like_format
+from ..reference import conv_forward
 from .base import Backend, FoldedBlock
-
-
-def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) with the weights in x's dtype (so an autocast region, which runs the
-    block in the autocast dtype, needs no per-op casts)."""
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding)
 
 
 class CompositeBackend(Backend):

@@ -12,13 +12,34 @@
 // partials per channel (in double) and writes the result. channel_stats uses sums
 // shifted by the channel's first element, so var = E[(x-k)^2] - E[x-k]^2 does not
 // cancel catastrophically when |mean| >> std. No host synchronisation anywhere.
+//
+// The file also compiles as plain C++ with RESNET_FUSED_EMULATE defined (csrc/emu/):
+// every CUDA thread then runs as a host thread, with real barriers and warp shuffles,
+// on CPU tensors, so tests/test_native_emulation.py checks the kernels' index maths,
+// launch configurations and reductions against the CPU kernels without a GPU. The
+// RF_* macros below are the only places where the two builds differ.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#ifdef RESNET_FUSED_EMULATE
+#include "../emu/cuda_emu.h"
+#define RF_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, grid, block, __VA_ARGS__)
+#define RF_STREAM() 0
+#define RF_DEVICE_GUARD(dev) ((void)0)
+#define RF_IS_DEVICE(t) ((t).is_cpu())
+#define RF_NUM_SMS() ::emu::num_sms()
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#define RF_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define RF_STREAM() at::cuda::getCurrentCUDAStream()
+#define RF_DEVICE_GUARD(dev) const c10::cuda::CUDAGuard rf_device_guard_(dev)
+#define RF_IS_DEVICE(t) ((t).is_cuda())
+#define RF_NUM_SMS() at::cuda::getCurrentDeviceProperties()->multiProcessorCount
+#endif
 
 #include <algorithm>
 #include <numeric>
@@ -63,7 +84,7 @@ __device__ __forceinline__ void store8(T* __restrict__ p, const A (&in)[8]) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int num_sms() { return RF_NUM_SMS(); }
 
 // Grid size for the elementwise kernels: enough blocks for the groups, at most a
 // few waves (grid-stride loop). For NHWC, the block count is rounded so that the
@@ -308,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
 template <typename T, typename A, int MODE>
 void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mask, const A* mean,
                     const A* invstd, bool vec_ok, A* out0, A* out1, const at::TensorOptions& opts) {
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = RF_STREAM();
   const int64_t M = l.N * l.HW();
   const int64_t target = int64_t(num_sms()) * 8;  // blocks: ~8 per SM of 256 threads
   Tensor partial;
@@ -328,13 +349,8 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
     S = std::min<int64_t>(S, 65535);
     partial = at::empty({2, S, l.C}, opts);
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(gy)), block(TX, TY);
-    if (v8) {
-      reduce_nhwc_kernel<T, A, MODE, 8><<<grid, block, 0, stream>>>(x, dy, mask, mean, invstd, M, l.C,
-                                                                   partial.data_ptr<A>());
-    } else {
-      reduce_nhwc_kernel<T, A, MODE, 1><<<grid, block, 0, stream>>>(x, dy, mask, mean, invstd, M, l.C,
-                                                                   partial.data_ptr<A>());
-    }
+    auto kernel = v8 ? reduce_nhwc_kernel<T, A, MODE, 8> : reduce_nhwc_kernel<T, A, MODE, 1>;
+    RF_LAUNCH(kernel, grid, block, stream, x, dy, mask, mean, invstd, M, l.C, partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     TORCH_CHECK(l.C <= 65535, "channel reduction: at most 65535 channels in NCHW, got ", l.C);
@@ -342,28 +358,26 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
     S = std::min<int64_t>(S, 65535);
     partial = at::empty({2, S, l.C}, opts);
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(l.C));
-    if (vec_ok && l.HW() % 8 == 0) {
-      reduce_nchw_kernel<T, A, MODE, true><<<grid, kThreads, 0, stream>>>(
-          x, dy, mask, mean, invstd, l.N, l.C, l.HW(), partial.data_ptr<A>());
-    } else {
-      reduce_nchw_kernel<T, A, MODE, false><<<grid, kThreads, 0, stream>>>(
-          x, dy, mask, mean, invstd, l.N, l.C, l.HW(), partial.data_ptr<A>());
-    }
+    auto kernel = vec_ok && l.HW() % 8 == 0 ? reduce_nchw_kernel<T, A, MODE, true>
+                                            : reduce_nchw_kernel<T, A, MODE, false>;
+    RF_LAUNCH(kernel, grid, dim3(kThreads), stream, x, dy, mask, mean, invstd, l.N, l.C, l.HW(),
+              partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t warps = kThreads / 32;
   const int64_t blocks = (l.C + warps - 1) / warps;
-  reduce_finish_kernel<T, A, MODE><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      partial.data_ptr<A>(), S, l.C, M, x, l.nhwc ? 1 : l.HW(), out0, out1);
+  auto finish = reduce_finish_kernel<T, A, MODE>;
+  RF_LAUNCH(finish, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream, partial.data_ptr<A>(), S,
+            l.C, M, x, l.nhwc ? int64_t(1) : l.HW(), out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ============================================================ channel_stats
 std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
   const Layout l = check_activation("channel_stats", "x", x);
-  TORCH_CHECK(x.is_cuda(), "channel_stats: expected a CUDA tensor, got ", x.device());
+  TORCH_CHECK(RF_IS_DEVICE(x), "channel_stats: expected a CUDA tensor, got ", x.device());
   TORCH_CHECK(l.numel() > 0, "channel_stats: x must not be empty, got shape ", shape_str(x));
-  const c10::cuda::CUDAGuard guard(x.device());
+  RF_DEVICE_GUARD(x.device());
   const auto sdt = stat_dtype(x.scalar_type());
   Tensor mean = at::empty({l.C}, x.options().dtype(sdt));
   Tensor var = at::empty({l.C}, x.options().dtype(sdt));
@@ -436,19 +450,20 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Te
                                                     Tensor& num_batches_tracked, double momentum,
                                                     double eps, int64_t count) {
   check_finalize_cuda(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, eps, count);
-  TORCH_CHECK(mean.is_cuda(), "bn_finalize: expected CUDA tensors, got ", mean.device());
-  const c10::cuda::CUDAGuard guard(mean.device());
+  TORCH_CHECK(RF_IS_DEVICE(mean), "bn_finalize: expected CUDA tensors, got ", mean.device());
+  RF_DEVICE_GUARD(mean.device());
   const int64_t C = mean.size(0);
   // weight/bias in the statistics dtype (a no-op unless the module is half precision).
   const Tensor w = weight.to(mean.scalar_type()), b = bias.to(mean.scalar_type());
   Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (C + 31) / 32 * 32)));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = RF_STREAM();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_finalize_cuda", [&] {
     using A = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bn_finalize_running", [&] {
       using R = scalar_t;
-      bn_finalize_kernel<A, R><<<1, threads, 0, stream>>>(
+      auto kernel = bn_finalize_kernel<A, R>;
+      RF_LAUNCH(kernel, dim3(1), dim3(threads), stream,
           mean.const_data_ptr<A>(), var.const_data_ptr<A>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(),
           running_mean.data_ptr<R>(), running_var.data_ptr<R>(), num_batches_tracked.data_ptr<int64_t>(),
           momentum, eps, count, C, invstd.data_ptr<A>(), scale.data_ptr<A>(), shift.data_ptr<A>());
@@ -565,12 +580,12 @@ std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, cons
                                        const std::optional<Tensor>& residual) {
   const char* op = "bn_act";
   const Layout l = check_activation(op, "c", c);
-  TORCH_CHECK(c.is_cuda(), op, ": expected a CUDA tensor, got ", c.device());
+  TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_stats_args_cuda(op, c, l, mean, invstd, weight);
   check_channel_vec(op, "bias", bias, l.C, c, std::nullopt);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like(op, "residual", *residual, "c", c, l);
-  const c10::cuda::CUDAGuard guard(c.device());
+  RF_DEVICE_GUARD(c.device());
   Tensor out = at::empty_like(c);
   const int64_t numel = c.numel();
   Tensor mask = at::empty({mask_bytes(numel)}, c.options().dtype(at::kByte));
@@ -580,12 +595,12 @@ std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, cons
   const bool vec = vec_layout_ok(l) && aligned16(c.const_data_ptr()) && aligned16(out.data_ptr()) &&
                    (!has_res || aligned16(residual->const_data_ptr()));
   const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = RF_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* pr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
     auto kernel = vec ? bn_act_kernel<scalar_t, A, true> : bn_act_kernel<scalar_t, A, false>;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    RF_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
         c.const_data_ptr<scalar_t>(), pr, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
         w.const_data_ptr<A>(), b.const_data_ptr<A>(), out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(),
         numel, l.C, l.HW(), l.nhwc);
@@ -657,12 +672,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
     const Tensor& invstd, const Tensor& weight, bool residual_grad) {
   const char* op = "bn_act_backward";
   const Layout l = check_activation(op, "c", c);
-  TORCH_CHECK(c.is_cuda(), op, ": expected a CUDA tensor, got ", c.device());
+  TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_like(op, "grad_out", grad_out, "c", c, l);
   check_mask(op, mask, c);
   check_stats_args_cuda(op, c, l, mean, invstd, weight);
   TORCH_CHECK(c.numel() > 0, op, ": c must not be empty");
-  const c10::cuda::CUDAGuard guard(c.device());
+  RF_DEVICE_GUARD(c.device());
   const auto sdt = stat_dtype(c.scalar_type());
   const int64_t numel = c.numel(), M = l.N * l.HW();
   Tensor grad_c = at::empty_like(c);
@@ -671,7 +686,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
   const Tensor w = weight.to(sdt);
   const bool aligned = aligned16(c.const_data_ptr()) && aligned16(grad_out.const_data_ptr()) &&
                        aligned16(grad_c.data_ptr()) && (!residual_grad || aligned16(grad_res.data_ptr()));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = RF_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     // Pass 1: gb = sum(g), gw = sum(g * xhat) per channel.
@@ -683,7 +698,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
     const bool vec = aligned && vec_layout_ok(l);
     const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
     auto kernel = vec ? bn_act_backward_kernel<scalar_t, A, true> : bn_act_backward_kernel<scalar_t, A, false>;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    RF_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
         grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(), c.const_data_ptr<scalar_t>(),
         mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), w.const_data_ptr<A>(), gb.const_data_ptr<A>(),
         gw.const_data_ptr<A>(), grad_c.data_ptr<scalar_t>(),
@@ -695,11 +710,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
 
 }  // namespace
 
+#ifndef RESNET_FUSED_EMULATE
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("channel_stats", &channel_stats_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);
   m.impl("bn_act", &bn_act_cuda);
   m.impl("bn_act_backward", &bn_act_backward_cuda);
 }
+#endif
 
 }  // namespace resnet_fused

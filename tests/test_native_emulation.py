@@ -1,0 +1,267 @@
+"""The CUDA BatchNorm kernels (csrc/cuda/bn_kernels.cu) run WITHOUT a GPU, through the
+host emulation of csrc/emu/: the same source compiled as C++, every CUDA thread a host
+thread with real barriers and warp shuffles (see csrc/emu/cuda_emu.h), registered as
+torch.ops.resnet_fused_emu on CPU tensors. Each op is compared with the CPU kernels
+(torch.ops.resnet_fused, themselves tested against float64 in test_native_ops.py) on
+shapes chosen to take every branch of the kernels and launchers: NHWC with C % 8 == 0
+(16-byte vector path) and not, NCHW with H*W % 8 == 0 and not, mask tails, batch 1,
+misaligned views (scalar path) and aligned views with a storage offset, more channels
+than one block spans, grids too small for the data (grid-stride loops) and the
+channel-cache rounding of the NHWC grid. The emulator also fails a launch whose grid
+exceeds the GPU's limits, or whose barriers or shuffles are divergent.
+
+What this cannot show: races that depend on GPU timing, FMA contraction (nvcc fuses
+a*b+c, the host build does not: the GPU's outputs can differ in the last bit, which
+the `cuda` tests in test_native_ops.py allow for), and speed.
+
+Building the emulation takes ~30 s of one core the first time (cached afterwards).
+"""
+import hashlib
+import os
+
+import pytest
+import torch
+
+if os.environ.get("RESNET_FUSED_SKIP_EXT") == "1":
+    pytest.skip("built without the extension (RESNET_FUSED_SKIP_EXT=1)", allow_module_level=True)
+
+from resnet_fused.backends.native import load_extension  # noqa: E402
+
+_C, _err = load_extension()
+if _C is None:
+    raise ImportError(f"resnet_fused._C is not built: {_err}")
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+EMU_SOURCES = ["emu/bn_kernels_emu.cpp", "emu/cuda_emu.h", "cuda/bn_kernels.cu", "common.h"]
+
+ref = torch.ops.resnet_fused
+IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    # load() hashes only the listed source, not what it includes: name the build after
+    # the contents of every file it depends on, so an edit rebuilds it.
+    h = hashlib.sha1()
+    for rel in EMU_SOURCES:
+        with open(os.path.join(CSRC, rel), "rb") as f:
+            h.update(f.read())
+    name = "resnet_fused_emu_" + h.hexdigest()[:12]
+    if not hasattr(torch.ops.resnet_fused_emu, "bn_act"):
+        cpp_extension.load(
+            name=name,
+            sources=[os.path.join(CSRC, "emu", "bn_kernels_emu.cpp")],
+            extra_include_paths=[CSRC],
+            # -ffp-contract=off: no FMA, so elementwise results are bit-identical to the
+            # CPU kernels and any difference is an indexing error.
+            extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off", "-pthread"],
+            extra_ldflags=["-pthread"],
+            is_python_module=False,
+            verbose=False,
+        )
+    return torch.ops.resnet_fused_emu
+
+
+@pytest.fixture
+def sms(monkeypatch):
+    """Set the SM count the emulated launchers see (grid sizes scale with it)."""
+    def set_sms(n):
+        monkeypatch.setenv("RESNET_FUSED_EMU_SMS", str(n))
+    set_sms(2)
+    return set_sms
+
+
+def poison(numel):
+    """Allocate and free NaN so the op's outputs likely reuse NaN-filled memory."""
+    t = torch.full((numel,), float("nan"))
+    del t
+
+
+def view_in_buffer(shape, dtype, channels_last, offset, fill=float("nan")):
+    """A contiguous (NCHW or channels_last) tensor of `shape` that is a view into a larger
+    buffer starting `offset` elements in, with NaN guards on both sides: out-of-bounds
+    reads show up as NaN, and offset % (16 / itemsize) != 0 makes the data pointer
+    misaligned for 16-byte accesses."""
+    N, C, H, W = shape
+    numel = N * C * H * W
+    buf = torch.full((offset + numel + 64,), fill, dtype=dtype)
+    data = (torch.randn(numel, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+    buf[offset:offset + numel] = data
+    flat = buf[offset:offset + numel]
+    if channels_last:
+        return flat.view(N, H, W, C).permute(0, 3, 1, 2)
+    return flat.view(N, C, H, W)
+
+
+def params(C, dtype=torch.float32):
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(C, dtype=torch.float64).to(dtype)
+    return w, b
+
+
+# (shape, channels_last, what it exercises)
+CASES = [
+    ((2, 16, 3, 5), True, "nhwc vec, 2 channel groups"),
+    ((3, 24, 5, 3), True, "nhwc vec, C/8 = 3: grid rounded to a multiple of 3"),
+    ((2, 20, 3, 5), True, "nhwc scalar (C % 8 != 0)"),
+    ((1, 3, 5, 7), True, "nhwc C=3, batch 1, mask tail"),
+    ((2, 264, 2, 3), True, "nhwc vec, 33 channel groups: two blocks across channels"),
+    ((2, 8, 4, 6), False, "nchw vec (H*W % 8 == 0)"),
+    ((3, 5, 3, 5), False, "nchw scalar, mask tail"),
+    ((1, 7, 1, 1), False, "H = W = 1"),
+]
+CASE_IDS = [c[2] for c in CASES]
+
+
+def check_equal(name, got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    bad = ~((got == want) | (got.isnan() & want.isnan())) if got.is_floating_point() else got != want
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {got.numel()} elements differ, first at "
+                           f"{bad.reshape(-1).nonzero()[0].item()}")
+
+
+def close(name, got, want, rtol, scale=None):
+    scale = want.double().abs().max().item() if scale is None else scale
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * max(scale, 1e-30),
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=IDS.get)
+@pytest.mark.parametrize("shape,channels_last,what", CASES, ids=CASE_IDS)
+def test_emulated_kernels_match_cpu_kernels(emu, sms, dtype, shape, channels_last, what):
+    c = view_in_buffer(shape, dtype, channels_last, offset=0)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+
+    m_e, v_e = emu.channel_stats(c)
+    m_r, v_r = ref.channel_stats(c)
+    close("mean", m_e, m_r, tol, scale=v_r.max().item() ** 0.5)
+    close("var", v_e, v_r, 4 * tol)
+
+    invstd = (v_r + 1e-5).rsqrt()
+    w, b = params(shape[1])
+    r = view_in_buffer(shape, dtype, channels_last, offset=0)
+    for res in (None, r):
+        poison(c.numel() * 2)
+        out_e, mask_e = emu.bn_act(c, m_r, invstd, w, b, res)
+        out_r, mask_r = ref.bn_act(c, m_r, invstd, w, b, res)
+        assert out_e.stride() == out_r.stride()
+        check_equal("bn_act out", out_e, out_r)
+        check_equal("bn_act mask", mask_e, mask_r)
+
+    dy = view_in_buffer(shape, dtype, channels_last, offset=0)
+    for residual_grad in (False, True):
+        poison(c.numel() * 2)
+        got = emu.bn_act_backward(dy, mask_r, c, m_r, invstd, w, residual_grad)
+        want = ref.bn_act_backward(dy, mask_r, c, m_r, invstd, w, residual_grad)
+        gtol = 1e-10 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
+        close("grad_c", got[0], want[0], gtol)
+        close("grad_weight", got[1], want[1], 10 * tol)
+        close("grad_bias", got[2], want[2], 10 * tol)
+        check_equal("grad_residual", got[3], want[3])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("offset", [1, 3, 8], ids=["off1", "off3", "off8-aligned"])
+def test_views_with_storage_offset(emu, sms, channels_last, offset):
+    """bf16 views 1 or 3 elements in (misaligned: scalar path) or 8 in (16 bytes: vector
+    path with a storage offset), for c, residual and grad_out in turn."""
+    shape = (2, 16, 4, 4)
+    dtype = torch.bfloat16
+    aligned = view_in_buffer(shape, dtype, channels_last, 0)
+    shifted = view_in_buffer(shape, dtype, channels_last, offset)
+    w, b = params(16)
+    for c, r in ((shifted, aligned), (aligned, shifted)):
+        m, v = ref.channel_stats(c)
+        m_e, v_e = emu.channel_stats(c)
+        close("mean", m_e, m, 1e-5, scale=v.max().item() ** 0.5)
+        close("var", v_e, v, 1e-5)
+        invstd = (v + 1e-5).rsqrt()
+        out_e, mask_e = emu.bn_act(c, m, invstd, w, b, r)
+        out_r, mask_r = ref.bn_act(c, m, invstd, w, b, r)
+        check_equal("out", out_e, out_r)
+        check_equal("mask", mask_e, mask_r)
+        for dy in (shifted, aligned):
+            got = emu.bn_act_backward(dy, mask_r, c, m, invstd, w, True)
+            want = ref.bn_act_backward(dy, mask_r, c, m, invstd, w, True)
+            close("grad_c", got[0], want[0], 1e-2)
+            close("grad_weight", got[1], want[1], 1e-5)
+            check_equal("grad_residual", got[3], want[3])
+
+
+@pytest.mark.parametrize("nsms", [1, 3])
+@pytest.mark.parametrize("shape,channels_last", [((2, 64, 16, 17), True), ((2, 40, 16, 16), True),
+                                                 ((3, 24, 16, 24), False), ((2, 12, 31, 45), False)],
+                         ids=["nhwc64", "nhwc40", "nchw-vec", "nchw-odd"])
+def test_grid_stride_loops(emu, sms, nsms, shape, channels_last):
+    """More data than the grid covers in one sweep (the emulated GPU has 1 or 3 SMs, so
+    at most 16 or 48 elementwise blocks): every thread loops, its channel advances
+    through ChanIter, and the reductions combine several partials per channel."""
+    sms(nsms)
+    dtype = torch.float32
+    c = view_in_buffer(shape, dtype, channels_last, 0)
+    m_e, v_e = emu.channel_stats(c)
+    m, v = ref.channel_stats(c)
+    close("mean", m_e, m, 2e-6, scale=v.max().item() ** 0.5)
+    close("var", v_e, v, 1e-5)
+    invstd = (v + 1e-5).rsqrt()
+    w, b = params(shape[1])
+    r = view_in_buffer(shape, dtype, channels_last, 0)
+    out_e, mask_e = emu.bn_act(c, m, invstd, w, b, r)
+    out_r, mask_r = ref.bn_act(c, m, invstd, w, b, r)
+    check_equal("out", out_e, out_r)
+    check_equal("mask", mask_e, mask_r)
+    dy = view_in_buffer(shape, dtype, channels_last, 0)
+    got = emu.bn_act_backward(dy, mask_r, c, m, invstd, w, True)
+    want = ref.bn_act_backward(dy, mask_r, c, m, invstd, w, True)
+    close("grad_c", got[0], want[0], 1e-5)
+    close("grad_weight", got[1], want[1], 1e-5)
+    close("grad_bias", got[2], want[2], 1e-5)
+    check_equal("grad_residual", got[3], want[3])
+
+
+def test_stats_stable_when_mean_dominates(emu, sms):
+    """Shifted sums: mean 1000, std 0.01 in float32 keeps the variance to ~1e-3 relative."""
+    for channels_last in (False, True):
+        x = view_in_buffer((4, 16, 8, 8), torch.float64, channels_last, 0)
+        x = (x * 0.01 + 1000.0).float()
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        _, v = emu.channel_stats(x)
+        v64 = x.double().var(dim=(0, 2, 3), unbiased=False)
+        close("var", v, v64, 1e-3)
+
+
+@pytest.mark.parametrize("C", [5, 1500], ids=["C5", "C1500-loops-over-1024-threads"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float16], ids=IDS.get)
+def test_bn_finalize(emu, C, momentum, buf_dtype):
+    mom = -1.0 if momentum is None else momentum
+    mean = torch.randn(C)
+    var = torch.rand(C) + 0.1
+    w, b = params(C)
+    rm_e, rv_e = torch.randn(C).to(buf_dtype), (torch.rand(C) + 0.5).to(buf_dtype)
+    rm_r, rv_r = rm_e.clone(), rv_e.clone()
+    n_e = torch.tensor(4, dtype=torch.int64)
+    n_r = n_e.clone()
+    for _ in range(3):  # 1/num_batches_tracked changes each step with momentum=None
+        got = emu.bn_finalize(mean, var, w, b, rm_e, rv_e, n_e, mom, 1e-5, 98)
+        want = ref.bn_finalize(mean, var, w, b, rm_r, rv_r, n_r, mom, 1e-5, 98)
+        for name, g, e in zip(("invstd", "scale", "shift"), got, want):
+            close(name, g, e, 1e-6)
+        assert n_e.item() == n_r.item()
+        rt = 1e-6 if buf_dtype == torch.float32 else 1e-3
+        close("running_mean", rm_e, rm_r, rt)
+        close("running_var", rv_e, rv_r, rt)
+    assert n_e.item() == 7
+
+
+def test_empty_batch_bn_act(emu):
+    c = torch.randn(0, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    m, i = torch.zeros(16), torch.ones(16)
+    w, b = params(16)
+    out, mask = emu.bn_act(c, m, i, w, b, None)
+    assert out.shape == c.shape and mask.numel() == 0

@@ -221,6 +221,13 @@ class FusedResidual(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
+    def __getstate__(self):
+        # torch.save / deepcopy / pickle: the fold cache is derived state (and holds
+        # tensors), so it is not saved; the copy refolds on its first eval call.
+        state = self.__dict__.copy()
+        state.pop("_fold_cache", None)
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_fold_cache", None)  # .to()/.half(): refold for the new tensors
         return super()._apply(fn, *args, **kwargs)

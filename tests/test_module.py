@@ -198,6 +198,21 @@ def test_eval_cache_is_reused_when_nothing_changed():
         assert fused._fold_cache[1] is first
 
 
+def test_fold_cache_is_not_saved_or_copied():
+    fused = FusedResidual(8, 8, backend="torch").eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        ref = fused(x)
+    assert "_fold_cache" in fused.__dict__
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for copied in (torch.load(buf, weights_only=False), copy.deepcopy(fused)):
+        assert "_fold_cache" not in copied.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), ref)
+
+
 def test_eval_with_autograd_gives_parameter_gradients():
     check_block(BLOCKS["proj1x1_s2"], dtype=torch.float64, train=False)
 

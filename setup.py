@@ -8,6 +8,8 @@ Environment (flash-attention style):
     RESNET_FUSED_SKIP_CUDA=1     CPU kernels only, even when CUDA is available
     RESNET_FUSED_CUDA_ARCHS      ';'-separated SM list, default "90a" (H100/H200);
                                  e.g. "80;90a" -> -gencode arch=compute_80,code=sm_80 ...
+    RESNET_FUSED_PTXAS_VERBOSE=1 nvcc -Xptxas -v: registers, spills and shared memory of
+                                 every kernel in the build log (see csrc/tools/resource_report.py)
     MAX_JOBS                     parallel compile jobs (read by torch's BuildExtension)
     CUDA_HOME                    CUDA toolkit root; nvcc must be at $CUDA_HOME/bin/nvcc
 
@@ -79,6 +81,8 @@ def _extensions():
             include_dirs.append(wheel_cuda_inc)
         nvcc_flags = ["-O3", "-lineinfo", "-DRESNET_FUSED_WITH_CUDA=1"]
         nvcc_flags += _gencode_flags(archs)
+        if _flag("RESNET_FUSED_PTXAS_VERBOSE"):
+            nvcc_flags += ["-Xptxas", "-v"]
         ext = cpp_extension.CUDAExtension(
             f"{PACKAGE}._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},

@@ -194,9 +194,14 @@ def test_views_with_storage_offset(emu, sms, channels_last, offset):
 
 
 @pytest.mark.parametrize("nsms", [1, 3])
-@pytest.mark.parametrize("shape,channels_last", [((2, 64, 16, 17), True), ((2, 40, 16, 16), True),
-                                                 ((3, 24, 16, 24), False), ((2, 12, 31, 45), False)],
-                         ids=["nhwc64", "nhwc40", "nchw-vec", "nchw-odd"])
+@pytest.mark.parametrize("shape,channels_last", [
+    ((2, 64, 16, 17), True),   # V=8, 3 row splits, the 4-row unrolled loop and its remainder
+    ((2, 40, 16, 16), True),   # C/8 = 5: elementwise grid rounded to a multiple of 5
+    ((3, 5, 20, 20), True),    # V=1 reduction, several row splits
+    ((3, 24, 16, 24), False),  # NCHW vector items
+    ((4, 2, 64, 64), False),   # NCHW vector, 2 batch splits per channel
+    ((7, 2, 45, 47), False),   # NCHW scalar, 6 batch splits: blocks with 2 planes and with 1
+], ids=["nhwc64", "nhwc40", "nhwc5", "nchw-vec", "nchw-vec-split", "nchw-odd-split"])
 def test_grid_stride_loops(emu, sms, nsms, shape, channels_last):
     """More data than the grid covers in one sweep (the emulated GPU has 1 or 3 SMs, so
     at most 16 or 48 elementwise blocks): every thread loops, its channel advances

@@ -53,33 +53,29 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 
-// ---- 8-element vector access (16-byte transactions: 1 for 2-byte types, 2 for
-// float, 4 for double). Caller guarantees 16-byte alignment.
-template <typename T, typename A>
-__device__ __forceinline__ void load8(const T* __restrict__ p, A (&out)[8]) {
-  constexpr int kWords = 8 * sizeof(T) / 16;
-  static_assert(kWords >= 1 && kWords * 16 == 8 * sizeof(T), "8 elements must be whole 16-byte words");
-  union {
-    uint4 w[kWords];
-    T v[8];
-  } u;
+// ---- 8-element vector access: 16-byte transactions (1 for 2-byte types, 2 for float,
+// 4 for double). Callers guarantee 16-byte alignment.
+// 8 elements as they sit in their 16-byte words, in registers. T's default
+// constructor is trivial (float, double, c10::Half, c10::BFloat16), so this is a
+// plain union.
+template <typename T>
+union Vec8 {
+  uint4 w[8 * sizeof(T) / 16];
+  T v[8];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec8<T> ldg8(const T* __restrict__ p) {
+  Vec8<T> u;
 #pragma unroll
-  for (int k = 0; k < kWords; ++k) u.w[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) out[j] = static_cast<A>(u.v[j]);
+  for (int k = 0; k < int(8 * sizeof(T) / 16); ++k) u.w[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  return u;
 }
 
-template <typename T, typename A>
-__device__ __forceinline__ void store8(T* __restrict__ p, const A (&in)[8]) {
-  constexpr int kWords = 8 * sizeof(T) / 16;
-  union {
-    uint4 w[kWords];
-    T v[8];
-  } u;
+template <typename T>
+__device__ __forceinline__ void stg8(T* __restrict__ p, const Vec8<T>& u) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) u.v[j] = static_cast<T>(in[j]);
-#pragma unroll
-  for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
+  for (int k = 0; k < int(8 * sizeof(T) / 16); ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -122,10 +118,52 @@ struct Contrib {
   }
 };
 
+// One row's worth of a thread's input, loaded but not yet converted: V consecutive
+// elements of x (and of dy plus their mask bits in kBwd). Kept raw so that a thread
+// can have several rows' loads in flight for the price of 4 registers (2-byte types)
+// per 16-byte load.
+template <typename T, int MODE, int V>
+struct RowLoad {
+  Vec8<T> xv, dv;  // V == 8
+  T x1, d1;        // V == 1
+  uint8_t bits;
+  __device__ __forceinline__ void load(const T* __restrict__ x, const T* __restrict__ dy,
+                                       const uint8_t* __restrict__ mask, int64_t off) {
+    if constexpr (V == 8) {
+      xv = ldg8(x + off);
+      if constexpr (MODE == kBwd) {
+        dv = ldg8(dy + off);
+        bits = mask[off >> 3];  // off % 8 == 0: the group's own byte
+      }
+    } else {
+      x1 = x[off];
+      if constexpr (MODE == kBwd) {
+        d1 = dy[off];
+        bits = (mask[off >> 3] >> (off & 7)) & 1;
+      }
+    }
+  }
+  template <typename A>
+  __device__ __forceinline__ void accumulate(const Contrib<MODE, A> (&f)[V], A (&a)[V], A (&b)[V]) const {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A xa = static_cast<A>(V == 8 ? xv.v[v] : x1);
+      if constexpr (MODE == kBwd) {
+        f[v].add(xa, static_cast<A>(V == 8 ? dv.v[v] : d1), (bits >> v) & 1, a[v], b[v]);
+      } else {
+        f[v].add(xa, A(0), false, a[v], b[v]);
+      }
+    }
+  }
+};
+
 // NHWC: block = TX x TY threads (TX * TY == 256, both powers of two); thread (tx, ty)
 // owns V consecutive channels (V = 8: vector path, C % 8 == 0; V = 1: any C) and walks
-// rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw).
+// rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw), kUnroll rows
+// per iteration with all their loads issued before any is used.
 // partial: [2][S][C], S = gridDim.x.
+constexpr int kUnroll = 4;
+
 template <typename T, typename A, int MODE, int V>
 __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
@@ -155,31 +193,18 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
   }
   if (active) {
     const int64_t step = int64_t(gridDim.x) * TY;
-    for (int64_t r = int64_t(blockIdx.x) * TY + ty; r < M; r += step) {
-      const int64_t off = r * C + c0;
-      A xv[V], dv[V];
-      uint8_t bits = 0;
-      if constexpr (V == 8) {
-        load8(x + off, xv);
-        if constexpr (MODE == kBwd) {
-          load8(dy + off, dv);
-          bits = mask[off >> 3];  // off % 8 == 0
-        }
-      } else {
-        xv[0] = static_cast<A>(x[off]);
-        if constexpr (MODE == kBwd) {
-          dv[0] = static_cast<A>(dy[off]);
-          bits = (mask[off >> 3] >> (off & 7)) & 1;
-        }
-      }
+    int64_t r = int64_t(blockIdx.x) * TY + ty;
+    for (; r + (kUnroll - 1) * step < M; r += kUnroll * step) {
+      RowLoad<T, MODE, V> rows[kUnroll];
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        if constexpr (MODE == kBwd) {
-          f[v].add(xv[v], dv[v], (bits >> v) & 1, a[v], b[v]);
-        } else {
-          f[v].add(xv[v], A(0), false, a[v], b[v]);
-        }
-      }
+      for (int u = 0; u < kUnroll; ++u) rows[u].load(x, dy, mask, (r + u * step) * C + c0);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) rows[u].accumulate(f, a, b);
+    }
+    for (; r < M; r += step) {
+      RowLoad<T, MODE, V> row;
+      row.load(x, dy, mask, r * C + c0);
+      row.accumulate(f, a, b);
     }
   }
   // Tree reduction over ty (threads with the same tx hold the same channels).
@@ -212,6 +237,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
 }
 
 // Block-wide sum of two values over a 1-D block of kThreads threads; result in thread 0.
+// Every thread of the block must call it (it has a barrier).
 template <typename A>
 __device__ __forceinline__ void block_sum2(A& a, A& b) {
   __shared__ A wa[kThreads / 32], wb[kThreads / 32];
@@ -237,83 +263,78 @@ __device__ __forceinline__ void block_sum2(A& a, A& b) {
   }
 }
 
-// NCHW: grid (S, C), 1-D block; block (s, c) reduces planes n = s, s + S, ... of
-// channel c; VEC: H*W % 8 == 0 and 16-byte aligned pointers, groups of 8 in a plane.
+// NCHW: grid (C, S), 1-D block; block (c, s) reduces the planes n = s, s + S, ... of
+// channel c as one flat range of items (groups of 8 elements when VEC: H*W % 8 == 0
+// and 16-byte aligned pointers; single elements otherwise), so every thread is busy
+// whatever H*W is (7x7 = 49 elements would leave 207 of 256 threads idle if a block
+// walked one plane at a time). The item's (plane, offset) is advanced by additions.
 template <typename T, typename A, int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
     const A* __restrict__ mean, const A* __restrict__ invstd, int64_t N, int64_t C, int64_t HW,
     A* __restrict__ partial) {
-  const int64_t c = blockIdx.y;
-  Contrib<MODE, A> f;
-  if constexpr (MODE == kStats) {
-    f.k = static_cast<A>(x[c * HW]);
-    f.s = A(0);
-  } else {
-    f.k = mean[c];
-    f.s = invstd[c];
-  }
-  A a = A(0), b = A(0);
-  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-    const int64_t plane = (n * C + c) * HW;
-    if constexpr (VEC) {
-      for (int64_t j = threadIdx.x; j < HW / 8; j += blockDim.x) {
-        const int64_t off = plane + j * 8;
-        A xv[8], dv[8];
-        uint8_t bits = 0;
-        load8(x + off, xv);
-        if constexpr (MODE == kBwd) {
-          load8(dy + off, dv);
-          bits = mask[off >> 3];
-        } else {
+  constexpr int V = VEC ? 8 : 1;
+  const int64_t c = blockIdx.x, s = blockIdx.y, S = gridDim.y;
+  Contrib<MODE, A> f[V];
 #pragma unroll
-          for (int v = 0; v < 8; ++v) dv[v] = A(0);
-        }
-#pragma unroll
-        for (int v = 0; v < 8; ++v) f.add(xv[v], dv[v], (bits >> v) & 1, a, b);
-      }
+  for (int v = 0; v < V; ++v) {
+    if constexpr (MODE == kStats) {
+      f[v].k = static_cast<A>(x[c * HW]);
+      f[v].s = A(0);
     } else {
-      for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) {
-        const int64_t off = plane + j;
-        const A xv = static_cast<A>(x[off]);
-        A dv = A(0);
-        bool bit = false;
-        if constexpr (MODE == kBwd) {
-          dv = static_cast<A>(dy[off]);
-          bit = (mask[off >> 3] >> (off & 7)) & 1;
-        }
-        f.add(xv, dv, bit, a, b);
-      }
+      f[v].k = mean[c];
+      f[v].s = invstd[c];
     }
   }
-  block_sum2(a, b);
+  A a[V], b[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) a[v] = b[v] = A(0);
+  const int64_t per_plane = HW / V;
+  const int64_t nplanes = (N - s + S - 1) / S;  // s < S <= N: at least one
+  const int64_t total = nplanes * per_plane;
+  const int64_t bd = blockDim.x;
+  int64_t q = threadIdx.x / per_plane, j = threadIdx.x % per_plane;
+  const int64_t dq = bd / per_plane, dj = bd % per_plane;
+  for (int64_t i = threadIdx.x; i < total; i += bd) {
+    RowLoad<T, MODE, V> it;
+    it.load(x, dy, mask, ((s + q * S) * C + c) * HW + j * V);
+    it.accumulate(f, a, b);
+    j += dj;
+    q += dq;
+    if (j >= per_plane) {
+      j -= per_plane;
+      ++q;
+    }
+  }
+#pragma unroll
+  for (int v = 1; v < V; ++v) {
+    a[0] += a[v];
+    b[0] += b[v];
+  }
+  block_sum2(a[0], b[0]);
   if (threadIdx.x == 0) {
-    partial[int64_t(blockIdx.x) * C + c] = a;
-    partial[(int64_t(gridDim.x) + blockIdx.x) * C + c] = b;
+    partial[s * C + c] = a[0];
+    partial[(S + s) * C + c] = b[0];
   }
 }
 
-// Stage 2: one warp per channel adds the S partials (in double) and writes
+// Stage 2: one block per channel adds the S partials (in double) and writes
 //   kStats: out0 = mean = k + A/M, out1 = var = max(B/M - (A/M)^2, 0)
 //   kBwd:   out0 = sum(g) = A,      out1 = sum(g * xhat) = B
+// A block per channel (not a warp) so that the S loads of a channel are spread over
+// 256 threads: with S ~ 500 partials one warp would make ~16 dependent trips to L2.
 template <typename T, typename A, int MODE>
 __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
     const A* __restrict__ partial, int64_t S, int64_t C, int64_t M, const T* __restrict__ x,
     int64_t kstride, A* __restrict__ out0, A* __restrict__ out1) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;  // whole warp leaves together: shuffles below stay full-warp
+  const int64_t c = blockIdx.x;
   double a = 0.0, b = 0.0;
-  for (int64_t s = lane; s < S; s += 32) {
+  for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     a += static_cast<double>(partial[s * C + c]);
     b += static_cast<double>(partial[(S + s) * C + c]);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, o);
-    b += __shfl_down_sync(0xffffffffu, b, o);
-  }
-  if (lane == 0) {
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
     if constexpr (MODE == kStats) {
       const double dm = a / double(M);
       out0[c] = static_cast<A>(static_cast<double>(x[c * kstride]) + dm);
@@ -326,12 +347,20 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
 }
 
 // Runs both stages. For kStats dy/mask/mean/invstd are unused.
+//
+// Grid of stage 1: about one wave of resident blocks (kReduceBlocksPerSM per SM: the
+// V = 8 kernels use ~50-64 registers, so 4 blocks of 256 threads fit an SM), but at
+// least kMinRowsPerThread rows per thread so that the partials stay small next to the
+// input. One wave, not several: every extra block is S more partials for stage 2.
+constexpr int kReduceBlocksPerSM = 4;
+constexpr int kMinRowsPerThread = 8;
+
 template <typename T, typename A, int MODE>
 void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mask, const A* mean,
                     const A* invstd, bool vec_ok, A* out0, A* out1, const at::TensorOptions& opts) {
   auto stream = RF_STREAM();
   const int64_t M = l.N * l.HW();
-  const int64_t target = int64_t(num_sms()) * 8;  // blocks: ~8 per SM of 256 threads
+  const int64_t target = int64_t(num_sms()) * kReduceBlocksPerSM;
   Tensor partial;
   int64_t S;
   if (l.nhwc) {
@@ -343,31 +372,30 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
     const int TY = kThreads / TX;
     const int64_t gy = (cgroups + TX - 1) / TX;
     TORCH_CHECK(gy <= 65535, "channel reduction: too many channels (", l.C, ")");
-    // Enough blocks to fill the GPU, but at least ~8 rows per thread so the partials
-    // stay small next to the input.
-    S = std::max<int64_t>(1, std::min<int64_t>((M + TY * 8 - 1) / (TY * 8), (target + gy - 1) / gy));
-    S = std::min<int64_t>(S, 65535);
+    S = std::max<int64_t>(1, std::min<int64_t>((M + TY * kMinRowsPerThread - 1) / (TY * kMinRowsPerThread),
+                                               (target + gy - 1) / gy));
     partial = at::empty({2, S, l.C}, opts);
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(gy)), block(TX, TY);
     auto kernel = v8 ? reduce_nhwc_kernel<T, A, MODE, 8> : reduce_nhwc_kernel<T, A, MODE, 1>;
     RF_LAUNCH(kernel, grid, block, stream, x, dy, mask, mean, invstd, M, l.C, partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    TORCH_CHECK(l.C <= 65535, "channel reduction: at most 65535 channels in NCHW, got ", l.C);
-    S = std::max<int64_t>(1, std::min<int64_t>(l.N, (target + l.C - 1) / l.C));
-    S = std::min<int64_t>(S, 65535);
+    // Channels on grid.x (up to 2^31 - 1), batch splits on grid.y (<= 65535).
+    const bool v8 = vec_ok && l.HW() % 8 == 0;
+    const int64_t items = l.N * (v8 ? l.HW() / 8 : l.HW());  // per channel
+    S = std::min<int64_t>({l.N, (target + l.C - 1) / l.C,
+                           (items + kThreads * kMinRowsPerThread - 1) / (kThreads * kMinRowsPerThread),
+                           int64_t(65535)});
+    S = std::max<int64_t>(S, 1);
     partial = at::empty({2, S, l.C}, opts);
-    const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(l.C));
-    auto kernel = vec_ok && l.HW() % 8 == 0 ? reduce_nchw_kernel<T, A, MODE, true>
-                                            : reduce_nchw_kernel<T, A, MODE, false>;
+    const dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(S));
+    auto kernel = v8 ? reduce_nchw_kernel<T, A, MODE, true> : reduce_nchw_kernel<T, A, MODE, false>;
     RF_LAUNCH(kernel, grid, dim3(kThreads), stream, x, dy, mask, mean, invstd, l.N, l.C, l.HW(),
               partial.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int64_t warps = kThreads / 32;
-  const int64_t blocks = (l.C + warps - 1) / warps;
   auto finish = reduce_finish_kernel<T, A, MODE>;
-  RF_LAUNCH(finish, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream, partial.data_ptr<A>(), S,
+  RF_LAUNCH(finish, dim3(static_cast<unsigned>(l.C)), dim3(kThreads), stream, partial.data_ptr<A>(), S,
             l.C, M, x, l.nhwc ? int64_t(1) : l.HW(), out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -474,14 +502,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Te
 }
 
 // ============================================================ bn_act
-// Channel of element i: NHWC i % C, NCHW (i / HW) % C.
-__device__ __forceinline__ int64_t channel_of(int64_t i, bool nhwc, int64_t C, int64_t HW) {
-  return nhwc ? i % C : (i / HW) % C;
-}
-
-// The channel of a grid-stride loop's offset `base`, advanced by D elements per step
-// with additions only: a 64-bit division per group would cost a large share of the
-// issue slots of these bandwidth-bound kernels. inner = HW (NCHW) or 1 (NHWC).
+// The channel of a grid-stride loop's group (and, for the scalar path, the position
+// of its first element in the channel's run), advanced by D elements per step with
+// additions only: a 64-bit division per group would cost a large share of the issue
+// slots of these bandwidth-bound kernels. inner = HW (NCHW) or 1 (NHWC).
 struct ChanIter {
   int64_t ch, pos, inner, C, d_pos, d_ch;
   __device__ __forceinline__ ChanIter(int64_t base, int64_t D, bool nhwc, int64_t C_, int64_t HW)
@@ -503,68 +527,124 @@ struct ChanIter {
   }
 };
 
-// out = relu(scale*c + shift [+ res]), mask byte g = bits of the 8 outputs > 0.
-// VEC: every full group is 16-byte aligned and its 8 channels are ch0..ch0+7 (NHWC,
-// C % 8 == 0) or one channel (NCHW, HW % 8 == 0).
-template <typename T, typename A, bool VEC>
-__global__ void __launch_bounds__(kThreads) bn_act_kernel(
+// One element forward from (ch, pos): the scalar paths' per-element channel.
+__device__ __forceinline__ void step1(int64_t& ch, int64_t& pos, int64_t inner, int64_t C) {
+  if (++pos == inner) {
+    pos = 0;
+    if (++ch == C) ch = 0;
+  }
+}
+
+// scale/shift of the 8 channels of a vector group starting at channel ch0 (NHWC:
+// ch0..ch0+7; NCHW: ch0 eight times).
+template <typename A>
+__device__ __forceinline__ void act_params(int64_t ch0, bool nhwc, const A* __restrict__ mean,
+                                           const A* __restrict__ invstd, const A* __restrict__ weight,
+                                           const A* __restrict__ bias, A (&sc)[8], A (&sh)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int64_t ch = nhwc ? ch0 + j : ch0;
+    sc[j] = weight[ch] * invstd[ch];
+    sh[j] = bias[ch] - mean[ch] * sc[j];
+  }
+}
+
+// relu(sc*c + sh [+ r]) of one group, stored; returns its mask byte. The mask is of
+// the stored value: a tiny positive v may round to 0 in T.
+template <typename T, typename A, bool HAS_RES>
+__device__ __forceinline__ uint8_t act8(const Vec8<T>& cv, const Vec8<T>& rv, const A (&sc)[8],
+                                        const A (&sh)[8], T* __restrict__ out) {
+  Vec8<T> ov;
+  uint8_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    A v = sc[j] * static_cast<A>(cv.v[j]) + sh[j];
+    if constexpr (HAS_RES) v += static_cast<A>(rv.v[j]);
+    const T o = static_cast<T>(v > A(0) ? v : A(0));
+    ov.v[j] = o;
+    bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
+  }
+  stg8(out, ov);
+  return bits;
+}
+
+// Vector path: every group is 8 elements (numel % 8 == 0, which C % 8 == 0 in NHWC or
+// H*W % 8 == 0 in NCHW implies), 16-byte aligned, with channels ch0..ch0+7 (NHWC) or
+// one channel (NCHW). Two groups per iteration, all loads first, so each thread has
+// 2 (4 with a residual) 16-byte loads in flight. mask byte g belongs to group g's
+// thread alone.
+template <typename T, typename A, bool HAS_RES>
+__global__ void __launch_bounds__(kThreads) bn_act_vec_kernel(
     const T* __restrict__ c, const T* __restrict__ res, const A* __restrict__ mean,
     const A* __restrict__ invstd, const A* __restrict__ weight, const A* __restrict__ bias,
-    T* __restrict__ out, uint8_t* __restrict__ mask, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
-  const int64_t ngroups = (numel + 7) / 8;
+    T* __restrict__ out, uint8_t* __restrict__ mask, int64_t ngroups, int64_t C, int64_t HW, bool nhwc) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   int64_t cached = -1;  // channel (NHWC: first channel) whose parameters are in sc/sh
   A sc[8], sh[8];
   const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
+  int64_t g = g0;
+  for (; g + stride < ngroups; g += 2 * stride) {
+    const int64_t g1 = g + stride;
+    const Vec8<T> c0 = ldg8(c + g * 8), c1 = ldg8(c + g1 * 8);
+    Vec8<T> r0, r1;
+    if constexpr (HAS_RES) {
+      r0 = ldg8(res + g * 8);
+      r1 = ldg8(res + g1 * 8);
+    }
+    const int64_t ch0 = it.ch;
+    it.advance();
+    const int64_t ch1 = it.ch;
+    it.advance();
+    if (ch0 != cached) {
+      act_params(ch0, nhwc, mean, invstd, weight, bias, sc, sh);
+      cached = ch0;
+    }
+    mask[g] = act8<T, A, HAS_RES>(c0, r0, sc, sh, out + g * 8);
+    if (ch1 != cached) {
+      act_params(ch1, nhwc, mean, invstd, weight, bias, sc, sh);
+      cached = ch1;
+    }
+    mask[g1] = act8<T, A, HAS_RES>(c1, r1, sc, sh, out + g1 * 8);
+  }
+  if (g < ngroups) {
+    const Vec8<T> c0 = ldg8(c + g * 8);
+    Vec8<T> r0;
+    if constexpr (HAS_RES) r0 = ldg8(res + g * 8);
+    if (it.ch != cached) act_params(it.ch, nhwc, mean, invstd, weight, bias, sc, sh);
+    mask[g] = act8<T, A, HAS_RES>(c0, r0, sc, sh, out + g * 8);
+  }
+}
+
+// Scalar path (any C, H*W, alignment; numel need not be a multiple of 8): a thread
+// still owns whole groups of 8 elements, so it alone writes the group's mask byte.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) bn_act_scalar_kernel(
+    const T* __restrict__ c, const T* __restrict__ res, const A* __restrict__ mean,
+    const A* __restrict__ invstd, const A* __restrict__ weight, const A* __restrict__ bias,
+    T* __restrict__ out, uint8_t* __restrict__ mask, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
+  const int64_t ngroups = (numel + 7) / 8;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
   for (int64_t g = g0; g < ngroups; g += stride, it.advance()) {
     const int64_t base = g * 8;
+    int64_t ch = it.ch, pos = it.pos;
     uint8_t bits = 0;
-    if (VEC && base + 8 <= numel) {
-      const int64_t ch0 = it.ch;
-      if (ch0 != cached) {
-        cached = ch0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int64_t ch = nhwc ? ch0 + j : ch0;
-          sc[j] = weight[ch] * invstd[ch];
-          sh[j] = bias[ch] - mean[ch] * sc[j];
-        }
-      }
-      A v[8], r[8];
-      load8(c + base, v);
-      if (res != nullptr) {
-        load8(res + base, r);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = sc[j] * v[j] + sh[j] + r[j];
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = sc[j] * v[j] + sh[j];
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        // The mask is of the stored value: a tiny positive v may round to 0.
-        const T o = static_cast<T>(v[j] > A(0) ? v[j] : A(0));
-        v[j] = static_cast<A>(o);
-        bits |= static_cast<uint8_t>(v[j] > A(0)) << j;
-      }
-      store8(out + base, v);
-    } else {
-      for (int j = 0; j < 8 && base + j < numel; ++j) {
-        const int64_t i = base + j;
-        const int64_t ch = channel_of(i, nhwc, C, HW);
-        const A s = weight[ch] * invstd[ch];
-        A v = s * static_cast<A>(c[i]) + (bias[ch] - mean[ch] * s);
-        if (res != nullptr) v += static_cast<A>(res[i]);
-        const T o = static_cast<T>(v > A(0) ? v : A(0));
-        out[i] = o;
-        bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
-      }
+    for (int j = 0; j < 8 && base + j < numel; ++j, step1(ch, pos, it.inner, C)) {
+      const int64_t i = base + j;
+      const A s = weight[ch] * invstd[ch];
+      A v = s * static_cast<A>(c[i]) + (bias[ch] - mean[ch] * s);
+      if (res != nullptr) v += static_cast<A>(res[i]);
+      const T o = static_cast<T>(v > A(0) ? v : A(0));
+      out[i] = o;
+      bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
     }
     mask[g] = bits;
   }
 }
 
+// The vector kernels' layout condition; it implies numel % 8 == 0 (no partial group).
 bool vec_layout_ok(const Layout& l) { return l.nhwc ? l.C % 8 == 0 : l.HW() % 8 == 0; }
 
 void check_stats_args_cuda(const char* op, const Tensor& c, const Layout& l, const Tensor& mean,
@@ -599,21 +679,102 @@ std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* pr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-    auto kernel = vec ? bn_act_kernel<scalar_t, A, true> : bn_act_kernel<scalar_t, A, false>;
-    RF_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
-        c.const_data_ptr<scalar_t>(), pr, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
-        w.const_data_ptr<A>(), b.const_data_ptr<A>(), out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(),
-        numel, l.C, l.HW(), l.nhwc);
+    const A *pm = mean.const_data_ptr<A>(), *pi = invstd.const_data_ptr<A>(), *pw = w.const_data_ptr<A>(),
+            *pb = b.const_data_ptr<A>();
+    const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
+    if (vec) {
+      auto kernel = has_res ? bn_act_vec_kernel<scalar_t, A, true> : bn_act_vec_kernel<scalar_t, A, false>;
+      RF_LAUNCH(kernel, grid, block, stream, c.const_data_ptr<scalar_t>(), pr, pm, pi, pw, pb,
+                out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), numel / 8, l.C, l.HW(), l.nhwc);
+    } else {
+      auto kernel = bn_act_scalar_kernel<scalar_t, A>;
+      RF_LAUNCH(kernel, grid, block, stream, c.const_data_ptr<scalar_t>(), pr, pm, pi, pw, pb,
+                out.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(), numel, l.C, l.HW(), l.nhwc);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, mask};
 }
 
 // ============================================================ bn_act_backward
-// Pass 2: g = mask ? dy : 0; grad_c = A*(g - sum_g/M) - B*(c - mean) with
-// A = w*invstd, B = w*invstd^2*sum_gx/M; grad_res = g.
-template <typename T, typename A, bool VEC>
-__global__ void __launch_bounds__(kThreads) bn_act_backward_kernel(
+// Pass 2: g = mask ? dy : 0; grad_c = ka*(g - sum_g/M) - kb*(c - mean) with
+// ka = w*invstd, kb = w*invstd^2*sum_gx/M; grad_res = g.
+template <typename A>
+struct BwdParams {
+  A ka[8], kmb[8], kb[8], kmu[8];
+  __device__ __forceinline__ void load(int64_t ch0, bool nhwc, const A* __restrict__ mean,
+                                       const A* __restrict__ invstd, const A* __restrict__ weight,
+                                       const A* __restrict__ sum_g, const A* __restrict__ sum_gx, A inv_m) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t ch = nhwc ? ch0 + j : ch0;
+      const A is = invstd[ch];
+      ka[j] = weight[ch] * is;
+      kmb[j] = sum_g[ch] * inv_m;
+      kb[j] = ka[j] * is * sum_gx[ch] * inv_m;
+      kmu[j] = mean[ch];
+    }
+  }
+};
+
+template <typename T, typename A, bool RES>
+__device__ __forceinline__ void bwd8(const Vec8<T>& dv, const Vec8<T>& cv, uint8_t bits, const BwdParams<A>& p,
+                                     T* __restrict__ grad_c, T* __restrict__ grad_res) {
+  Vec8<T> gc, gr;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const A g = ((bits >> j) & 1) ? static_cast<A>(dv.v[j]) : A(0);
+    gc.v[j] = static_cast<T>(p.ka[j] * (g - p.kmb[j]) - p.kb[j] * (static_cast<A>(cv.v[j]) - p.kmu[j]));
+    gr.v[j] = static_cast<T>(g);
+  }
+  stg8(grad_c, gc);
+  if constexpr (RES) stg8(grad_res, gr);
+}
+
+// Vector path (same conditions as bn_act_vec_kernel), two groups per iteration.
+template <typename T, typename A, bool RES>
+__global__ void __launch_bounds__(kThreads) bn_act_backward_vec_kernel(
+    const T* __restrict__ dy, const uint8_t* __restrict__ mask, const T* __restrict__ c,
+    const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ weight,
+    const A* __restrict__ sum_g, const A* __restrict__ sum_gx, T* __restrict__ grad_c,
+    T* __restrict__ grad_res, int64_t ngroups, int64_t C, int64_t HW, bool nhwc, int64_t M) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const A inv_m = A(1) / static_cast<A>(M);
+  int64_t cached = -1;
+  BwdParams<A> p;
+  const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
+  int64_t g = g0;
+  for (; g + stride < ngroups; g += 2 * stride) {
+    const int64_t g1 = g + stride;
+    const Vec8<T> d0 = ldg8(dy + g * 8), d1 = ldg8(dy + g1 * 8);
+    const Vec8<T> c0 = ldg8(c + g * 8), c1 = ldg8(c + g1 * 8);
+    const uint8_t b0 = mask[g], b1 = mask[g1];
+    const int64_t ch0 = it.ch;
+    it.advance();
+    const int64_t ch1 = it.ch;
+    it.advance();
+    if (ch0 != cached) {
+      p.load(ch0, nhwc, mean, invstd, weight, sum_g, sum_gx, inv_m);
+      cached = ch0;
+    }
+    bwd8<T, A, RES>(d0, c0, b0, p, grad_c + g * 8, grad_res + g * 8);
+    if (ch1 != cached) {
+      p.load(ch1, nhwc, mean, invstd, weight, sum_g, sum_gx, inv_m);
+      cached = ch1;
+    }
+    bwd8<T, A, RES>(d1, c1, b1, p, grad_c + g1 * 8, grad_res + g1 * 8);
+  }
+  if (g < ngroups) {
+    const Vec8<T> d0 = ldg8(dy + g * 8), c0 = ldg8(c + g * 8);
+    const uint8_t b0 = mask[g];
+    if (it.ch != cached) p.load(it.ch, nhwc, mean, invstd, weight, sum_g, sum_gx, inv_m);
+    bwd8<T, A, RES>(d0, c0, b0, p, grad_c + g * 8, grad_res + g * 8);
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) bn_act_backward_scalar_kernel(
     const T* __restrict__ dy, const uint8_t* __restrict__ mask, const T* __restrict__ c,
     const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ weight,
     const A* __restrict__ sum_g, const A* __restrict__ sum_gx, T* __restrict__ grad_c,
@@ -621,48 +782,20 @@ __global__ void __launch_bounds__(kThreads) bn_act_backward_kernel(
   const int64_t ngroups = (numel + 7) / 8;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const A inv_m = A(1) / static_cast<A>(M);
-  int64_t cached = -1;
-  A ka[8], kmb[8], kb[8], kmu[8];
   const int64_t g0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   ChanIter it(g0 * 8, stride * 8, nhwc, C, HW);
   for (int64_t g = g0; g < ngroups; g += stride, it.advance()) {
     const int64_t base = g * 8;
     const uint8_t bits = mask[g];
-    if (VEC && base + 8 <= numel) {
-      const int64_t ch0 = it.ch;
-      if (ch0 != cached) {
-        cached = ch0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int64_t ch = nhwc ? ch0 + j : ch0;
-          const A is = invstd[ch];
-          ka[j] = weight[ch] * is;
-          kmb[j] = sum_g[ch] * inv_m;
-          kb[j] = ka[j] * is * sum_gx[ch] * inv_m;
-          kmu[j] = mean[ch];
-        }
-      }
-      A gv[8], cv[8];
-      load8(dy + base, gv);
-      load8(c + base, cv);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        gv[j] = ((bits >> j) & 1) ? gv[j] : A(0);
-        cv[j] = ka[j] * (gv[j] - kmb[j]) - kb[j] * (cv[j] - kmu[j]);
-      }
-      store8(grad_c + base, cv);
-      if (grad_res != nullptr) store8(grad_res + base, gv);
-    } else {
-      for (int j = 0; j < 8 && base + j < numel; ++j) {
-        const int64_t i = base + j;
-        const int64_t ch = channel_of(i, nhwc, C, HW);
-        const A is = invstd[ch];
-        const A a = weight[ch] * is;
-        const A gv = ((bits >> j) & 1) ? static_cast<A>(dy[i]) : A(0);
-        grad_c[i] = static_cast<T>(a * (gv - sum_g[ch] * inv_m) -
-                                   a * is * sum_gx[ch] * inv_m * (static_cast<A>(c[i]) - mean[ch]));
-        if (grad_res != nullptr) grad_res[i] = static_cast<T>(gv);
-      }
+    int64_t ch = it.ch, pos = it.pos;
+    for (int j = 0; j < 8 && base + j < numel; ++j, step1(ch, pos, it.inner, C)) {
+      const int64_t i = base + j;
+      const A is = invstd[ch];
+      const A a = weight[ch] * is;
+      const A gv = ((bits >> j) & 1) ? static_cast<A>(dy[i]) : A(0);
+      grad_c[i] = static_cast<T>(a * (gv - sum_g[ch] * inv_m) -
+                                 a * is * sum_gx[ch] * inv_m * (static_cast<A>(c[i]) - mean[ch]));
+      if (grad_res != nullptr) grad_res[i] = static_cast<T>(gv);
     }
   }
 }
@@ -697,12 +830,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
     // Pass 2: elementwise.
     const bool vec = aligned && vec_layout_ok(l);
     const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
-    auto kernel = vec ? bn_act_backward_kernel<scalar_t, A, true> : bn_act_backward_kernel<scalar_t, A, false>;
-    RF_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
-        grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(), c.const_data_ptr<scalar_t>(),
-        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), w.const_data_ptr<A>(), gb.const_data_ptr<A>(),
-        gw.const_data_ptr<A>(), grad_c.data_ptr<scalar_t>(),
-        residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr, numel, l.C, l.HW(), l.nhwc, M);
+    const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
+    scalar_t* pgr = residual_grad ? grad_res.data_ptr<scalar_t>() : nullptr;
+    if (vec) {
+      auto kernel = residual_grad ? bn_act_backward_vec_kernel<scalar_t, A, true>
+                                  : bn_act_backward_vec_kernel<scalar_t, A, false>;
+      RF_LAUNCH(kernel, grid, block, stream, grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
+                c.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+                w.const_data_ptr<A>(), gb.const_data_ptr<A>(), gw.const_data_ptr<A>(),
+                grad_c.data_ptr<scalar_t>(), pgr, numel / 8, l.C, l.HW(), l.nhwc, M);
+    } else {
+      auto kernel = bn_act_backward_scalar_kernel<scalar_t, A>;
+      RF_LAUNCH(kernel, grid, block, stream, grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
+                c.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+                w.const_data_ptr<A>(), gb.const_data_ptr<A>(), gw.const_data_ptr<A>(),
+                grad_c.data_ptr<scalar_t>(), pgr, numel, l.C, l.HW(), l.nhwc, M);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_c, gw, gb, grad_res};

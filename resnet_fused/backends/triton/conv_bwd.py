@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .bn import INTERPRET, launch, _load_mask_bit
+from .conv import _input_precision as _conv_input_precision
 
 if INTERPRET:
     _DG = dict(BM=32, BN=16, BK=16, num_warps=4, num_stages=1)
@@ -51,10 +52,10 @@ else:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """TF32 for fp32 only where PyTorch's own convolution switch allows it (as conv.py)."""
-    if dtype != torch.float32 or INTERPRET:
-        return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    """TF32 for fp32 only where PyTorch's own convolution switch allows it: conv.py's
+    rule, which reads torch.backends.cudnn.conv.fp32_precision first (the legacy
+    allow_tf32 getter raises once the new API has set conv and RNN apart)."""
+    return _conv_input_precision(dtype)
 
 
 @triton.jit

@@ -1,0 +1,511 @@
+"""Ahead-of-time compilation of every Triton kernel of this backend for a GPU target,
+with the real compiler and no GPU (nothing is launched).
+
+Why: on CPU the kernels only ever run in Triton's interpreter, which checks none of the
+compiler's rules (tl.dot shapes/dtypes, layouts, constexpr use, register and shared
+memory budgets). Here the launchers run for real on CPU tensors with the kernel
+launches intercepted, so every (kernel, signature, constexprs) the code can launch is
+recorded exactly as the runtime would specialise it; each is then compiled for the
+target (default sm_90, Hopper) through `triton.compile`, every autotune config that
+the launcher's own pruning keeps included. Nothing here depends on the values of the
+tensors: the launchers never read device data on the host (no host syncs), so the
+uninitialised outputs of the skipped launches are harmless.
+
+Needs TRITON_INTERPRET unset when the kernels are defined (the interpreter binds them
+at definition and the interpreter configs differ), so run it as its own process:
+
+    python -m resnet_fused.backends.triton.aot            # representative variants
+    python -m resnet_fused.backends.triton.aot --full     # every variant the stages use
+
+Reported per compiled variant: registers per thread, spilled bytes (local memory per
+thread; the driver's n_spills is this / 4), shared memory (bytes, the kernel's dynamic
+allocation, checked against the target's opt-in limit) and how tl.dot lowered
+(wgmma = Hopper warpgroup MMA, mma = mma.sync, fma = no tensor cores).
+Works with triton 3.6 (the GPU image) and 3.8 (the development venv).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+import triton
+
+# Opt-in shared memory per block: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80.
+SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
+REG_LIMIT = 255
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object           # the JITFunction
+    args: tuple
+    kwargs: dict             # constexprs and launch options (num_warps, num_stages, ...)
+    label: str               # where it came from (scenario)
+
+
+@dataclasses.dataclass
+class Result:
+    kernel: str
+    label: str
+    dtype: str
+    constexprs: str
+    options: str
+    num_warps: int = 4
+    tile_m: int = 0          # rows of the GEMM tile (BM, or BH*BW); 0 without a dot
+    regs: int = -1
+    spill_bytes: int = -1
+    shared: int = -1
+    dot: str = "-"
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+
+def _require_compiled_mode():
+    from . import conv
+    if conv._INTERPRET:
+        raise RuntimeError("aot: the kernels were defined under TRITON_INTERPRET=1; run this "
+                           "in a process without it (python -m resnet_fused.backends.triton.aot)")
+
+
+# =========================================================================== capture
+@contextlib.contextmanager
+def capture(label_ref: list):
+    """Within the block, every kernel launch of the backend is recorded, not run.
+    label_ref[0] is the label attached to launches recorded from then on."""
+    from . import bn, conv, conv_bwd, train
+
+    launches: list[Launch] = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        launches.append(Launch(kernel, args, kwargs, label_ref[0]))
+
+    class _Wrap:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launch(self.kernel, grid, *args, **kwargs)
+
+    saved = [(conv, "wrap_triton", conv.wrap_triton), (bn, "launch", bn.launch),
+             (conv_bwd, "launch", conv_bwd.launch), (train, "launch", train.launch)]
+    conv.wrap_triton = _Wrap
+    bn.launch = conv_bwd.launch = train.launch = launch
+    try:
+        yield launches
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+# Stage shapes of ResNet-18 (input channels, output channels, input size, stride). The
+# batch only changes runtime integers and the M-based config pruning (which keeps every
+# config once M >= 256), so a batch of 16 stands for 128 without touching more memory
+# (and M stays a multiple of 16 at every stage, as at batch 128).
+STAGES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
+          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+BATCH = 16
+
+# Shortcut kinds: identity; D2L 1x1 projection (bias, no BN); D2L copies with a 3x3
+# projection; torchvision (no conv bias, BN'd 1x1 projection).
+KINDS = ("identity", "1x1", "3x3", "bn")
+
+
+def _t(shape, dtype, cl=True):
+    t = torch.empty(shape, dtype=dtype)
+    return t.contiguous(memory_format=torch.channels_last) if cl and len(shape) == 4 else t
+
+
+def _block_launches(cin, k, hw, stride, kind, dt, pdt):
+    """Eval (K1, K2) and the fused training forward and backward of one block."""
+    from . import eval_ops, train
+
+    bias = kind != "bn"
+    x = _t((BATCH, cin, hw, hw), dt)
+    w1, w2 = _t((k, cin, 3, 3), dt), _t((k, k, 3, 3), dt)
+    b1, b2 = (_t((k,), dt), _t((k,), dt)) if bias else (None, None)
+    w3 = b3 = g3 = beta3 = None
+    pad3 = 0
+    if kind != "identity":
+        r3 = 3 if kind == "3x3" else 1
+        pad3 = r3 // 2
+        w3 = _t((k, cin, r3, r3), dt)
+        b3 = _t((k,), dt) if bias else None
+        if kind == "bn":
+            g3, beta3 = torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+    g1, beta1 = torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+    g2, beta2 = torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+
+    # Eval: folded weights and biases in the activation dtype (fold.py).
+    fb = _t((k,), dt)
+    y1 = eval_ops.conv_bias_relu(x, w1, fb, stride, 1)
+    eval_ops.conv_bias_shortcut_relu(y1, w2, fb, x, w3, 1, stride, pad3)
+
+    out, c1, c2, c3, mask, stats = train._block_train(
+        x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3, stride, pad3,
+        1e-5, 1e-5, 1e-5)
+    train._block_train_backward(_t(tuple(out.shape), dt), x, c1, c2, c3, mask, stats,
+                                w1, g1, beta1, w2, g2, w3, g3, bias, bias, bias,
+                                stride, pad3, 1e-5, 1e-5, 1e-5)
+
+
+def _tma_launches(cin, k, hw, stride, kind, dt):
+    """The descriptor (TMA) path where it is legal: stride-1 convolutions without a
+    prologue or stats (K1 of stride-1 blocks, every K2)."""
+    from .conv import conv2d_nhwc
+
+    x = _t((BATCH, cin, hw, hw), dt)
+    p = (hw - 1) // stride + 1
+    y1 = _t((BATCH, k, p, p), dt)
+    w1, w2, b = _t((k, cin, 3, 3), dt), _t((k, k, 3, 3), dt), _t((k,), dt)
+    if stride == 1:
+        conv2d_nhwc(x, w1, b, stride=1, padding=1, relu=True, _path="tma")
+    if kind == "identity":
+        conv2d_nhwc(y1, w2, b, stride=1, padding=1, residual=x, relu=True, _path="tma")
+    elif kind in ("1x1", "3x3"):
+        r3 = 3 if kind == "3x3" else 1
+        conv2d_nhwc(y1, w2, b, stride=1, padding=1, x2=x, w2=_t((k, cin, r3, r3), dt),
+                    stride2=stride, padding2=r3 // 2, relu=True, _path="tma")
+
+
+def _bn_op_launches(k, hw, dt, pdt, cl):
+    """The standalone BN ops (channel_stats, bn_finalize, bn_act, bn_act_backward) in
+    NCHW or channels_last: a unit stride is specialised, so each layout is a variant."""
+    from . import bn
+
+    c = _t((BATCH, k, hw, hw), dt, cl)
+    mean, var = bn._channel_stats(c)
+    w, b = torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+    rm, rv = torch.zeros(k, dtype=pdt), torch.ones(k, dtype=pdt)
+    invstd, _, _ = bn._bn_finalize(mean, var, w, b, rm, rv, torch.zeros((), dtype=torch.int64),
+                                   0.1, 1e-5, BATCH * hw * hw)
+    for res in (None, torch.empty_like(c)):
+        out, mask = bn._bn_act(c, mean, invstd, w, b, res)
+        bn._bn_act_backward(torch.empty_like(c), mask, c, mean, invstd, w, res is not None)
+
+
+def _precisions(full: bool):
+    """(label, activation dtype, fp32 conv precision) cases; fp32 TF32 and IEEE differ in
+    the kernels' INPUT_PRECISION constexpr."""
+    cases = [("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
+             ("fp32-tf32", torch.float32, "tf32")]
+    if full:
+        cases.append(("fp32-ieee", torch.float32, "ieee"))
+    return cases
+
+
+@contextlib.contextmanager
+def _fp32_precision(prec: Optional[str]):
+    conv_b = getattr(torch.backends.cudnn, "conv", None)
+    if prec is None or conv_b is None or not hasattr(conv_b, "fp32_precision"):
+        yield
+        return
+    old = conv_b.fp32_precision
+    conv_b.fp32_precision = prec
+    try:
+        yield
+    finally:
+        conv_b.fp32_precision = old
+
+
+def collect(full: bool = False) -> list:
+    """Every launch of the scenarios, as recorded (autotuned kernels not yet expanded).
+
+    full: every ResNet-18 stage, shortcut kind, precision (fp32 TF32 and IEEE too) and
+    BN parameter dtype. Otherwise: a stride-2 block of each projection kind and a
+    64-channel 56x56 identity block (whose statistics need the two-pass combine), in
+    fp16, bf16 and fp32-TF32, with fp32 BN parameters."""
+    _require_compiled_mode()
+    label = [""]
+    stages = STAGES if full else [(64, 128, 56, 2), (64, 64, 56, 1)]
+    with capture(label) as launches:
+        for plabel, dt, prec in _precisions(full):
+            with _fp32_precision(prec):
+                pdts = [torch.float32] + ([dt] if full and dt != torch.float32 else [])
+                for cin, k, hw, stride in stages:
+                    for kind in KINDS:
+                        if (kind == "identity") != (cin == k and stride == 1):
+                            continue
+                        for pdt in pdts:
+                            label[0] = f"{plabel} {kind} {cin}->{k}@{hw}/{stride}"
+                            _block_launches(cin, k, hw, stride, kind, dt, pdt)
+                        label[0] = f"{plabel} tma {kind} {cin}->{k}@{hw}/{stride}"
+                        _tma_launches(cin, k, hw, stride, kind, dt)
+                if prec != "ieee":
+                    for pdt in pdts:
+                        for cl in (False, True):
+                            label[0] = f"{plabel} bn ops {'NHWC' if cl else 'NCHW'}"
+                            _bn_op_launches(64, 56, dt, pdt, cl)
+    return launches
+
+
+# =========================================================================== compile
+@dataclasses.dataclass
+class Job:
+    fn: object               # JITFunction
+    args: tuple
+    kwargs: dict
+    label: str
+
+
+def _configs_of(kernel, args, kwargs):
+    """(JITFunction, [kwargs per config]): an Autotuner expands into every config its
+    early pruning keeps for these arguments, as a launch would benchmark them all."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        return kernel, [dict(kwargs)]
+    configs = kernel.configs
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune:
+        nargs = dict(zip(kernel.arg_names, args))
+        configs = prune(configs, nargs, **kwargs)
+    out = []
+    for cfg in configs:
+        kw = dict(kwargs)
+        kw.update(cfg.all_kwargs() if hasattr(cfg, "all_kwargs") else
+                  dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(kw)
+    return kernel.fn, out
+
+
+def _first_only(kernel, args, kwargs):
+    fn, kws = _configs_of(kernel, args, kwargs)
+    return fn, kws[:1]
+
+
+def _specialise(fn, backend, args, kwargs):
+    """(signature, constexprs, attrs, options) exactly as JITFunction.run derives them."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, spec, opts)
+
+
+def jobs_of(launches, all_configs: bool = True) -> list:
+    """Deduplicated compile jobs (same kernel, signature, constexprs, attrs, options)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    seen = {}
+    for ln in launches:
+        fn, kws = (_configs_of if all_configs else _first_only)(ln.kernel, ln.args, ln.kwargs)
+        for kw in kws:
+            options, sig, constexprs, attrs = _specialise(fn, backend, ln.args, kw)
+            key = (fn.__module__, fn.__name__, repr(sorted(sig.items())), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+            if key not in seen:
+                seen[key] = Job(fn, ln.args, kw, ln.label)
+    return list(seen.values())
+
+
+def representative_jobs() -> list:
+    """The default test's subset (about 45 compiles): every kernel and constexpr variant
+    of the fp16 scenarios but the 3x3 projection, with the first config autotuning
+    keeps; the bf16 and fp32-TF32 forward convolutions with the prologue and with the
+    projection GEMM; and the fp32 prologue convolution in the config with the largest
+    tiles (the one closest to the shared-memory limit)."""
+    launches = collect(full=False)
+    fp16 = [ln for ln in launches if ln.label.startswith("fp16 ") and " 3x3 " not in ln.label]
+    conv_other = [ln for ln in launches
+                  if ln.label.split(" ")[0] in ("bf16", "fp32-tf32")
+                  and ln.label.endswith("bn 64->128@56/2")
+                  and getattr(ln.kernel, "fn", None) is not None
+                  and ln.kernel.fn.__name__ == "_conv_kernel"
+                  and (ln.kwargs.get("HAS_PRO") or ln.kwargs.get("HAS_X2"))]
+    jobs = jobs_of(fp16 + conv_other, all_configs=False)
+    pro = [ln for ln in conv_other if ln.label.startswith("fp32") and ln.kwargs.get("HAS_PRO")]
+    big = jobs_of(pro, all_configs=True)
+    if big:
+        jobs.append(max(big, key=lambda j: (j.kwargs["BM"] * j.kwargs["BK"] + j.kwargs["BK"]
+                                            * j.kwargs["BN"]) * j.kwargs.get("num_stages", 3)))
+    return jobs
+
+
+def _bin_tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def _resource_usage(cubin: bytes, name: str):
+    """(registers, local bytes per thread) of the cubin's function, via cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_bin_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                             check=True, capture_output=True, text=True).stdout
+    m = re.search(r"Function " + re.escape(name) + r":\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) "
+                  r"LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"aot: no resource usage for {name} in:\n{out}")
+    return int(m.group(1)), int(m.group(4)), int(m.group(3))
+
+
+def _dot_kind(asm: dict) -> str:
+    ttgir = asm.get("ttgir", "")
+    if "tt.dot" not in ttgir and "warp_group_dot" not in ttgir:
+        return "-"
+    ptx = asm.get("ptx", "")
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "fma"
+
+
+def _short_constexprs(fn, kw) -> str:
+    names = [p.name for p in fn.params if p.is_constexpr]
+    parts = []
+    for n in names:
+        if n in kw and n not in ("BM", "BN", "BK", "GROUP_M", "BH", "BW"):
+            v = kw[n]
+            if v is False:
+                continue
+            parts.append(n if v is True else f"{n}={v}")
+    return " ".join(parts)
+
+
+def _tile(kw) -> str:
+    t = "x".join(str(kw[k]) for k in ("BH", "BW", "BM", "BN", "BK") if k in kw)
+    return f"{t} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+
+
+def _dtype_of(job) -> str:
+    for a in job.args:
+        if isinstance(a, torch.Tensor) and a.dim() == 4:
+            return str(a.dtype).replace("torch.", "")
+    return "-"
+
+
+def compile_job(job: Job, arch: int = 90) -> Result:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    res = Result(job.fn.__name__, job.label, _dtype_of(job),
+                 _short_constexprs(job.fn, job.kwargs), _tile(job.kwargs),
+                 num_warps=job.kwargs.get("num_warps", 4),
+                 tile_m=job.kwargs.get("BM", job.kwargs.get("BH", 0) * job.kwargs.get("BW", 0)))
+    t0 = time.perf_counter()
+    try:
+        options, sig, constexprs, attrs = _specialise(job.fn, backend, job.args, job.kwargs)
+        ck = triton.compile(ASTSource(job.fn, sig, constexprs, attrs), target=target,
+                            options=options.__dict__)
+        res.regs, res.spill_bytes, static_smem = _resource_usage(ck.asm["cubin"], ck.name
+                                                                 if hasattr(ck, "name")
+                                                                 else job.fn.__name__)
+        res.shared = int(ck.metadata.shared) + static_smem
+        res.dot = _dot_kind(ck.asm)
+    except Exception as e:  # noqa: BLE001  (reported per variant)
+        res.error = f"{type(e).__name__}: {e}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def needs_wgmma(res: Result) -> bool:
+    """Whether a Hopper GEMM of this variant should lower to wgmma: a tl.dot kernel with
+    16-bit or TF32 inputs, at least one warpgroup (4 warps) and a 64-row tile (smaller
+    configs legitimately use mma.sync; fp32 with IEEE precision has no tensor-core
+    instruction)."""
+    ieee32 = res.dtype == "float32" and "=ieee" in res.constexprs
+    return res.dot != "-" and not ieee32 and res.num_warps >= 4 and res.tile_m >= 64
+
+
+def check(res: Result, arch: int = 90) -> list:
+    """What is wrong with a compiled variant: a compile error, shared memory over the
+    target's limit (the launch would fail), register spills, or a GEMM that should be
+    on Hopper's warpgroup tensor cores and is not."""
+    bad = []
+    if res.error:
+        return [res.error]
+    if res.shared > SMEM_LIMIT.get(arch, 232448):
+        bad.append(f"shared memory {res.shared} B > {SMEM_LIMIT.get(arch)} B")
+    if res.spill_bytes > 0:
+        bad.append(f"spills {res.spill_bytes} B/thread")
+    if arch >= 90 and needs_wgmma(res) and res.dot != "wgmma":
+        bad.append(f"tl.dot lowered to {res.dot}, not wgmma")
+    return bad
+
+
+def _compile_all(jobs, arch, workers):
+    if workers <= 1:
+        return [compile_job(j, arch) for j in jobs]
+    import multiprocessing as mp
+    global _JOBS
+    _JOBS = jobs
+    with mp.get_context("fork").Pool(workers) as pool:
+        return pool.starmap(_compile_index, [(i, arch) for i in range(len(jobs))])
+
+
+_JOBS: list = []
+
+
+def _compile_index(i, arch):
+    return compile_job(_JOBS[i], arch)
+
+
+def format_table(results) -> str:
+    head = ("kernel", "dtype", "constexprs", "tile", "regs", "spill", "smem", "dot", "s", "first seen in")
+    rows = [head]
+    for r in results:
+        rows.append((r.kernel, r.dtype, r.constexprs, r.options,
+                     str(r.regs) if not r.error else "ERR", str(r.spill_bytes),
+                     str(r.shared), r.dot, f"{r.seconds:.1f}", r.label))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+                     for row in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="every stage, kind, dtype and config")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--jobs", type=int, default=1, help="compile processes")
+    ap.add_argument("--first-config", action="store_true",
+                    help="only the first config autotuning keeps (faster)")
+    ap.add_argument("--filter", default="", help="only kernels whose name contains this")
+    ap.add_argument("--quick", action="store_true",
+                    help="the representative subset the default test compiles")
+    ap.add_argument("--json", default="", help="also write the results here")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.quick:
+        jobs = representative_jobs()
+    else:
+        jobs = jobs_of(collect(a.full), all_configs=not a.first_config)
+    jobs = [j for j in jobs if a.filter in j.fn.__name__]
+    print(f"triton {triton.__version__}, torch {torch.__version__}, sm_{a.arch}: "
+          f"{len(jobs)} variants", flush=True)
+    results = _compile_all(jobs, a.arch, a.jobs)
+    print(format_table(results))
+    failed = [(r, check(r, a.arch)) for r in results]
+    failed = [(r, p) for r, p in failed if p]
+    for r, p in failed:
+        print(f"PROBLEM {r.kernel} [{r.dtype} {r.constexprs} {r.options}] ({r.label}): "
+              + "; ".join(p))
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": a.arch,
+                       "results": [dict(dataclasses.asdict(r), module=j.fn.__module__,
+                                        problems=check(r, a.arch))
+                                   for r, j in zip(results, jobs)]}, f, indent=1)
+    print(f"{len(results)} variants, {len(failed)} with problems, "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

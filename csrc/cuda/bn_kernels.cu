@@ -102,6 +102,11 @@ int64_t elementwise_blocks(int64_t ngroups, const Layout& l) {
 // Mode kBwd:   a = sum(g), b = sum(g * (c - mean) * invstd), g = mask ? dy : 0.
 enum Mode { kStats = 0, kBwd = 1 };
 
+// Resident blocks of 256 threads per SM the reduction grids are sized for (and the
+// NHWC kernels are compiled for: __launch_bounds__ min-blocks caps them at 64 registers;
+// float64, the gradcheck path, gets 2 so it does not spill).
+constexpr int kReduceBlocksPerSM = 4;
+
 template <int MODE, typename A>
 struct Contrib {
   A k, s;  // shift (stats) or mean (bwd); invstd (bwd)
@@ -159,13 +164,19 @@ struct RowLoad {
 
 // NHWC: block = TX x TY threads (TX * TY == 256, both powers of two); thread (tx, ty)
 // owns V consecutive channels (V = 8: vector path, C % 8 == 0; V = 1: any C) and walks
-// rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw), kUnroll rows
-// per iteration with all their loads issued before any is used.
+// rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw), unroll_rows
+// rows per iteration with all their loads issued before any is used: 4 rows of x for
+// the statistics, 2 rows of x and dy (and mask bytes) for the backward, i.e. four
+// 16-byte loads in flight per thread either way, at <= 64 registers so that 4 blocks
+// fit an SM (kReduceBlocksPerSM; bench/NOTES.md has the ptxas numbers).
 // partial: [2][S][C], S = gridDim.x.
-constexpr int kUnroll = 4;
+template <int MODE>
+constexpr int unroll_rows() {
+  return MODE == kStats ? 4 : 2;
+}
 
 template <typename T, typename A, int MODE, int V>
-__global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
+__global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 2 : kReduceBlocksPerSM) reduce_nhwc_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
     const A* __restrict__ mean, const A* __restrict__ invstd, int64_t M, int64_t C,
     A* __restrict__ partial) {
@@ -194,12 +205,13 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
   if (active) {
     const int64_t step = int64_t(gridDim.x) * TY;
     int64_t r = int64_t(blockIdx.x) * TY + ty;
-    for (; r + (kUnroll - 1) * step < M; r += kUnroll * step) {
-      RowLoad<T, MODE, V> rows[kUnroll];
+    constexpr int U = unroll_rows<MODE>();
+    for (; r + (U - 1) * step < M; r += U * step) {
+      RowLoad<T, MODE, V> rows[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) rows[u].load(x, dy, mask, (r + u * step) * C + c0);
+      for (int u = 0; u < U; ++u) rows[u].load(x, dy, mask, (r + u * step) * C + c0);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) rows[u].accumulate(f, a, b);
+      for (int u = 0; u < U; ++u) rows[u].accumulate(f, a, b);
     }
     for (; r < M; r += step) {
       RowLoad<T, MODE, V> row;
@@ -352,7 +364,6 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
 // V = 8 kernels use ~50-64 registers, so 4 blocks of 256 threads fit an SM), but at
 // least kMinRowsPerThread rows per thread so that the partials stay small next to the
 // input. One wave, not several: every extra block is S more partials for stage 2.
-constexpr int kReduceBlocksPerSM = 4;
 constexpr int kMinRowsPerThread = 8;
 
 template <typename T, typename A, int MODE>
@@ -422,7 +433,7 @@ std::tuple<Tensor, Tensor> channel_stats_cuda(const Tensor& x) {
 // One block: every thread reads num_batches_tracked before thread 0 increments it
 // (the __syncthreads between), so the momentum=None factor 1/n needs no host sync.
 template <typename A, typename R>
-__global__ void bn_finalize_kernel(const A* __restrict__ mean, const A* __restrict__ var,
+__global__ void __launch_bounds__(1024) bn_finalize_kernel(const A* __restrict__ mean, const A* __restrict__ var,
                                    const A* __restrict__ weight, const A* __restrict__ bias,
                                    R* __restrict__ rm, R* __restrict__ rv, int64_t* __restrict__ nbt,
                                    double momentum, double eps, int64_t count, int64_t C,

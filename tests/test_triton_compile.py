@@ -106,9 +106,11 @@ def test_aot_compile_representative_sm90(tmp_path):
         assert any(r["dot"] == "wgmma" for r in results
                    if r["kernel"] == "_conv_kernel" and r["dtype"] == dt), dt
     # The forward conv variants the block uses: stats, prologue, projection GEMM,
-    # residual, 1x1 and 3x3, stride 1 and 2.
+    # residual, the fused final pass (BN'd residual + ReLU mask), 1x1 and 3x3, stride 1
+    # and 2.
     conv = [r["constexprs"] for r in results if r["kernel"] == "_conv_kernel"]
-    for feature in ("STATS", "HAS_PRO", "HAS_X2", "HAS_RES", "STRIDE=2", "R=1 S=1"):
+    for feature in ("STATS", "HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN OUT_MASK", "STRIDE=2",
+                    "R=1 S=1"):
         assert any(feature in c for c in conv), feature
 
 

@@ -23,7 +23,9 @@ CL = torch.channels_last
 def _poison(monkeypatch):
     """Every buffer the launcher allocates starts as NaN, so an unwritten element fails."""
     def nan_empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
+        t = torch.empty(*args, **kwargs)
+        # NaN for values; 0xA5 (alternating bits) for the packed uint8 ReLU mask.
+        return t.fill_(float("nan") if t.is_floating_point() else 0xA5)
     monkeypatch.setattr(conv, "_new_empty", nan_empty)
 
 
@@ -137,6 +139,64 @@ def test_projection_second_gemm(R2, stride2, padding2, dtype, device):
                       padding2=padding2, relu=True)
     _check("conv_projection", dtype, device, out, (y, w, b, 1, 1),
            dict(x2=x, w2=w3, stride2=stride2, padding2=padding2, relu=True))
+
+
+def _pack_mask(out):
+    """schemas.py's packed ReLU mask of `out` over its physical (memory) order."""
+    flat = out.permute(0, 2, 3, 1).reshape(-1) if out.is_contiguous(memory_format=CL) \
+        else out.reshape(-1)
+    bits = (flat > 0).to(torch.uint8)
+    bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 8)]).view(-1, 8)
+    return (bits << torch.arange(8, device=out.device, dtype=torch.uint8)).sum(1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("R,stride,padding,H", [(1, 2, 0, 13), (3, 2, 1, 9), (1, 1, 0, 7)],
+                         ids=["1x1s2", "3x3s2", "1x1s1"])
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_bn_residual_relu_mask_epilogue(R, stride, padding, H, dtype, device):
+    """The training block's D2L-projection final pass as one GEMM epilogue:
+    out = relu(conv(x, w3) + b3 + c2 * scale2 + shift2), and its packed ReLU mask.
+    K = 40 spans a partial column tile (the interpreter's BN is 32)."""
+    N, C, K = 2, 24, 40
+    P = (H + 2 * padding - R) // stride + 1
+    x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, C, R, R) / (C * R * R) ** 0.5).to(dtype)
+    b = _make(device, dtype, K)
+    c2 = (_make(device, torch.float32, N, K, P, P) * 2 + 1).to(dtype).to(memory_format=CL)
+    scale = torch.rand(K, device=device) + 0.5
+    shift = torch.randn(K, device=device) - 0.5
+    out, mask = conv2d_nhwc(x, w, b, stride=stride, padding=padding, residual=c2,
+                            residual_scale=scale, residual_shift=shift, relu=True,
+                            out_mask=True)
+    # The BN'd residual, in fp32 then rounded to dtype as a plain bn2 output would be.
+    res = (c2.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    res64 = c2.double() * scale.double()[None, :, None, None] + shift.double()[None, :, None, None]
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), stride=stride,
+                              padding=padding) + res64)
+    plain = torch.relu(F.conv2d(x, w, b, stride=stride, padding=padding) + res)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+    assert_within("conv_bn_residual_relu", out, plain, ref)
+    assert ((out > 0).float().mean() - 0.5).abs() < 0.4   # both bit values occur
+    assert mask.dtype == torch.uint8 and mask.shape == ((N * K * P * P + 7) // 8,)
+    torch.testing.assert_close(mask, _pack_mask(out), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_mask_with_stats_and_plain_residual(dtype, device):
+    """out_mask with a plain residual and stats: returns (out, mask, mean, var)."""
+    N, C, H, K = 2, 16, 7, 16
+    x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
+    w = (_make(device, torch.float32, K, C, 3, 3) / 12).to(dtype)
+    r = _make(device, dtype, N, K, H, H).to(memory_format=CL)
+    out, mask, mean, var = conv2d_nhwc(x, w, None, stride=1, padding=1, residual=r, relu=True,
+                                       out_mask=True, stats=True)
+    _check("conv_residual_mask", dtype, device, out, (x, w, None, 1, 1),
+           dict(residual=r, relu=True))
+    torch.testing.assert_close(mask, _pack_mask(out), rtol=0, atol=0)
+    o = out.double()
+    torch.testing.assert_close(mean.double(), o.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), o.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -287,6 +347,15 @@ def test_bad_inputs_raise_clear_errors():
         conv2d_nhwc(x, w, residual=torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="empty output"):
         conv2d_nhwc(torch.randn(1, 8, 1, 1), w, padding=0)
+    r = torch.randn(1, 8, 5, 5).to(memory_format=CL)
+    with pytest.raises(ValueError, match="residual_scale and residual_shift must be given"):
+        conv2d_nhwc(x, w, residual=r, residual_scale=torch.ones(8))
+    with pytest.raises(ValueError, match="need a residual"):
+        conv2d_nhwc(x, w, residual_scale=torch.ones(8), residual_shift=torch.zeros(8))
+    with pytest.raises(ValueError, match=r"residual_scale must have shape \(8,\)"):
+        conv2d_nhwc(x, w, residual=r, residual_scale=torch.ones(4), residual_shift=torch.zeros(4))
+    with pytest.raises(ValueError, match="out_mask needs a multiple of 8 output channels"):
+        conv2d_nhwc(x, torch.randn(12, 8, 3, 3), out_mask=True)
 
 
 # ------------------------------------------------------------------ tensor-descriptor path
@@ -312,6 +381,26 @@ def test_tma_path(N, C, H, W, K, R, dtype, device):
     res = _make(device, dtype, N, K, H, W).to(memory_format=CL)
     out = conv2d_nhwc(x, w, b, stride=1, padding=pad, residual=res, relu=True, _path="tma")
     _check("tma_residual", dtype, device, out, (x, w, b, 1, pad), dict(residual=res, relu=True))
+
+
+@pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
+def test_tma_path_bn_residual_mask(dtype, device):
+    """The fused final-pass epilogue (BN'd residual, ReLU, mask) on the descriptor path."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need compute capability >= 9.0")
+    x = _make(device, dtype, 2, 16, 7, 6).to(memory_format=CL)
+    w = (_make(device, torch.float32, 40, 16, 1, 1) / 4).to(dtype)
+    c2 = _make(device, dtype, 2, 40, 7, 6).to(memory_format=CL)
+    scale, shift = torch.rand(40, device=device) + 0.5, torch.randn(40, device=device)
+    out, mask = conv2d_nhwc(x, w, None, stride=1, padding=0, residual=c2,
+                            residual_scale=scale, residual_shift=shift, relu=True,
+                            out_mask=True, _path="tma")
+    ref = torch.relu(F.conv2d(x.double(), w.double())
+                     + c2.double() * scale.double()[None, :, None, None]
+                     + shift.double()[None, :, None, None])
+    res = (c2.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    assert_within("tma_bn_residual", out, torch.relu(F.conv2d(x, w) + res), ref)
+    torch.testing.assert_close(mask, _pack_mask(out), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)

@@ -43,6 +43,9 @@ CONFIGS = {
     "identity": (8, 8, 1, lambda: Residual(8, 8)),
     "1x1/2": (4, 8, 2, lambda: Residual(4, 8, use_1x1conv=True, strides=2)),
     "1x1/1": (4, 8, 1, lambda: Residual(4, 8, use_1x1conv=True, strides=1)),
+    # 12 channels: not a multiple of 8, so the D2L projection's final pass cannot be the
+    # GEMM epilogue (a mask byte would span two tiles) and takes the elementwise pass.
+    "1x1/2-k12": (4, 12, 2, lambda: Residual(4, 12, use_1x1conv=True, strides=2)),
     "3x3/2": (4, 8, 2, None),          # D2L copies whose conv3 is a 3x3, padding 1
     "bn/2": (4, 8, 2, lambda: _BasicBlock(4, 8, 2)),
 }
@@ -317,6 +320,38 @@ def test_compile_fullgraph_inductor(device):
     compilation); on CUDA they are triton_ops whose kernels Inductor sees."""
     torch._dynamo.reset()
     _compile_step("inductor", device)
+
+
+@pytest.mark.parametrize("name,fused_final", [("1x1/2", True), ("3x3/2", True),
+                                              ("1x1/2-k12", False), ("bn/2", False),
+                                              ("identity", False)])
+def test_d2l_projection_final_pass_is_the_gemm_epilogue(name, fused_final, monkeypatch):
+    """For the D2L projection (no bn3) with K % 8 == 0, relu(bn2(c2) + conv3(x)) and its
+    mask come out of the projection GEMM's epilogue: no elementwise pass runs, and no
+    convolution without the fused epilogue writes the shortcut."""
+    from resnet_fused.backends.triton import train as ttrain
+
+    calls = {"bn_act": 0, "conv_plain_out": 0}
+    real_bn_act, real_conv = ttrain.bn_act_impl, ttrain.conv2d_nhwc
+
+    def bn_act(*a, **k):
+        calls["bn_act"] += 1
+        return real_bn_act(*a, **k)
+
+    def conv(*a, **k):
+        if not k.get("stats") and not k.get("out_mask"):
+            calls["conv_plain_out"] += 1      # a conv whose output is only a temporary
+        return real_conv(*a, **k)
+
+    monkeypatch.setattr(ttrain, "bn_act_impl", bn_act)
+    monkeypatch.setattr(ttrain, "conv2d_nhwc", conv)
+    names, vals, f = _functional(name)
+    vals[0] = torch.randn(2, CONFIGS[name][0], 5, 4).contiguous(memory_format=CL)
+    f(*vals)
+    if fused_final:
+        assert calls == {"bn_act": 0, "conv_plain_out": 0}, calls
+    else:
+        assert calls["bn_act"] == 1, calls
 
 
 def test_bad_blocks_raise_clear_errors():

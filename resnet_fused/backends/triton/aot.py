@@ -173,8 +173,15 @@ def _tma_launches(cin, k, hw, stride, kind, dt):
         conv2d_nhwc(y1, w2, b, stride=1, padding=1, residual=x, relu=True, _path="tma")
     elif kind in ("1x1", "3x3"):
         r3 = 3 if kind == "3x3" else 1
-        conv2d_nhwc(y1, w2, b, stride=1, padding=1, x2=x, w2=_t((k, cin, r3, r3), dt),
+        w3 = _t((k, cin, r3, r3), dt)
+        conv2d_nhwc(y1, w2, b, stride=1, padding=1, x2=x, w2=w3,
                     stride2=stride, padding2=r3 // 2, relu=True, _path="tma")
+        # The training block's fused final pass of a stride-1 D2L projection (taken
+        # with RESNET_FUSED_TRITON_TMA=1): BN'd residual, ReLU and mask in the epilogue.
+        xs = _t((BATCH, cin, p, p), dt)
+        conv2d_nhwc(xs, w3, b, stride=1, padding=r3 // 2, residual=y1,
+                    residual_scale=torch.ones(k), residual_shift=torch.zeros(k), relu=True,
+                    out_mask=True, _path="tma")
 
 
 def _bn_op_launches(k, hw, dt, pdt, cl):

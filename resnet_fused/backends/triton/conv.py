@@ -6,8 +6,10 @@ One kernel serves every convolution of the block, eval and training forward:
                                 [+ sum_{r, s, c} x2[n, p*st2 + r - pad2, q*st2 + s - pad2, c] * w2[k, c, r, s]] )
     A(x)     = relu?(x * in_scale[c] + in_shift[c])   (the prologue, e.g. bn1 + ReLU of conv1's raw output);
                taps outside the image are ZERO after the transform (padding in y1 space)
-    epilogue = relu?(acc + bias[k] (+ residual[n, p, q, k])), cast to x's dtype, optionally
-               with per-channel (mean, biased var) of the written values.
+    epilogue = relu?(acc + bias[k] (+ R(residual)[n, p, q, k])), cast to x's dtype, optionally
+               with per-channel (mean, biased var) of the written values and/or the
+               packed 1-bit ReLU mask of them;
+               R(r) = r, or r * residual_scale[k] + residual_shift[k] (a BN of the residual).
 
 As a GEMM: rows are the output pixels (M = N*P*Q), columns the output channels (K),
 and the reduction runs over R*S*C (taps x input channels). The reduction is ONE flat
@@ -154,11 +156,14 @@ def _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
-              bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-              STATS: tl.constexpr, BM: tl.constexpr):
-    """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile."""
+def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
+              bias_ptr, res_ptr, rscale_ptr, rshift_ptr, out_ptr, omask_ptr,
+              pmean_ptr, pm2_ptr, pcnt_ptr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
+              RELU: tl.constexpr, OUT_MASK: tl.constexpr, STATS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr):
+    """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile;
+    n0: the first output channel of the tile (rn = n0 + arange(BN))."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -166,11 +171,28 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
     mask = row_ok[:, None] & n_ok[None, :]
     if HAS_RES:
         res = tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if RES_BN:
+            # A BatchNorm-transformed residual, res * scale[k] + shift[k] (the training
+            # block's bn2(c2) added to the projection GEMM's output).
+            rs = tl.load(rscale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            rt = tl.load(rshift_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            res = res * rs[None, :] + rt[None, :]
         acc = acc + res
     if RELU:
         acc = tl.maximum(acc, 0.0)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, out, mask=mask)
+    if OUT_MASK:
+        # Packed ReLU mask of the values as stored (schemas.py: bit i % 8 of byte i // 8
+        # for physical offset i = row * K + channel). The launcher guarantees K % 8 == 0,
+        # and BN and n0 are multiples of 8, so each byte is 8 consecutive channels of one
+        # pixel inside this tile: assembled in registers, written once, no atomics.
+        keep = mask & (out.to(tl.float32) > 0.0)
+        bits = tl.where(keep, 1 << (tl.arange(0, BN) % 8)[None, :], 0)
+        byte = tl.sum(tl.reshape(bits, (BM, BN // 8, 8)), axis=2).to(tl.uint8)
+        bcol = n0 // 8 + tl.arange(0, BN // 8)
+        boff = rm.to(tl.int64)[:, None] * (K // 8) + bcol[None, :]
+        tl.store(omask_ptr + boff, byte, mask=row_ok[:, None] & (bcol < K // 8)[None, :])
     if STATS:
         # Per-tile mean and centred sum of squares of the values as written (rounded to
         # the output dtype), combined across tiles by _stats_combine_kernel (Chan et al.):
@@ -187,7 +209,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K,
 
 # Geometry constexprs are in the key too: a 1x1 and a 3x3 conv can share M, K, C, H, W.
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2", "R", "STRIDE",
-                                        "R2", "HAS_X2", "HAS_PRO", "STATS"],
+                                        "R2", "HAS_X2", "HAS_PRO", "STATS", "OUT_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(
@@ -195,13 +217,15 @@ def _conv_kernel(
     scale_ptr, shift_ptr,
     x2_ptr, w2_ptr,
     pmean_ptr, pm2_ptr, pcnt_ptr,
+    rscale_ptr, rshift_ptr, omask_ptr,
     M, K, H, W, C, P, Q,
     H2, W2, C2,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     STRIDE2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
-    STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STATS: tl.constexpr, RES_BN: tl.constexpr, OUT_MASK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -235,8 +259,9 @@ def _conv_kernel(
         acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn,
                          n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
                          INPUT_PRECISION, BK)
-    _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, M, K, bias_ptr, res_ptr, out_ptr,
-              pmean_ptr, pm2_ptr, pcnt_ptr, HAS_BIAS, HAS_RES, RELU, STATS, BM)
+    _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
+              rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,18 +309,20 @@ def _prune_tma(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2", "R",
-                                            "R2", "HAS_X2"],
+                                            "R2", "HAS_X2", "OUT_MASK"],
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _conv_tma_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     x2_ptr, w2_ptr,
+    rscale_ptr, rshift_ptr, omask_ptr,
     N, K, H, W, C, P, Q,
     H2, W2, C2,
     PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     STRIDE2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    HAS_X2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_X2: tl.constexpr, RES_BN: tl.constexpr, OUT_MASK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -342,8 +369,9 @@ def _conv_tma_kernel(
                          n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
                          INPUT_PRECISION, BK)
     rows = (n64 * P + oh) * Q + ow
-    _epilogue(acc, rows, rn, row_ok, n_ok, 0, 0, K, bias_ptr, res_ptr, out_ptr,
-              out_ptr, out_ptr, out_ptr, HAS_BIAS, HAS_RES, RELU, False, BH * BW)
+    _epilogue(acc, rows, rn, row_ok, n_ok, 0, pid_n * BN, 0, K, bias_ptr, res_ptr,
+              rscale_ptr, rshift_ptr, out_ptr, omask_ptr, out_ptr, out_ptr, out_ptr,
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN)
 
 
 _ALLOCATOR_SET = False
@@ -564,6 +592,9 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
                 in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
                 in_relu: bool = False,
                 stats: bool = False,
+                residual_scale: Optional[torch.Tensor] = None,
+                residual_shift: Optional[torch.Tensor] = None,
+                out_mask: bool = False,
                 _path: Optional[str] = None):
     """Fused implicit-GEMM convolution; see the module docstring for the exact formula.
 
@@ -574,8 +605,16 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     input prologue relu?(x * in_scale + in_shift) (both or neither; in_relu applies
     only with them); padded taps are zero after it. stats=True also returns fp32
     per-channel mean and biased variance of the written output.
+    residual_scale/residual_shift [K] (both or neither, with residual): the residual
+    enters as residual * residual_scale[k] + residual_shift[k] (a BatchNorm applied to
+    it, e.g. bn2(c2) added to the projection shortcut's GEMM in the training block).
+    out_mask=True also returns the packed ReLU mask of the written output (uint8
+    [ceil(N*K*P*Q / 8)], bit i % 8 of byte i // 8 = output element at physical
+    offset i is > 0, resnet_fused/schemas.py's format); needs K % 8 == 0.
 
-    Returns out [N, K, P, Q], channels_last, x's dtype; or (out, mean, var).
+    Returns out [N, K, P, Q], channels_last, x's dtype, followed by the mask if
+    out_mask and by (mean, var) if stats: out | (out, mask) | (out, mean, var) |
+    (out, mask, mean, var).
     _path ("pointer" / "tma" / None = automatic) is for tests and benchmarks.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
@@ -641,8 +680,20 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         if residual.device != dev:
             raise ValueError(f"conv2d_nhwc: residual is on {residual.device}, x on {dev}")
         residual = residual.contiguous(memory_format=torch.channels_last)
+    if (residual_scale is None) != (residual_shift is None):
+        raise ValueError("conv2d_nhwc: residual_scale and residual_shift must be given together")
+    if residual_scale is not None:
+        if residual is None:
+            raise ValueError("conv2d_nhwc: residual_scale/residual_shift need a residual")
+        residual_scale = _channel_vec(residual_scale, "residual_scale", K, dev)
+        residual_shift = _channel_vec(residual_shift, "residual_shift", K, dev)
+    if out_mask and K % 8:
+        raise ValueError(f"conv2d_nhwc: out_mask needs a multiple of 8 output channels (each "
+                         f"mask byte is 8 channels of one pixel), got {K}")
 
     out = _new_empty((N, K, P, Q), device=dev, dtype=x.dtype, memory_format=torch.channels_last)
+    omask = (_new_empty(((M * K + 7) // 8,), device=dev, dtype=torch.uint8) if out_mask
+             else out)
     if stats:
         t_max = triton.cdiv(M, _MIN_BM)
         pmean = _new_empty((t_max, K), device=dev, dtype=torch.float32)
@@ -656,6 +707,8 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)
 
     dummy = out
+    rsc = residual_scale if residual_scale is not None else dummy
+    rsh = residual_shift if residual_shift is not None else dummy
     if _use_tma(x, w, stride, in_scale, stats, _path):
         if not _INTERPRET:
             _ensure_tma_allocator()
@@ -668,31 +721,36 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
             x, w, bias if bias is not None else dummy,
             residual if residual is not None else dummy, out,
             x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
+            rsc, rsh, omask,
             N, K, H, W, C, P, Q, H2, W2, C2,
             PAD=padding, R=R, S=S,
             STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
             R2=R2, S2=S2,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-            HAS_X2=x2 is not None, INPUT_PRECISION=_input_precision(x.dtype),
+            HAS_X2=x2 is not None, RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
+            INPUT_PRECISION=_input_precision(x.dtype),
         )
-        return out
+        return (out, omask) if out_mask else out
     wrap_triton(_conv_kernel)[grid](
         x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
         pmean, pm2, pcnt,
+        rsc, rsh, omask,
         M, K, H, W, C, P, Q, H2, W2, C2,
         STRIDE=stride, PAD=padding, R=R, S=S,
         STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
         R2=R2, S2=S2,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         HAS_X2=x2 is not None, HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu),
-        STATS=bool(stats), INPUT_PRECISION=_input_precision(x.dtype),
+        STATS=bool(stats), RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
+        INPUT_PRECISION=_input_precision(x.dtype),
     )
+    head = (out, omask) if out_mask else (out,)
     if not stats:
-        return out
+        return head if out_mask else out
     mean, var = _combine_stats(pmean, pm2, pcnt, K, dev)
-    return out, mean, var
+    return head + (mean, var)
 
 
 def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:

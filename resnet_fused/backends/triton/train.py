@@ -7,15 +7,20 @@ torch.library forbids register_autograd on ops that mutate their inputs, so the 
 statistics are updated AFTER the unit, by the mutating `bn_finalize` op fed with the
 batch statistics the unit returns (its invstd/scale/shift outputs are unused).
 
-Forward (5 kernels + 3 tiny ones; +2 for a projection):
+Forward (5 kernels + 3 tiny ones; BN'd projection +2, D2L projection +0):
   c1, (m1, v1) = conv(x, w1) + b1        stats in the conv epilogue (conv.py)
   finalize1 -> scale1, shift1            tiny, no running-stat update
   c2, (m2, v2) = conv(relu(scale1*c1 + shift1), w2) + b2
                                          bn1 + ReLU in conv2's input prologue, padding
                                          zero after the transform; stats epilogue
-  finalize2                              tiny
-  [c3 (, m3, v3) = conv(x, w3) + b3]     projection (with stats when it has a BN)
-  out, mask = relu(bn2(c2) + sc)         one pass; sc = x | c3 | bn3(c3); 1-bit mask
+  finalize2 -> scale2, shift2            tiny
+  identity:   out, mask = relu(bn2(c2) + x)              one elementwise pass, 1-bit mask
+  BN'd proj:  c3, (m3, v3) = conv(x, w3) + b3; finalize3;
+              out, mask = relu(bn2(c2) + bn3(c3))        one elementwise pass
+  D2L proj:   out, mask = relu(conv(x, w3) + b3 + scale2*c2 + shift2)
+                                         the final pass IS the projection GEMM's
+                                         epilogue (BN-transformed residual + ReLU +
+                                         mask): the shortcut is never written
 
 Backward (block_train_backward; conv_bwd.py, bn.py):
   BN2 reductions  sum(g), sum(g*xhat2), g = grad_out*mask       one read of grad_out, c2
@@ -80,15 +85,21 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     _, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
     c2, m2, v2 = conv2d_nhwc(c1, w2, b2, stride=1, padding=1, in_scale=sc1, in_shift=sh1,
                              in_relu=True, stats=True)
-    inv2, _, _ = finalize_impl(m2, v2, g2, beta2, eps2)
+    inv2, sc2, sh2 = finalize_impl(m2, v2, g2, beta2, eps2)
     m3 = v3 = torch.zeros_like(m2)
     c3 = _empty(x)
     if w3 is None:
         out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=x)
+    elif g3 is None and c2.shape[1] % 8 == 0:
+        # D2L projection (no BN): the final pass is the projection GEMM's epilogue,
+        # relu(conv(x, w3) + b3 + scale2*c2 + shift2) with the mask, so the shortcut is
+        # never written out and re-read.
+        out, mask = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3, residual=c2,
+                                residual_scale=sc2, residual_shift=sh2, relu=True,
+                                out_mask=True)
     elif g3 is None:
-        # D2L projection (no BN): its output is only the residual operand, not saved.
-        # TODO(fusion): this costs one write + read of a c2-sized tensor; folding it into
-        # a final conv pass would need a BN-transformed residual in conv.py's epilogue.
+        # Channel counts that are not a multiple of 8 would split a mask byte across
+        # two tiles: the shortcut goes through memory and the elementwise pass.
         sc = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3)
         out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=sc)
     else:

@@ -112,6 +112,9 @@ def test_aot_compile_representative_sm90(tmp_path):
     for feature in ("STATS", "HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN OUT_MASK", "STRIDE=2",
                     "R=1 S=1"):
         assert any(feature in c for c in conv), feature
+    # The paired BN2 + BN3 backward reduction of the BN'd projection.
+    assert any("TWO" in r["constexprs"] for r in results
+               if r["kernel"] == "_bn_bwd_reduce_kernel")
 
 
 @pytest.mark.slow

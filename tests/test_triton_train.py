@@ -354,6 +354,48 @@ def test_d2l_projection_final_pass_is_the_gemm_epilogue(name, fused_final, monke
         assert calls["bn_act"] == 1, calls
 
 
+@pytest.mark.parametrize("name", ["bn/2", "identity"])
+def test_bn_backward_reductions_read_grad_out_once(name, monkeypatch):
+    """The BN'd projection's bn3 reductions ride in bn2's pass over grad_out and the
+    mask: one reduction launch per block backward, whatever the shortcut."""
+    launches = []
+    real = tbn.launch
+
+    def counting(kernel, grid, *a, **k):
+        launches.append(getattr(kernel, "__name__", getattr(getattr(kernel, "fn", None),
+                                                             "__name__", "")))
+        return real(kernel, grid, *a, **k)
+
+    monkeypatch.setattr(tbn, "launch", counting)
+    names, vals, f = _functional(name)
+    vals[0] = torch.randn(2, CONFIGS[name][0], 5, 4).contiguous(memory_format=CL)
+    leaves = [v.clone().requires_grad_() if v is not None else None for v in vals]
+    out = f(*leaves)
+    launches.clear()
+    out.backward(torch.randn_like(out))
+    assert launches.count("_bn_bwd_reduce_kernel") == 1, launches
+
+
+def test_paired_bn_backward_reduction_matches_two_single_ones():
+    """bn_backward_coef(..., second=...) == two separate calls (same g, two BNs)."""
+    N, C, H, W = 2, 40, 5, 3
+    c2 = torch.randn(N, C, H, W).contiguous(memory_format=CL) * 2 + 1
+    c3 = torch.randn(N, C, H, W).contiguous(memory_format=CL) - 0.5
+    g = torch.randn(N, C, H, W).contiguous(memory_format=CL)
+    mask = torch.randint(0, 256, ((g.numel() + 7) // 8,), dtype=torch.uint8)
+    m2, m3 = c2.mean((0, 2, 3)), c3.mean((0, 2, 3))
+    i2 = c2.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    i3 = c3.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    w2, w3 = torch.rand(C) + 0.5, torch.rand(C) + 0.5
+    one2 = tbn.bn_backward_coef(g, mask, c2, m2, i2, w2)
+    one3 = tbn.bn_backward_coef(g, mask, c3, m3, i3, w3)
+    pair2, pair3 = tbn.bn_backward_coef(g, mask, c2, m2, i2, w2, second=(c3, m3, i3, w3))
+    for a, b in zip(one2 + one3, pair2 + pair3):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="second BN's input"):
+        tbn.bn_backward_coef(g, mask, c2, m2, i2, w2, second=(c3[:1], m3, i3, w3))
+
+
 def test_bad_blocks_raise_clear_errors():
     block = _make_block("1x1/2")
     block.conv3 = None

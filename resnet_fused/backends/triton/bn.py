@@ -208,19 +208,29 @@ def _load_mask_bit(mask_ptr, i, ok):
 
 @triton.jit
 def _bn_bwd_reduce_kernel(g_ptr, mask_ptr, c_ptr, mean_ptr, invstd_ptr, red_ptr,
+                          cb_ptr, meanb_ptr, invb_ptr, redb_ptr,
                           M, C, HW, sN, sC, sHW, ROWS,
-                          HAS_MASK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """red[0, c] += sum(g), red[1, c] += sum(g * xhat), g = grad_out (* mask bit)."""
+                          HAS_MASK: tl.constexpr, TWO: tl.constexpr,
+                          BR: tl.constexpr, BC: tl.constexpr):
+    """red[0, c] += sum(g), red[1, c] += sum(g * xhat), g = grad_out (* mask bit).
+
+    TWO: the same for a second BatchNorm fed by the same g (the BN'd projection
+    shortcut's bn3, whose output is added to bn2's): redb gets sum(g) and
+    sum(g * xhat_b) of cb, so grad_out and the mask are read once for both."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     rc = pid_c * BC + tl.arange(0, BC)
     c_ok = rc < C
     mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
     inv = tl.load(invstd_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+    if TWO:
+        meanb = tl.load(meanb_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
+        invb = tl.load(invb_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
     row0 = pid_s * ROWS
     row_end = tl.minimum(row0 + ROWS, M)
     sg = tl.zeros((BR, BC), dtype=tl.float32)
     sgx = tl.zeros((BR, BC), dtype=tl.float32)
+    sgxb = tl.zeros((BR, BC), dtype=tl.float32)
     for r0 in range(row0, row_end, BR):
         rows = r0 + tl.arange(0, BR)
         r_ok = rows < row_end
@@ -234,8 +244,15 @@ def _bn_bwd_reduce_kernel(g_ptr, mask_ptr, c_ptr, mean_ptr, invstd_ptr, red_ptr,
         xhat = (c - mean[None, :]) * inv[None, :]
         sg += g
         sgx += tl.where(m, g * xhat, 0.0)
-    tl.atomic_add(red_ptr + rc, tl.sum(sg, axis=0), mask=c_ok)
+        if TWO:
+            cb = tl.load(cb_ptr + off, mask=m, other=0.0).to(tl.float32)
+            sgxb += tl.where(m, g * ((cb - meanb[None, :]) * invb[None, :]), 0.0)
+    tsg = tl.sum(sg, axis=0)
+    tl.atomic_add(red_ptr + rc, tsg, mask=c_ok)
     tl.atomic_add(red_ptr + C + rc, tl.sum(sgx, axis=0), mask=c_ok)
+    if TWO:
+        tl.atomic_add(redb_ptr + rc, tsg, mask=c_ok)
+        tl.atomic_add(redb_ptr + C + rc, tl.sum(sgxb, axis=0), mask=c_ok)
 
 
 @triton.jit
@@ -386,22 +403,43 @@ def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
     return out, mask
 
 
-def bn_backward_coef(grad_out, mask, c, mean, invstd, weight):
+def _coef(red, mean, invstd, weight, C, M):
+    coef = torch.empty((4, C), device=red.device, dtype=torch.float32)
+    gw = torch.empty((C,), device=red.device, dtype=torch.float32)
+    gb = torch.empty((C,), device=red.device, dtype=torch.float32)
+    launch(_bn_bwd_coef_kernel, (triton.cdiv(C, _BC),), red, mean, invstd, weight,
+           coef, gw, gb, C, M, BC=_BC)
+    return coef, gw, gb
+
+
+def bn_backward_coef(grad_out, mask, c, mean, invstd, weight, second=None):
     """Reduce sum(g), sum(g*xhat) (g = grad_out * mask bit when mask is given) and turn
-    them into the apply coefficients [4, C] (a, b, d, mean), grad_weight and grad_bias."""
+    them into the apply coefficients [4, C] (a, b, d, mean), grad_weight and grad_bias.
+
+    second = (c_b, mean_b, invstd_b, weight_b): a second BatchNorm whose output gradient
+    is the same g (bn3 of the BN'd projection, added to bn2's output), reduced in the
+    same pass over grad_out and the mask; then returns ((coef, gw, gb), (coef_b, gw_b,
+    gb_b)). c_b must have c's shape and strides."""
     N, C, HW, sN, sC, sHW = _geometry(c)
     M = N * HW
     rows, split = _row_split(M)
     red = torch.zeros((2, C), device=c.device, dtype=torch.float32)
+    if second is not None:
+        cb, meanb, invb, weightb = second
+        if cb.shape != c.shape or cb.stride() != c.stride():
+            raise ValueError(f"bn_backward_coef: the second BN's input {tuple(cb.shape)} "
+                             f"{cb.stride()} does not match {tuple(c.shape)} {c.stride()}")
+        redb = torch.zeros((2, C), device=c.device, dtype=torch.float32)
+    else:
+        cb, meanb, invb, redb = c, mean, invstd, red
     launch(_bn_bwd_reduce_kernel, (triton.cdiv(C, _BC), split), grad_out,
            mask if mask is not None else grad_out, c, mean, invstd, red,
-           M, C, HW, sN, sC, sHW, rows, HAS_MASK=mask is not None, BR=_BR, BC=_BC)
-    coef = torch.empty((4, C), device=c.device, dtype=torch.float32)
-    gw = torch.empty((C,), device=c.device, dtype=torch.float32)
-    gb = torch.empty((C,), device=c.device, dtype=torch.float32)
-    launch(_bn_bwd_coef_kernel, (triton.cdiv(C, _BC),), red, mean, invstd, weight,
-           coef, gw, gb, C, M, BC=_BC)
-    return coef, gw, gb
+           cb, meanb, invb, redb,
+           M, C, HW, sN, sC, sHW, rows, HAS_MASK=mask is not None, TWO=second is not None,
+           BR=_BR, BC=_BC)
+    if second is None:
+        return _coef(red, mean, invstd, weight, C, M)
+    return _coef(red, mean, invstd, weight, C, M), _coef(redb, meanb, invb, weightb, C, M)
 
 
 # =========================================================================== ops

@@ -24,7 +24,7 @@ Forward (5 kernels + 3 tiny ones; BN'd projection +2, D2L projection +0):
 
 Backward (block_train_backward; conv_bwd.py, bn.py):
   BN2 reductions  sum(g), sum(g*xhat2), g = grad_out*mask       one read of grad_out, c2
-  [BN3 reductions on the same g and c3]
+                  [+ BN3's sum(g*xhat3) on c3 in the same pass]
   dZ1 = dgrad(G2, w2) * [y1 > 0]         G2 = bn2-backward-apply(g, c2) built in the
                                          prologue; dReLU recomputed from c1; BN1
                                          reductions in the epilogue
@@ -156,24 +156,27 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
     inv2, _, _ = finalize_impl(m2, v2, g2, g2, eps2)
     ss1 = torch.stack([sc1, sh1])
 
-    # BN2 backward reductions -> G2 = a*g + b*(c2 - m2) + d, never materialised.
-    coef2, dg2, dbeta2 = bn_backward_coef(grad_out, mask, c2, m2, inv2, g2)
+    # BN2 backward reductions -> G2 = a*g + b*(c2 - m2) + d, never materialised. A BN'd
+    # projection's bn3 sees the same g: its reductions ride in the same pass.
+    if w3 is not None and g3 is not None:
+        inv3, _, _ = finalize_impl(m3, v3, g3, g3, eps3)
+        (coef2, dg2, dbeta2), (coef3, dg3, dbeta3) = bn_backward_coef(
+            grad_out, mask, c2, m2, inv2, g2, second=(c3, m3, inv3, g3))
+    else:
+        coef2, dg2, dbeta2 = bn_backward_coef(grad_out, mask, c2, m2, inv2, g2)
     g2_op = dict(gmask=mask, gc=c2, coef=coef2)
     dz1, red1 = conv_dgrad(grad_out, w2, (P, Q), 1, 1, **g2_op,
                            relu_c=c1, relu_ss=ss1, relu_stat=torch.stack([m1, inv1]))
     dw2, db2 = conv_wgrad(grad_out, c1, w2.shape, 1, 1, **g2_op, x_ss=ss1, need_db=has_b2)
     coef1, dg1, dbeta1 = _coef_from_red(red1, m1, inv1, g1, M)
 
-    dw3 = db3 = dg3 = dbeta3 = None
+    if g3 is None:
+        dg3 = dbeta3 = None
+    dw3 = db3 = None
     if w3 is None:
         res = dict(residual=grad_out, res_mask=mask)        # identity: g = grad_out*mask
     else:
-        if g3 is None:
-            g3_op = dict(gmask=mask)
-        else:
-            inv3, _, _ = finalize_impl(m3, v3, g3, g3, eps3)
-            coef3, dg3, dbeta3 = bn_backward_coef(grad_out, mask, c3, m3, inv3, g3)
-            g3_op = dict(gmask=mask, gc=c3, coef=coef3)
+        g3_op = dict(gmask=mask) if g3 is None else dict(gmask=mask, gc=c3, coef=coef3)
         dw3, db3 = conv_wgrad(grad_out, x, w3.shape, stride, pad3, **g3_op, need_db=has_b3)
         # The shortcut's data gradient: a second GEMM into conv1's dgrad accumulator.
         res = dict(g2=grad_out, w2=w3, padding2=pad3,

@@ -273,7 +273,7 @@ std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const
         for (int64_t i = g * 8; i < end; ++i, cur.next()) {
           acc_t v = sc[cur.ch] * static_cast<acc_t>(pc[i]) + sh[cur.ch];
           if (pr) v += static_cast<acc_t>(pr[i]);
-          const scalar_t o = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+          const scalar_t o = static_cast<scalar_t>(v > acc_t(0) || v != v ? v : acc_t(0));  // NaN stays NaN, as F.relu
           po[i] = o;
           // The mask is of the stored output: a tiny positive v can round to 0.
           bits |= static_cast<uint8_t>(static_cast<acc_t>(o) > acc_t(0)) << (i - g * 8);

@@ -571,7 +571,7 @@ __device__ __forceinline__ uint8_t act8(const Vec8<T>& cv, const Vec8<T>& rv, co
   for (int j = 0; j < 8; ++j) {
     A v = sc[j] * static_cast<A>(cv.v[j]) + sh[j];
     if constexpr (HAS_RES) v += static_cast<A>(rv.v[j]);
-    const T o = static_cast<T>(v > A(0) ? v : A(0));
+    const T o = static_cast<T>(v > A(0) || v != v ? v : A(0));  // NaN stays NaN, as F.relu
     ov.v[j] = o;
     bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
   }
@@ -647,7 +647,7 @@ __global__ void __launch_bounds__(kThreads) bn_act_scalar_kernel(
       const A s = weight[ch] * invstd[ch];
       A v = s * static_cast<A>(c[i]) + (bias[ch] - mean[ch] * s);
       if (res != nullptr) v += static_cast<A>(res[i]);
-      const T o = static_cast<T>(v > A(0) ? v : A(0));
+      const T o = static_cast<T>(v > A(0) || v != v ? v : A(0));  // NaN stays NaN, as F.relu
       out[i] = o;
       bits |= static_cast<uint8_t>(static_cast<A>(o) > A(0)) << j;
     }

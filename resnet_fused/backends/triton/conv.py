@@ -80,20 +80,45 @@ else:
 _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
 
 
+def _heavy(named_args, kwargs) -> bool:
+    """A variant with a prologue, a second GEMM or the BN-residual/mask epilogue."""
+    # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
+    return any(kwargs.get(f, named_args.get(f, False))
+               for f in ("HAS_PRO", "HAS_X2", "RES_BN", "OUT_MASK"))
+
+
+# Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
+# variant spills on sm_90: measured by the ahead-of-time compile (aot.py) with triton
+# 3.6 and 3.8 (e.g. 128x128 over 4 warps or 256x128 over 8 warps with the prologue or
+# the mask epilogue: 80-450 bytes of spills per thread); lighter variants fit.
+_HEAVY_ACC_REGS = 128
+
+
+def _acc_regs(tile_rows, bn, warps):
+    return tile_rows * bn // (32 * warps)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs that waste most of a tile on this shape or overflow shared memory."""
+    """Drop configs that waste most of a tile on this shape, overflow shared memory, or
+    spill registers (heavy variants with a 128-register accumulator)."""
     C = named_args["C"]
     K = named_args["K"]
     M = named_args["M"]
     x = named_args["x_ptr"]
     esize = x.element_size() if hasattr(x, "element_size") else 2
-    # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     has_x2 = kwargs.get("HAS_X2", named_args.get("HAS_X2", False))
+    heavy = _heavy(named_args, kwargs)
     cmax = max(C, named_args["C2"] if has_x2 else 0)
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
         if bn > max(16, triton.next_power_of_2(K)):
+            continue
+        if heavy and _acc_regs(bm, bn, c.num_warps) >= _HEAVY_ACC_REGS:
+            continue
+        # fp32 operands: more than 64 loaded elements per thread per stage (e.g. 128x64x64
+        # or 64x128x64 over 4 warps) spilled 100-470 bytes per thread on sm_90 (aot.py).
+        if esize == 4 and (bm * bk + bk * bn) // (32 * c.num_warps) > 64:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
             continue
@@ -164,20 +189,24 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
               BM: tl.constexpr, BN: tl.constexpr):
     """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile;
     n0: the first output channel of the tile (rn = n0 + arange(BN))."""
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
     off = rm.to(tl.int64)[:, None] * K + rn[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
-    if HAS_RES:
+    if RES_BN:
+        # A BatchNorm-transformed residual, res * scale[k] + shift[k] (the training
+        # block's bn2(c2) added to the projection GEMM's output). The bias joins the
+        # shift first: one per-channel vector fewer live next to the accumulator.
+        rs = tl.load(rscale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        col = tl.load(rshift_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            col += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         res = tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if RES_BN:
-            # A BatchNorm-transformed residual, res * scale[k] + shift[k] (the training
-            # block's bn2(c2) added to the projection GEMM's output).
-            rs = tl.load(rscale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            rt = tl.load(rshift_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            res = res * rs[None, :] + rt[None, :]
-        acc = acc + res
+        acc = acc + (res * rs[None, :] + col[None, :])
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        if HAS_RES:
+            acc = acc + tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
     out = acc.to(out_ptr.dtype.element_ty)
@@ -188,8 +217,8 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         # and BN and n0 are multiples of 8, so each byte is 8 consecutive channels of one
         # pixel inside this tile: assembled in registers, written once, no atomics.
         keep = mask & (out.to(tl.float32) > 0.0)
-        bits = tl.where(keep, 1 << (tl.arange(0, BN) % 8)[None, :], 0)
-        byte = tl.sum(tl.reshape(bits, (BM, BN // 8, 8)), axis=2).to(tl.uint8)
+        bits = tl.where(keep, 1 << (tl.arange(0, BN) % 8)[None, :], 0).to(tl.uint8)
+        byte = tl.sum(tl.reshape(bits, (BM, BN // 8, 8)), axis=2, dtype=tl.uint8)
         bcol = n0 // 8 + tl.arange(0, BN // 8)
         boff = rm.to(tl.int64)[:, None] * (K // 8) + bcol[None, :]
         tl.store(omask_ptr + boff, byte, mask=row_ok[:, None] & (bcol < K // 8)[None, :])
@@ -298,9 +327,12 @@ def _prune_tma(configs, named_args, **kwargs):
     C, K, P, Q = named_args["C"], named_args["K"], named_args["P"], named_args["Q"]
     x = named_args["x_ptr"]
     esize = x.element_size() if hasattr(x, "element_size") else 2
+    heavy = _heavy(named_args, kwargs)
     kept = [c for c in configs
             if (c.kwargs["BH"] * c.kwargs["BW"] + c.kwargs["BN"]) * c.kwargs["BK"] * esize
             * max(c.num_stages, 1) <= 200 * 1024
+            and not (heavy and _acc_regs(c.kwargs["BH"] * c.kwargs["BW"], c.kwargs["BN"],
+                                         c.num_warps) >= _HEAVY_ACC_REGS)
             and c.kwargs["BN"] <= max(16, triton.next_power_of_2(K))
             and c.kwargs["BK"] <= max(16, triton.next_power_of_2(C))
             and c.kwargs["BH"] <= max(4, triton.next_power_of_2(P))

@@ -162,8 +162,10 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt):
 def _tma_launches(cin, k, hw, stride, kind, dt):
     """The descriptor (TMA) path where it is legal: stride-1 convolutions without a
     prologue or stats (K1 of stride-1 blocks, every K2)."""
-    from .conv import conv2d_nhwc
+    from .conv import _input_precision, conv2d_nhwc
 
+    if dt == torch.float32 and _input_precision(dt) == "ieee":
+        return    # automatic selection never takes the descriptor path for IEEE fp32
     x = _t((BATCH, cin, hw, hw), dt)
     p = (hw - 1) // stride + 1
     y1 = _t((BATCH, k, p, p), dt)

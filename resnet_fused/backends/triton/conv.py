@@ -108,6 +108,7 @@ def _prune(configs, named_args, **kwargs):
     esize = x.element_size() if hasattr(x, "element_size") else 2
     has_x2 = kwargs.get("HAS_X2", named_args.get("HAS_X2", False))
     heavy = _heavy(named_args, kwargs)
+    ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     cmax = max(C, named_args["C2"] if has_x2 else 0)
     kept = []
     for c in configs:
@@ -119,6 +120,10 @@ def _prune(configs, named_args, **kwargs):
         # fp32 operands: more than 64 loaded elements per thread per stage (e.g. 128x64x64
         # or 64x128x64 over 4 warps) spilled 100-470 bytes per thread on sm_90 (aot.py).
         if esize == 4 and (bm * bk + bk * bn) // (32 * c.num_warps) > 64:
+            continue
+        # fp32 without TF32 multiplies on the FMA units: accumulators above 32 registers
+        # per thread spilled 64-420 bytes per thread on sm_90 (aot.py).
+        if esize == 4 and ieee and _acc_regs(bm, bn, c.num_warps) > 32:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
             continue
@@ -457,6 +462,10 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
     if x.device.type != "cuda" or _is_traced(x):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    if x.dtype == torch.float32 and _input_precision(x.dtype) == "ieee":
+        # fp32 without TF32 on the descriptor path lowers to FMA code that spills
+        # kilobytes per thread on sm_90 (aot.py): the pointer kernel serves it.
         return False
     return _tma_eligible(x, w, stride, in_scale, stats)
 

@@ -281,3 +281,22 @@ def test_bn_modules_own_mode_decides_like_plain(frozen):
         torch.testing.assert_close(b, a, msg=name)
     for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_propagates_like_plain(backend, train):
+    """A NaN in the input must show in the output where the plain block's shows (ReLU
+    keeps NaN); a kernel computing max(v, 0) would silently turn it into 0."""
+    from resnet_fused import backends
+    if backends.unavailable_reason(backend, torch.device("cpu")) is not None:
+        pytest.skip(backends.unavailable_reason(backend, torch.device("cpu")))
+    plain = Residual(4, 4).train(train)
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend=backend)
+    x = torch.randn(2, 4, 6, 6)
+    x[1, 2, 3, 3] = float("nan")
+    with torch.no_grad():
+        out_p, out_f = plain(x), fused(x)
+    assert torch.isnan(out_p).any()
+    assert torch.equal(torch.isnan(out_f), torch.isnan(out_p))

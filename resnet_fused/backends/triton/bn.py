@@ -192,7 +192,8 @@ def _bn_act_kernel(c_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
             rb = tl.load(rb_ptr + ch, mask=ok, other=0.0).to(tl.float32)
             r = (r - rmean) * (rinv * rw) + rb
         y = y + r
-    out = tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty)
+    # ReLU that keeps NaN, as F.relu does (max.f32 alone returns 0 for a NaN).
+    out = tl.where(y != y, y, tl.maximum(y, 0.0)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + i, out, mask=ok)
     # The bit is of the value as stored (rounded), as the schema says.
     bits = tl.where(ok & (out.to(tl.float32) > 0.0), 1 << bit[None, :], 0)

@@ -175,7 +175,7 @@ def _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
             sh = tl.load(shift_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
             af = a.to(tl.float32) * sc[None, :] + sh[None, :]
             if IN_RELU:
-                af = tl.maximum(af, 0.0)
+                af = tl.where(af != af, af, tl.maximum(af, 0.0))  # NaN stays NaN, as F.relu
             # Padding is zero in the transformed space: mask AFTER the transform.
             af = tl.where(a_mask, af, 0.0)
             a = af.to(x_ptr.dtype.element_ty)
@@ -213,7 +213,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         if HAS_RES:
             acc = acc + tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc != acc, acc, tl.maximum(acc, 0.0))  # NaN stays NaN, as F.relu
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, out, mask=mask)
     if OUT_MASK:

@@ -222,7 +222,8 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
         xt = tl.load(x_ptr + (((n.to(tl.int64) * H + ih) * W + iw) * C)[:, None] + rc[None, :],
                      mask=xm, other=0.0)
         if X_BNRELU:
-            xf = tl.maximum(xt.to(tl.float32) * xsc[None, :] + xsh[None, :], 0.0)
+            xf = xt.to(tl.float32) * xsc[None, :] + xsh[None, :]
+            xf = tl.where(xf != xf, xf, tl.maximum(xf, 0.0))  # NaN stays NaN, as F.relu
             xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)   # padding after the transform
         acc = tl.dot(a.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC)
     tl.atomic_add(dw_ptr + rk.to(tl.int64)[:, None] * (R * S * C) + (tap * C + rc)[None, :], acc,

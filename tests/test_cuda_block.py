@@ -117,3 +117,22 @@ def test_compile_inductor_fullgraph(backend, train):
         out = compiled(x)
         ref = plain(x)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_propagates_like_plain(backend, train):
+    """ReLU keeps NaN on the GPU too (our kernels and cuDNN's fused conv+ReLU)."""
+    blk = _block(backend, train)
+    plain = copy.deepcopy(blk)
+    x = _x()
+    x[1, 3, 4, 4] = float("nan")
+    with torch.no_grad():
+        out = blk(x)
+        ref = plain_block(plain, x)
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def plain_block(blk, x):
+    from resnet_fused.reference import plain_block_forward
+    return plain_block_forward(blk, x)

@@ -81,16 +81,16 @@ _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
 
 
 def _heavy(named_args, kwargs) -> bool:
-    """A variant with a prologue, a second GEMM or the BN-residual/mask epilogue."""
+    """A variant with a prologue, a second GEMM, or a residual read in the epilogue."""
     # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     return any(kwargs.get(f, named_args.get(f, False))
-               for f in ("HAS_PRO", "HAS_X2", "RES_BN", "OUT_MASK"))
+               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK"))
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
 # variant spills on sm_90: measured by the ahead-of-time compile (aot.py) with triton
-# 3.6 and 3.8 (e.g. 128x128 over 4 warps or 256x128 over 8 warps with the prologue or
-# the mask epilogue: 80-450 bytes of spills per thread); lighter variants fit.
+# 3.6 and 3.8 (e.g. 128x128 over 4 warps or 256x128 over 8 warps with the prologue, a
+# residual or the mask epilogue: 80-600 bytes of spills per thread); lighter variants fit.
 _HEAVY_ACC_REGS = 128
 
 

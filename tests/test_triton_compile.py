@@ -8,7 +8,7 @@ Each run compiles in a child process: the kernels must be defined without
 TRITON_INTERPRET, which conftest sets for this process. A fresh cache directory makes
 every variant really compile.
 
-Default: a representative subset (about 30 compiles, ~40-60 s on 2 cores). The sweep
+Default: a representative subset (about 55 compiles, ~35-45 s on 2 cores). The sweep
 over every stage shape, shortcut kind, precision and autotune config is `slow`
 (hundreds of compiles, tens of minutes): run it with `pytest -m slow tests/test_triton_compile.py`.
 """

@@ -323,7 +323,7 @@ def jobs_of(launches, all_configs: bool = True) -> list:
 
 
 def representative_jobs() -> list:
-    """The default test's subset (about 45 compiles): every kernel and constexpr variant
+    """The default test's subset (about 55 compiles): every kernel and constexpr variant
     of the fp16 scenarios but the 3x3 projection, with the first config autotuning
     keeps; the bf16 and fp32-TF32 forward convolutions with the prologue and with the
     projection GEMM; and the fp32 prologue convolution in the config with the largest

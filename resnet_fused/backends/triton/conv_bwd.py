@@ -51,6 +51,10 @@ else:
     _DG = dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
     _WG = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
     _WG_PROGRAMS = 512
+# fp32 without TF32 multiplies on the FMA units: smaller tiles, or ptxas spills (with
+# triton 3.6: 64-5000 bytes per thread for the configs above, aot.py).
+_DG_FMA = dict(_DG, BM=64, BN=64, BK=32, num_warps=8) if not INTERPRET else _DG
+_WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -311,7 +315,7 @@ def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: in
         w2_cl = w2.contiguous(memory_format=torch.channels_last)
         gm2, gcc2, cf2 = _grad_operand(g2, gmask2, gc2, coef2, g2.shape[1])
     HC, WC = triton.cdiv(H, stride), triton.cdiv(W, stride)
-    cfg = _DG
+    cfg = _DG_FMA if _input_precision(g.dtype) == "ieee" and g.dtype == torch.float32 else _DG
     grid = (triton.cdiv(N * HC * WC, cfg["BM"]), triton.cdiv(C, cfg["BN"]), stride * stride)
     launch(_dgrad_kernel, grid, g, gm, gcc, cf, w_cl, out,
            relu_c if epi else out, relu_ss if epi else out, relu_stat if epi else out,
@@ -351,7 +355,7 @@ def conv_wgrad(g: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: 
     dw = torch.zeros((K, R, S, C), device=g.device, dtype=torch.float32)
     db = torch.zeros((K,), device=g.device, dtype=torch.float32) if need_db else None
     MP = N * P * Q
-    cfg = _WG
+    cfg = _WG_FMA if _input_precision(g.dtype) == "ieee" and g.dtype == torch.float32 else _WG
     tiles = triton.cdiv(K, cfg["BM"]) * triton.cdiv(C, cfg["BN"]) * R * S
     split = max(1, min(triton.cdiv(MP, cfg["BK"]), _WG_PROGRAMS // tiles))
     chunk = triton.cdiv(triton.cdiv(MP, split), cfg["BK"]) * cfg["BK"]

@@ -148,34 +148,6 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
 }
 
 // ---------------------------------------------------------------- bn_finalize
-void check_finalize(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
-                    const Tensor& rm, const Tensor& rv, const Tensor& nbt, double eps, int64_t count) {
-  const char* op = "bn_finalize";
-  TORCH_CHECK(mean.defined() && mean.dim() == 1, op, ": mean must be a 1-D per-channel tensor, got shape ",
-              mean.defined() ? shape_str(mean) : std::string("undefined"));
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": mean must be float32 (or float64), got ", mean.scalar_type());
-  const int64_t C = mean.size(0);
-  check_channel_vec(op, "var", var, C, mean, mean.scalar_type());
-  check_channel_vec(op, "weight", weight, C, mean, std::nullopt);
-  check_channel_vec(op, "bias", bias, C, mean, std::nullopt);
-  check_channel_vec(op, "running_mean", rm, C, mean, std::nullopt);
-  check_channel_vec(op, "running_var", rv, C, mean, std::nullopt);
-  TORCH_CHECK(rv.scalar_type() == rm.scalar_type(), op,
-              ": running_mean and running_var must have the same dtype, got ", rm.scalar_type(),
-              " and ", rv.scalar_type());
-  TORCH_CHECK(nbt.defined() && nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
-              ": num_batches_tracked must be a one-element int64 tensor, got ",
-              nbt.defined() ? shape_str(nbt) : std::string("undefined"), " ",
-              nbt.defined() ? c10::toString(nbt.scalar_type()) : "");
-  TORCH_CHECK(nbt.device() == mean.device(), op,
-              ": num_batches_tracked must be on the same device as mean, got ", nbt.device(), " and ",
-              mean.device());
-  TORCH_CHECK(count > 1, op, ": count (N*H*W) must be > 1 to normalise with batch statistics, got ",
-              count, " (BatchNorm needs more than 1 value per channel when training)");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-}
-
 std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean, const Tensor& var,
                                                    const Tensor& weight, const Tensor& bias,
                                                    Tensor& running_mean, Tensor& running_var,
@@ -221,14 +193,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean, const Ten
 }
 
 // ---------------------------------------------------------------- bn_act
-void check_stats_args(const char* op, const Tensor& c, const Layout& l, const Tensor& mean,
-                      const Tensor& invstd, const Tensor& weight) {
-  const auto sdt = stat_dtype(c.scalar_type());
-  check_channel_vec(op, "mean", mean, l.C, c, sdt);
-  check_channel_vec(op, "invstd", invstd, l.C, c, sdt);
-  check_channel_vec(op, "weight", weight, l.C, c, std::nullopt);
-}
-
 // Per-channel scale/shift in the op-math dtype: scale = weight*invstd, shift = bias - mean*scale.
 template <typename acc_t>
 void scale_shift(const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,

@@ -455,40 +455,12 @@ __global__ void __launch_bounds__(1024) bn_finalize_kernel(const A* __restrict__
   if (threadIdx.x == 0) nbt[0] = n_new;
 }
 
-// Defined in ops.cpp's anonymous namespace too; repeated here (same checks) because
-// each TU keeps its helpers private.
-void check_finalize_cuda(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
-                         const Tensor& rm, const Tensor& rv, const Tensor& nbt, double eps, int64_t count) {
-  const char* op = "bn_finalize";
-  TORCH_CHECK(mean.defined() && mean.dim() == 1, op, ": mean must be a 1-D per-channel tensor, got shape ",
-              mean.defined() ? shape_str(mean) : std::string("undefined"));
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": mean must be float32 (or float64), got ", mean.scalar_type());
-  const int64_t C = mean.size(0);
-  check_channel_vec(op, "var", var, C, mean, mean.scalar_type());
-  check_channel_vec(op, "weight", weight, C, mean, std::nullopt);
-  check_channel_vec(op, "bias", bias, C, mean, std::nullopt);
-  check_channel_vec(op, "running_mean", rm, C, mean, std::nullopt);
-  check_channel_vec(op, "running_var", rv, C, mean, std::nullopt);
-  TORCH_CHECK(rv.scalar_type() == rm.scalar_type(), op,
-              ": running_mean and running_var must have the same dtype, got ", rm.scalar_type(),
-              " and ", rv.scalar_type());
-  TORCH_CHECK(nbt.defined() && nbt.numel() == 1 && nbt.scalar_type() == at::kLong, op,
-              ": num_batches_tracked must be a one-element int64 tensor");
-  TORCH_CHECK(nbt.device() == mean.device(), op,
-              ": num_batches_tracked must be on the same device as mean, got ", nbt.device(), " and ",
-              mean.device());
-  TORCH_CHECK(count > 1, op, ": count (N*H*W) must be > 1 to normalise with batch statistics, got ",
-              count, " (BatchNorm needs more than 1 value per channel when training)");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-}
-
 std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Tensor& var,
                                                     const Tensor& weight, const Tensor& bias,
                                                     Tensor& running_mean, Tensor& running_var,
                                                     Tensor& num_batches_tracked, double momentum,
                                                     double eps, int64_t count) {
-  check_finalize_cuda(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, eps, count);
+  check_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, eps, count);
   TORCH_CHECK(RF_IS_DEVICE(mean), "bn_finalize: expected CUDA tensors, got ", mean.device());
   RF_DEVICE_GUARD(mean.device());
   const int64_t C = mean.size(0);
@@ -658,21 +630,13 @@ __global__ void __launch_bounds__(kThreads) bn_act_scalar_kernel(
 // The vector kernels' layout condition; it implies numel % 8 == 0 (no partial group).
 bool vec_layout_ok(const Layout& l) { return l.nhwc ? l.C % 8 == 0 : l.HW() % 8 == 0; }
 
-void check_stats_args_cuda(const char* op, const Tensor& c, const Layout& l, const Tensor& mean,
-                           const Tensor& invstd, const Tensor& weight) {
-  const auto sdt = stat_dtype(c.scalar_type());
-  check_channel_vec(op, "mean", mean, l.C, c, sdt);
-  check_channel_vec(op, "invstd", invstd, l.C, c, sdt);
-  check_channel_vec(op, "weight", weight, l.C, c, std::nullopt);
-}
-
 std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
                                        const Tensor& weight, const Tensor& bias,
                                        const std::optional<Tensor>& residual) {
   const char* op = "bn_act";
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
-  check_stats_args_cuda(op, c, l, mean, invstd, weight);
+  check_stats_args(op, c, l, mean, invstd, weight);
   check_channel_vec(op, "bias", bias, l.C, c, std::nullopt);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like(op, "residual", *residual, "c", c, l);
@@ -819,7 +783,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
   TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_like(op, "grad_out", grad_out, "c", c, l);
   check_mask(op, mask, c);
-  check_stats_args_cuda(op, c, l, mean, invstd, weight);
+  check_stats_args(op, c, l, mean, invstd, weight);
   TORCH_CHECK(c.numel() > 0, op, ": c must not be empty");
   RF_DEVICE_GUARD(c.device());
   const auto sdt = stat_dtype(c.scalar_type());

@@ -67,6 +67,16 @@ def launch(kernel, grid, *args, **kwargs):
 
 # =========================================================================== kernels
 @triton.jit
+def _row_tile(r0, row_end, HW, sN, sHW, rc, sC, c_ok, BR: tl.constexpr):
+    """Offsets and bounds mask of a (BR rows of N*H*W) x (channels rc) tile, for either
+    layout (the strides say which): shared by the statistics and backward reductions."""
+    rows = r0 + tl.arange(0, BR)
+    n = rows // HW
+    off = (n.to(tl.int64) * sN + (rows - n * HW) * sHW)[:, None] + (rc * sC)[None, :]
+    return off, (rows < row_end)[:, None] & c_ok[None, :]
+
+
+@triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS,
                           BR: tl.constexpr, BC: tl.constexpr):
     """Per (row chunk, channel block): mean and centred sum of squares of the chunk.
@@ -86,11 +96,7 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS
     s1 = tl.zeros((BR, BC), dtype=tl.float32)
     s2 = tl.zeros((BR, BC), dtype=tl.float32)
     for r0 in range(row0, row_end, BR):
-        rows = r0 + tl.arange(0, BR)
-        r_ok = rows < row_end
-        n = rows // HW
-        off = (n.to(tl.int64) * sN + (rows - n * HW) * sHW)[:, None] + (rc * sC)[None, :]
-        m = r_ok[:, None] & c_ok[None, :]
+        off, m = _row_tile(r0, row_end, HW, sN, sHW, rc, sC, c_ok, BR)
         v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         d = tl.where(m, v - shift[None, :], 0.0)
         s1 += d
@@ -233,11 +239,7 @@ def _bn_bwd_reduce_kernel(g_ptr, mask_ptr, c_ptr, mean_ptr, invstd_ptr, red_ptr,
     sgx = tl.zeros((BR, BC), dtype=tl.float32)
     sgxb = tl.zeros((BR, BC), dtype=tl.float32)
     for r0 in range(row0, row_end, BR):
-        rows = r0 + tl.arange(0, BR)
-        r_ok = rows < row_end
-        n = rows // HW
-        off = (n.to(tl.int64) * sN + (rows - n * HW) * sHW)[:, None] + (rc * sC)[None, :]
-        m = r_ok[:, None] & c_ok[None, :]
+        off, m = _row_tile(r0, row_end, HW, sN, sHW, rc, sC, c_ok, BR)
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
         if HAS_MASK:
             g = tl.where(_load_mask_bit(mask_ptr, off, m), g, 0.0)

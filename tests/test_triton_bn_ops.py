@@ -29,20 +29,7 @@ def _dtypes(device):
     return DTYPES + ([torch.bfloat16] if device == "cuda" else [])
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """torch.empty / empty_like return NaN-filled (0xA5 for integer) memory."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.uint8:
-            t.fill_(0xA5)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+# `poison` (NaN-filled torch.empty/empty_like) comes from tests/conftest.py.
 
 
 def _skip_cuda(device):

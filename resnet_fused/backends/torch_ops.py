@@ -72,10 +72,14 @@ def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_
     scale = weight.to(mean.dtype) * invstd
     shift = bias.to(mean.dtype) - mean * scale
     num_batches_tracked.add_(1)
-    if momentum < 0:  # momentum=None: cumulative moving average, factor read on the device
+    # The factor is a Python float for a fixed momentum (lerp takes a scalar weight):
+    # torch.tensor(momentum, device=...) would be a pageable host-to-device copy, a host
+    # synchronisation that CUDA-graph capture rejects. momentum=None (cumulative moving
+    # average) reads the factor on the device.
+    if momentum < 0:
         factor = 1.0 / num_batches_tracked.to(mean.dtype)
     else:
-        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+        factor = float(momentum)
     unbiased = var * (count / (count - 1))
     running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, factor))
     running_var.copy_(torch.lerp(running_var.to(mean.dtype), unbiased, factor))

@@ -19,7 +19,7 @@ nvcc is found, whether or not a GPU is present: the build needs no GPU.
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = "resnet_fused"
@@ -85,25 +85,27 @@ def _extensions():
             nvcc_flags += ["-Xptxas", "-v"]
         ext = cpp_extension.CUDAExtension(
             f"{PACKAGE}._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, py_limited_api=True,
         )
     else:
         ext = cpp_extension.CppExtension(
             f"{PACKAGE}._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+            py_limited_api=True,
         )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 
 
+# py_limited_api=True (torch's cpp_extension then defines Py_LIMITED_API): the module
+# init in csrc/ops.cpp uses only CPython's stable ABI, so the built _C.abi3.so loads on
+# every CPython >= 3.10. torch's C++ ABI still ties it to the torch it was built against.
 ext_modules, cmdclass = _extensions()
 
+# Metadata and dependencies live in pyproject.toml; this file only adds the extension.
 setup(
-    name=PACKAGE,
-    version="0.1.0",
-    description="Fused ResNet residual blocks for PyTorch: C++/CUDA and Triton kernels",
-    packages=find_packages(include=["resnet_fused*"]),
-    python_requires=">=3.10",
-    install_requires=["torch"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # One build serves every CPython >= 3.10 (the extension uses only the stable ABI of
+    # Python itself), so a build made here can run on a GPU machine's other Python.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

@@ -56,7 +56,16 @@ PyObject* PyInit__C(void) {
     Py_DECREF(m);
     return nullptr;
   }
-  for (Py_ssize_t i = 0; i < n_archs; ++i) PyTuple_SET_ITEM(tuple, i, PyLong_FromLong(archs[i + 1]));
+  // PyTuple_SetItem, not the PyTuple_SET_ITEM macro: the stable ABI (Py_LIMITED_API,
+  // setup.py) has only the function.
+  for (Py_ssize_t i = 0; i < n_archs; ++i) {
+    PyObject* v = PyLong_FromLong(archs[i + 1]);
+    if (v == nullptr || PyTuple_SetItem(tuple, i, v) < 0) {
+      Py_DECREF(tuple);
+      Py_DECREF(m);
+      return nullptr;
+    }
+  }
   if (PyModule_AddObject(m, "cuda_archs", tuple) < 0) {
     Py_DECREF(tuple);
     Py_DECREF(m);

@@ -35,3 +35,29 @@ def test_cpu_order_and_missing_table(monkeypatch, tmp_path):
     assert preference.measured() == {}
     assert preference.preferred_order(torch.device("cpu"), torch.float32, True) == ("torch",)
     preference.measured.cache_clear()
+
+
+def test_compiled_choice_matches_eager(monkeypatch, tmp_path):
+    """auto decides the same under torch.compile as in eager (the measured table is read
+    at trace time, not skipped)."""
+    table = {"format": 1, "entries": [
+        {"gpu": "H200", "mode": "train", "dtype": "float16", "shape": "128-128-28-28-1",
+         "backend": "triton"}]}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(preference, "MEASURED_PATH", str(path))
+    preference.measured.cache_clear()
+    monkeypatch.setattr(preference, "_device_name", lambda i: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    key = "128-128-28-28-1"
+
+    def pick(x):
+        order = preference.preferred_order(cuda, torch.float16, True, key)
+        return x + 1 if order[0] == "triton" else x - 1
+
+    eager = preference.preferred_order(cuda, torch.float16, True, key)
+    assert eager[0] == "triton"
+    torch._dynamo.reset()
+    out = torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert out.tolist() == [1.0, 1.0]
+    preference.measured.cache_clear()

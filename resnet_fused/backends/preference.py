@@ -53,15 +53,20 @@ def preferred_order(device: torch.device, dtype: torch.dtype, training: bool,
                     key: str | None = None) -> tuple:
     if device.type != "cuda":
         return CPU_ORDER
+    return _cuda_order(device.index, str(dtype).replace("torch.", ""), bool(training), key)
+
+
+# Under torch.compile, Dynamo calls this once while tracing and bakes the answer into the
+# graph (the measured table and the card's name are fixed for the process), so a
+# compiled model picks the same backend as eager instead of tracing host-side file and
+# device-name reads.
+@torch.compiler.assume_constant_result
+def _cuda_order(index, dname: str, training: bool, key) -> tuple:
     mode = "train" if training else "eval"
     order = CUDA_DEFAULT[mode]
-    # Under torch.compile the default order applies: reading the table and the device
-    # name is host-side work Dynamo should not trace.
-    table = {} if torch.compiler.is_compiling() else measured()
+    table = measured()
     if table and key is not None:
-        name = _device_name(device.index if device.index is not None else
-                            torch.cuda.current_device())
-        dname = str(dtype).replace("torch.", "")
+        name = _device_name(index if index is not None else torch.cuda.current_device())
         for (gpu, m, dt, shape), winner in table.items():
             if m == mode and dt == dname and shape == key and gpu in name:
                 return (winner,) + tuple(n for n in order if n != winner)

@@ -87,7 +87,8 @@ now() { if [ "$DRY" = 1 ]; then echo "$SIM"; else echo $(( $(date +%s) - T0 )); 
 WORK=""
 LOG=/dev/null
 if [ "$DRY" != 1 ]; then
-    WORK=$(mktemp -d /tmp/resnet_fused_device.XXXXXX)
+    WORK=$(mktemp -d /tmp/resnet_fused_device.XXXXXX)  # per-stage logs; not under $OUT
+    trap 'rm -rf "$WORK"' EXIT
     mkdir -p "$OUT"
     LOG="$OUT/log.txt"
     : > "$LOG"
@@ -108,7 +109,7 @@ write_summary() {
     [ "$DRY" = 1 ] && return 0
     {
         echo "device.sh summary: $(date -u +%Y-%m-%dT%H:%M:%SZ), plan ${PLAN_S} s, +$(now) s so far"
-        printf '%s\n' ${ENV_LINES[@]+"${ENV_LINES[@]}"}
+        [ ${#ENV_LINES[@]} -gt 0 ] && printf '%s\n' "${ENV_LINES[@]}"
         echo "stages (status from each file's own pytest summary line):"
         printf '  %s\n' ${STAGE_LINES[@]+"${STAGE_LINES[@]}"}
         if [ ${#FAIL_LINES[@]} -gt 0 ]; then
@@ -437,5 +438,4 @@ echo "=== device.sh: $SLUG, $(now) s of the ${PLAN_S} s plan; bench rc $BENCH_RC
 cat "$OUT/summary.txt"
 echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
 sed -n '/^=== summary/,/^total [0-9]* s$/p' "$WORK/bench.log" 2>/dev/null
-rm -rf "$WORK"
 exit 0

@@ -157,7 +157,12 @@ run_test_stage() {  # run_test_stage NAME CAP PER_TEST FILE [K_EXPR]
     [ "$per" -lt $(( cap / 3 )) ] && per=$(( cap / 3 ))
     [ "$per" -gt $(( cap - KILL_S - 2 )) ] && per=$(( cap - KILL_S - 2 ))
     [ "$per" -lt 5 ] && per=5
-    if [ "${HAVE_PYTEST_TIMEOUT:-1}" = 1 ]; then args+=(--timeout="$per"); fi
+    if [ -z "${HAVE_PYTEST_TIMEOUT:-}" ]; then  # not probed yet (a caller of this function)
+        HAVE_PYTEST_TIMEOUT=1
+        [ "$DRY" = 1 ] || timeout 10 "$PY" -c "import pytest_timeout" >/dev/null 2>&1 \
+            || HAVE_PYTEST_TIMEOUT=0
+    fi
+    if [ "$HAVE_PYTEST_TIMEOUT" = 1 ]; then args+=(--timeout="$per"); fi
     args+=("$file")
     [ -n "$kexpr" ] && args+=(-k "$kexpr")
     plan_line "$name" "$cap" "per-test $per s"

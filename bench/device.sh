@@ -309,7 +309,9 @@ else
     smi=$(timeout 5 nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu \
           --format=csv,noheader 2>&1 | head -1)
     ENV_LINES+=("driver, SM clock/max, power/limit, temp, util: ${smi:-nvidia-smi failed}")
-    ENV_LINES+=("nvcc: $(timeout 5 "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'not found')")
+    NVCC=${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
+    [ -x "$NVCC" ] || NVCC=$(command -v nvcc || echo nvcc)
+    ENV_LINES+=("nvcc: $NVCC $(timeout 5 "$NVCC" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'not found')")
     ENV_LINES+=("tree: ${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo 'commit unknown (no .git; pass REV=)')}; date $(date -u +%Y-%m-%dT%H:%M:%SZ)")
     printf '%s\n' "${ENV_LINES[@]}" | tee -a "$LOG"
     # Without pytest-timeout, --timeout would be an unknown option to pytest.
@@ -433,13 +435,17 @@ fi
 # ------------------------------------------------------------------ post: preference, copies
 plan_line post "$POST_S" "make_preference, copy to bench/results/$SLUG/"
 t=$(now)
-capped $(( POST_S - 5 )) "$WORK/post.log" "$PY" bench/make_preference.py "$RES/results.json" \
-    --replace --out "$RES/measured.json"
+if [ "$DRY" = 1 ] || [ -f "$RES/results.json" ]; then
+    capped $(( POST_S - 5 )) "$WORK/post.log" "$PY" bench/make_preference.py "$RES/results.json" \
+        --replace --out "$RES/measured.json"
+else
+    RC="no results.json"
+fi
 SIM=$(( SIM + POST_S ))
 if [ "$DRY" = 1 ]; then
     echo "      \$ cp $RES/{results.csv,results.json,results.md,speedup.png} bench/results/$SLUG/"
 else
-    [ "$RC" != 0 ] && say "make_preference: rc $RC (no fused CUDA timing rows?)"
+    [ "$RC" != 0 ] && say "make_preference: $RC (rc 1: no fused CUDA timing rows)"
     mkdir -p "bench/results/$SLUG"
     for f in results.csv results.json results.md speedup.png; do
         [ -f "$RES/$f" ] && cp "$RES/$f" "bench/results/$SLUG/"

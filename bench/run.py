@@ -5,18 +5,23 @@
     python bench/run.py --quick    # fewer repeats, no batch sweep on CPU
     python bench/run.py --help
 
-Sections, in order:
-  1. numerics  every FusedResidual backend, dtype and mode against float64, next to the
-               plain block's own error in that dtype; PASS/FAIL by tests/tolerance.py.
-  2. block     the five ResNet-18 stage shapes (batch 128), eval and training
+Sections, in order (timing first, most telling first, so a --budget-s cut loses the least):
+  1. block     the five ResNet-18 stage shapes (batch 128), eval and training
                forward+backward; providers: eager as written (fp32 NCHW), eager in the
-               bench dtype (channels_last), torch.compile, cuDNN fused ops with folded BN
-               (eval), FusedResidual per backend.
-  3. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
-  4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
-  5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
+               bench dtype (channels_last), cuDNN fused ops with folded BN (eval),
+               FusedResidual per backend, torch.compile (in a second pass over the shapes).
+  2. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  3. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
+  4. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
+  5. numerics  every FusedResidual backend, dtype and mode against float64 on two small
+               blocks, next to the plain block's own error in that dtype; PASS/FAIL by
+               tests/tolerance.py. The timing sections leave it a quarter of --budget-s.
 Rows go to results.csv / results.json (one schema), results.md and speedup.png in the
-results folder (default bench/out/<gpu>_<date>/); the summary is printed last.
+results folder (default bench/out/<gpu>_<date>/), written as the run goes: each row is
+appended to results.csv when measured, results.csv/.json are rewritten at the end of each
+shape and numerics case, results.md at the end of each section, so a killed run leaves
+what it measured. --hard-timeout-s (default budget + max(30 s, budget/4)) writes them and
+exits with rc 3 even when a kernel or a compile hangs. The summary is printed last.
 Without CUDA the same runs at small shapes on the CPU: it checks numerics and that every
 path runs; its timings say nothing about a GPU.
 """
@@ -28,7 +33,9 @@ import copy
 import csv
 import json
 import os
+import io
 import sys
+import threading
 import time
 import traceback
 
@@ -68,7 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--no-measure-peak", action="store_true",
                    help="take the peak from the built-in table instead of measuring it")
     p.add_argument("--budget-s", type=float, default=0.0,
-                   help="stop starting new timings after this many seconds (0: no limit)")
+                   help="stop starting new timings and numerics cases after this many seconds "
+                   "(0: no limit); the timing sections leave a share of it to the numerics")
+    p.add_argument("--hard-timeout-s", type=float, default=None,
+                   help="after this many seconds write what was measured and exit with rc 3, "
+                   "whatever is running (default: budget + max(30 s, budget/4); 0: never)")
     p.add_argument("--out", help="results folder (default bench/out/<gpu>_<date>/)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU only: torch threads (default 1: steadier timings on a shared "
@@ -82,35 +93,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-ARGS = parse_args()
-if ARGS.device == "cuda" and not torch.cuda.is_available():
-    raise SystemExit("--device cuda: no CUDA device is visible to PyTorch "
-                     f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
-DEVICE = torch.device("cuda" if (ARGS.device == "cuda" or (ARGS.device == "auto" and
-                                                         torch.cuda.is_available())) else "cpu")
-ON_GPU = DEVICE.type == "cuda"
-if not ON_GPU and ARGS.threads > 0:
-    torch.set_num_threads(ARGS.threads)
-# Without a GPU, Triton kernels can only run in its interpreter, which must be switched on
-# before any kernel is defined (backends are imported lazily, below this line).
+# Set by configure() when main() runs; nothing is parsed or measured at import, so the
+# functions below can be driven in-process (tests/test_bench_run.py).
+ARGS = None
+DEVICE = None
+ON_GPU = False
+R = None
 TRITON_INTERP_SET_HERE = False
-if not ON_GPU and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-    TRITON_INTERP_SET_HERE = True
+FusedResidual = fuse_model = resnet18 = rf_backends = None
 
 import benchlib as bl  # noqa: E402
 import make_tables  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-import tolerance  # noqa: E402  (the numerics rule of DESIGN.md, shared with the tests)
+import tolerance  # noqa: E402  (the numerics rule of README.md, Design, shared with the tests)
 
-try:
-    import resnet_fused  # noqa: E402
-    from resnet_fused import FusedResidual, fuse_model, resnet18  # noqa: E402
-    from resnet_fused import backends as rf_backends  # noqa: E402
-except Exception as e:  # noqa: BLE001
-    raise SystemExit(f"cannot import resnet_fused ({type(e).__name__}: {e}); install it with "
-                     "`pip install --no-build-isolation -e .` from the repository root")
+
+def configure(argv=None):
+    """Parse argv and set the module state (device, Triton interpreter, package)."""
+    global ARGS, DEVICE, ON_GPU, TRITON_INTERP_SET_HERE
+    global FusedResidual, fuse_model, resnet18, rf_backends
+    ARGS = parse_args(argv)
+    if ARGS.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    DEVICE = torch.device("cuda" if (ARGS.device == "cuda" or (ARGS.device == "auto" and
+                                                             torch.cuda.is_available())) else "cpu")
+    ON_GPU = DEVICE.type == "cuda"
+    # Without a GPU, Triton kernels can only run in its interpreter, which must be switched
+    # on before any kernel is defined (backends are imported lazily, after this).
+    TRITON_INTERP_SET_HERE = False
+    if not ON_GPU and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+        TRITON_INTERP_SET_HERE = True
+    try:
+        import resnet_fused  # noqa: F401
+        from resnet_fused import FusedResidual as _fr, fuse_model as _fm, resnet18 as _r18
+        from resnet_fused import backends as _be
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(f"cannot import resnet_fused ({type(e).__name__}: {e}); install it with "
+                         "`pip install --no-build-isolation -e .` from the repository root")
+    FusedResidual, fuse_model, resnet18, rf_backends = _fr, _fm, _r18, _be
+    return ARGS
+
 
 # Op namespace of each backend (resnet_fused/schemas.py).
 NAMESPACE = {"native": "resnet_fused", "torch": "resnet_fused_torch",
@@ -118,8 +143,87 @@ NAMESPACE = {"native": "resnet_fused", "torch": "resnet_fused_torch",
 
 
 # ============================================================================ bookkeeping
+def _atomic_write(path: str, text: str):
+    """Replace path in one step: a reader (or a kill) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _csv_line(r: dict) -> str:
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=bl.COLUMNS).writerow(
+        {k: bl.fmt(v, 6) if isinstance(v, float) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+class Results:
+    """The results folder, kept current while the run goes, so that a run killed at any
+    point leaves what it measured: each row is appended to results.csv as it is made;
+    results.csv and results.json are rewritten whole (atomically) at checkpoints, when
+    later columns such as the speedups are known (end of a shape, of a numerics case, of
+    a section); results.md at the end of each section. speedup.png only at the end."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.lock = threading.RLock()  # the watchdog thread writes too
+        self.csv = os.path.join(folder, "results.csv")
+        self.json = os.path.join(folder, "results.json")
+        self.md = os.path.join(folder, "results.md")
+
+    def start(self):
+        os.makedirs(self.folder, exist_ok=True)
+        for p in (self.json, self.md, os.path.join(self.folder, "speedup.png")):
+            if os.path.exists(p):
+                os.remove(p)  # a stale file from an earlier run must not pass for this one's
+        with self.lock:
+            _atomic_write(self.csv, ",".join(bl.COLUMNS) + "\r\n")
+
+    def append(self, r: dict):
+        with self.lock:
+            with open(self.csv, "a", newline="") as f:
+                f.write(_csv_line(r))
+
+    def checkpoint(self, run: "Run", md: bool = False) -> list[str]:
+        with self.lock:
+            _atomic_write(self.csv, ",".join(bl.COLUMNS) + "\r\n"
+                          + "".join(_csv_line(r) for r in run.rows))
+            _atomic_write(self.json, json.dumps(
+                {"env": run.env, "skipped": run.skips, "errors": run.errors, "rows": run.rows},
+                indent=1, default=str))
+            paths = [self.csv, self.json]
+            if md:
+                _atomic_write(self.md, make_tables.markdown(run.rows, run.env, run.skips))
+                paths.append(self.md)
+            return paths
+
+
+class Watchdog:
+    """Calls on_fire from a thread after `seconds` unless cancelled: the run's own hard
+    timeout, which holds even while the main thread is stuck in a kernel, a compile or
+    an autotuning loop (a signal handler would wait for it)."""
+
+    def __init__(self, seconds: float, on_fire):
+        self.seconds, self.on_fire = seconds, on_fire
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._wait, name="bench-watchdog", daemon=True)
+
+    def _wait(self):
+        if not self._stop.wait(self.seconds):
+            self.on_fire()
+
+    def start(self):
+        if self.seconds and self.seconds > 0:
+            self._thread.start()
+        return self
+
+    def cancel(self):
+        self._stop.set()
+
+
 class Run:
-    def __init__(self):
+    def __init__(self, budget_s: float = 0.0, numerics_share: float = 0.0):
         self.t0 = time.time()
         self.rows: list[dict] = []
         self.skips: list[str] = []
@@ -129,13 +233,24 @@ class Run:
                      ("device", "gpu", "torch", "triton", "package_version", "timestamp")}
         self.peak = None
         self.bw = None
+        self.results = None  # Results, once the folder is known
+        # Timing runs first and stops at timing_deadline, leaving the rest of the budget
+        # to the numerics that follow it.
+        self.budget_s = max(0.0, budget_s)
+        self.numerics_reserve = self.budget_s * numerics_share
+        self.stopped = ""  # why the run was cut short (interrupt, hard timeout)
 
     def elapsed(self) -> str:
         s = int(time.time() - self.t0)
         return f"{s // 60:2d}:{s % 60:02d}"
 
-    def over_budget(self) -> bool:
-        return ARGS.budget_s > 0 and time.time() - self.t0 > ARGS.budget_s
+    def over_budget(self, part: str = "timing") -> bool:
+        if self.budget_s <= 0:
+            return False
+        spent = time.time() - self.t0
+        if part == "timing":
+            return spent > self.budget_s - self.numerics_reserve
+        return spent > self.budget_s
 
     def say(self, msg: str):
         print(f"[{self.elapsed()}] {msg}", flush=True)
@@ -154,10 +269,16 @@ class Run:
         unknown = set(r) - set(bl.COLUMNS)
         assert not unknown, f"row has columns outside the schema: {unknown}"
         self.rows.append(r)
+        if self.results is not None:
+            self.results.append(r)
         return r
 
+    def checkpoint(self, md: bool = False):
+        if self.results is not None:
+            self.results.checkpoint(self, md=md)
 
-R = Run()
+
+BUDGET_SKIP = "time budget (--budget-s) spent"
 
 
 def err_text(e: BaseException) -> str:
@@ -289,7 +410,8 @@ def numerics_section(backends: list[str]):
         plan = [(s, others) for s in bl.CPU_NUMERICS if others]
         if "triton" in backends:
             plan += [(s, ["triton"]) for s in bl.CPU_NUMERICS_TRITON]
-    spec = ARGS.numerics_dtypes or "fp32,fp16,bf16"
+    # The bench dtype first: a budget cut then loses the dtypes that are timed least.
+    spec = ARGS.numerics_dtypes or ("bf16,fp32,fp16" if ON_GPU else "fp32,fp16,bf16")
     dtypes = []
     for d in spec.split(","):
         d = d.strip()
@@ -298,12 +420,19 @@ def numerics_section(backends: list[str]):
         dtypes.append(bl.DTYPES[d])
     R.say(f"== numerics: {', '.join('fused_' + b for b in backends)} vs float64, dtypes "
           f"{', '.join(bl.dtype_name(d) for d in dtypes)}, modes {', '.join(modes())}")
-    todo = [(s, bs, m, d) for s, bs in plan for m in modes() for d in dtypes]
-    for i, (s, shape_backends, mode, dt) in enumerate(todo, 1):
+    # Each case keeps its seed (its index in shape, mode, dtype order) whatever the order
+    # it runs in: dtype first, so that a budget cut loses whole dtypes.
+    seeded = [(k, s, bs, m, d) for k, (s, bs, m, d) in
+              enumerate(((s, bs, m, d) for s, bs in plan for m in modes() for d in dtypes), 1)]
+    todo = sorted(seeded, key=lambda c: (dtypes.index(c[4]), modes().index(c[3]), c[0]))
+    for i, (seed, s, shape_backends, mode, dt) in enumerate(todo, 1):
+        if R.over_budget("numerics"):
+            R.skip("numerics", f"{len(todo) - i + 1} of {len(todo)} cases not run: {BUDGET_SKIP}")
+            break
         train = mode == "train"
         cl = ON_GPU and dt != torch.float32
-        base = bl.make_block(s, seed=100 + i)
-        g = torch.Generator().manual_seed(200 + i)
+        base = bl.make_block(s, seed=100 + seed)
+        g = torch.Generator().manual_seed(200 + seed)
         x64 = torch.randn(s.batch, s.cin, s.hw, s.hw, generator=g, dtype=torch.float64)
         gy64 = torch.randn(s.batch, s.cout, s.hw_out, s.hw_out, generator=g, dtype=torch.float64)
         x64, gy64 = x64.to(DEVICE), gy64.to(DEVICE)
@@ -365,6 +494,7 @@ def numerics_section(backends: list[str]):
                       plain=j["p_max"], status=status, note=note.strip("; "))
                 verdicts.append(f"{q} {j['f_l2']:.2e}/{j['p_l2']:.2e} {status}")
             R.say(f"  [{i}/{len(todo)}] {what}: " + ", ".join(verdicts))
+        R.checkpoint()
 
 
 # ============================================================================ 2-3. block timing
@@ -413,19 +543,6 @@ def _provider_list(mode, backends, dtype, section="block"):
             pass  # the same computation as eager_fp32; timed once
         else:
             out.append(("eager", dtype, cl))
-    if "compile" in ps:
-        if ARGS.compile_mode == "none":
-            R.skip("compile", "--compile-mode none")
-        elif not ON_GPU and ARGS.quick:
-            R.skip("compile", "left out of --quick on CPU (Inductor's C++ build takes minutes on "
-                   "two cores)")
-        elif not ON_GPU and (mode == "train" or section != "block"):
-            R.skip(f"compile {section} {mode}", "on CPU only the eval block shapes are compiled "
-                   "(Inductor's C++ builds take 30-50 s a graph on two cores)")
-        elif ON_GPU and ARGS.quick and section == "sweep":
-            R.skip("compile sweep", "left out of the batch sweep in --quick")
-        else:
-            out.append(("compile", dtype, cl))
     if "cudnn_fused" in ps and mode == "eval" and section != "net":  # a block-level baseline
         if not ON_GPU:
             R.skip("cudnn_fused", "cuDNN's fused conv+bias+add+ReLU ops need CUDA")
@@ -442,23 +559,48 @@ def _provider_list(mode, backends, dtype, section="block"):
                 R.skip(f"timing fused_{b} {bl.dtype_name(dtype)}", reason)
                 continue
             out.append((f"fused_{b}", dtype, cl))
+    # compile last: its 20-60 s build per graph is what a --budget-s cut should lose.
+    if "compile" in ps:
+        if ARGS.compile_mode == "none":
+            R.skip("compile", "--compile-mode none")
+        elif not ON_GPU and ARGS.quick:
+            R.skip("compile", "left out of --quick on CPU (Inductor's C++ build takes minutes on "
+                   "two cores)")
+        elif not ON_GPU and (mode == "train" or section != "block"):
+            R.skip(f"compile {section} {mode}", "on CPU only the eval block shapes are compiled "
+                   "(Inductor's C++ builds take 30-50 s a graph on two cores)")
+        elif ON_GPU and ARGS.quick and section == "sweep":
+            R.skip("compile sweep", "left out of the batch sweep in --quick")
+        else:
+            out.append(("compile", dtype, cl))
     return out
 
 
-def time_block(s, mode, backends, dtype, section, x_name, x_value, label):
-    """Time every provider on one shape and mode; rows carry speedups and rates."""
+def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="all",
+               refs=None):
+    """Time the providers of one shape and mode; rows carry speedups and rates.
+
+    part: "all", "main" (every provider but compile) or "compile" (compile alone): a
+    section times every shape without compile first, then compiles, so that compile's
+    20-60 s per graph is what a budget cut loses. refs keeps each (shape, mode)'s
+    reference output across the two passes."""
     train = mode == "train"
     base = bl.make_block(s, seed=7)
     plist = _provider_list(mode, backends, dtype, section)
+    if part == "main":
+        plist = [p for p in plist if p[0] != "compile"]
+    elif part == "compile":
+        plist = [p for p in plist if p[0] == "compile"]
+    if not plist:
+        return
     flops = bl.block_flops(s, training=train)
     nbytes = s.batch * s.cin * s.hw * s.hw * 4
     n_sets = bl.n_input_sets(nbytes, DEVICE)
     inputs = {}
-    ref_out = {}
-    rows = {}
+    ref_out = refs.setdefault((section, mode, str(x_value)), {}) if refs is not None else {}
     for prov, dt, cl in plist:
         if R.over_budget():
-            R.skip(f"{label} {mode} {prov}", "time budget (--budget-s) spent")
+            R.skip(f"{label} {mode} {prov}", BUDGET_SKIP)
             continue
         key = (dt, cl)
         if key not in inputs:
@@ -517,17 +659,26 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label):
                 torch._dynamo.reset()
         tflops = flops / p50 / 1e9
         peak = bl.peak_for_dtype(R.peak, dt)
-        rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
-                           of_peak=(tflops / peak) if peak else None,
-                           floor_ms=(flops / peak / 1e9) if peak else None,
-                           check_rel=check, status="OK", note="; ".join(note))
+        R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
+              of_peak=(tflops / peak) if peak else None,
+              floor_ms=(flops / peak / 1e9) if peak else None,
+              check_rel=check, status="OK", note="; ".join(note))
         R.say(f"  {label:<22} {mode:<5} {prov:<13} {bl.dtype_name(dt)} "
               f"{p50:9.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s"
               + (f"  ({'; '.join(note)})" if note else ""))
         del m
-    _speedups(rows)
+    _group_speedups(section, mode, x_value)
     if ON_GPU:
         torch.cuda.empty_cache()
+    R.checkpoint()
+
+
+def _group_speedups(section, mode, x_value):
+    """Speedups of every timed row of one (section, mode, x) over its baselines, which
+    may have been timed in another pass."""
+    _speedups({r["provider"]: r for r in R.rows
+               if r["section"] == section and r["mode"] == mode and r["metric"] == "time"
+               and r["status"] == "OK" and str(r["x_value"]) == str(x_value)})
 
 
 def _speedups(rows: dict):
@@ -552,10 +703,12 @@ def block_section(backends, dtype):
         shapes = [s.with_batch(ARGS.batch) for s in shapes]
     R.say(f"== block: {len(shapes)} shapes x {', '.join(modes())}, "
           f"{bl.dtype_name(dtype)}{' channels_last' if layout_cl(dtype) else ''}")
-    for mode in modes():
-        for s in shapes:
-            time_block(s, mode, backends, dtype, "block", "shape", s.key,
-                       f"{s.name} n={s.batch}")
+    refs = {}
+    for part in ("main", "compile"):
+        for mode in modes():
+            for s in shapes:
+                time_block(s, mode, backends, dtype, "block", "shape", s.key,
+                           f"{s.name} n={s.batch}", part=part, refs=refs)
 
 
 def sweep_section(backends, dtype):
@@ -564,10 +717,13 @@ def sweep_section(backends, dtype):
     batches = bl.GPU_SWEEP_BATCHES if ON_GPU else bl.CPU_SWEEP_BATCHES
     s0 = next(s for s in stages if s.name == name)
     R.say(f"== batch sweep: {s0.name} ({s0.key}), batch {', '.join(map(str, batches))}")
-    for mode in modes():
-        for n in batches:
-            s = s0.with_batch(n)
-            time_block(s, mode, backends, dtype, "sweep", "batch", n, f"{s.name} n={n}")
+    refs = {}
+    for part in ("main", "compile"):
+        for mode in modes():
+            for n in batches:
+                s = s0.with_batch(n)
+                time_block(s, mode, backends, dtype, "sweep", "batch", n, f"{s.name} n={n}",
+                           part=part, refs=refs)
 
 
 # ============================================================================ 4. kernels
@@ -589,7 +745,7 @@ def kernels_section(backends, dtype):
         ns = getattr(torch.ops, NAMESPACE[b])
         for s in shapes:
             if R.over_budget():
-                R.skip(f"kernels {b}", "time budget (--budget-s) spent")
+                R.skip(f"kernels {b}", BUDGET_SKIP)
                 return
             try:
                 ops = bl.op_cases(ns, s, dtype, cl, DEVICE)
@@ -626,6 +782,7 @@ def kernels_section(backends, dtype):
                     rate = f"{tf:8.2f} TFLOP/s"
                 R.row(**common, p50=p50, p20=p20, p80=p80, status="OK", **extra)
                 R.say(f"  {b:<7} {name:<24} {s.key:<16} {p50:9.4f} ms  {rate}")
+            R.checkpoint()
 
 
 # ============================================================================ 5. net
@@ -644,7 +801,7 @@ def net_section(backends, dtype):
         ref = None
         for prov, dt, pcl in plist:
             if R.over_budget():
-                R.skip(f"net {mode} {prov}", "time budget (--budget-s) spent")
+                R.skip(f"net {mode} {prov}", BUDGET_SKIP)
                 continue
             common = dict(section="net", kernel="resnet18", provider=prov, mode=mode,
                           metric="time", unit="ms", x_name="batch", x_value=n,
@@ -717,6 +874,7 @@ def net_section(backends, dtype):
         _speedups(rows)
         if ON_GPU:
             torch.cuda.empty_cache()
+        R.checkpoint()
 
 
 # ============================================================================ output
@@ -727,33 +885,38 @@ def out_dir() -> str:
     return os.path.join(HERE, "out", f"{slug}_{R.env['timestamp'][:10]}")
 
 
-def write_outputs(folder: str) -> list[str]:
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    p = os.path.join(folder, "results.csv")
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=bl.COLUMNS)
-        w.writeheader()
-        for r in R.rows:
-            w.writerow({k: bl.fmt(v, 6) if isinstance(v, float) else v for k, v in r.items()})
-    paths.append(p)
-    p = os.path.join(folder, "results.json")
-    with open(p, "w") as f:
-        json.dump({"env": R.env, "skipped": R.skips, "errors": R.errors, "rows": R.rows}, f,
-                  indent=1, default=str)
-    paths.append(p)
-    p = os.path.join(folder, "results.md")
-    with open(p, "w") as f:
-        f.write(make_tables.markdown(R.rows, R.env, R.skips))
-    paths.append(p)
-    if not ARGS.no_plot:
-        p = os.path.join(folder, "speedup.png")
+def finish(plot: bool = True) -> list[str]:
+    """Write every results file from the rows so far (also after an interrupt or from the
+    watchdog); returns their paths."""
+    R.env.update(elapsed_s=round(time.time() - R.t0, 1), stopped=R.stopped)
+    paths = R.results.checkpoint(R, md=True)
+    if plot:
+        p = os.path.join(R.results.folder, "speedup.png")
         try:
             if make_tables.plot_speedup(R.rows, R.env, p):
                 paths.append(p)
         except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the rows
             R.skip("speedup.png", f"plot failed ({err_text(e)})")
+            R.results.checkpoint(R, md=True)
     return paths
+
+
+# The watchdog's way out; a test replaces it (os._exit ends the process at once: the
+# main thread may be stuck in device code that no exception can interrupt).
+_EXIT = os._exit
+HARD_EXIT_RC = 3
+
+
+def _hard_stop():
+    R.stopped = f"hard timeout after {ARGS.hard_timeout_s:.0f} s"
+    try:
+        R.say(f"HARD TIMEOUT ({ARGS.hard_timeout_s:.0f} s): writing what was measured, "
+              f"exiting with rc {HARD_EXIT_RC}")
+        summary(finish(plot=False))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _EXIT(HARD_EXIT_RC)
 
 
 def banner():
@@ -776,7 +939,7 @@ def setup_peak():
         return
     if ARGS.peak_tflops:
         R.peak, src = ARGS.peak_tflops, "--peak-tflops"
-    elif not ARGS.no_measure_peak:
+    elif not ARGS.no_measure_peak and not R.over_budget():
         try:
             c = bl.measure_ceilings(DEVICE)
             R.peak, R.bw, src = c["bf16_tflops"], c["copy_gbps"], "measured: bf16 matmul 8192^3"
@@ -797,34 +960,83 @@ def setup_peak():
 def summary(paths):
     print()
     print(make_tables.summary_text(R.rows, R.env, R.skips, R.errors))
+    if R.stopped:
+        print(f"CUT SHORT: {R.stopped}; the rows above are what was measured before")
     print(f"results: {os.path.dirname(paths[0]) if paths else '(none written)'}  "
           f"({', '.join(os.path.basename(p) for p in paths)})")
     print(f"total {time.time() - R.t0:.0f} s")
 
 
-def main():
+# Share of --budget-s the timing sections leave to the numerics after them.
+NUMERICS_SHARE = 0.25
+
+
+def hard_timeout_s(args) -> float:
+    """--hard-timeout-s, or by default the budget plus room for the timing or numerics case
+    in flight and the writing of the outputs; 0 (none) without a budget."""
+    if args.hard_timeout_s is not None:
+        return max(0.0, args.hard_timeout_s)
+    if args.budget_s > 0:
+        return args.budget_s + max(30.0, args.budget_s / 4)
+    return 0.0
+
+
+def run_sections():
     banner()
     setup_peak()
     backends = fused_backends()
     dtype = bench_dtype()
     R.env["bench_dtype"] = bl.dtype_name(dtype)
     R.env["quick"] = ARGS.quick
+    R.env["budget_s"] = ARGS.budget_s
+    if not ARGS.no_timing:
+        # Timing first, most telling first, so that a --budget-s cut loses the least; the
+        # sections stop at the budget less the numerics' share.
+        block_section(backends, dtype)
+        R.checkpoint(md=True)
+        if not ARGS.no_net:
+            net_section(backends, dtype)
+            R.checkpoint(md=True)
+        if not ARGS.no_sweep and not (ARGS.quick and not ON_GPU):
+            sweep_section(backends, dtype)
+            R.checkpoint(md=True)
+        if not ARGS.no_kernels and "fused" in providers():
+            kernels_section(backends, dtype)
+            R.checkpoint(md=True)
     if not ARGS.no_numerics:
         if backends:
             numerics_section(backends)
         else:
             R.skip("numerics", "no FusedResidual backend is available here")
-    if not ARGS.no_timing:
-        # Most telling first, so that a --budget-s cut loses the least.
-        block_section(backends, dtype)
-        if not ARGS.no_net:
-            net_section(backends, dtype)
-        if not ARGS.no_sweep and not (ARGS.quick and not ON_GPU):
-            sweep_section(backends, dtype)
-        if not ARGS.no_kernels and "fused" in providers():
-            kernels_section(backends, dtype)
-    paths = write_outputs(out_dir())
+
+
+def main(argv=None) -> int:
+    """The whole run: rc 0, 1 when a row failed or errored, 3 on the hard timeout (from
+    the watchdog), 130 when interrupted (SIGINT, e.g. `timeout -s INT`)."""
+    global R
+    configure(argv)
+    threads = torch.get_num_threads()
+    if not ON_GPU and ARGS.threads > 0:
+        torch.set_num_threads(ARGS.threads)
+    share = NUMERICS_SHARE if not (ARGS.no_numerics or ARGS.no_timing) else 0.0
+    R = Run(ARGS.budget_s, numerics_share=share)
+    R.results = Results(out_dir())
+    R.results.start()
+    ARGS.hard_timeout_s = hard_timeout_s(ARGS)
+    R.env["hard_timeout_s"] = ARGS.hard_timeout_s
+    dog = Watchdog(ARGS.hard_timeout_s, _hard_stop).start()
+    try:
+        run_sections()
+    except KeyboardInterrupt:
+        R.stopped = "interrupted (SIGINT)"
+        R.say("interrupted: writing what was measured")
+    finally:
+        dog.cancel()
+        torch.set_num_threads(threads)
+    paths = finish(plot=not ARGS.no_plot and not R.stopped)
     summary(paths)
+    if R.stopped:
+        return 130
     fails = [r for r in R.rows if r["status"] in ("FAIL", "ERROR")]
     return 1 if fails else 0
 

@@ -1,0 +1,132 @@
+"""bench/run.py driven in-process at tiny CPU shapes: its budget holds in every section
+(numerics included), rows reach the results files as they are made, and an interrupt or
+its own hard timeout still leaves the results written.
+"""
+import csv
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+
+@pytest.fixture(scope="module")
+def run():
+    sys.path.insert(0, BENCH)
+    try:
+        import run as mod
+    finally:
+        sys.path.remove(BENCH)
+    return mod
+
+
+def _argv(out, *extra):
+    # One tiny block shape, eval, eager_fp32 and the torch backend: each main() ~1 s.
+    return ["--device", "cpu", "--quick", "--shapes", "s2", "--batch", "2", "--modes", "eval",
+            "--providers", "eager_fp32,fused", "--backends", "torch", "--no-net",
+            "--no-sweep", "--no-kernels", "--no-plot", "--numerics-dtypes", "fp32",
+            "--out", str(out), *extra]
+
+
+def _csv_rows(folder):
+    with open(folder / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_import_does_no_work(run):
+    assert run.ARGS is None and run.R is None  # nothing parsed or measured at import
+
+
+def test_rows_are_on_disk_as_they_are_made(run, tmp_path, monkeypatch):
+    seen = []
+    real = run.bl.time_fn
+
+    def spy(fn, device, **kw):
+        seen.append(len(_csv_rows(tmp_path)))  # what a kill at this moment would leave
+        return real(fn, device, **kw)
+    monkeypatch.setattr(run.bl, "time_fn", spy)
+    assert run.main(_argv(tmp_path)) == 0
+    assert seen == [0, 1], seen  # the second timing starts with the first row written
+    rows = _csv_rows(tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == len(doc["rows"]) and (tmp_path / "results.md").is_file()
+    timed = [r for r in rows if r["section"] == "block"]
+    assert [r["provider"] for r in timed] == ["eager_fp32", "fused_torch"]
+    # the rewrite at the end of the shape added the speedups the appended rows lacked
+    assert all(float(r["speedup_vs_eager"]) > 0 for r in timed)
+    # timing first, numerics after it
+    sections = [r["section"] for r in rows]
+    assert sections.index("numerics") > max(i for i, s in enumerate(sections) if s == "block")
+
+
+def test_budget_holds_in_every_section(run, tmp_path):
+    t = time.time()
+    assert run.main(_argv(tmp_path, "--budget-s", "0.001")) == 0
+    assert time.time() - t < 30
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert not [r for r in doc["rows"] if r["section"] in ("block", "numerics")], doc["rows"]
+    skips = " | ".join(doc["skipped"])
+    assert "fused_torch: time budget (--budget-s) spent" in skips
+    assert "skip numerics: 2 of 2 cases not run: time budget" in skips
+
+
+def test_numerics_keep_their_share_of_the_budget(run, tmp_path):
+    run.configure(_argv(tmp_path))
+    r = run.Run(budget_s=100, numerics_share=run.NUMERICS_SHARE)
+    r.t0 = time.time() - 80  # past the timing sections' 75 s, inside the budget
+    assert r.over_budget("timing") and not r.over_budget("numerics")
+    r.t0 = time.time() - 101
+    assert r.over_budget("timing") and r.over_budget("numerics")
+    assert not run.Run(budget_s=0).over_budget("numerics")  # 0: no limit
+    a = run.parse_args(["--budget-s", "200"])
+    assert run.hard_timeout_s(a) == 250
+    assert run.hard_timeout_s(run.parse_args([])) == 0
+    assert run.hard_timeout_s(run.parse_args(["--budget-s", "10", "--hard-timeout-s", "15"])) == 15
+
+
+def test_interrupt_leaves_the_results(run, tmp_path, monkeypatch):
+    real = run.bl.time_fn
+    calls = []
+
+    def interrupted(fn, device, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what `timeout -s INT` delivers
+        return real(fn, device, **kw)
+    monkeypatch.setattr(run.bl, "time_fn", interrupted)
+    assert run.main(_argv(tmp_path)) == 130
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [r["provider"] for r in doc["rows"]] == ["eager_fp32"]
+    assert doc["env"]["stopped"] == "interrupted (SIGINT)"
+    assert (tmp_path / "results.md").is_file() and len(_csv_rows(tmp_path)) == 1
+
+
+def test_hard_timeout_writes_then_exits(run, tmp_path, monkeypatch, capsys):
+    """The watchdog fires while the main thread is stuck: the results are written before
+    the process would end (os._exit, here replaced) with rc 3."""
+    fired = threading.Event()
+    at_exit = {}
+
+    def fake_exit(rc):
+        at_exit["rc"] = rc
+        at_exit["doc"] = json.loads((tmp_path / "results.json").read_text())
+        fired.set()
+    monkeypatch.setattr(run, "_EXIT", fake_exit)
+    real = run.bl.time_fn
+
+    def stuck(fn, device, **kw):
+        if not fired.wait(20):  # a kernel that never returns, until the watchdog fires
+            raise AssertionError("the watchdog did not fire")
+        return real(fn, device, **kw)
+    monkeypatch.setattr(run.bl, "time_fn", stuck)
+    run.main(_argv(tmp_path, "--hard-timeout-s", "1", "--no-numerics"))
+    assert at_exit["rc"] == run.HARD_EXIT_RC == 3
+    assert at_exit["doc"]["env"]["stopped"].startswith("hard timeout after 1 s")
+    assert "HARD TIMEOUT" in capsys.readouterr().out
+    assert torch.get_num_threads() >= 1

@@ -281,14 +281,17 @@ struct RowLoad {
 // NHWC: block = TX x TY threads (TX * TY == 256, both powers of two); thread (tx, ty)
 // owns V consecutive channels (V = 8: vector path, C % 8 == 0; V = 1: any C) and walks
 // rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw), unroll_rows
-// rows per iteration with all their loads issued before any is used: 4 rows of x for
-// the statistics, 2 rows of x and dy (and mask bytes) for the backward, i.e. four
-// 16-byte loads in flight per thread either way, at <= 64 registers so that 4 blocks
-// fit an SM (kReduceBlocksPerSM; bench/NOTES.md has the ptxas numbers).
+// rows per iteration with all their loads issued before any is used: for the
+// statistics 4 rows of a 2-byte x, 2 of float, 1 of double (one, two, four 16-byte
+// loads per row), for the backward 2 rows of x and dy (and mask bytes), i.e. about four
+// 16-byte loads in flight per thread, at <= 64 registers so that 4 blocks fit an SM
+// (kReduceBlocksPerSM; bench/NOTES.md has the ptxas numbers). 4 float rows would need
+// 32 registers of loads next to the 8 Welford (mean, M2) pairs: ptxas spills.
 // partial: [2][S][C], S = gridDim.x; kStats also writes count[S] (rows per block).
-template <int MODE>
+template <int MODE, typename T>
 constexpr int unroll_rows() {
-  return MODE == kStats ? 4 : 2;
+  if constexpr (MODE == kStats) return sizeof(T) >= 8 ? 1 : int(8 / sizeof(T));
+  return 2;
 }
 
 template <typename T, typename A, int MODE, int V>
@@ -307,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 2 : kReduceBlocksPe
   if (active) {
     const int64_t step = int64_t(gridDim.x) * TY;
     int64_t r = int64_t(blockIdx.x) * TY + ty;
-    constexpr int U = unroll_rows<MODE>();
+    constexpr int U = unroll_rows<MODE, T>();
     for (; r + (U - 1) * step < M; r += U * step) {
       RowLoad<T, MODE, V> rows[U];
 #pragma unroll

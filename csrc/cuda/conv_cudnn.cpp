@@ -120,9 +120,7 @@ Tensor conv_bias_relu_cuda(const Tensor& x, const Tensor& weight, const Tensor& 
   const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   if (fused_applies(x, weight)) {
     // A zero-filled z (not at::cudnn_convolution_relu's uninitialised one, see above).
-    const int64_t ho = (x.size(2) + 2 * padding - weight.size(2)) / stride + 1;
-    const int64_t wo = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
-    const Tensor z = at::zeros({x.size(0), weight.size(0), ho, wo}, x.options().memory_format(fmt));
+    const Tensor z = at::zeros(conv_out_shape(x, weight, stride, padding), x.options().memory_format(fmt));
     Tensor out = try_fused(fail_key(0, x, weight, stride, padding), "conv+bias+ReLU", x, weight, z, 0.0,
                            bias, stride, padding, fmt);
     if (out.defined()) return out;

@@ -21,6 +21,7 @@ import os
 
 import pytest
 import torch
+from tolerance import assert_within
 
 if os.environ.get("RESNET_FUSED_SKIP_EXT") == "1":
     pytest.skip("built without the extension (RESNET_FUSED_SKIP_EXT=1)", allow_module_level=True)
@@ -277,3 +278,50 @@ def test_empty_batch_bn_act(emu):
     w, b = params(16)
     out, mask = emu.bn_act(c, m, i, w, b, None)
     assert out.shape == c.shape and mask.numel() == 0
+
+
+@pytest.mark.parametrize("v", [20.0, 100.0, 1000.0])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nchw-scalar"])
+def test_stats_outlier_first_element(emu, sms, layout, v):
+    """One outlier per channel, at the channel's first element (where a shifted-sums
+    reduction takes its shift): the fp32 variance stays within 2x of torch.var's own
+    fp32 error against float64 (the rule of tests/tolerance.py). The shifted sums this
+    replaces had 5e-5 (v=20), 6e-4 (v=100) and 3e-3 (v=1000) relative error."""
+    g = torch.Generator().manual_seed(int(v))
+    x = torch.randn(32, 64, 28, 28, generator=g)
+    x[0, :, 0, 0] = v
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "nchw-scalar":
+        # A view one element into its storage: misaligned, so the scalar (V = 1) path.
+        buf = torch.empty(x.numel() + 1)
+        buf[1:] = x.reshape(-1)
+        x = buf[1:].view(x.shape)
+    sms(8)  # a realistic split: several partials per channel
+    mean, var = emu.channel_stats(x)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    var32, mean32 = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    assert_within("mean", mean, mean32, mean64)
+    assert_within("var", var, var32, var64)
+    # Per channel too, with a floor of fp32 accumulation (~8 ulps; a thread adds ~25 rows
+    # in fp32) instead of tolerance.py's 2e-5: torch.var on the CPU accumulates fp32 in
+    # double, so its own error is little more than the final rounding.
+    rel = ((var.double() - var64) / var64).abs().max().item()
+    rel32 = ((var32.double() - var64) / var64).abs().max().item()
+    assert rel <= 2 * rel32 + 1e-6, f"variance relative error {rel:.2e} vs torch.var fp32 {rel32:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=IDS.get)
+def test_emulated_vector_access_must_be_aligned(emu, dtype):
+    """The kernels' 16-byte vector loads and stores fault on a GPU unless the address is a
+    multiple of 16; the emulation raises likewise, so a launcher that picks the vector
+    path for a misaligned pointer fails on the CPU too."""
+    per16 = 16 // dtype.itemsize
+    src = torch.arange(64, dtype=dtype)
+    dst = torch.zeros(64, dtype=dtype)
+    emu.vec8_copy(src, per16, dst, 2 * per16)  # aligned: a plain copy
+    assert torch.equal(dst[2 * per16:2 * per16 + 8], src[per16:per16 + 8])
+    with pytest.raises(RuntimeError, match="misaligned 16-byte load"):
+        emu.vec8_copy(src, 1, dst, 0)
+    with pytest.raises(RuntimeError, match="misaligned 16-byte store"):
+        emu.vec8_copy(src, 0, dst, 1)

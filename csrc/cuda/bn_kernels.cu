@@ -8,10 +8,11 @@
 // (tails, odd C, misaligned views) takes a scalar path. Indices are int64.
 //
 // Reductions (channel_stats and pass 1 of bn_act_backward) are two-stage: a grid of
-// blocks writes per-block partial sums per channel, then one small kernel adds the
-// partials per channel (in double) and writes the result. channel_stats uses sums
-// shifted by the channel's first element, so var = E[(x-k)^2] - E[x-k]^2 does not
-// cancel catastrophically when |mean| >> std. No host synchronisation anywhere.
+// blocks writes per-block partials per channel, then one small kernel combines the
+// partials per channel (in double) and writes the result. channel_stats carries
+// (count, mean, M2) throughout (Welford per thread, Chan's combine above that), so
+// neither a large mean nor an outlier cancels the variance. No host synchronisation
+// anywhere.
 //
 // The file also compiles as plain C++ with RESNET_FUSED_EMULATE defined (csrc/emu/):
 // every CUDA thread then runs as a host thread, with real barriers and warp shuffles,
@@ -54,7 +55,8 @@ using at::Tensor;
 constexpr int kThreads = 256;
 
 // ---- 8-element vector access: 16-byte transactions (1 for 2-byte types, 2 for float,
-// 4 for double). Callers guarantee 16-byte alignment.
+// 4 for double). Callers guarantee 16-byte alignment (the emulation checks it: all
+// vector accesses go through __ldg and __stwb).
 // 8 elements as they sit in their 16-byte words, in registers. T's default
 // constructor is trivial (float, double, c10::Half, c10::BFloat16), so this is a
 // plain union.
@@ -75,7 +77,7 @@ __device__ __forceinline__ Vec8<T> ldg8(const T* __restrict__ p) {
 template <typename T>
 __device__ __forceinline__ void stg8(T* __restrict__ p, const Vec8<T>& u) {
 #pragma unroll
-  for (int k = 0; k < int(8 * sizeof(T) / 16); ++k) reinterpret_cast<uint4*>(p)[k] = u.w[k];
+  for (int k = 0; k < int(8 * sizeof(T) / 16); ++k) __stwb(reinterpret_cast<uint4*>(p) + k, u.w[k]);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -98,29 +100,142 @@ int64_t elementwise_blocks(int64_t ngroups, const Layout& l) {
 }
 
 // ============================================================ per-channel reductions
-// Mode kStats: a = sum(x - k), b = sum((x - k)^2), k = the channel's first element.
-// Mode kBwd:   a = sum(g), b = sum(g * (c - mean) * invstd), g = mask ? dy : 0.
+// Mode kStats: per channel (count, mean, M2 = sum (x - mean)^2): Welford within a
+//   thread, then Chan's pairwise combine of threads, warps, blocks and partials. Every
+//   quantity is centred on a mean of the data it summarises, so one outlier (also the
+//   channel's first element) costs no more than it does in torch.var in fp32. Sums of
+//   (x - k)^2 around a fixed shift k do not have that property: with k an outlier v the
+//   sums are ~M v^2 and var = E[(x-k)^2] - E[x-k]^2 cancels (5e-4 relative error at
+//   v = 100 sigma in fp32).
+// Mode kBwd:   a = sum(g), b = sum(g * (c - mean) * invstd), g = mask ? dy : 0: sums
+//   around the known mean, which the forward's statistics already centred.
 enum Mode { kStats = 0, kBwd = 1 };
+
+// Chan et al.'s combination of summary b = (nb, mb, m2b) into a = (na, ma, m2a):
+//   n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d^2 na nb / n.
+// nb == 0 leaves a as it is; na == 0 (with ma = m2a = 0) yields b exactly.
+template <typename A>
+__device__ __forceinline__ void chan_merge(int64_t& na, A& ma, A& m2a, int64_t nb, A mb, A m2b) {
+  if (nb == 0) return;
+  const int64_t n = na + nb;
+  const A fb = static_cast<A>(nb) / static_cast<A>(n);
+  const A d = mb - ma;
+  ma += d * fb;
+  m2a += m2b + d * d * (static_cast<A>(na) * fb);
+  na = n;
+}
 
 // Resident blocks of 256 threads per SM the reduction grids are sized for (and the
 // NHWC kernels are compiled for: __launch_bounds__ min-blocks caps them at 64 registers;
 // float64, the gradcheck path, gets 2 so it does not spill).
 constexpr int kReduceBlocksPerSM = 4;
 
-template <int MODE, typename A>
-struct Contrib {
-  A k, s;  // shift (stats) or mean (bwd); invstd (bwd)
-  __device__ __forceinline__ void add(A x, A dy, bool bit, A& a, A& b) const {
-    if constexpr (MODE == kStats) {
-      const A d = x - k;
-      a += d;
-      b += d * d;
-    } else {
-      const A g = bit ? dy : A(0);
-      a += g;
-      b += g * (x - k) * s;
+// A thread's accumulator of one mode over V lanes (NHWC: V consecutive channels c0 + v;
+// NCHW: V consecutive elements of one channel c0), fed one row of V values at a time.
+// to_shared/merge_shared are the NHWC block's tree steps over slots of V lanes; fold
+// and block_reduce the NCHW block's (lanes into lane 0, then threads into thread 0).
+template <int MODE, typename A, int V>
+struct Acc;
+
+template <typename A, int V>
+struct Acc<kStats, A, V> {
+  int64_t n;  // rows seen, the same for every lane
+  A inv;      // 1 / n
+  A mean[V], m2[V];
+  __device__ __forceinline__ void init(bool, int64_t, int64_t, const A*, const A*) {
+    n = 0;
+    inv = A(0);
+#pragma unroll
+    for (int v = 0; v < V; ++v) mean[v] = m2[v] = A(0);
+  }
+  __device__ __forceinline__ void next_row() {
+    ++n;
+    inv = A(1) / static_cast<A>(n);  // one division per row, shared by the V lanes
+  }
+  __device__ __forceinline__ void add(int v, A x, A, bool) {
+    const A d = x - mean[v];
+    mean[v] += d * inv;
+    m2[v] += d * (x - mean[v]);
+  }
+  __device__ __forceinline__ void to_shared(A* s0, A* s1, int64_t* sn, int slot) const {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      s0[slot * V + v] = mean[v];
+      s1[slot * V + v] = m2[v];
+    }
+    sn[slot] = n;
+  }
+  static __device__ __forceinline__ void merge_shared(A* s0, A* s1, int64_t* sn, int dst, int src) {
+    const int64_t na = sn[dst], nb = sn[src];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      int64_t n_ = na;
+      chan_merge(n_, s0[dst * V + v], s1[dst * V + v], nb, s0[src * V + v], s1[src * V + v]);
+    }
+    sn[dst] = na + nb;
+  }
+  // Lanes hold equal counts: a pairwise tree of merges, lane 0 ends with all V.
+  __device__ __forceinline__ void fold() {
+    int64_t cnt = n;
+#pragma unroll
+    for (int w = 1; w < V; w *= 2) {
+#pragma unroll
+      for (int v = 0; v + w < V; v += 2 * w) {
+        int64_t na = cnt;
+        chan_merge(na, mean[v], m2[v], cnt, mean[v + w], m2[v + w]);
+      }
+      cnt *= 2;
+    }
+    n = cnt;
+  }
+  __device__ __forceinline__ void block_reduce();
+  __device__ __forceinline__ A out0() const { return mean[0]; }
+  __device__ __forceinline__ A out1() const { return m2[0]; }
+};
+
+template <typename A, int V>
+struct Acc<kBwd, A, V> {
+  A k[V], s[V], a[V], b[V];  // mean, invstd of the lane's channel; the two sums
+  // cstep: 1 when lane v is channel c0 + v (NHWC), 0 when every lane is channel c0.
+  __device__ __forceinline__ void init(bool active, int64_t c0, int64_t cstep, const A* __restrict__ mean,
+                                       const A* __restrict__ invstd) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      a[v] = b[v] = A(0);
+      k[v] = active ? mean[c0 + v * cstep] : A(0);
+      s[v] = active ? invstd[c0 + v * cstep] : A(0);
     }
   }
+  __device__ __forceinline__ void next_row() {}
+  __device__ __forceinline__ void add(int v, A x, A dy, bool bit) {
+    const A g = bit ? dy : A(0);
+    a[v] += g;
+    b[v] += g * (x - k[v]) * s[v];
+  }
+  __device__ __forceinline__ void to_shared(A* s0, A* s1, int64_t*, int slot) const {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      s0[slot * V + v] = a[v];
+      s1[slot * V + v] = b[v];
+    }
+  }
+  static __device__ __forceinline__ void merge_shared(A* s0, A* s1, int64_t*, int dst, int src) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      s0[dst * V + v] += s0[src * V + v];
+      s1[dst * V + v] += s1[src * V + v];
+    }
+  }
+  __device__ __forceinline__ void fold() {
+#pragma unroll
+    for (int v = 1; v < V; ++v) {
+      a[0] += a[v];
+      b[0] += b[v];
+    }
+  }
+  __device__ __forceinline__ void block_reduce();
+  __device__ __forceinline__ A out0() const { return a[0]; }
+  __device__ __forceinline__ A out1() const { return b[0]; }
 };
 
 // One row's worth of a thread's input, loaded but not yet converted: V consecutive
@@ -149,14 +264,15 @@ struct RowLoad {
     }
   }
   template <typename A>
-  __device__ __forceinline__ void accumulate(const Contrib<MODE, A> (&f)[V], A (&a)[V], A (&b)[V]) const {
+  __device__ __forceinline__ void accumulate(Acc<MODE, A, V>& acc) const {
+    acc.next_row();
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const A xa = static_cast<A>(V == 8 ? xv.v[v] : x1);
       if constexpr (MODE == kBwd) {
-        f[v].add(xa, static_cast<A>(V == 8 ? dv.v[v] : d1), (bits >> v) & 1, a[v], b[v]);
+        acc.add(v, xa, static_cast<A>(V == 8 ? dv.v[v] : d1), (bits >> v) & 1);
       } else {
-        f[v].add(xa, A(0), false, a[v], b[v]);
+        acc.add(v, xa, A(0), false);
       }
     }
   }
@@ -165,86 +281,67 @@ struct RowLoad {
 // NHWC: block = TX x TY threads (TX * TY == 256, both powers of two); thread (tx, ty)
 // owns V consecutive channels (V = 8: vector path, C % 8 == 0; V = 1: any C) and walks
 // rows ty, ty + TY, ... of its block's row range (rows r = n*H*W + hw), unroll_rows
-// rows per iteration with all their loads issued before any is used: 4 rows of x for
-// the statistics, 2 rows of x and dy (and mask bytes) for the backward, i.e. four
-// 16-byte loads in flight per thread either way, at <= 64 registers so that 4 blocks
-// fit an SM (kReduceBlocksPerSM; bench/NOTES.md has the ptxas numbers).
-// partial: [2][S][C], S = gridDim.x.
-template <int MODE>
+// rows per iteration with all their loads issued before any is used: for the
+// statistics 4 rows of a 2-byte x, 2 of float, 1 of double (one, two, four 16-byte
+// loads per row), for the backward 2 rows of x and dy (and mask bytes), i.e. about four
+// 16-byte loads in flight per thread, at <= 64 registers so that 4 blocks fit an SM
+// (kReduceBlocksPerSM; bench/NOTES.md has the ptxas numbers). 4 float rows would need
+// 32 registers of loads next to the 8 Welford (mean, M2) pairs: ptxas spills.
+// partial: [2][S][C], S = gridDim.x; kStats also writes count[S] (rows per block).
+template <int MODE, typename T>
 constexpr int unroll_rows() {
-  return MODE == kStats ? 4 : 2;
+  if constexpr (MODE == kStats) return sizeof(T) >= 8 ? 1 : int(8 / sizeof(T));
+  return 2;
 }
 
 template <typename T, typename A, int MODE, int V>
 __global__ void __launch_bounds__(kThreads, sizeof(A) == 8 ? 2 : kReduceBlocksPerSM) reduce_nhwc_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
     const A* __restrict__ mean, const A* __restrict__ invstd, int64_t M, int64_t C,
-    A* __restrict__ partial) {
-  __shared__ A sm_a[kThreads * V];
-  __shared__ A sm_b[kThreads * V];
+    A* __restrict__ partial, int64_t* __restrict__ count) {
+  __shared__ A sm0[kThreads * V];
+  __shared__ A sm1[kThreads * V];
+  __shared__ int64_t smn[kThreads];  // kStats: rows per slot
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t c0 = (int64_t(blockIdx.y) * TX + tx) * V;
   const bool active = c0 < C;  // V == 8 implies C % 8 == 0, so all V channels are valid
-  A a[V], b[V];
-  Contrib<MODE, A> f[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    a[v] = A(0);
-    b[v] = A(0);
-    f[v].k = A(0);
-    f[v].s = A(0);
-    if (active) {
-      if constexpr (MODE == kStats) {
-        f[v].k = static_cast<A>(x[c0 + v]);  // row 0 of channel c0+v
-      } else {
-        f[v].k = mean[c0 + v];
-        f[v].s = invstd[c0 + v];
-      }
-    }
-  }
+  Acc<MODE, A, V> acc;
+  acc.init(active, c0, 1, mean, invstd);
   if (active) {
     const int64_t step = int64_t(gridDim.x) * TY;
     int64_t r = int64_t(blockIdx.x) * TY + ty;
-    constexpr int U = unroll_rows<MODE>();
+    constexpr int U = unroll_rows<MODE, T>();
     for (; r + (U - 1) * step < M; r += U * step) {
       RowLoad<T, MODE, V> rows[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) rows[u].load(x, dy, mask, (r + u * step) * C + c0);
 #pragma unroll
-      for (int u = 0; u < U; ++u) rows[u].accumulate(f, a, b);
+      for (int u = 0; u < U; ++u) rows[u].accumulate(acc);
     }
     for (; r < M; r += step) {
       RowLoad<T, MODE, V> row;
       row.load(x, dy, mask, r * C + c0);
-      row.accumulate(f, a, b);
+      row.accumulate(acc);
     }
   }
   // Tree reduction over ty (threads with the same tx hold the same channels).
   const int tid = ty * TX + tx;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    sm_a[tid * V + v] = a[v];
-    sm_b[tid * V + v] = b[v];
-  }
+  acc.to_shared(sm0, sm1, smn, tid);
   __syncthreads();
   for (int s = TY / 2; s > 0; s >>= 1) {
-    if (ty < s) {
-      const int o = (ty + s) * TX + tx;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        sm_a[tid * V + v] += sm_a[o * V + v];
-        sm_b[tid * V + v] += sm_b[o * V + v];
-      }
-    }
+    if (ty < s) Acc<MODE, A, V>::merge_shared(sm0, sm1, smn, tid, (ty + s) * TX + tx);
     __syncthreads();
   }
   if (ty == 0 && active) {
     const int64_t S = gridDim.x;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      partial[int64_t(blockIdx.x) * C + c0 + v] = sm_a[tx * V + v];
-      partial[(S + blockIdx.x) * C + c0 + v] = sm_b[tx * V + v];
+      partial[int64_t(blockIdx.x) * C + c0 + v] = sm0[tx * V + v];
+      partial[(S + blockIdx.x) * C + c0 + v] = sm1[tx * V + v];
     }
+    // Every active column of the block saw the same rows; tx == 0 is always active.
+    if constexpr (MODE == kStats)
+      if (tx == 0 && blockIdx.y == 0) count[blockIdx.x] = smn[0];
   }
 }
 
@@ -275,6 +372,51 @@ __device__ __forceinline__ void block_sum2(A& a, A& b) {
   }
 }
 
+// Block-wide Chan combine of (n, mean, M2) over a 1-D block of kThreads threads, the
+// same shape as block_sum2; result in thread 0.
+template <typename A>
+__device__ __forceinline__ void block_chan(int64_t& n, A& mean, A& m2) {
+  __shared__ int64_t wn[kThreads / 32];
+  __shared__ A wm[kThreads / 32], wq[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const int64_t nb = __shfl_down_sync(0xffffffffu, n, o);
+    const A mb = __shfl_down_sync(0xffffffffu, mean, o);
+    const A qb = __shfl_down_sync(0xffffffffu, m2, o);
+    chan_merge(n, mean, m2, nb, mb, qb);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    wn[warp] = n;
+    wm[warp] = mean;
+    wq[warp] = m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool has = lane < kThreads / 32;
+    n = has ? wn[lane] : 0;
+    mean = has ? wm[lane] : A(0);
+    m2 = has ? wq[lane] : A(0);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const int64_t nb = __shfl_down_sync(0xffffffffu, n, o);
+      const A mb = __shfl_down_sync(0xffffffffu, mean, o);
+      const A qb = __shfl_down_sync(0xffffffffu, m2, o);
+      chan_merge(n, mean, m2, nb, mb, qb);
+    }
+  }
+}
+
+template <typename A, int V>
+__device__ __forceinline__ void Acc<kStats, A, V>::block_reduce() {
+  block_chan(n, mean[0], m2[0]);
+}
+
+template <typename A, int V>
+__device__ __forceinline__ void Acc<kBwd, A, V>::block_reduce() {
+  block_sum2(a[0], b[0]);
+}
+
 // NCHW: grid (C, S), 1-D block; block (c, s) reduces the planes n = s, s + S, ... of
 // channel c as one flat range of items (groups of 8 elements when VEC: H*W % 8 == 0
 // and 16-byte aligned pointers; single elements otherwise), so every thread is busy
@@ -284,23 +426,11 @@ template <typename T, typename A, int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
     const A* __restrict__ mean, const A* __restrict__ invstd, int64_t N, int64_t C, int64_t HW,
-    A* __restrict__ partial) {
+    A* __restrict__ partial, int64_t* __restrict__ count) {
   constexpr int V = VEC ? 8 : 1;
   const int64_t c = blockIdx.x, s = blockIdx.y, S = gridDim.y;
-  Contrib<MODE, A> f[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    if constexpr (MODE == kStats) {
-      f[v].k = static_cast<A>(x[c * HW]);
-      f[v].s = A(0);
-    } else {
-      f[v].k = mean[c];
-      f[v].s = invstd[c];
-    }
-  }
-  A a[V], b[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) a[v] = b[v] = A(0);
+  Acc<MODE, A, V> acc;
+  acc.init(true, c, 0, mean, invstd);
   const int64_t per_plane = HW / V;
   const int64_t nplanes = (N - s + S - 1) / S;  // s < S <= N: at least one
   const int64_t total = nplanes * per_plane;
@@ -310,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
   for (int64_t i = threadIdx.x; i < total; i += bd) {
     RowLoad<T, MODE, V> it;
     it.load(x, dy, mask, ((s + q * S) * C + c) * HW + j * V);
-    it.accumulate(f, a, b);
+    it.accumulate(acc);
     j += dj;
     q += dq;
     if (j >= per_plane) {
@@ -318,40 +448,61 @@ __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
       ++q;
     }
   }
-#pragma unroll
-  for (int v = 1; v < V; ++v) {
-    a[0] += a[v];
-    b[0] += b[v];
-  }
-  block_sum2(a[0], b[0]);
+  acc.fold();
+  acc.block_reduce();
   if (threadIdx.x == 0) {
-    partial[s * C + c] = a[0];
-    partial[(S + s) * C + c] = b[0];
+    partial[s * C + c] = acc.out0();
+    partial[(S + s) * C + c] = acc.out1();
+    if constexpr (MODE == kStats)
+      if (c == 0) count[s] = acc.n;
   }
 }
 
-// Stage 2: one block per channel adds the S partials (in double) and writes
-//   kStats: out0 = mean = k + A/M, out1 = var = max(B/M - (A/M)^2, 0)
-//   kBwd:   out0 = sum(g) = A,      out1 = sum(g * xhat) = B
+// Stage 2: one block per channel combines the S partials in double and writes
+//   kStats: out0 = mean, out1 = var (biased) from the partials' (count, mean, M2):
+//           two passes, mean = sum(n_s mean_s) / n, then
+//           M2 = sum(M2_s + n_s (mean_s - mean)^2), all terms >= 0;
+//   kBwd:   out0 = sum(g) = A, out1 = sum(g * xhat) = B.
 // A block per channel (not a warp) so that the S loads of a channel are spread over
 // 256 threads: with S ~ 500 partials one warp would make ~16 dependent trips to L2.
-template <typename T, typename A, int MODE>
+template <typename A, int MODE>
 __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(
-    const A* __restrict__ partial, int64_t S, int64_t C, int64_t M, const T* __restrict__ x,
-    int64_t kstride, A* __restrict__ out0, A* __restrict__ out1) {
+    const A* __restrict__ partial, const int64_t* __restrict__ count, int64_t S, int64_t C,
+    A* __restrict__ out0, A* __restrict__ out1) {
   const int64_t c = blockIdx.x;
-  double a = 0.0, b = 0.0;
-  for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-    a += static_cast<double>(partial[s * C + c]);
-    b += static_cast<double>(partial[(S + s) * C + c]);
-  }
-  block_sum2(a, b);
-  if (threadIdx.x == 0) {
-    if constexpr (MODE == kStats) {
-      const double dm = a / double(M);
-      out0[c] = static_cast<A>(static_cast<double>(x[c * kstride]) + dm);
-      out1[c] = static_cast<A>(fmax(b / double(M) - dm * dm, 0.0));
-    } else {
+  if constexpr (MODE == kStats) {
+    __shared__ double mean_sh, n_sh;
+    double a = 0.0, n = 0.0;
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+      const double ns = static_cast<double>(count[s]);
+      a += ns * static_cast<double>(partial[s * C + c]);
+      n += ns;
+    }
+    block_sum2(a, n);
+    if (threadIdx.x == 0) {
+      mean_sh = a / n;
+      n_sh = n;
+    }
+    __syncthreads();  // also: warp 0 is done reading block_sum2's shared words
+    const double mean = mean_sh;
+    double m2 = 0.0, unused = 0.0;
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+      const double d = static_cast<double>(partial[s * C + c]) - mean;
+      m2 += static_cast<double>(partial[(S + s) * C + c]) + static_cast<double>(count[s]) * d * d;
+    }
+    block_sum2(m2, unused);
+    if (threadIdx.x == 0) {
+      out0[c] = static_cast<A>(mean);
+      out1[c] = static_cast<A>(m2 / n_sh);
+    }
+  } else {
+    double a = 0.0, b = 0.0;
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+      a += static_cast<double>(partial[s * C + c]);
+      b += static_cast<double>(partial[(S + s) * C + c]);
+    }
+    block_sum2(a, b);
+    if (threadIdx.x == 0) {
       out0[c] = static_cast<A>(a);
       out1[c] = static_cast<A>(b);
     }
@@ -372,8 +523,14 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
   auto stream = RF_STREAM();
   const int64_t M = l.N * l.HW();
   const int64_t target = int64_t(num_sms()) * kReduceBlocksPerSM;
-  Tensor partial;
+  Tensor partial, counts;
   int64_t S;
+  // kStats: rows (elements) each partial summarises, written by the stage-1 blocks.
+  auto count_ptr = [&](int64_t n) -> int64_t* {
+    if constexpr (MODE != kStats) return nullptr;
+    counts = at::empty({n}, opts.dtype(at::kLong));
+    return counts.data_ptr<int64_t>();
+  };
   if (l.nhwc) {
     const bool v8 = vec_ok && l.C % 8 == 0;
     const int V = v8 ? 8 : 1;
@@ -386,9 +543,10 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
     S = std::max<int64_t>(1, std::min<int64_t>((M + TY * kMinRowsPerThread - 1) / (TY * kMinRowsPerThread),
                                                (target + gy - 1) / gy));
     partial = at::empty({2, S, l.C}, opts);
+    int64_t* pc = count_ptr(S);
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(gy)), block(TX, TY);
     auto kernel = v8 ? reduce_nhwc_kernel<T, A, MODE, 8> : reduce_nhwc_kernel<T, A, MODE, 1>;
-    RF_LAUNCH(kernel, grid, block, stream, x, dy, mask, mean, invstd, M, l.C, partial.data_ptr<A>());
+    RF_LAUNCH(kernel, grid, block, stream, x, dy, mask, mean, invstd, M, l.C, partial.data_ptr<A>(), pc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     // Channels on grid.x (up to 2^31 - 1), batch splits on grid.y (<= 65535).
@@ -399,15 +557,17 @@ void channel_reduce(const Layout& l, const T* x, const T* dy, const uint8_t* mas
                            int64_t(65535)});
     S = std::max<int64_t>(S, 1);
     partial = at::empty({2, S, l.C}, opts);
+    int64_t* pc = count_ptr(S);
     const dim3 grid(static_cast<unsigned>(l.C), static_cast<unsigned>(S));
     auto kernel = v8 ? reduce_nchw_kernel<T, A, MODE, true> : reduce_nchw_kernel<T, A, MODE, false>;
     RF_LAUNCH(kernel, grid, dim3(kThreads), stream, x, dy, mask, mean, invstd, l.N, l.C, l.HW(),
-              partial.data_ptr<A>());
+              partial.data_ptr<A>(), pc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  auto finish = reduce_finish_kernel<T, A, MODE>;
-  RF_LAUNCH(finish, dim3(static_cast<unsigned>(l.C)), dim3(kThreads), stream, partial.data_ptr<A>(), S,
-            l.C, M, x, l.nhwc ? int64_t(1) : l.HW(), out0, out1);
+  auto finish = reduce_finish_kernel<A, MODE>;
+  const int64_t* pcc = MODE == kStats ? counts.const_data_ptr<int64_t>() : nullptr;
+  RF_LAUNCH(finish, dim3(static_cast<unsigned>(l.C)), dim3(kThreads), stream, partial.data_ptr<A>(), pcc, S,
+            l.C, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,18 +1,39 @@
-// CUDA implementations of the eval convolutions: cuDNN's fused conv + bias (+ add) +
-// ReLU through ATen (at::cudnn_convolution_relu / at::cudnn_convolution_add_relu,
-// present since torch 1.x and unchanged in 2.11-2.14). Host code only, so it is
-// compiled by the host compiler, not nvcc.
+// CUDA implementations of the eval convolutions: relu(conv(x, w) + b [+ z]).
+// Host code only, so it is compiled by the host compiler, not nvcc.
 //
-// The fused op is used for float16/bfloat16, and for float32 only when the user
-// allows TF32 in cuDNN (torch.backends.cudnn.allow_tf32): cuDNN's runtime-fusion
-// engines compute fp32 convolutions in TF32. Elsewhere (float32 without TF32,
-// float64, cuDNN disabled, or a fused plan cuDNN rejects) the same result is
-// computed with at::convolution + add_ + relu_.
+// Default: ATen's convolution (cuDNN, honouring every TF32 switch itself), then add_
+// and relu_ (conv_add_relu_aten). ReLU keeps NaN there, as the plain PyTorch block does.
+//
+// Opt-in (RESNET_FUSED_CUDNN_FUSED_RELU=1): cuDNN's fused conv + bias (+ add) + ReLU
+// through ATen (at::cudnn_convolution_add_relu, in 2.11-2.14 unchanged). It saves one
+// or two elementwise passes, but cuDNN's fused ReLU maps NaN to 0 where PyTorch keeps
+// NaN, which is why it is not the default (README.md, Numerics).
+// When opted in:
+//   - at::cudnn_convolution_relu is never called: it hands cuDNN its uninitialised
+//     output as the added tensor z with weight 0, and 0 * NaN from reused memory is
+//     NaN (which the fused ReLU then turns into a silent 0). conv_bias_relu passes a
+//     zero-filled z instead: the same memory traffic as relu_ after an unfused conv;
+//   - fp32 is fused only when the conv operator's precision is TF32 (cuDNN's
+//     runtime-fusion engines compute fp32 in TF32), asked for as ATen's own
+//     convolutions do: allowTF32CuDNN(Float32Op::CONV) (torch >= 2.9 throws on the
+//     operator-less form once torch.backends.cudnn.conv.fp32_precision is set);
+//   - fusion is tried only where cuDNN has fused engines (channels_last, channel
+//     counts a multiple of 8), and a shape cuDNN rejects anyway (cudnn-frontend
+//     throws std::runtime_error, ATen c10::Error; both caught) is remembered, so the
+//     graph is not rebuilt and retried on every call.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <vector>
 
 #include "../common.h"
 
@@ -21,18 +42,73 @@ namespace {
 
 using at::Tensor;
 
-bool fused_applies(const Tensor& x) {
+// Read on every call (a getenv, well under a microsecond) so that tests can switch it.
+bool fused_relu_opted_in() {
+  const char* s = std::getenv("RESNET_FUSED_CUDNN_FUSED_RELU");
+  return s != nullptr && std::strcmp(s, "1") == 0;
+}
+
+bool fused_applies(const Tensor& x, const Tensor& w) {
+  if (!fused_relu_opted_in()) return false;
   auto& ctx = at::globalContext();
   if (!at::Context::hasCuDNN() || !ctx.userEnabledCuDNN()) return false;
+  // cuDNN's runtime fusion engines take NHWC with 16-byte aligned channel rows; for NCHW
+  // or other channel counts it builds a graph, finds no engine and throws, every call.
+  if (x.is_contiguous() || w.size(0) % 8 != 0 || w.size(1) % 8 != 0) return false;
   switch (x.scalar_type()) {
     case at::kHalf:
     case at::kBFloat16:
       return true;
     case at::kFloat:
-      return ctx.allowTF32CuDNN();
+      return ctx.allowTF32CuDNN(at::Float32Op::CONV);
     default:
       return false;
   }
+}
+
+// Shapes cuDNN failed to fuse: (op, dtype, device, x sizes, w sizes, stride, padding).
+using FailKey = std::tuple<int, int, int, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t>;
+
+struct FailedShapes {
+  std::mutex mu;
+  std::set<FailKey> keys;
+  bool contains(const FailKey& k) {
+    std::lock_guard<std::mutex> g(mu);
+    return keys.count(k) != 0;
+  }
+  void add(const FailKey& k) {
+    std::lock_guard<std::mutex> g(mu);
+    keys.insert(k);
+  }
+};
+
+FailedShapes& failed_shapes() {
+  static FailedShapes f;
+  return f;
+}
+
+FailKey fail_key(int op, const Tensor& x, const Tensor& w, int64_t stride, int64_t padding) {
+  return {op, static_cast<int>(x.scalar_type()), static_cast<int>(x.device().index()), x.sizes().vec(),
+          w.sizes().vec(), stride, padding};
+}
+
+// relu(conv(x, w) + b + alpha * z) by cuDNN's fused op, or an undefined tensor when
+// cuDNN throws (remembered under key, warned once).
+Tensor try_fused(const FailKey& key, const char* what, const Tensor& x, const Tensor& w, const Tensor& z,
+                 double alpha, const Tensor& b, int64_t stride, int64_t padding, at::MemoryFormat fmt) {
+  if (failed_shapes().contains(key)) return Tensor();
+  try {
+    return at::cudnn_convolution_add_relu(x, w.contiguous(fmt), z, alpha, b, {stride, stride},
+                                          {padding, padding}, {1, 1}, 1)
+        .contiguous(fmt);
+  } catch (const std::exception& e) {  // c10::Error and cudnn-frontend's std::runtime_error
+    failed_shapes().add(key);
+    const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+    TORCH_WARN("resnet_fused: cuDNN's fused ", what, " failed for x ", shape_str(x), " and weight ",
+               shape_str(w), " (", ce ? ce->what_without_backtrace() : e.what(),
+               "); using the unfused ops for this shape from now on");
+  }
+  return Tensor();
 }
 
 Tensor conv_bias_relu_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride,
@@ -42,15 +118,12 @@ Tensor conv_bias_relu_cuda(const Tensor& x, const Tensor& weight, const Tensor& 
   TORCH_CHECK(x.is_cuda(), "conv_bias_relu: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  if (fused_applies(x)) {
-    try {
-      return at::cudnn_convolution_relu(x, weight.contiguous(fmt), bias, {stride, stride},
-                                        {padding, padding}, {1, 1}, 1)
-          .contiguous(fmt);
-    } catch (const c10::Error& e) {
-      TORCH_WARN_ONCE("resnet_fused: cuDNN's fused conv+bias+ReLU failed (", e.what_without_backtrace(),
-                      "); using convolution + ReLU instead");
-    }
+  if (fused_applies(x, weight)) {
+    // A zero-filled z (not at::cudnn_convolution_relu's uninitialised one, see above).
+    const Tensor z = at::zeros(conv_out_shape(x, weight, stride, padding), x.options().memory_format(fmt));
+    Tensor out = try_fused(fail_key(0, x, weight, stride, padding), "conv+bias+ReLU", x, weight, z, 0.0,
+                           bias, stride, padding, fmt);
+    if (out.defined()) return out;
   }
   return conv_add_relu_aten(x, weight, bias, stride, padding, std::nullopt);
 }
@@ -64,15 +137,10 @@ Tensor conv_bias_shortcut_relu_cuda(const Tensor& y, const Tensor& weight, const
   const auto fmt = y.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   // The projection is computed first and fed to cuDNN as the added tensor z.
   const Tensor sc = shortcut_of(x, shortcut_weight, shortcut_stride, shortcut_padding).contiguous(fmt);
-  if (fused_applies(y)) {
-    try {
-      return at::cudnn_convolution_add_relu(y, weight.contiguous(fmt), sc, 1.0, bias, {1, 1},
-                                            {padding, padding}, {1, 1}, 1)
-          .contiguous(fmt);
-    } catch (const c10::Error& e) {
-      TORCH_WARN_ONCE("resnet_fused: cuDNN's fused conv+bias+add+ReLU failed (",
-                      e.what_without_backtrace(), "); using convolution + add + ReLU instead");
-    }
+  if (fused_applies(y, weight)) {
+    Tensor out = try_fused(fail_key(1, y, weight, 1, padding), "conv+bias+add+ReLU", y, weight, sc, 1.0,
+                           bias, 1, padding, fmt);
+    if (out.defined()) return out;
   }
   return conv_add_relu_aten(y, weight, bias, 1, padding, sc);
 }

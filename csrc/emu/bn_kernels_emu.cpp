@@ -7,6 +7,34 @@
 #define RESNET_FUSED_EMULATE 1
 #include "../cuda/bn_kernels.cu"
 
+namespace resnet_fused {
+namespace {
+
+// Test-only probe of the emulation itself: one thread copies 8 elements with the
+// kernels' own 16-byte vector load and store (ldg8/stg8), from and to any element
+// offset, so a test can check that a misaligned vector access fails as on a GPU.
+template <typename T>
+__global__ void vec8_copy_kernel(const T* src, T* dst) {
+  stg8(dst, ldg8(src));
+}
+
+void vec8_copy(const Tensor& src, int64_t src_offset, Tensor& dst, int64_t dst_offset) {
+  TORCH_CHECK(src.dim() == 1 && dst.dim() == 1 && src.is_contiguous() && dst.is_contiguous() &&
+                  src.scalar_type() == dst.scalar_type(),
+              "vec8_copy: src and dst must be contiguous 1-D tensors of one dtype");
+  TORCH_CHECK(src_offset >= 0 && src_offset + 8 <= src.numel() && dst_offset >= 0 &&
+                  dst_offset + 8 <= dst.numel(),
+              "vec8_copy: offsets out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "vec8_copy", [&] {
+    auto kernel = vec8_copy_kernel<scalar_t>;
+    RF_LAUNCH(kernel, dim3(1), dim3(1), 0, src.const_data_ptr<scalar_t>() + src_offset,
+              dst.data_ptr<scalar_t>() + dst_offset);
+  });
+}
+
+}  // namespace
+}  // namespace resnet_fused
+
 TORCH_LIBRARY(resnet_fused_emu, m) {
   m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("bn_finalize(Tensor mean, Tensor var, Tensor weight, Tensor bias, "
@@ -17,6 +45,7 @@ TORCH_LIBRARY(resnet_fused_emu, m) {
   m.def("bn_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor invstd, "
         "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
         "Tensor grad_bias, Tensor grad_residual)");
+  m.def("vec8_copy(Tensor src, int src_offset, Tensor(a!) dst, int dst_offset) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused_emu, CPU, m) {
@@ -24,4 +53,5 @@ TORCH_LIBRARY_IMPL(resnet_fused_emu, CPU, m) {
   m.impl("bn_finalize", &resnet_fused::bn_finalize_cuda);
   m.impl("bn_act", &resnet_fused::bn_act_cuda);
   m.impl("bn_act_backward", &resnet_fused::bn_act_backward_cuda);
+  m.impl("vec8_copy", &resnet_fused::vec8_copy);
 }

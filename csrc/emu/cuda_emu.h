@@ -11,7 +11,9 @@
 //     kernels' own business (ptxas reports it; see bench/NOTES.md);
 //   - the threads of a block meet at each __syncthreads at the same source line, and
 //     none has returned while others wait there (a barrier in divergent code);
-//   - every lane of a warp takes part in each full-mask shuffle, at the same line.
+//   - every lane of a warp takes part in each full-mask shuffle, at the same line;
+//   - __ldg loads and __stwb stores (the kernels' 16-byte vector accesses) are
+//     aligned to their size, as the hardware requires.
 // What it cannot see: timing-dependent races (threads interleave differently from a
 // GPU), memory-model subtleties, and anything about speed.
 //
@@ -48,7 +50,7 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+struct alignas(16) uint4 {  // aligned as CUDA's
   unsigned x, y, z, w;
 };
 
@@ -58,9 +60,31 @@ inline dim3 gridDim, blockDim;
 using std::fmax;
 using std::sqrt;
 
+namespace emu {
+// A GPU faults on a global access of 2, 4, 8 or 16 bytes whose address is not a
+// multiple of its size ("misaligned address"); plain host loads and stores do not,
+// so the emulated ones check, and a wrong alignment test in a launcher fails here.
+template <typename T>
+inline void check_aligned(const T* p, const char* what) {
+  constexpr std::size_t n = sizeof(T);
+  static_assert(n == 1 || n == 2 || n == 4 || n == 8 || n == 16, "GPU accesses are 1-16 bytes");
+  if (reinterpret_cast<std::uintptr_t>(p) % n != 0)
+    throw std::runtime_error(std::string("emu: misaligned ") + std::to_string(n) + "-byte " + what +
+                             " (address % " + std::to_string(n) + " = " +
+                             std::to_string(reinterpret_cast<std::uintptr_t>(p) % n) + ")");
+}
+}  // namespace emu
+
 template <typename T>
 inline T __ldg(const T* p) {
+  emu::check_aligned(p, "load");
   return *p;
+}
+// Store through the default (write-back) cache policy: on a GPU the same as `*p = v`.
+template <typename T>
+inline void __stwb(T* p, T v) {
+  emu::check_aligned(p, "store");
+  *p = v;
 }
 
 namespace emu {

@@ -3,7 +3,9 @@
 Same data flow as the torch backend (CompositeBackend): ATen/cuDNN convolutions, and
 the ops of the `resnet_fused` namespace for everything around them (BatchNorm
 statistics, finalize with the running update, BN-apply + residual + ReLU with the
-packed mask, its backward; cuDNN's fused conv+bias(+add)+ReLU in eval). The ops have
+packed mask, its backward; in eval, conv+bias(+add)+ReLU: ATen's convolution and
+elementwise ops by default, which keep NaN as PyTorch does, or cuDNN's fused op with
+RESNET_FUSED_CUDNN_FUSED_RELU=1, whose ReLU maps NaN to 0). The ops have
 CPU kernels (csrc/ops.cpp) and CUDA kernels (csrc/cuda/), so this backend runs on CPU
 too (that is how CI tests it).
 

@@ -21,9 +21,9 @@ autograd is the op layer's: register_op_layer(NS, fakes=False, names=<these four
 The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's
 `schema=` and infers the schema from them.
 
-Numerics: every reduction accumulates in fp32 around a shift (channel_stats: the first
-element of each tile's chunk, then Chan's pairwise combine), so a large mean does not
-cancel the variance away; BN parameters and running buffers are read and written in
+Numerics: every reduction accumulates in fp32 around a mean or a shift (channel_stats:
+two-pass per tile, Chan's pairwise combine of tiles and chunks), so neither a large
+mean nor an outlier cancels the variance away; BN parameters and running buffers are read and written in
 their own dtype, computed in fp32.
 """
 from __future__ import annotations
@@ -81,31 +81,34 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS
                           BR: tl.constexpr, BC: tl.constexpr):
     """Per (row chunk, channel block): mean and centred sum of squares of the chunk.
 
-    Sums are taken around the chunk's first row (a shift close to the mean for real
-    data), so they stay small; the centred M2 = sum(d^2) - sum(d)^2 / n is then exact
-    to fp32 rounding of values of the size of the spread, not of the mean."""
+    Each BR-row tile is reduced two-pass (its mean, then sum((x - mean)^2)) and merged
+    into the chunk's running (count, mean, M2) by Chan's combine: every term is centred
+    on a mean of the data it covers, so no single element (an outlier as the shift of
+    a sum of (x - shift)^2) can make the variance cancel."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     rc = pid_c * BC + tl.arange(0, BC)
     c_ok = rc < C
     row0 = pid_s * ROWS
     row_end = tl.minimum(row0 + ROWS, M)
-    n0 = row0 // HW
-    shift = tl.load(x_ptr + n0.to(tl.int64) * sN + (row0 - n0 * HW) * sHW + rc * sC,
-                    mask=c_ok, other=0.0).to(tl.float32)
-    s1 = tl.zeros((BR, BC), dtype=tl.float32)
-    s2 = tl.zeros((BR, BC), dtype=tl.float32)
+    n_a = tl.zeros((BC,), dtype=tl.float32)
+    mean_a = tl.zeros((BC,), dtype=tl.float32)
+    m2_a = tl.zeros((BC,), dtype=tl.float32)
     for r0 in range(row0, row_end, BR):
         off, m = _row_tile(r0, row_end, HW, sN, sHW, rc, sC, c_ok, BR)
         v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, v - shift[None, :], 0.0)
-        s1 += d
-        s2 += d * d
-    cnt = (row_end - row0).to(tl.float32)
-    t1 = tl.sum(s1, axis=0)
-    t2 = tl.sum(s2, axis=0)
-    tl.store(pmean_ptr + pid_s * C + rc, shift + t1 / cnt, mask=c_ok)
-    tl.store(pm2_ptr + pid_s * C + rc, tl.maximum(t2 - t1 * t1 / cnt, 0.0), mask=c_ok)
+        n_b = tl.minimum(row_end - r0, BR).to(tl.float32)
+        mean_b = tl.sum(v, axis=0) / n_b
+        d = tl.where(m, v - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        frac = n_b / n
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+        n_a = n
+    tl.store(pmean_ptr + pid_s * C + rc, mean_a, mask=c_ok)
+    tl.store(pm2_ptr + pid_s * C + rc, m2_a, mask=c_ok)
 
 
 @triton.jit

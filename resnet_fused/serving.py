@@ -62,11 +62,11 @@ def export(model: nn.Module, args: tuple, *, dynamic_batch: bool = True,
                         f"input tensor, got {type(args).__name__}")
     blocks = [n for n, m in model.named_modules() if isinstance(m, FusedResidual)]
     training = [n or "(the model)" for n, m in model.named_modules()
-                if isinstance(m, FusedResidual) and any(b.training for b in
-                                                         (m.bn1, m.bn2, m.bn3) if b is not None)]
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if training:
-        raise ValueError(f"serving.export: call model.eval() first; {', '.join(training)} "
-                         "would export training-mode BatchNorm")
+        shown = ", ".join(training[:4]) + (", ..." if len(training) > 4 else "")
+        raise ValueError(f"serving.export: call model.eval() first; {shown} would export "
+                         "training-mode BatchNorm (batch statistics)")
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=max_batch)

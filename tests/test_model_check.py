@@ -163,3 +163,11 @@ def test_bad_arguments_say_what_is_wrong(kwargs, match):
     args.update(kwargs)
     with pytest.raises((TypeError, ValueError), match=match):
         check_model(args.pop("model"), args.pop("example_input"), **args)
+
+
+@pytest.mark.cuda
+def test_on_cuda_every_backend_and_dtype():
+    net = small_net().cuda()
+    report = check_model(net, example().cuda(), steps=2)
+    assert report.ok, report.table()
+    assert {r.dtype for r in report.rows} == {"float32", "float16", "bfloat16"}

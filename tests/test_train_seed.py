@@ -60,3 +60,15 @@ def test_reads_torchvisions_fashion_mnist_folder(tmp_path):
     assert tuple(data["test"][1].shape) == (5,) and "Fashion-MNIST" in source
     with pytest.raises(FileNotFoundError, match="FashionMNIST/raw"):
         ts.load_fashion_mnist(str(tmp_path / "missing"))
+
+
+def test_agreement_rule_fails_beyond_the_twins_noise():
+    ts = _script()
+    plain = {"loss": 1.00, "test_acc": 0.80}
+    twin = {"loss": 1.01, "test_acc": 0.80}
+    near = ts.agreement(plain, {"loss": 1.03, "test_acc": 0.805}, twin, n_test=1000)
+    assert near["ok"]          # 0.03 <= 3 x 0.01 + 2% of 1.0
+    far = ts.agreement(plain, {"loss": 1.10, "test_acc": 0.80}, twin, n_test=1000)
+    assert not far["ok"] and far["loss_diff"] > far["loss_bound"]
+    acc = ts.agreement(plain, {"loss": 1.0, "test_acc": 0.75}, twin, n_test=1000)
+    assert not acc["ok"] and acc["acc_diff"] > acc["acc_bound"]

@@ -6,7 +6,8 @@ Folding runs in float32 (float64 for float64 modules) and casts once to the
 activation dtype. The result is cached on the module and recomputed when any
 parameter or buffer changes: every in-place update (optimizer step,
 load_state_dict, running-stat update) bumps the tensor's `_version`, and .to() /
-.half() make new tensors (new data_ptr).
+.half() make new tensors (new data_ptr). Inference tensors have no version, so
+blocks holding them are folded on every call (see _state_key).
 """
 from __future__ import annotations
 
@@ -63,8 +64,17 @@ def block_tensors(block):
 
 
 def _state_key(block, dtype, memory_format):
-    return (dtype, memory_format) + tuple((t.data_ptr(), t._version)
-                                          for t in block_tensors(block))
+    """The cache key, or None when a tensor is an inference tensor (made under
+    torch.inference_mode(), e.g. a model converted or loaded there): those keep no
+    version counter, so an in-place change (a BN recalibration pass, a copy_ inside
+    inference mode) could not be seen, and the block is refolded on every call."""
+    try:
+        return (dtype, memory_format) + tuple((t.data_ptr(), t._version)
+                                              for t in block_tensors(block))
+    except RuntimeError:
+        if any(t.is_inference() for t in block_tensors(block)):
+            return None
+        raise
 
 
 def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
@@ -77,9 +87,12 @@ def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> Fol
         return fold_block(block, dtype, memory_format)
     key = _state_key(block, dtype, memory_format)
     cache = block.__dict__.get("_fold_cache")
-    if cache is not None and cache[0] == key:
+    if key is not None and cache is not None and cache[0] == key:
         return cache[1]
     with torch.no_grad():
         result = fold_block(block, dtype, memory_format)
-    block.__dict__["_fold_cache"] = (key, result)
+    if key is None:
+        block.__dict__.pop("_fold_cache", None)
+    else:
+        block.__dict__["_fold_cache"] = (key, result)
     return result

@@ -305,12 +305,14 @@ class FusedResidual(nn.Module):
         if any(modes):
             # Some BNs train, some not: no fused path computes that mix.
             return plain_block_forward(self, x)
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                t.requires_grad for t in block_tensors(self))):
+        if torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
+                x.requires_grad or any(t.requires_grad for t in block_tensors(self))):
             # Eval while autograd records (frozen-BN fine-tuning, saliency maps):
             # unfolded, so every gradient, BN's weight and bias included, has the plain
             # block's numerics (a bf16-folded weight would round the gradient of gamma).
-            # Inference under torch.no_grad()/inference_mode() takes the folded kernels.
+            # Inference under torch.no_grad()/inference_mode() takes the folded kernels,
+            # and so does torch.export, which traces with grad mode on: an exported eval
+            # model is served, and must keep the fused ops in its graph.
             return plain_block_forward(self, x)
         return backend.forward_eval(self, folded(self, x.dtype, memory_format_of(x)), x)
 

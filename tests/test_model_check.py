@@ -1,0 +1,173 @@
+"""resnet_fused.testing.check_model on small user-like models: passes where the fused
+model computes what the plain one does, fails (with the table) where a conversion
+went wrong."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from blockcheck import randomize_bn
+from resnet_fused import FusedResidual, Residual, available_backends, fuse_model
+from resnet_fused.testing import assert_model_matches, check_model
+
+X = (4, 3, 8, 8)
+
+
+def small_net(block=Residual):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        block(8, 8), block(8, 16, use_1x1conv=True, strides=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    randomize_bn(net)
+    return net
+
+
+def example():
+    return torch.randn(X, generator=torch.Generator().manual_seed(1))
+
+
+def _cpu_backends():
+    return [b for b in ("torch", "native") if b in available_backends("cpu")]
+
+
+def test_passes_on_a_plain_model_converted_here():
+    report = check_model(small_net(), example(), backends=_cpu_backends(), steps=2)
+    assert report.ok, report.table()
+    kinds = {(r.backend, r.mode) for r in report.rows}
+    assert kinds == {(b, m) for b in _cpu_backends() for m in ("eval", "train")}
+    names = {r.comparison.name.split(" (")[0] for r in report.rows}
+    # every parameter gradient and buffer of the model is judged
+    assert {f"grad {n}" for n, _ in small_net().named_parameters()} <= names
+    assert {f"buffer {n}" for n, _ in small_net().named_buffers()} <= names
+    assert "2 residual block(s) fused" in report.table()
+
+
+def test_passes_on_an_already_converted_model_and_channels_last():
+    fused = fuse_model(small_net())
+    report = check_model(fused, example(), backends=["torch"], channels_last=True, steps=1)
+    assert report.ok, report.table()
+    assert "already converted" in report.table()
+
+
+def test_triton_through_the_interpreter():
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton backend unavailable here")
+    report = check_model(small_net(), example(), backends=["triton"], steps=1)
+    assert report.ok, report.table()
+
+
+def test_torchvision_basic_blocks_with_downsample_bn():
+    tv = pytest.importorskip("torchvision.models.resnet")
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 8),
+                        tv.BasicBlock(8, 16, stride=2, downsample=ds), nn.Flatten())
+    randomize_bn(net)
+    assert_model_matches(net, example(), backends=["torch"], steps=2)
+
+
+def _fail_rows(report):
+    return [r.comparison.name for r in report.failures]
+
+
+def test_fails_on_a_conversion_with_the_wrong_eps():
+    net = small_net()
+    bad = fuse_model(net)
+    bad[3].bn1.eps = 1e-3
+    report = check_model(net, example(), fused=bad, backends=["torch"], modes=("eval",))
+    assert not report.ok
+    assert _fail_rows(report) == ["output"]
+    with pytest.raises(AssertionError) as err:
+        assert_model_matches(net, example(), fused=bad, backends=["torch"], modes=("eval",))
+    assert "FAIL" in str(err.value) and "output" in str(err.value)
+
+
+def test_fails_on_a_conversion_with_the_wrong_momentum():
+    net = small_net()
+    bad = fuse_model(net)
+    bad[4].bn2.momentum = 0.2
+    report = check_model(net, example(), fused=bad, backends=["torch"], steps=2)
+    failed = _fail_rows(report)
+    assert failed == ["buffer 4.bn2.running_mean", "buffer 4.bn2.running_var"], report.table()
+
+
+def test_fails_on_a_dropped_projection():
+    torch.manual_seed(0)
+    net = nn.Sequential(Residual(8, 8, use_1x1conv=True), Residual(8, 8))
+    randomize_bn(net)
+    # A hand-made conversion that forgot the 1x1 projection of the first block.
+    dropped = FusedResidual(8, 8)
+    dropped.load_state_dict(net[0].state_dict(), strict=False)
+    bad = nn.Sequential(dropped, FusedResidual.from_residual(copy.deepcopy(net[1])))
+    x = torch.randn(2, 8, 6, 6)
+    report = check_model(net, x, fused=bad, backends=["torch"], steps=1)
+    failed = _fail_rows(report)
+    assert "output" in failed and "output (step 0)" in failed, report.table()
+    assert any("0.conv3.weight" in n for n in failed)
+    assert "parameter missing in the fused model" in report.table()
+
+
+def test_fails_on_a_block_whose_bn_was_swapped():
+    net = small_net()
+    swapped = fuse_model(net)
+    swapped[3].bn2 = nn.BatchNorm2d(8)      # a fresh BN: the trained statistics are lost
+    report = check_model(net, example(), fused=swapped, backends=["torch"], modes=("eval",))
+    assert _fail_rows(report) == ["output"], report.table()
+    other = fuse_model(net)
+    other[3].bn1 = nn.GroupNorm(2, 8)       # not a BatchNorm at all
+    report = check_model(net, example(), fused=other, backends=["torch"])
+    assert not report.ok
+    assert "raised" in report.table()
+
+
+def test_fails_when_a_block_is_left_unconverted():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    net = small_net()
+    net[3].bn1 = MyBN(8)
+    randomize_bn(net)
+    report = check_model(net, example(), backends=["torch"], modes=("eval",))
+    assert not report.ok and not report.failures
+    assert "left 3 (Residual) as it is" in report.table()
+    allowed = check_model(net, example(), backends=["torch"], modes=("eval",),
+                          require_all_converted=False)
+    assert allowed.ok, allowed.table()
+
+
+def test_report_as_dict_and_skips():
+    report = check_model(small_net(), example(), backends=["torch", "native"],
+                         dtypes=[torch.float32], modes=("eval",))
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["ok"] is report.ok
+    assert {r["backend"] for r in d["results"]} | {s["backend"] for s in d["skipped"]} == {
+        "torch", "native"}
+    for r in d["results"]:
+        assert {"name", "fused_l2", "plain_l2", "bound_l2", "ok", "ratio"} <= r.keys()
+    report = check_model(small_net(), example(), backends=["torch", "nope"],
+                         modes=("eval",))
+    assert any("unknown backend" in s[3] for s in report.skipped)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model=3), "model must be an nn.Module"),
+    (dict(example_input=torch.ones(X, dtype=torch.int64)), "floating-point tensor"),
+    (dict(modes=("inference",)), "modes must be"),
+    (dict(steps=0), "steps must be"),
+    (dict(dtypes=[torch.int8]), "dtypes must be"),
+])
+def test_bad_arguments_say_what_is_wrong(kwargs, match):
+    args = dict(model=small_net(), example_input=example())
+    args.update(kwargs)
+    with pytest.raises((TypeError, ValueError), match=match):
+        check_model(args.pop("model"), args.pop("example_input"), **args)
+
+
+@pytest.mark.cuda
+def test_on_cuda_every_backend_and_dtype():
+    net = small_net().cuda()
+    report = check_model(net, example().cuda(), steps=2)
+    assert report.ok, report.table()
+    assert {r.dtype for r in report.rows} == {"float32", "float16", "bfloat16"}

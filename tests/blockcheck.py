@@ -1,4 +1,5 @@
-"""Compare a FusedResidual with the plain block, by DESIGN.md's rule.
+"""Compare a FusedResidual with the plain block, by the package's tolerance rule
+(README.md, "Numerics policy").
 
 Shared by the module tests and every backend's block tests:
 

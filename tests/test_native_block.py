@@ -1,4 +1,5 @@
-"""FusedResidual(backend="native") against the plain block (DESIGN.md's rule), eval and
+"""FusedResidual(backend="native") against the plain block (the tolerance rule of
+README.md, "Numerics policy"), eval and
 train: outputs, every gradient, running statistics. With the CPU kernels of the
 extension on CPU, and its CUDA kernels on a GPU (the `cuda` parametrisations)."""
 import os

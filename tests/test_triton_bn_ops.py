@@ -25,7 +25,7 @@ DTYPES = [torch.float32, torch.float16]
 
 
 def _dtypes(device):
-    # The interpreter's bf16 arithmetic is wrong (DESIGN.md): bf16 only on CUDA.
+    # The interpreter computes bf16 arithmetic on the raw bits (wrong): bf16 only on CUDA.
     return DTYPES + ([torch.bfloat16] if device == "cuda" else [])
 
 

@@ -28,19 +28,16 @@ their own dtype, computed in fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from ...schemas import SCHEMAS
+from .launcher import INTERPRET, launch
 
 NS = "resnet_fused_triton"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile sizes. The interpreter pays per program and per op, not per element: big tiles.
@@ -48,21 +45,6 @@ _BR = 64 if INTERPRET else 32      # rows (pixels) per reduction step
 _BC = 32 if INTERPRET else 64      # channels per reduction program
 _EW_BYTES = 64 if INTERPRET else 128  # mask bytes per elementwise program (x8 elements)
 _RED_PROGRAMS = 4 if INTERPRET else 1024  # target programs of a reduction over rows
-
-
-def launch(kernel, grid, *args, **kwargs):
-    """Launch a Triton kernel so torch.compile can trace it (wrap_triton on a GPU).
-
-    In the interpreter, a call with fake/meta tensors (a shape-only run) launches
-    nothing: the op's outputs are allocated by the caller, which is all a fake needs.
-    """
-    if INTERPRET:
-        if any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
-               for a in args):
-            return
-        kernel[grid](*args, **kwargs)
-    else:
-        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 # =========================================================================== kernels

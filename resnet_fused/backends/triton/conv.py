@@ -45,9 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.library import wrap_triton
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launcher import INTERPRET as _INTERPRET, launch
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter runs exactly one, small enough to exercise the masked
@@ -541,10 +539,10 @@ def _combine_stats(pmean, pm2, pcnt, K, dev):
         smean = _new_empty((splits, K), device=dev, dtype=torch.float32)
         sm2 = _new_empty((splits, K), device=dev, dtype=torch.float32)
         scnt = _new_empty((splits,), device=dev, dtype=torch.float32)
-        wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), splits)](
+        launch(_stats_combine_kernel, (triton.cdiv(K, _BC), splits),
             pmean, pm2, pcnt, smean, sm2, scnt, T, K, _TPS, FINAL=False, BT=_BT, BC=_BC)
         pmean, pm2, pcnt, T = smean, sm2, scnt, splits
-    wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), 1)](
+    launch(_stats_combine_kernel, (triton.cdiv(K, _BC), 1),
         pmean, pm2, pcnt, mean, var, pcnt, T, K, T, FINAL=True, BT=_BT, BC=_BC)
     return mean, var
 
@@ -758,7 +756,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
             return (N * triton.cdiv(P, meta["BH"]) * triton.cdiv(Q, meta["BW"])
                     * triton.cdiv(K, meta["BN"]),)
 
-        wrap_triton(_conv_tma_kernel)[tma_grid](
+        launch(_conv_tma_kernel, tma_grid,
             x, w, bias if bias is not None else dummy,
             residual if residual is not None else dummy, out,
             x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
@@ -772,7 +770,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
             INPUT_PRECISION=_input_precision(x.dtype),
         )
         return (out, omask) if out_mask else out
-    wrap_triton(_conv_kernel)[grid](
+    launch(_conv_kernel, grid,
         x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import INTERPRET as _INTERPRET, launch
+from .launcher import INTERPRET as _INTERPRET, launch, tracing
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter runs exactly one, small enough to exercise the masked
@@ -74,8 +74,13 @@ else:
         _cfg(32, 32, 16, 2, 2),      # C=3 stems and odd tiny shapes
     ]
 
-# The stats partials are sized for the smallest BM any config can pick.
+# The statistics partials are slots of _MIN_BM rows, the smallest BM any config can
+# pick; a tile of BM rows owns BM // _MIN_BM consecutive slots (see _epilogue), so every
+# BM must be a multiple of it.
 _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
+if any(c.kwargs["BM"] % _MIN_BM for c in _CONFIGS):
+    raise AssertionError(f"conv.py: every config's BM must be a multiple of {_MIN_BM}, the "
+                         f"rows of a statistics slot: {[c.kwargs['BM'] for c in _CONFIGS]}")
 
 
 def _heavy(named_args, kwargs) -> bool:
@@ -189,9 +194,10 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
               pmean_ptr, pm2_ptr, pcnt_ptr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
               RELU: tl.constexpr, OUT_MASK: tl.constexpr, STATS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, SLOT_ROWS: tl.constexpr):
     """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile;
-    n0: the first output channel of the tile (rn = n0 + arange(BN))."""
+    n0: the first output channel of the tile (rn = n0 + arange(BN)); SLOT_ROWS: the
+    rows of one statistics slot (BM is a multiple of it)."""
     off = rm.to(tl.int64)[:, None] * K + rn[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
     if RES_BN:
@@ -229,14 +235,23 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         # Per-tile mean and centred sum of squares of the values as written (rounded to
         # the output dtype), combined across tiles by _stats_combine_kernel (Chan et al.):
         # no atomics, so autotuning's repeated launches and the result are deterministic.
+        # The partials have one slot per SLOT_ROWS rows; this tile owns slots
+        # [pid_m * SUB, (pid_m + 1) * SUB) below cdiv(M, SLOT_ROWS): its statistics go to
+        # the first, count 0 to the others. So every launch writes the count of every
+        # slot, whatever its BM, and no slot keeps a count from an earlier launch on the
+        # same buffers (autotuning benchmarks each config there before the final run).
         v = tl.where(mask, out.to(tl.float32), 0.0)
         cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
         t_mean = tl.sum(v, axis=0) / cnt
         d = tl.where(mask, v - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
-        tl.store(pmean_ptr + pid_m * K + rn, t_mean, mask=n_ok)
-        tl.store(pm2_ptr + pid_m * K + rn, t_m2, mask=n_ok)
-        tl.store(pcnt_ptr + pid_m, cnt)
+        SUB: tl.constexpr = BM // SLOT_ROWS
+        slot = pid_m * SUB
+        tl.store(pmean_ptr + slot * K + rn, t_mean, mask=n_ok)
+        tl.store(pm2_ptr + slot * K + rn, t_m2, mask=n_ok)
+        own = slot + tl.arange(0, SUB)
+        tl.store(pcnt_ptr + own, tl.where(own == slot, cnt, 0.0),
+                 mask=own < tl.cdiv(M, SLOT_ROWS))
 
 
 # Geometry constexprs are in the key too: a 1x1 and a 3x3 conv can share M, K, C, H, W.
@@ -257,7 +272,7 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
     STATS: tl.constexpr, RES_BN: tl.constexpr, OUT_MASK: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SLOT_ROWS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -293,7 +308,7 @@ def _conv_kernel(
                          INPUT_PRECISION, BK)
     _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN)
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN, SLOT_ROWS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,7 +421,7 @@ def _conv_tma_kernel(
     rows = (n64 * P + oh) * Q + ow
     _epilogue(acc, rows, rn, row_ok, n_ok, 0, pid_n * BN, 0, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, out_ptr, out_ptr, out_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN)
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN, BH * BW)
 
 
 _ALLOCATOR_SET = False
@@ -420,11 +435,6 @@ def _ensure_tma_allocator():
             return torch.empty(size, device="cuda", dtype=torch.int8)
         triton.set_allocator(alloc)
         _ALLOCATOR_SET = True
-
-
-def _is_traced(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t) or torch.compiler.is_compiling()
 
 
 def _tma_eligible(x, w, stride, in_scale, stats) -> bool:
@@ -457,7 +467,7 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
         raise ValueError(f"conv2d_nhwc: _path must be None, 'pointer' or 'tma', not {path!r}")
     if _INTERPRET or os.environ.get("RESNET_FUSED_TRITON_TMA", "0") != "1":
         return False
-    if x.device.type != "cuda" or _is_traced(x):
+    if x.device.type != "cuda" or tracing((x,)):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
@@ -478,8 +488,8 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
     and the biased variance M2/n instead. Two launches (many splits, then one) keep
     every program's serial loop short when there are thousands of tiles.
 
-    Rows never written by the conv (fewer tiles than the buffer has) have count 0 and
-    are never read. Each chunk of BT tiles is merged exactly around its own mean, then
+    Slots with count 0 (those a conv tile owns after its first, see _epilogue) hold
+    no statistics: their mean and M2 are never read (unwritten memory, maybe NaN). Each chunk of BT tiles is merged exactly around its own mean, then
     folded into the running result with Chan's pairwise update: no catastrophic
     cancellation of E[x^2] - E[x]^2.
     """
@@ -737,8 +747,8 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         t_max = triton.cdiv(M, _MIN_BM)
         pmean = _new_empty((t_max, K), device=dev, dtype=torch.float32)
         pm2 = _new_empty((t_max, K), device=dev, dtype=torch.float32)
-        # Zero counts mark the rows a config with a larger BM leaves unwritten.
-        pcnt = torch.zeros((t_max,), device=dev, dtype=torch.float32)
+        # No zeroing: each launch writes every slot's count (_epilogue).
+        pcnt = _new_empty((t_max,), device=dev, dtype=torch.float32)
     else:
         pmean = pm2 = pcnt = out  # never read (STATS=False)
 
@@ -783,7 +793,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         HAS_X2=x2 is not None, HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu),
         STATS=bool(stats), RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=_input_precision(x.dtype), SLOT_ROWS=_MIN_BM,
     )
     head = (out, omask) if out_mask else (out,)
     if not stats:

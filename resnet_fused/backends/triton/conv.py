@@ -254,10 +254,20 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
                  mask=own < tl.cdiv(M, SLOT_ROWS))
 
 
-# Geometry constexprs are in the key too: a 1x1 and a 3x3 conv can share M, K, C, H, W.
-@triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2", "R", "STRIDE",
-                                        "R2", "HAS_X2", "HAS_PRO", "STATS", "OUT_MASK"],
-                 prune_configs_by={"early_config_prune": _prune})
+# The autotune keys name the sizes and EVERY constexpr but the tile sizes: the variants
+# prune differently (_heavy's flags, INPUT_PRECISION) and run at different speeds, so
+# one must never reuse a config tuned for another (eval K1 and K2 of an identity block
+# differ only in HAS_RES; a TF32 winner can spill as IEEE fp32), and a 1x1 and a 3x3
+# conv can share M, K, C, H, W. The tensors' dtypes join the key by themselves (the
+# Autotuner appends every argument's dtype). tests/test_triton_launch.py checks that
+# each key covers every constexpr and every argument the pruning reads.
+_CONV_KEY = ["M", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
+             "STRIDE", "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
+             "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "HAS_PRO", "IN_RELU", "STATS", "RES_BN",
+             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
@@ -358,8 +368,13 @@ def _prune_tma(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BH"] * c.kwargs["BW"] * c.kwargs["BN"])]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2", "R",
-                                            "R2", "HAS_X2", "OUT_MASK"],
+# As _CONV_KEY (see there).
+_TMA_KEY = ["N", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
+            "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
+            "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "RES_BN", "OUT_MASK", "INPUT_PRECISION"]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=_TMA_KEY,
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _conv_tma_kernel(

@@ -14,8 +14,9 @@ Activations may be NCHW- or channels_last-contiguous: every kernel indexes a cha
 
 How the ops are registered: on a GPU with `torch.library.triton_op`, so torch.compile
 sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_op`,
-because triton_op's fake is its own Python body, which in the interpreter would run the
-kernels on fake tensors (wrap_triton hands back the raw interpreted kernel). The fake
+because triton_op's fake is its own Python body, and an interpreted kernel cannot be
+traced (wrap_triton passes it through in torch 2.14 and rejects it in 2.11; launcher.py
+never hands it one). The fake
 implementations there are the shared ones of resnet_fused/ops.py (FAKES). bn_act's
 autograd is the op layer's: register_op_layer(NS, fakes=False, names=<these four ops>).
 The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's

@@ -282,3 +282,21 @@ def test_launcher_is_the_only_launch_path():
         src = inspect.getsource(mod)
         assert "wrap_triton(" not in src, mod.__name__
         assert "kernel)[" not in src and "_kernel[" not in src, mod.__name__
+
+
+def test_triton_ops_list_every_kernel_for_the_compile_cache(monkeypatch):
+    """torch's registry of the kernels a triton_op runs (hashed into the AOTAutograd
+    cache key) gets every kernel of the backend for every op of its namespace, since
+    launch() hides the kernels from torch's source scan; other namespaces untouched."""
+    import torch._library.triton as tlib
+
+    registry = {"resnet_fused_triton::some_op": [conv._conv_kernel], "other::op": []}
+    monkeypatch.setattr(tlib, "triton_ops_to_kernels", registry)
+    added = launcher.declare_kernels("resnet_fused_triton", (bn, conv, conv_bwd))
+    listed = registry["resnet_fused_triton::some_op"]
+    for kernel in (conv._conv_kernel, conv._conv_tma_kernel, conv._stats_combine_kernel,
+                   conv_bwd._dgrad_kernel, conv_bwd._wgrad_kernel, bn._bn_act_kernel,
+                   bn._stats_partial_kernel):
+        assert sum(k is kernel for k in listed) == 1, kernel
+    assert added == len(listed) - 1 and registry["other::op"] == []
+    assert launcher.declare_kernels("resnet_fused_triton", (bn, conv, conv_bwd)) == 0

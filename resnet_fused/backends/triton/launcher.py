@@ -57,4 +57,44 @@ def launch(kernel, grid, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
-__all__ = ["INTERPRET", "launch", "tracing"]
+def declare_kernels(namespace: str, modules) -> int:
+    """List every Triton kernel defined in `modules` as launched by every triton_op of
+    `namespace`, in torch's registry of the kernels each triton_op runs. Returns how
+    many (op, kernel) pairs were added.
+
+    Why: torch fills that registry by reading a triton_op's source for
+    `wrap_triton(<kernel name>)` calls, which launch() hides behind a parameter, and
+    the AOTAutograd compile cache hashes the source of the listed kernels: without the
+    list, an edited kernel could be served a stale cached compilation. Listing every
+    kernel of the backend for every op errs on the safe side (an edit invalidates more
+    than it must). The registry is torch-internal (torch._library.triton, present in
+    2.11 and 2.14): a torch without it is left alone.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    try:  # the interpreter's kernels (the registry has no entries for its custom_ops)
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        InterpretedFunction = JITFunction
+
+    try:
+        import torch._library.triton as tlib
+    except ImportError:
+        return 0
+    registry = getattr(tlib, "triton_ops_to_kernels", None)
+    if not isinstance(registry, dict):
+        return 0
+    kernels = [obj for mod in modules for obj in vars(mod).values()
+               if isinstance(obj, (JITFunction, Autotuner, InterpretedFunction))]
+    added = 0
+    for name, known in registry.items():
+        if not name.startswith(namespace + "::"):
+            continue
+        for k in kernels:
+            if all(k is not j for j in known):
+                known.append(k)
+                added += 1
+    return added
+
+
+__all__ = ["INTERPRET", "declare_kernels", "launch", "tracing"]

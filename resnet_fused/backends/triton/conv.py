@@ -504,9 +504,10 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
     every program's serial loop short when there are thousands of tiles.
 
     Slots with count 0 (those a conv tile owns after its first, see _epilogue) hold
-    no statistics: their mean and M2 are never read (unwritten memory, maybe NaN). Each chunk of BT tiles is merged exactly around its own mean, then
-    folded into the running result with Chan's pairwise update: no catastrophic
-    cancellation of E[x^2] - E[x]^2.
+    no statistics: their mean and M2 are never read (unwritten memory, maybe NaN).
+    Each chunk of BT tiles is merged exactly around its own mean, then folded into the
+    running result with Chan's pairwise update: no catastrophic cancellation of
+    E[x^2] - E[x]^2.
     """
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)

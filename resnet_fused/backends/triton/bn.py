@@ -128,8 +128,10 @@ def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
         t = tl.load(nbt_ptr) + 1
         tl.store(nbt_ptr, t)
         f = tl.where(momentum >= 0.0, momentum, 1.0 / t.to(tl.float32))
-        # Bessel's correction for the running (unbiased) variance.
-        bessel = count.to(tl.float32) / (count - 1).to(tl.float32)
+        # Bessel's correction for the running (unbiased) variance. Arithmetic, not
+        # .to(): torch 2.11's kernel analysis (torch.compile) passes scalar arguments as
+        # Python numbers, which have no .to, and would then assume every input written.
+        bessel = count / (count - 1.0)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         ok = rc < C
@@ -257,7 +259,7 @@ def _bn_bwd_coef_kernel(red_ptr, mean_ptr, invstd_ptr, w_ptr, coef_ptr, gw_ptr, 
     inv = tl.load(invstd_ptr + rc, mask=ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rc, mask=ok, other=0.0).to(tl.float32)
     a = w * inv
-    mf = M.to(tl.float32)
+    mf = M * 1.0  # not M.to(): see _finalize_kernel
     tl.store(coef_ptr + rc, a, mask=ok)
     tl.store(coef_ptr + C + rc, -a * inv * sgx / mf, mask=ok)
     tl.store(coef_ptr + 2 * C + rc, -a * sg / mf, mask=ok)

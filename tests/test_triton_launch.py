@@ -16,7 +16,6 @@ import inspect
 
 import pytest
 import torch
-import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from triton.runtime.autotuner import Autotuner
@@ -74,9 +73,11 @@ def test_eager_launches_bypass_wrap_triton_and_keep_one_autotuner(gpu_routing, m
     # has one config, which it would launch without tuning).
     benched = []
     tuner = conv._conv_kernel
-    monkeypatch.setattr(tuner, "configs", [conv._cfg(32, 16, 16, 4, 1), conv._cfg(64, 16, 16, 4, 1)])
+    monkeypatch.setattr(tuner, "configs",
+                        [conv._cfg(32, 16, 16, 4, 1), conv._cfg(64, 16, 16, 4, 1)])
     monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: benched.append(config) or [1.0] * 3)
+    monkeypatch.setattr(tuner, "_bench",
+                        lambda *a, config, **k: benched.append(config) or [1.0] * 3)
 
     first = _run_every_launcher()
     torch.manual_seed(0)

@@ -264,6 +264,43 @@ def test_stats_with_prologue_and_relu(dtype, device):
     torch.testing.assert_close(var.double(), o64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("bms", [(32, 64), (64, 32), (32, 128, 64)],
+                         ids=lambda b: "-".join(map(str, b)))
+def test_stats_independent_of_earlier_launches_on_the_same_buffers(bms, monkeypatch):
+    """Autotuning runs every config on the same statistics buffers before the winner's
+    launch: the result must not depend on what an earlier config (another BM) left
+    there. The conv kernel is launched once per BM in `bms`, in that order, on the same
+    arguments, its partial-statistics buffers first filled with positive garbage (as
+    reused memory may hold); the statistics are those of the last launch's output."""
+    launched = []
+
+    def launch_each_config(kernel, grid, *args, **kwargs):
+        if kernel is not conv._conv_kernel:
+            return conv_launch(kernel, grid, *args, **kwargs)
+        named = dict(zip(kernel.arg_names, args))
+        named["pcnt_ptr"].fill_(1e4)
+        named["pmean_ptr"].fill_(1e3)
+        named["pm2_ptr"].fill_(1e3)
+        for bm in bms:
+            cfg = conv._cfg(bm, 32, 16, 4, 1)
+            kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+            launched.append(bm)
+
+    conv_launch = conv.launch
+    monkeypatch.setattr(conv, "launch", launch_each_config)
+    N, C, H, K = 2, 8, 10, 40    # M = 200 rows: 7 slots of 32, partial last tiles
+    x = _make("cpu", torch.float32, N, C, H, H).to(memory_format=CL)
+    w = _make("cpu", torch.float32, K, C, 3, 3) / 8
+    b = _make("cpu", torch.float32, K) * 3
+    out, mean, var = conv2d_nhwc(x, w, b, stride=1, padding=1, stats=True)
+    assert launched == list(bms)
+    _check("conv_stats_out", torch.float32, "cpu", out, (x, w, b, 1, 1), {})
+    o64 = out.double()
+    torch.testing.assert_close(mean.double(), o64.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), o64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_stats_combine_skips_unwritten_rows_and_is_stable(device):
     """The tile combiner (two passes: T > tiles per split): rows with count 0 may hold

@@ -20,8 +20,14 @@ import triton  # noqa: F401  (ImportError here makes the registry report the bac
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
+from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
+from .launcher import declare_kernels
 from .train import train_block  # defines block_train; imported here, never while tracing
+
+# Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
+# Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
+declare_kernels("resnet_fused_triton", (bn, _conv, _conv_bwd))
 
 _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
              "resnet_fused to use the interpreter")

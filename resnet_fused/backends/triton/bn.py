@@ -14,8 +14,9 @@ Activations may be NCHW- or channels_last-contiguous: every kernel indexes a cha
 
 How the ops are registered: on a GPU with `torch.library.triton_op`, so torch.compile
 sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_op`,
-because triton_op's fake is its own Python body, which in the interpreter would run the
-kernels on fake tensors (wrap_triton hands back the raw interpreted kernel). The fake
+because triton_op's fake is its own Python body, and an interpreted kernel cannot be
+traced (wrap_triton passes it through in torch 2.14 and rejects it in 2.11; launcher.py
+never hands it one). The fake
 implementations there are the shared ones of resnet_fused/ops.py (FAKES). bn_act's
 autograd is the op layer's: register_op_layer(NS, fakes=False, names=<these four ops>).
 The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's
@@ -28,19 +29,16 @@ their own dtype, computed in fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from ...schemas import SCHEMAS
+from .launcher import INTERPRET, launch
 
 NS = "resnet_fused_triton"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile sizes. The interpreter pays per program and per op, not per element: big tiles.
@@ -48,21 +46,6 @@ _BR = 64 if INTERPRET else 32      # rows (pixels) per reduction step
 _BC = 32 if INTERPRET else 64      # channels per reduction program
 _EW_BYTES = 64 if INTERPRET else 128  # mask bytes per elementwise program (x8 elements)
 _RED_PROGRAMS = 4 if INTERPRET else 1024  # target programs of a reduction over rows
-
-
-def launch(kernel, grid, *args, **kwargs):
-    """Launch a Triton kernel so torch.compile can trace it (wrap_triton on a GPU).
-
-    In the interpreter, a call with fake/meta tensors (a shape-only run) launches
-    nothing: the op's outputs are allocated by the caller, which is all a fake needs.
-    """
-    if INTERPRET:
-        if any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
-               for a in args):
-            return
-        kernel[grid](*args, **kwargs)
-    else:
-        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 # =========================================================================== kernels
@@ -148,8 +131,10 @@ def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
         t = tl.load(nbt_ptr) + 1
         tl.store(nbt_ptr, t)
         f = tl.where(momentum >= 0.0, momentum, 1.0 / t.to(tl.float32))
-        # Bessel's correction for the running (unbiased) variance.
-        bessel = count.to(tl.float32) / (count - 1).to(tl.float32)
+        # Bessel's correction for the running (unbiased) variance. Arithmetic, not
+        # .to(): torch 2.11's kernel analysis (torch.compile) passes scalar arguments as
+        # Python numbers, which have no .to, and would then assume every input written.
+        bessel = count / (count - 1.0)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         ok = rc < C
@@ -277,7 +262,7 @@ def _bn_bwd_coef_kernel(red_ptr, mean_ptr, invstd_ptr, w_ptr, coef_ptr, gw_ptr, 
     inv = tl.load(invstd_ptr + rc, mask=ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rc, mask=ok, other=0.0).to(tl.float32)
     a = w * inv
-    mf = M.to(tl.float32)
+    mf = M * 1.0  # not M.to(): see _finalize_kernel
     tl.store(coef_ptr + rc, a, mask=ok)
     tl.store(coef_ptr + C + rc, -a * inv * sgx / mf, mask=ok)
     tl.store(coef_ptr + 2 * C + rc, -a * sg / mf, mask=ok)

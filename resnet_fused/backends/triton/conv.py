@@ -45,9 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.library import wrap_triton
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launcher import INTERPRET as _INTERPRET, launch, tracing
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter runs exactly one, small enough to exercise the masked
@@ -76,8 +74,13 @@ else:
         _cfg(32, 32, 16, 2, 2),      # C=3 stems and odd tiny shapes
     ]
 
-# The stats partials are sized for the smallest BM any config can pick.
+# The statistics partials are slots of _MIN_BM rows, the smallest BM any config can
+# pick; a tile of BM rows owns BM // _MIN_BM consecutive slots (see _epilogue), so every
+# BM must be a multiple of it.
 _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
+if any(c.kwargs["BM"] % _MIN_BM for c in _CONFIGS):
+    raise AssertionError(f"conv.py: every config's BM must be a multiple of {_MIN_BM}, the "
+                         f"rows of a statistics slot: {[c.kwargs['BM'] for c in _CONFIGS]}")
 
 
 def _heavy(named_args, kwargs) -> bool:
@@ -191,9 +194,10 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
               pmean_ptr, pm2_ptr, pcnt_ptr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
               RELU: tl.constexpr, OUT_MASK: tl.constexpr, STATS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, SLOT_ROWS: tl.constexpr):
     """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile;
-    n0: the first output channel of the tile (rn = n0 + arange(BN))."""
+    n0: the first output channel of the tile (rn = n0 + arange(BN)); SLOT_ROWS: the
+    rows of one statistics slot (BM is a multiple of it)."""
     off = rm.to(tl.int64)[:, None] * K + rn[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
     if RES_BN:
@@ -231,20 +235,39 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         # Per-tile mean and centred sum of squares of the values as written (rounded to
         # the output dtype), combined across tiles by _stats_combine_kernel (Chan et al.):
         # no atomics, so autotuning's repeated launches and the result are deterministic.
+        # The partials have one slot per SLOT_ROWS rows; this tile owns slots
+        # [pid_m * SUB, (pid_m + 1) * SUB) below cdiv(M, SLOT_ROWS): its statistics go to
+        # the first, count 0 to the others. So every launch writes the count of every
+        # slot, whatever its BM, and no slot keeps a count from an earlier launch on the
+        # same buffers (autotuning benchmarks each config there before the final run).
         v = tl.where(mask, out.to(tl.float32), 0.0)
         cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
         t_mean = tl.sum(v, axis=0) / cnt
         d = tl.where(mask, v - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
-        tl.store(pmean_ptr + pid_m * K + rn, t_mean, mask=n_ok)
-        tl.store(pm2_ptr + pid_m * K + rn, t_m2, mask=n_ok)
-        tl.store(pcnt_ptr + pid_m, cnt)
+        SUB: tl.constexpr = BM // SLOT_ROWS
+        slot = pid_m * SUB
+        tl.store(pmean_ptr + slot * K + rn, t_mean, mask=n_ok)
+        tl.store(pm2_ptr + slot * K + rn, t_m2, mask=n_ok)
+        own = slot + tl.arange(0, SUB)
+        tl.store(pcnt_ptr + own, tl.where(own == slot, cnt, 0.0),
+                 mask=own < tl.cdiv(M, SLOT_ROWS))
 
 
-# Geometry constexprs are in the key too: a 1x1 and a 3x3 conv can share M, K, C, H, W.
-@triton.autotune(configs=_CONFIGS, key=["M", "K", "C", "C2", "H", "W", "H2", "W2", "R", "STRIDE",
-                                        "R2", "HAS_X2", "HAS_PRO", "STATS", "OUT_MASK"],
-                 prune_configs_by={"early_config_prune": _prune})
+# The autotune keys name the sizes and EVERY constexpr but the tile sizes: the variants
+# prune differently (_heavy's flags, INPUT_PRECISION) and run at different speeds, so
+# one must never reuse a config tuned for another (eval K1 and K2 of an identity block
+# differ only in HAS_RES; a TF32 winner can spill as IEEE fp32), and a 1x1 and a 3x3
+# conv can share M, K, C, H, W. The tensors' dtypes join the key by themselves (the
+# Autotuner appends every argument's dtype). tests/test_triton_launch.py checks that
+# each key covers every constexpr and every argument the pruning reads.
+_CONV_KEY = ["M", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
+             "STRIDE", "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
+             "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "HAS_PRO", "IN_RELU", "STATS", "RES_BN",
+             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
@@ -259,7 +282,7 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
     STATS: tl.constexpr, RES_BN: tl.constexpr, OUT_MASK: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SLOT_ROWS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -295,7 +318,7 @@ def _conv_kernel(
                          INPUT_PRECISION, BK)
     _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN)
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN, SLOT_ROWS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,8 +368,13 @@ def _prune_tma(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BH"] * c.kwargs["BW"] * c.kwargs["BN"])]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["N", "K", "C", "C2", "H", "W", "H2", "W2", "R",
-                                            "R2", "HAS_X2", "OUT_MASK"],
+# As _CONV_KEY (see there).
+_TMA_KEY = ["N", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
+            "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
+            "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "RES_BN", "OUT_MASK", "INPUT_PRECISION"]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=_TMA_KEY,
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _conv_tma_kernel(
@@ -408,7 +436,7 @@ def _conv_tma_kernel(
     rows = (n64 * P + oh) * Q + ow
     _epilogue(acc, rows, rn, row_ok, n_ok, 0, pid_n * BN, 0, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, out_ptr, out_ptr, out_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN)
+              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN, BH * BW)
 
 
 _ALLOCATOR_SET = False
@@ -422,11 +450,6 @@ def _ensure_tma_allocator():
             return torch.empty(size, device="cuda", dtype=torch.int8)
         triton.set_allocator(alloc)
         _ALLOCATOR_SET = True
-
-
-def _is_traced(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t) or torch.compiler.is_compiling()
 
 
 def _tma_eligible(x, w, stride, in_scale, stats) -> bool:
@@ -459,7 +482,7 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
         raise ValueError(f"conv2d_nhwc: _path must be None, 'pointer' or 'tma', not {path!r}")
     if _INTERPRET or os.environ.get("RESNET_FUSED_TRITON_TMA", "0") != "1":
         return False
-    if x.device.type != "cuda" or _is_traced(x):
+    if x.device.type != "cuda" or tracing((x,)):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
@@ -480,10 +503,11 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
     and the biased variance M2/n instead. Two launches (many splits, then one) keep
     every program's serial loop short when there are thousands of tiles.
 
-    Rows never written by the conv (fewer tiles than the buffer has) have count 0 and
-    are never read. Each chunk of BT tiles is merged exactly around its own mean, then
-    folded into the running result with Chan's pairwise update: no catastrophic
-    cancellation of E[x^2] - E[x]^2.
+    Slots with count 0 (those a conv tile owns after its first, see _epilogue) hold
+    no statistics: their mean and M2 are never read (unwritten memory, maybe NaN).
+    Each chunk of BT tiles is merged exactly around its own mean, then folded into the
+    running result with Chan's pairwise update: no catastrophic cancellation of
+    E[x^2] - E[x]^2.
     """
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -541,10 +565,10 @@ def _combine_stats(pmean, pm2, pcnt, K, dev):
         smean = _new_empty((splits, K), device=dev, dtype=torch.float32)
         sm2 = _new_empty((splits, K), device=dev, dtype=torch.float32)
         scnt = _new_empty((splits,), device=dev, dtype=torch.float32)
-        wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), splits)](
+        launch(_stats_combine_kernel, (triton.cdiv(K, _BC), splits),
             pmean, pm2, pcnt, smean, sm2, scnt, T, K, _TPS, FINAL=False, BT=_BT, BC=_BC)
         pmean, pm2, pcnt, T = smean, sm2, scnt, splits
-    wrap_triton(_stats_combine_kernel)[(triton.cdiv(K, _BC), 1)](
+    launch(_stats_combine_kernel, (triton.cdiv(K, _BC), 1),
         pmean, pm2, pcnt, mean, var, pcnt, T, K, T, FINAL=True, BT=_BT, BC=_BC)
     return mean, var
 
@@ -739,8 +763,8 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         t_max = triton.cdiv(M, _MIN_BM)
         pmean = _new_empty((t_max, K), device=dev, dtype=torch.float32)
         pm2 = _new_empty((t_max, K), device=dev, dtype=torch.float32)
-        # Zero counts mark the rows a config with a larger BM leaves unwritten.
-        pcnt = torch.zeros((t_max,), device=dev, dtype=torch.float32)
+        # No zeroing: each launch writes every slot's count (_epilogue).
+        pcnt = _new_empty((t_max,), device=dev, dtype=torch.float32)
     else:
         pmean = pm2 = pcnt = out  # never read (STATS=False)
 
@@ -758,7 +782,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
             return (N * triton.cdiv(P, meta["BH"]) * triton.cdiv(Q, meta["BW"])
                     * triton.cdiv(K, meta["BN"]),)
 
-        wrap_triton(_conv_tma_kernel)[tma_grid](
+        launch(_conv_tma_kernel, tma_grid,
             x, w, bias if bias is not None else dummy,
             residual if residual is not None else dummy, out,
             x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
@@ -772,7 +796,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
             INPUT_PRECISION=_input_precision(x.dtype),
         )
         return (out, omask) if out_mask else out
-    wrap_triton(_conv_kernel)[grid](
+    launch(_conv_kernel, grid,
         x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
@@ -785,7 +809,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
         HAS_X2=x2 is not None, HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu),
         STATS=bool(stats), RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=_input_precision(x.dtype), SLOT_ROWS=_MIN_BM,
     )
     head = (out, omask) if out_mask else (out,)
     if not stats:

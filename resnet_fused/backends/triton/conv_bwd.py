@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bn import INTERPRET, launch, _load_mask_bit
+from .bn import _load_mask_bit
+from .launcher import INTERPRET, launch
 from .conv import _input_precision as _conv_input_precision
 
 if INTERPRET:

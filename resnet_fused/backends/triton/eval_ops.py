@@ -1,6 +1,7 @@
 """The triton backend's eval ops: K1 conv_bias_relu and K2 conv_bias_shortcut_relu.
 
-Registered with torch.library.triton_op (kernels launched through wrap_triton), so
+Registered with torch.library.triton_op (kernels launched through launcher.py, which
+uses wrap_triton while tracing), so
 torch.compile(fullgraph=True) traces into the Triton kernels instead of treating the
 ops as opaque, and the Python body doubles as the fake implementation. Schemas are
 those of resnet_fused/schemas.py. Autograd (for gradients through an eval-mode
@@ -36,10 +37,11 @@ def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _op(name: str):
     """triton_op on a GPU; an opaque custom_op with the op layer's fake under the interpreter.
 
-    Under TRITON_INTERPRET=1, wrap_triton hands back the raw interpreted kernel, which
-    cannot be traced: a triton_op's fake (its own body) would run the kernel on fake
-    tensors, and torch.compile would have no kernel node to put in the graph. There
-    the op is opaque, which is all a compiler can do with an interpreted kernel.
+    Under TRITON_INTERPRET=1 an interpreted kernel cannot be traced (torch 2.14's
+    wrap_triton hands it back unwrapped, 2.11's rejects it): a triton_op's fake (its
+    own body) would run the kernel on fake tensors, and torch.compile would have no
+    kernel node to put in the graph. There the op is opaque, which is all a compiler
+    can do with an interpreted kernel.
 
     triton_op's `schema=` is honoured from torch 2.14 on; older torch (2.11 on the GPU
     image) infers it from the annotations: the same signature with `SymInt` for `int`.

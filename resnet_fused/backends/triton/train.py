@@ -49,10 +49,11 @@ from typing import Optional
 import torch
 
 from ...ops import memory_format_of
-from .bn import INTERPRET, NS, bn_act_impl, bn_backward_coef, define_op, finalize_impl, launch
+from .bn import NS, bn_act_impl, bn_backward_coef, define_op, finalize_impl
 from .bn import _bn_bwd_coef_kernel, _BC
 from .conv import conv2d_nhwc
 from .conv_bwd import conv_dgrad, conv_wgrad
+from .launcher import launch
 
 import triton
 

@@ -1,0 +1,100 @@
+"""The one way this backend launches a Triton kernel (conv.py, conv_bwd.py, bn.py, train.py).
+
+Eager calls launch the kernel object itself; `torch.library.wrap_triton` is used only
+while something traces (torch.compile, make_fx / export, fake tensors). Why not
+wrap_triton always: outside a `triton_op` body (direct calls of conv2d_nhwc,
+conv_dgrad, ... from tests, benchmarks or train.py's helpers) wrap_triton's eager path
+prunes an autotuned kernel's configs and builds a NEW autotuner with `key=[]` on every
+call, so every call benchmarks all its configs again. The plain Autotuner object keeps
+its cache across calls (one autotuning per key). Inside a triton_op body called
+eagerly, torch turns wrap_triton off anyway, so both routes are the same there.
+
+Under TRITON_INTERPRET=1 wrap_triton is never called: torch 2.14 hands an interpreted
+kernel back unwrapped, but torch 2.11 rejects it ("wrap_triton only works on functions
+annotated with triton.jit or triton.autotune" for an InterpretedFunction, an
+AttributeError on `.fn` for an autotuner around one). The ops are plain custom_ops
+there (README.md, "Where the code departs"), and a shape-only call (fake or meta
+tensors, e.g. a fake implementation) launches nothing: the caller allocated the
+outputs, which is all a fake needs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _shape_only(t) -> bool:
+    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or is_fake(t))
+
+
+def tracing(args, kwargs=None) -> bool:
+    """Whether a launch with these arguments is being traced rather than run: dynamo is
+    compiling, a dispatch mode is active (FunctionalTensorMode and the proxy/fake modes
+    of AOTAutograd, make_fx and export), or an argument is fake, meta or functional."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return True
+    vals = list(args) + list((kwargs or {}).values())
+    return any(_shape_only(a) or isinstance(a, FunctionalTensor) or torch._is_functional_tensor(a)
+               for a in vals if isinstance(a, torch.Tensor))
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), through wrap_triton only while tracing (see the
+    module docstring). kernel: a triton.jit function or a triton.autotune of one."""
+    if INTERPRET:
+        if any(_shape_only(a) for a in args) or any(_shape_only(v) for v in kwargs.values()):
+            return None
+        return kernel[grid](*args, **kwargs)
+    if tracing(args, kwargs):
+        return wrap_triton(kernel)[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def declare_kernels(namespace: str, modules) -> int:
+    """List every Triton kernel defined in `modules` as launched by every triton_op of
+    `namespace`, in torch's registry of the kernels each triton_op runs. Returns how
+    many (op, kernel) pairs were added.
+
+    Why: torch fills that registry by reading a triton_op's source for
+    `wrap_triton(<kernel name>)` calls, which launch() hides behind a parameter, and
+    the AOTAutograd compile cache hashes the source of the listed kernels: without the
+    list, an edited kernel could be served a stale cached compilation. Listing every
+    kernel of the backend for every op errs on the safe side (an edit invalidates more
+    than it must). The registry is torch-internal (torch._library.triton, present in
+    2.11 and 2.14): a torch without it is left alone.
+    """
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    try:  # the interpreter's kernels (the registry has no entries for its custom_ops)
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        InterpretedFunction = JITFunction
+
+    try:
+        import torch._library.triton as tlib
+    except ImportError:
+        return 0
+    registry = getattr(tlib, "triton_ops_to_kernels", None)
+    if not isinstance(registry, dict):
+        return 0
+    kernels = [obj for mod in modules for obj in vars(mod).values()
+               if isinstance(obj, (JITFunction, Autotuner, InterpretedFunction))]
+    added = 0
+    for name, known in registry.items():
+        if not name.startswith(namespace + "::"):
+            continue
+        for k in kernels:
+            if all(k is not j for j in known):
+                known.append(k)
+                added += 1
+    return added
+
+
+__all__ = ["INTERPRET", "declare_kernels", "launch", "tracing"]

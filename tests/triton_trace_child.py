@@ -1,0 +1,142 @@
+"""Child process of tests/test_triton_launch.py::test_gpu_ops_trace_into_kernel_nodes.
+
+Traces the Triton backend's GPU ops (triton_ops: TRITON_INTERPRET must be unset) with
+AOTAutograd on fake CUDA tensors, as torch.compile does, and prints a JSON report:
+per traced graph, the kernels of its triton_kernel_wrapper_functional nodes, the
+arguments each clones (the ones torch's analysis of the kernel found written), the
+resnet_fused_triton ops left undecomposed, and the warnings of torch's kernel wrapper.
+No GPU is needed: tracing only generates Triton IR, for which the Triton driver is
+given an sm_90 target here (a stub: nothing is launched).
+"""
+import json
+import logging
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+
+class _Sm90:
+    """Just enough of a Triton driver for torch's kernel analysis (TTIR only)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+triton.runtime.driver.set_active(_Sm90())
+
+from functorch.compile import aot_function, make_boxed_func  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+import resnet_fused.backends.triton  # noqa: E402,F401  (defines the ops)
+
+warnings = []
+
+
+class _Collect(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            warnings.append(record.getMessage().splitlines()[0])
+
+
+
+OPS = torch.ops.resnet_fused_triton
+CL = torch.channels_last
+report = {}
+
+
+def _summary(gm):
+    kernels, left = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            k = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            name = getattr(getattr(k, "fn", k), "__name__", str(k))
+            kernels.append([name, sorted(node.kwargs["tensors_to_clone"])])
+        elif "resnet_fused_triton" in str(node.target):
+            left.append(str(node.target))
+    return {"kernels": kernels, "undecomposed": left}
+
+
+def trace(label, fn, *args):
+    """The forward graph of fn (no gradients: a backward on fake CUDA tensors would need
+    a CUDA device; the training backward op is traced as a function of its own)."""
+    graphs = []
+
+    def compiler(gm, _):
+        graphs.append(_summary(gm))
+        return make_boxed_func(gm)
+
+    # torch's kernel wrapper logs as torch._dynamo. Attached here: torch's logging
+    # setup, done lazily, may reset the handlers.
+    logger = logging.getLogger("torch._dynamo")
+    if not any(isinstance(h, _Collect) for h in logger.handlers):
+        logger.addHandler(_Collect())
+    aot_function(fn, fw_compiler=compiler)(*args)
+    report[label] = graphs[0]
+
+
+def fake(mode, *shape, cl=True, dtype=torch.float16):
+    t = torch.empty(shape, device="cuda", dtype=dtype)
+    if cl and len(shape) == 4:
+        t = t.contiguous(memory_format=CL)
+    return t
+
+
+with FakeTensorMode() as mode:
+    x = fake(mode, 2, 16, 8, 8)
+    w, b = fake(mode, 16, 16, 3, 3), fake(mode, 16)
+    trace("eval identity", lambda x, w, b: OPS.conv_bias_shortcut_relu(
+        OPS.conv_bias_relu(x, w, b, 1, 1), w, b, x, None, 1, 1, 0), x, w, b)
+    w3 = fake(mode, 16, 8, 1, 1)
+    xp = fake(mode, 2, 8, 16, 16)
+    w1p = fake(mode, 16, 8, 3, 3)
+    trace("eval projection", lambda x, w1, w2, w3, b: OPS.conv_bias_shortcut_relu(
+        OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, x, w3, 1, 2, 0), xp, w1p, w, w3, b)
+
+    for label, proj, bn3 in (("train identity", False, False), ("train 1x1", True, False),
+                             ("train bn", True, True)):
+        cin, stride = (8, 2) if proj else (16, 1)
+        N, K, P = 2, 16, 8 // stride
+        xt = fake(mode, N, cin, 8, 8)
+        w1, w2 = fake(mode, K, cin, 3, 3), fake(mode, K, K, 3, 3)
+        g1, beta1, g2, beta2 = (fake(mode, K, dtype=torch.float32) for _ in range(4))
+        w3 = fake(mode, K, cin, 1, 1) if proj else None
+        b3 = fake(mode, K) if proj and not bn3 else None
+        g3, beta3 = ((fake(mode, K, dtype=torch.float32), fake(mode, K, dtype=torch.float32))
+                     if bn3 else (None, None))
+        trace(label + " forward", lambda *a, stride=stride: OPS.block_train(
+            *a, stride, 0, 1e-5, 1e-5, 1e-5)[0],
+            xt, w1, b, g1, beta1, w2, b, g2, beta2, w3, b3, g3, beta3)
+        act = fake(mode, N, K, P, P)
+        c3 = fake(mode, N, K, P, P) if bn3 else fake(mode, 0, cl=False)
+        mask = fake(mode, (N * K * P * P + 7) // 8, dtype=torch.uint8)
+        stats = fake(mode, 6, K, dtype=torch.float32)
+        trace(label + " backward", lambda *a, stride=stride, b3=b3 is not None: tuple(
+            t for t in OPS.block_train_backward(*a, True, True, b3, stride, 0, 1e-5, 1e-5,
+                                                1e-5) if t is not None),
+            act, xt, act, act, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3)
+
+    # The BN ops of the unfused training path, the mutating bn_finalize included.
+    c = fake(mode, 2, 16, 8, 8)
+    vec = [fake(mode, 16, dtype=torch.float32) for _ in range(4)]
+    trace("bn ops forward", lambda c, m, v, w, bb: OPS.bn_act(
+        c, *OPS.channel_stats(c)[:1], v, w, bb, c), c, *vec)
+    nbt = fake(mode, dtype=torch.int64, cl=False)
+    trace("bn_finalize", lambda m, v, w, bb, rm, rv, n: OPS.bn_finalize(
+        m, v, w, bb, rm, rv, n, 0.1, 1e-5, 128), *vec, *vec[:2], nbt)
+    mask = fake(mode, 2 * 16 * 8 * 8 // 8, dtype=torch.uint8)
+    trace("bn_act_backward", lambda g, mk, c, m, i, w: OPS.bn_act_backward(
+        g, mk, c, m, i, w, True), c, mask, c, *vec[:3])
+
+report["warnings"] = warnings
+json.dump(report, sys.stdout)

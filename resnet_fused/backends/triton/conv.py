@@ -16,7 +16,7 @@ and the reduction runs over R*S*C (taps x input channels). The reduction is ONE 
 loop over `R*S*C_pad` in steps of BK, C_pad = C rounded up to BK so that a step never
 straddles two taps: Triton software-pipelines only the innermost loop, and the flat
 loop measured 75-87% of cuDNN where nested tap/channel loops reached 50-75%
-(DESIGN.md). The projection shortcut is a second such loop into the same fp32
+(measured on an H200, bench/NOTES.md). The projection shortcut is a second such loop into the same fp32
 accumulator (K-concatenation), so x is read once and the block stays two kernels.
 
 Cost model, for the benchmark: FLOPs = 2 * N*P*Q * K * C*R*S (+ 2 * N*P*Q * K * C2*R2*S2

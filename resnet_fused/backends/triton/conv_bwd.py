@@ -1,5 +1,5 @@
 """Backward implicit-GEMM convolutions in Triton (NHWC): data gradient and weight gradient,
-with the fused BN-backward prologue and the dReLU + BN-statistics epilogue of DESIGN.md.
+with the fused BN-backward prologue and the dReLU + BN-statistics epilogue of README.md, Design.
 
 Forward convention (conv.py): out[n,p,q,k] = sum_{r,s,c} X[n, p*st-pad+r, q*st-pad+s, c] * w[k,c,r,s].
 

@@ -13,7 +13,7 @@ Under TRITON_INTERPRET=1 wrap_triton is never called: torch 2.14 hands an interp
 kernel back unwrapped, but torch 2.11 rejects it ("wrap_triton only works on functions
 annotated with triton.jit or triton.autotune" for an InterpretedFunction, an
 AttributeError on `.fn` for an autotuner around one). The ops are plain custom_ops
-there (README.md, "Where the code departs"), and a shape-only call (fake or meta
+there (README.md, Design, "The op layer"), and a shape-only call (fake or meta
 tensors, e.g. a fake implementation) launches nothing: the caller allocated the
 outputs, which is all a fake needs.
 """

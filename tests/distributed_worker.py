@@ -62,7 +62,11 @@ def run_case(rank: int, world: int, sizes, case: dict) -> None:
     # Each rank's own running statistics are checked: no broadcast from rank 0.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers, torch 2.14
-        ddp = distributed.DistributedDataParallel(fused, broadcast_buffers=False)
+        # compile: the block traced whole (fullgraph) by Dynamo and AOTAutograd, the
+        # functional collectives of forward and backward included.
+        model = (torch.compile(fused, fullgraph=True, backend="aot_eager")
+                 if case.get("compile") else fused)
+        ddp = distributed.DistributedDataParallel(model, broadcast_buffers=False)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     name = f"{case} rank {rank}/{world}"
     for m in (plain64, plain_lp, ddp):

@@ -26,12 +26,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("sizes", [(3, 2), (1, 3, 2)], ids=["2ranks", "3ranks"])
-def test_sync_bn_matches_one_process_on_the_concatenated_batch(sizes, tmp_path):
+# torch.compile(fullgraph=True) traces the block with its collectives (no graph break).
+COMPILED = [dict(backend="torch", dtype="float32", block="identity", order="sync_then_fuse",
+                 compile=True)]
+
+
+@pytest.mark.parametrize("sizes, cases", [((3, 2), CASES + COMPILED), ((1, 3, 2), CASES)],
+                         ids=["2ranks", "3ranks"])
+def test_sync_bn_matches_one_process_on_the_concatenated_batch(sizes, cases, tmp_path):
     report = tmp_path / "ran.json"
-    run_ranks(worker.check_cases, len(sizes), sizes, CASES, str(report), timeout=300)
+    run_ranks(worker.check_cases, len(sizes), sizes, cases, str(report), timeout=300)
     ran = json.loads(report.read_text())
-    assert [r["case"] for r in ran] == CASES
+    assert [r["case"] for r in ran] == cases
     for r in ran:
         if "skipped" in r:  # only a backend that cannot run here may be skipped
             assert backends.unavailable_reason(r["case"]["backend"], "cpu") is not None, r

@@ -30,7 +30,7 @@ from torch import nn
 from .backends.torch_ops import backward_apply, backward_reduce, finalize
 from .ops import like_format, stats_dtype
 
-SUPPORTED_BACKENDS = ("torch", "native")
+SUPPORTED_BACKENDS = ("torch", "native", "triton")
 
 
 def _functional():

@@ -23,6 +23,10 @@ CASES = [
     dict(backend="native", dtype="float64", block="proj1x1_s2", order="sync_then_fuse"),
     dict(backend="native", dtype="float32", block="basic_downsample", order="sync_then_fuse",
          channels_last=True),
+    # Triton through its interpreter on CPU: float32 (its float16 is exercised on GPUs).
+    dict(backend="triton", dtype="float32", block="proj1x1_s2", order="sync_then_fuse"),
+    dict(backend="triton", dtype="float32", block="basic_downsample", order="fuse_then_sync",
+         channels_last=True),
 ]
 
 

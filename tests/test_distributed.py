@@ -35,7 +35,14 @@ COMPILED = [dict(backend="torch", dtype="float32", block="identity", order="sync
                  compile=True)]
 
 
-@pytest.mark.parametrize("sizes, cases", [((3, 2), CASES + COMPILED), ((1, 3, 2), CASES)],
+# A process group named at conversion: ranks 0 and 1 synchronise with each other, rank 2
+# (a group of one) normalises alone; DDP still averages the gradients over all three.
+SUBGROUPS = [dict(backend="triton", dtype="float32", block="identity", order="fuse_then_sync",
+                  groups=[[0, 1], [2]])]
+
+
+@pytest.mark.parametrize("sizes, cases", [((3, 2), CASES + COMPILED),
+                                          ((1, 3, 2), CASES + SUBGROUPS)],
                          ids=["2ranks", "3ranks"])
 def test_sync_bn_matches_one_process_on_the_concatenated_batch(sizes, cases, tmp_path):
     report = tmp_path / "ran.json"
@@ -45,6 +52,28 @@ def test_sync_bn_matches_one_process_on_the_concatenated_batch(sizes, cases, tmp
     for r in ran:
         if "skipped" in r:  # only a backend that cannot run here may be skipped
             assert backends.unavailable_reason(r["case"]["backend"], "cpu") is not None, r
+
+
+# Two ranks sharing one GPU over gloo (NCCL needs a GPU per rank); also compared with
+# torch's own nn.SyncBatchNorm, which runs on CUDA only. TF32 off: the references are
+# computed in float32 on the CPU.
+CUDA_CASES = [dict(c, device="cuda") for c in (
+    dict(backend="torch", dtype="float32", block="proj1x1_s2", order="sync_then_fuse"),
+    dict(backend="native", dtype="float32", block="basic_downsample", order="fuse_then_sync",
+         channels_last=True),
+    dict(backend="triton", dtype="float32", block="identity", order="sync_then_fuse",
+         channels_last=True),
+)]
+
+
+@pytest.mark.cuda
+def test_sync_bn_on_one_gpu_shared_by_two_ranks(tmp_path):
+    report = tmp_path / "ran.json"
+    run_ranks(worker.check_cases, 2, (3, 2), CUDA_CASES, str(report), timeout=600)
+    ran = json.loads(report.read_text())
+    for r in ran:
+        if "skipped" in r:
+            assert backends.unavailable_reason(r["case"]["backend"], "cuda") is not None, r
 
 
 def test_a_raising_rank_fails_the_run_without_hanging():

@@ -159,12 +159,11 @@ class _SyncBnAct(torch.autograd.Function):
         c, mean, invstd, weight, mask, count = ctx.saved_tensors
         need_res = ctx.has_residual and ctx.needs_input_grad[3]
         grad_out = like_format(grad_out.to(c.dtype), c)
-        sum_g, sum_gx, state = ctx.backend.bn_backward_reduce(grad_out, mask, c, mean,
-                                                              invstd, weight, need_res)
+        sum_g, sum_gx = ctx.backend.bn_backward_reduce(grad_out, mask, c, mean, invstd)
         total = all_reduce_sum(torch.stack([sum_g, sum_gx]), ctx.group)
         grad_c, grad_res = ctx.backend.bn_backward_apply(
-            state, grad_out, mask, c, mean, invstd, weight, total[0] / count,
-            total[1] / count, need_res)
+            grad_out, mask, c, mean, invstd, weight, total[0] / count, total[1] / count,
+            need_res)
         return (grad_c, sum_gx.to(ctx.param_dtypes[0]), sum_g.to(ctx.param_dtypes[1]),
                 grad_res if need_res else None, None, None, None, None, None)
 

@@ -55,30 +55,22 @@ class CompositeBackend(Backend):
         out, _ = ops.bn_act(c, mean, invstd, bn.weight, bn.bias, residual)
         return out
 
-    def bn_backward_reduce(self, grad_out, mask, c, mean, invstd, weight, residual_grad):
-        """A synchronized BN's backward, first pass: (sum g, sum g*xhat, state for
-        bn_backward_apply), g = grad_out * mask.
+    # A synchronized BN's backward: two passes around the all-reduce of their sums.
+    # ATen ops on the schemas' packed mask (every backend writes the same format): the
+    # native bn_act_backward does reduction and apply in one op, with the local sums.
+    # Correcting its result to the global sums afterwards would round grad_c twice and
+    # cancel where local and global sums differ (small uneven batches), so until a
+    # split native kernel exists (reduce | apply) the sync path runs these.
+    def bn_backward_reduce(self, grad_out, mask, c, mean, invstd):
+        """(sum g, sum g*xhat), g = grad_out * mask."""
+        return backward_reduce(grad_out, mask, c, mean, invstd)
 
-        Composed from bn_act_backward, which also applies with the LOCAL sums;
-        bn_backward_apply corrects that result to the global sums. Backends with
-        separate reduction and apply passes override both."""
-        grad_c, grad_w, grad_b, grad_res = self.ops.bn_act_backward(
-            grad_out, mask, c, mean, invstd, weight, residual_grad)
-        return grad_b, grad_w, (grad_c, grad_res, grad_b, grad_w, c.numel() // c.shape[1])
-
-    def bn_backward_apply(self, state, grad_out, mask, c, mean, invstd, weight,
-                          mean_g, mean_gx, residual_grad):
+    def bn_backward_apply(self, grad_out, mask, c, mean, invstd, weight, mean_g, mean_gx,
+                          residual_grad):
         """(grad_c, grad_residual) with the global mean_g = sum g / N and
-        mean_gx = sum g*xhat / N. From bn_backward_reduce's local result:
-          grad_c = k (g - sum_l g / M - xhat sum_l g*xhat / M),  k = weight * invstd
-        differs from the global one by k ((sum_l g / M - mean_g)
-        + xhat (sum_l g*xhat / M - mean_gx)): one per-channel affine map of c - mean."""
-        grad_c, grad_res, sum_g, sum_gx, m = state
-        k = weight.to(mean.dtype) * invstd
-        a = (k * invstd * (sum_gx / m - mean_gx)).view(1, -1, 1, 1)
-        b = (k * (sum_g / m - mean_g)).view(1, -1, 1, 1)
-        fixed = grad_c.to(mean.dtype) + (c.to(mean.dtype) - mean.view(1, -1, 1, 1)) * a + b
-        return like_format(fixed.to(c.dtype), c), grad_res
+        mean_gx = sum g*xhat / N."""
+        return backward_apply(grad_out, mask, c, mean, invstd, weight, mean_g, mean_gx,
+                              residual_grad)
 
     def shortcut_train(self, block, x: torch.Tensor, group=None) -> torch.Tensor:
         if block.conv3 is None:
@@ -113,16 +105,6 @@ class TorchBackend(CompositeBackend):
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None
-
-    # A synchronized BN's backward as two passes around the all-reduce.
-    def bn_backward_reduce(self, grad_out, mask, c, mean, invstd, weight, residual_grad):
-        sum_g, sum_gx = backward_reduce(grad_out, mask, c, mean, invstd)
-        return sum_g, sum_gx, None
-
-    def bn_backward_apply(self, state, grad_out, mask, c, mean, invstd, weight,
-                          mean_g, mean_gx, residual_grad):
-        return backward_apply(grad_out, mask, c, mean, invstd, weight, mean_g, mean_gx,
-                              residual_grad)
 
     def unsupported_dtype_reason(self, dtype, device) -> Optional[str]:
         if dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):

@@ -76,7 +76,9 @@ def finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tra
     if momentum < 0:  # momentum=None: cumulative moving average, factor read on the device
         factor = 1.0 / num_batches_tracked.to(mean.dtype)
     else:
-        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+        # A Python number: torch.tensor(momentum, device=cuda) would be a blocking
+        # host-to-device copy on every call (no CUDA graph capture).
+        factor = float(momentum)
     unbiased = var * (count / (count - 1))
     running_mean.copy_(torch.lerp(running_mean.to(mean.dtype), mean, factor))
     running_var.copy_(torch.lerp(running_var.to(mean.dtype), unbiased, factor))

@@ -31,8 +31,9 @@ CASES = [
 
 
 # torch.compile(fullgraph=True) traces the block with its collectives (no graph break).
-COMPILED = [dict(backend="torch", dtype="float32", block="identity", order="sync_then_fuse",
-                 compile=True)]
+COMPILED = [dict(backend=b, dtype="float32", block=k, order="sync_then_fuse", compile=True)
+            for b, k in (("torch", "identity"), ("native", "basic_downsample"),
+                         ("triton", "identity"))]
 
 
 # A process group named at conversion: ranks 0 and 1 synchronise with each other, rank 2

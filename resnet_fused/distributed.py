@@ -178,6 +178,14 @@ def bn_act_sync(backend, c: torch.Tensor, bn: nn.Module, residual: Optional[torc
     return _SyncBnAct.apply(c, bn.weight, bn.bias, residual, mean, invstd, n, backend, group)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, never through a no-op .to() (nor .contiguous()): when the forward of
+    an autograd.Function returns such an alias of its result, torch 2.11's
+    torch.compile (fullgraph, AOTAutograd) computes wrong input gradients (2.14 is
+    right; tests/test_distributed.py's compiled basic_downsample case shows it)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _SyncBn(torch.autograd.Function):
     """bn(x) with given global statistics (no ReLU): the BN of a torchvision
     projection shortcut."""
@@ -185,13 +193,13 @@ class _SyncBn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count, group):
         acc = mean.dtype
-        scale = weight.to(acc) * invstd
-        shift = bias.to(acc) - mean * scale
-        y = x.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        scale = _cast(weight, acc) * invstd
+        shift = _cast(bias, acc) - mean * scale
+        y = _cast(x, acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         ctx.save_for_backward(x, mean, invstd, weight, count)
         ctx.group = group
         ctx.param_dtypes = (weight.dtype, bias.dtype)
-        return like_format(y.to(x.dtype), x)
+        return _cast(y, x.dtype)  # elementwise on x: x's memory format
 
     @staticmethod
     def backward(ctx, grad_out):

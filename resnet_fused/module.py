@@ -152,7 +152,9 @@ class FusedResidual(nn.Module):
     strides), plus `backend` ("auto", "torch", "native", "triton"). Training mode
     uses batch statistics and updates the running statistics as nn.BatchNorm2d
     does; eval mode folds BN into the convolutions (cached). The output keeps the
-    input's memory format (NCHW or channels_last).
+    input's memory format (NCHW or channels_last). BN children that are
+    nn.SyncBatchNorm (convert_sync_batchnorm, before or after conversion) normalise
+    over their process group in training (resnet_fused/distributed.py).
     """
 
     def __init__(self, input_channels: int, num_channels: int, use_1x1conv: bool = False,

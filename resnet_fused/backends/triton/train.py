@@ -44,8 +44,8 @@ collective) before their coefficients feed conv2's dgrad, and the BN1 reductions
 that dgrad's epilogue (one more) before conv1's wgrad/dgrad prologues.
 
 Saved for backward: x, c1, c2 (c3 only for a BN'd projection), the 1-bit mask and a
-[7, C] fp32 tensor of batch means/variances and the (global) count. Nothing of y1, bn2(c2), the shortcut or
-out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
+[7, C] fp32 tensor of batch means/variances and the (global) count. Nothing of y1,
+bn2(c2), the shortcut or out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
 
 No host synchronisation anywhere: every data-dependent value stays on the device.
 """

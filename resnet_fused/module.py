@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, distributed
 from .backends.preference import shape_key
 from .fold import block_tensors, folded
 from .ops import memory_format_of
@@ -62,7 +62,7 @@ def block_parts(block: nn.Module) -> BlockParts:
         if ds is None:
             conv3 = bn3 = None
         elif (isinstance(ds, nn.Sequential) and len(ds) == 2
-              and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
+              and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], _BN_TYPES)):
             conv3, bn3 = ds[0], ds[1]
         else:
             raise ConversionError(f"downsample is {type(ds).__name__}, expected "
@@ -93,9 +93,14 @@ def _conv_geometry_error(name, conv, kernel, stride, in_ch=None):
     return None
 
 
+# nn.SyncBatchNorm (convert_sync_batchnorm, before or after fuse_model): the block
+# normalises over its process group (resnet_fused/distributed.py).
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def _bn_error(name, bn, channels):
-    if type(bn) is not nn.BatchNorm2d:
-        return f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d"
+    if type(bn) not in _BN_TYPES:
+        return f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d or nn.SyncBatchNorm"
     if bn.num_features != channels:
         return f"{name} has {bn.num_features} features, expected {channels}"
     if not bn.affine:
@@ -147,7 +152,9 @@ class FusedResidual(nn.Module):
     strides), plus `backend` ("auto", "torch", "native", "triton"). Training mode
     uses batch statistics and updates the running statistics as nn.BatchNorm2d
     does; eval mode folds BN into the convolutions (cached). The output keeps the
-    input's memory format (NCHW or channels_last).
+    input's memory format (NCHW or channels_last). BN children that are
+    nn.SyncBatchNorm (convert_sync_batchnorm, before or after conversion) normalise
+    over their process group in training (resnet_fused/distributed.py).
     """
 
     def __init__(self, input_channels: int, num_channels: int, use_1x1conv: bool = False,
@@ -254,15 +261,21 @@ class FusedResidual(nn.Module):
         if min(x.shape) == 0:
             raise ValueError(f"FusedResidual: input of shape {tuple(x.shape)} is empty")
 
-    def _backend_for(self, x: torch.Tensor, training: bool):
+    def _backend_for(self, x: torch.Tensor, training: bool, sync: bool = False):
         if self.backend == "auto":
             key = shape_key(x.shape, self.out_channels, self.stride)
-            return backends.choose(x.device, x.dtype, training, key)
+            return backends.choose(x.device, x.dtype, training, key, sync=sync)
         backend = backends.get(self.backend, x.device)
         reason = backend.unsupported_dtype_reason(x.dtype, x.device)
         if reason is not None:
             raise TypeError(f"FusedResidual(backend={self.backend!r}): {reason}; use "
                             "backend='torch' for this dtype")
+        if sync and not backend.supports_sync_bn:
+            raise NotImplementedError(
+                f"FusedResidual(backend={self.backend!r}): synchronized BatchNorm "
+                "(nn.SyncBatchNorm training over more than one process) is supported on the "
+                f"{' and '.join(distributed.SUPPORTED_BACKENDS)} backends only for now; use "
+                "one of them (or 'auto') for this block")
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,13 +307,17 @@ class FusedResidual(nn.Module):
         modes = self._bn_modes()
         # Resolved (and the dtype checked) on every path, so a backend that cannot take
         # this input says so even where the unfused path below would serve it.
-        backend = self._backend_for(x, all(modes))
+        # Synchronized BNs (nn.SyncBatchNorm over more than one process): their groups.
+        groups = distributed.block_groups(self, x.device) if all(modes) else None
+        backend = self._backend_for(x, all(modes), sync=groups is not None)
         if all(modes):
             n, _, h, w = x.shape
             s = self.stride
             if n * ((h - 1) // s + 1) * ((w - 1) // s + 1) <= 1:
                 raise ValueError("Expected more than 1 value per channel when training, got "
                                  f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
+            if groups is not None:
+                return backend.forward_train(self, x, groups=groups)
             return backend.forward_train(self, x)
         if any(modes):
             # Some BNs train, some not: no fused path computes that mix.

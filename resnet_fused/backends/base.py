@@ -8,6 +8,9 @@ A backend computes the whole block in one of two modes:
   statistics of block.bn1 / block.bn2 (and block.bn3 when the shortcut has one)
   exactly as nn.BatchNorm2d does, and is differentiable with respect to x and
   every parameter of the block.
+  Backends with `supports_sync_bn` also take forward_train(block, x, groups=...):
+  (group of bn1, bn2, bn3), a group (not None) meaning that BN's statistics and
+  backward reductions are all-reduced over it (resnet_fused/distributed.py).
 
 `block` is the FusedResidual module; backends read from it only:
     block.conv1, block.conv2 (nn.Conv2d: weight, bias (may be None), stride, padding)
@@ -53,6 +56,7 @@ class Backend:
     """Base class: subclasses set `name` and implement the methods below."""
 
     name: str = "?"
+    supports_sync_bn: bool = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on `device`, else a sentence saying why not."""

@@ -65,9 +65,10 @@ def channel_stats(x):
     return mean, var
 
 
-@_op("bn_finalize")
-def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, count):
+def finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
+             momentum: float, eps: float, count):
+    """bn_finalize's computation; `count` may be an int or a 0-dim tensor on the device
+    (the global count of a synchronized BN, never read on the host)."""
     invstd = torch.rsqrt(var + eps)
     scale = weight.to(mean.dtype) * invstd
     shift = bias.to(mean.dtype) - mean * scale
@@ -86,6 +87,13 @@ def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_
     return invstd, scale, shift
 
 
+@_op("bn_finalize")
+def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps, count):
+    return finalize(mean, var, weight, bias, running_mean, running_var,
+                    num_batches_tracked, momentum, eps, count)
+
+
 @_op("bn_act")
 def bn_act(c, mean, invstd, weight, bias, residual: Optional[torch.Tensor]):
     scale = weight.to(mean.dtype) * invstd
@@ -100,16 +108,18 @@ def bn_act(c, mean, invstd, weight, bias, residual: Optional[torch.Tensor]):
     return out, pack_mask(positive)
 
 
-@_op("bn_act_backward")
-def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
+def _g_xhat(grad_out, mask: Optional[torch.Tensor], c, mean, invstd):
+    """g = grad_out * mask (no mask: a BN without ReLU) and xhat, in the stats dtype."""
     acc = mean.dtype
-    g = grad_out.to(acc) * unpack_mask(mask, c)
-    xhat = (c.to(acc) - _per_channel(mean)) * _per_channel(invstd)
-    m = c.numel() // c.shape[1]
-    grad_bias = g.sum((0, 2, 3))
-    grad_weight = (g * xhat).sum((0, 2, 3))
-    grad_c_acc = _per_channel(weight.to(acc) * invstd) * (
-        g - _per_channel(grad_bias / m) - xhat * _per_channel(grad_weight / m))
+    g = grad_out.to(acc)
+    if mask is not None:
+        g = g * unpack_mask(mask, c)
+    return g, (c.to(acc) - _per_channel(mean)) * _per_channel(invstd)
+
+
+def _apply(g, xhat, c, invstd, weight, mean_g, mean_gx, residual_grad: bool):
+    grad_c_acc = _per_channel(weight.to(invstd.dtype) * invstd) * (
+        g - _per_channel(mean_g) - xhat * _per_channel(mean_gx))
     grad_c = torch.empty_like(c)
     grad_c.copy_(grad_c_acc)
     if residual_grad:
@@ -117,6 +127,32 @@ def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
         grad_res.copy_(g)
     else:
         grad_res = c.new_empty((0,))
+    return grad_c, grad_res
+
+
+def backward_reduce(grad_out, mask: Optional[torch.Tensor], c, mean, invstd):
+    """The backward's per-channel reductions (sum g, sum g*xhat): the synchronized BN
+    all-reduces them between this pass and backward_apply."""
+    g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
+    return g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+
+
+def backward_apply(grad_out, mask: Optional[torch.Tensor], c, mean, invstd, weight,
+                   mean_g, mean_gx, residual_grad: bool):
+    """grad_c = weight * invstd * (g - mean_g - xhat * mean_gx) in c's dtype and layout,
+    and g as the residual's gradient when asked; mean_g / mean_gx are the reductions
+    divided by the count they were summed over (the global one when synchronized)."""
+    g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
+    return _apply(g, xhat, c, invstd, weight, mean_g, mean_gx, residual_grad)
+
+
+@_op("bn_act_backward")
+def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
+    m = c.numel() // c.shape[1]
+    g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
+    grad_bias, grad_weight = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+    grad_c, grad_res = _apply(g, xhat, c, invstd, weight, grad_bias / m, grad_weight / m,
+                              residual_grad)
     return grad_c, grad_weight, grad_bias, grad_res
 
 

@@ -36,9 +36,16 @@ Backward (block_train_backward; conv_bwd.py, bn.py):
                                          epilogue; projection: a second GEMM into the
                                          same accumulator (never written out)
 
+Synchronized BN (nn.SyncBatchNorm children, resnet_fused/distributed.py; `group` names
+the process group, "" for none): each conv's epilogue statistics are combined across
+the group (one all-reduce per BN) before the finalize that the next kernel's prologue
+or the final pass reads; in backward the BN2 (+BN3) reductions are all-reduced (one
+collective) before their coefficients feed conv2's dgrad, and the BN1 reductions of
+that dgrad's epilogue (one more) before conv1's wgrad/dgrad prologues.
+
 Saved for backward: x, c1, c2 (c3 only for a BN'd projection), the 1-bit mask and a
-[6, C] fp32 tensor of batch means/variances. Nothing of y1, bn2(c2), the shortcut or
-out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
+[7, C] fp32 tensor of batch means/variances and the (global) count. Nothing of y1,
+bn2(c2), the shortcut or out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
 
 No host synchronisation anywhere: every data-dependent value stays on the device.
 """
@@ -48,6 +55,7 @@ from typing import Optional
 
 import torch
 
+from ... import distributed
 from ...ops import memory_format_of
 from .bn import NS, bn_act_impl, bn_backward_coef, define_op, finalize_impl
 from .bn import _bn_bwd_coef_kernel, _BC
@@ -76,16 +84,24 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  g2: torch.Tensor, beta2: torch.Tensor,
                  w3: Optional[torch.Tensor], b3: Optional[torch.Tensor],
                  g3: Optional[torch.Tensor], beta3: Optional[torch.Tensor],
-                 stride: int, pad3: int, eps1: float, eps2: float, eps3: float
+                 stride: int, pad3: int, eps1: float, eps2: float, eps3: float,
+                 group: str = ""
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor, torch.Tensor]:
     """Returns (out, c1, c2, c3, mask, stats); c1, c2, c3 ([0] unless the projection
-    has a BN), mask and stats = [m1, v1, m2, v2, m3, v3] are for backward and the
-    running statistics (m3/v3 zero without bn3)."""
+    has a BN), mask and stats = [m1, v1, m2, v2, m3, v3, count] are for backward and the
+    running statistics (m3/v3 zero without bn3; count: every element the values per
+    channel, over the whole group when synchronized)."""
+    P, Q = _out_hw(x.shape[2], x.shape[3], stride)
+    count = n = x.shape[0] * P * Q  # values per channel of each BN: this rank's, the group's
     c1, m1, v1 = conv2d_nhwc(x, w1, b1, stride=stride, padding=1, stats=True)
+    if group:
+        m1, v1, n = distributed.combine_stats(m1, v1, count, group)
     _, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
     c2, m2, v2 = conv2d_nhwc(c1, w2, b2, stride=1, padding=1, in_scale=sc1, in_shift=sh1,
                              in_relu=True, stats=True)
+    if group:
+        m2, v2, _ = distributed.combine_stats(m2, v2, count, group)
     inv2, sc2, sh2 = finalize_impl(m2, v2, g2, beta2, eps2)
     m3 = v3 = torch.zeros_like(m2)
     c3 = _empty(x)
@@ -105,22 +121,25 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=sc)
     else:
         c3, m3, v3 = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3, stats=True)
+        if group:
+            m3, v3, _ = distributed.combine_stats(m3, v3, count, group)
         inv3, _, _ = finalize_impl(m3, v3, g3, beta3, eps3)
         out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=c3,
                                 res_bn=(m3, inv3, g3, beta3))
-    stats = torch.stack([m1, v1, m2, v2, m3, v3])
+    n_row = torch.full_like(m1, n) if not group else n.to(m1.dtype).expand_as(m1)
+    stats = torch.stack([m1, v1, m2, v2, m3, v3, n_row])
     return out, c1, c2, c3, mask, stats
 
 
 def _block_train_fake(x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3,
-                      stride, pad3, eps1, eps2, eps3):
+                      stride, pad3, eps1, eps2, eps3, group=""):
     N, _, H, W = x.shape
     K = w1.shape[0]
     P, Q = _out_hw(H, W, stride)
     act = x.new_empty((N, K, P, Q)).contiguous(memory_format=_CL)
     c3 = torch.empty_like(act) if (w3 is not None and g3 is not None) else _empty(x)
     mask = x.new_empty(((N * K * P * Q + 7) // 8,), dtype=torch.uint8)
-    stats = x.new_empty((6, K), dtype=torch.float32)
+    stats = x.new_empty((7, K), dtype=torch.float32)
     return act, torch.empty_like(act), torch.empty_like(act), c3, mask, stats
 
 
@@ -135,6 +154,13 @@ def _coef_from_red(red, mean, invstd, weight, M):
     return coef, gw, gb
 
 
+def _global_coef(coef, invstd, sum_g, sum_gx, count):
+    """The apply coefficients [a, b, d, mean] (see bn._bn_bwd_coef_kernel) with the
+    group's reductions and count: b = -a*invstd*sum(g*xhat)/N, d = -a*sum(g)/N."""
+    a = coef[0]
+    return torch.stack([a, -a * invstd * sum_gx / count, -a * sum_g / count, coef[3]])
+
+
 def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Tensor,
                           c2: torch.Tensor, c3: torch.Tensor, mask: torch.Tensor,
                           stats: torch.Tensor,
@@ -142,7 +168,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
                           w2: torch.Tensor, g2: torch.Tensor,
                           w3: Optional[torch.Tensor], g3: Optional[torch.Tensor],
                           has_b1: bool, has_b2: bool, has_b3: bool,
-                          stride: int, pad3: int, eps1: float, eps2: float, eps3: float
+                          stride: int, pad3: int, eps1: float, eps2: float, eps3: float,
+                          group: str = ""
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -152,7 +179,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
     N, _, H, W = x.shape
     _, K, P, Q = c2.shape
     M = N * P * Q
-    m1, v1, m2, v2, m3, v3 = stats.unbind(0)
+    m1, v1, m2, v2, m3, v3, n = stats.unbind(0)
+    n = n[0]  # the values per channel (the group's, when synchronized)
     inv1, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
     inv2, _, _ = finalize_impl(m2, v2, g2, g2, eps2)
     ss1 = torch.stack([sc1, sh1])
@@ -165,11 +193,24 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
             grad_out, mask, c2, m2, inv2, g2, second=(c3, m3, inv3, g3))
     else:
         coef2, dg2, dbeta2 = bn_backward_coef(grad_out, mask, c2, m2, inv2, g2)
+    if group:
+        # One all-reduce for BN2's and BN3's sums; dg/dbeta stay local (DDP reduces them).
+        local = [dbeta2, dg2] + ([dbeta3, dg3] if w3 is not None and g3 is not None else [])
+        total = distributed.all_reduce_sum(torch.stack(local), group)
+        coef2 = _global_coef(coef2, inv2, total[0], total[1], n)
+        if len(local) == 4:
+            coef3 = _global_coef(coef3, inv3, total[2], total[3], n)
     g2_op = dict(gmask=mask, gc=c2, coef=coef2)
     dz1, red1 = conv_dgrad(grad_out, w2, (P, Q), 1, 1, **g2_op,
                            relu_c=c1, relu_ss=ss1, relu_stat=torch.stack([m1, inv1]))
     dw2, db2 = conv_wgrad(grad_out, c1, w2.shape, 1, 1, **g2_op, x_ss=ss1, need_db=has_b2)
-    coef1, dg1, dbeta1 = _coef_from_red(red1, m1, inv1, g1, M)
+    if group:
+        total1 = distributed.all_reduce_sum(red1, group)
+        a1 = g1.to(torch.float32) * inv1
+        coef1 = _global_coef(torch.stack([a1, a1, a1, m1]), inv1, total1[0], total1[1], n)
+        dg1, dbeta1 = red1[1].clone(), red1[0].clone()  # outputs may not alias
+    else:
+        coef1, dg1, dbeta1 = _coef_from_red(red1, m1, inv1, g1, M)
 
     if g3 is None:
         dg3 = dbeta3 = None
@@ -200,7 +241,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
 
 
 def _block_train_backward_fake(grad_out, x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2,
-                               w3, g3, has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3):
+                               w3, g3, has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3,
+                               group=""):
     K = w1.shape[0]
 
     def vec(flag, like):
@@ -225,27 +267,28 @@ block_train_backward_op = define_op("block_train_backward", _block_train_backwar
 # =========================================================================== autograd
 def _setup(ctx, inputs, output):
     (x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3,
-     stride, pad3, eps1, eps2, eps3) = inputs
+     stride, pad3, eps1, eps2, eps3, group) = inputs
     out, c1, c2, c3, mask, stats = output
     ctx.mark_non_differentiable(c1, c2, c3, mask, stats)
     ctx.save_for_backward(x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3)
-    ctx.cfg = (b1 is not None, b2 is not None, b3 is not None, stride, pad3, eps1, eps2, eps3)
+    ctx.cfg = (b1 is not None, b2 is not None, b3 is not None, stride, pad3, eps1, eps2, eps3,
+               group)
 
 
 def _backward(ctx, grad_out, *_unused):
     x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3 = ctx.saved_tensors
-    has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3 = ctx.cfg
+    has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3, group = ctx.cfg
     grad_out = grad_out.contiguous(memory_format=_CL)
     (dx, dw1, db1, dg1, dbeta1, dw2, db2, dg2, dbeta2, dw3, db3, dg3,
      dbeta3) = torch.ops.resnet_fused_triton.block_train_backward(
         grad_out, x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3,
-        has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3)
+        has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3, group)
     has_w3, has_g3 = w3 is not None, g3 is not None
     return (dx, dw1, db1 if has_b1 else None, dg1, dbeta1,
             dw2, db2 if has_b2 else None, dg2, dbeta2,
             dw3 if has_w3 else None, db3 if (has_w3 and has_b3) else None,
             dg3 if has_g3 else None, dbeta3 if has_g3 else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd(f"{NS}::block_train", _backward, setup_context=_setup)
@@ -276,8 +319,11 @@ def _bn_params(bn, dtype_like: torch.Tensor):
             torch.zeros(C, device=dtype_like.device, dtype=torch.float32))
 
 
-def _update_running(bn, mean, var, count: int) -> None:
+def _update_running(bn, mean, var, count) -> None:
     if not bn.track_running_stats or bn.running_mean is None:
+        return
+    if isinstance(count, torch.Tensor):  # the group's count, a device tensor
+        distributed.finalize_global(mean, var, count, bn)
         return
     w, b = _bn_params(bn, mean)
     momentum = -1.0 if bn.momentum is None else float(bn.momentum)
@@ -287,10 +333,24 @@ def _update_running(bn, mean, var, count: int) -> None:
                                               count)
 
 
-def train_block(block, x: torch.Tensor) -> torch.Tensor:
+def _group_name(groups, bns) -> str:
+    """The one process group name of a synchronized block ("" for none)."""
+    if groups is None:
+        return ""
+    mine = [g for g, bn in zip(groups, bns) if bn is not None]
+    if any(g is None for g in mine) or len({g.group_name for g in mine}) != 1:
+        raise NotImplementedError(
+            "triton train_block: synchronized BatchNorm needs every BN of the block "
+            "synchronized over the same process group (convert_sync_batchnorm does that); "
+            "use backend='torch' or 'native' for a mix")
+    return mine[0].group_name
+
+
+def train_block(block, x: torch.Tensor, groups=None) -> torch.Tensor:
     """Training forward of the block (batch statistics), differentiable in x and every
     parameter; updates the running statistics of bn1, bn2 (and bn3) as nn.BatchNorm2d.
-    x: NCHW or channels_last contiguous; the output has x's memory format."""
+    x: NCHW or channels_last contiguous; the output has x's memory format.
+    groups: (group of bn1, bn2, bn3) of a synchronized block (resnet_fused/distributed.py)."""
     conv1, conv2, conv3 = block.conv1, block.conv2, getattr(block, "conv3", None)
     bn1, bn2, bn3 = block.bn1, block.bn2, getattr(block, "bn3", None)
     N, Cin, H, W = x.shape
@@ -332,10 +392,11 @@ def train_block(block, x: torch.Tensor) -> torch.Tensor:
             g3, beta3 = _bn_params(bn3, x)
     g1, beta1 = _bn_params(bn1, x)
     g2, beta2 = _bn_params(bn2, x)
+    group = _group_name(groups, (bn1, bn2, bn3))
     out, c1, c2, c3, mask, stats = torch.ops.resnet_fused_triton.block_train(
         xc, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3, s, pad3,
-        float(bn1.eps), float(bn2.eps), float(bn3.eps) if bn3 is not None else 1e-5)
-    count = N * P * Q
+        float(bn1.eps), float(bn2.eps), float(bn3.eps) if bn3 is not None else 1e-5, group)
+    count = stats[6, 0] if group else N * P * Q
     _update_running(bn1, stats[0], stats[1], count)
     _update_running(bn2, stats[2], stats[3], count)
     if bn3 is not None:

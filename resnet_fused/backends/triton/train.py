@@ -1,5 +1,5 @@
 """Training forward + backward of the whole residual block on the fused Triton path
-(DESIGN.md "Training (batch statistics), the fused path").
+(README.md, Design, "Data flow": training).
 
 The differentiable unit is ONE functional op, `resnet_fused_triton::block_train`, with
 registered autograd whose backward is `resnet_fused_triton::block_train_backward`.

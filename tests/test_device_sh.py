@@ -61,7 +61,7 @@ def test_dry_run_plan_order_caps_and_files(tmp_path):
     caps = {n: c for n, c, _ in stages}
     total = sum(caps.values())
     assert total <= PLAN_LIMIT_S, caps
-    assert f"caps sum to {total} s of the 460 s plan" in text
+    assert f"caps sum to {total} s of the 480 s plan" in text
     assert all(c > 0 for c in caps.values()), caps
     assert caps["bench"] >= 50
     for name, cap, cmds in stages:

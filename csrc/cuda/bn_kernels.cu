@@ -372,12 +372,9 @@ __device__ __forceinline__ void block_sum2(A& a, A& b) {
   }
 }
 
-// Block-wide Chan combine of (n, mean, M2) over a 1-D block of kThreads threads, the
-// same shape as block_sum2; result in thread 0.
+// Warp-wide Chan combine of (n, mean, M2); result in lane 0.
 template <typename A>
-__device__ __forceinline__ void block_chan(int64_t& n, A& mean, A& m2) {
-  __shared__ int64_t wn[kThreads / 32];
-  __shared__ A wm[kThreads / 32], wq[kThreads / 32];
+__device__ __forceinline__ void warp_chan(int64_t& n, A& mean, A& m2) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const int64_t nb = __shfl_down_sync(0xffffffffu, n, o);
@@ -385,6 +382,15 @@ __device__ __forceinline__ void block_chan(int64_t& n, A& mean, A& m2) {
     const A qb = __shfl_down_sync(0xffffffffu, m2, o);
     chan_merge(n, mean, m2, nb, mb, qb);
   }
+}
+
+// Block-wide Chan combine of (n, mean, M2) over a 1-D block of kThreads threads, the
+// same shape as block_sum2; result in thread 0.
+template <typename A>
+__device__ __forceinline__ void block_chan(int64_t& n, A& mean, A& m2) {
+  __shared__ int64_t wn[kThreads / 32];
+  __shared__ A wm[kThreads / 32], wq[kThreads / 32];
+  warp_chan(n, mean, m2);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     wn[warp] = n;
@@ -397,13 +403,7 @@ __device__ __forceinline__ void block_chan(int64_t& n, A& mean, A& m2) {
     n = has ? wn[lane] : 0;
     mean = has ? wm[lane] : A(0);
     m2 = has ? wq[lane] : A(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const int64_t nb = __shfl_down_sync(0xffffffffu, n, o);
-      const A mb = __shfl_down_sync(0xffffffffu, mean, o);
-      const A qb = __shfl_down_sync(0xffffffffu, m2, o);
-      chan_merge(n, mean, m2, nb, mb, qb);
-    }
+    warp_chan(n, mean, m2);
   }
 }
 

@@ -60,6 +60,18 @@ def _row_tile(r0, row_end, HW, sN, sHW, rc, sC, c_ok, BR: tl.constexpr):
 
 
 @triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s pairwise combine of two per-channel (count, mean, M2) sets; returns
+    the merged triple. The mean moves by a fraction of the difference of means and M2
+    gains the between-set term, so nothing is summed around a far-away shift. Empty
+    sets (count 0 on both sides) stay empty: the division is guarded."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / tl.maximum(n, 1.0)
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS,
                           BR: tl.constexpr, BC: tl.constexpr):
     """Per (row chunk, channel block): mean and centred sum of squares of the chunk.
@@ -84,12 +96,7 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS
         mean_b = tl.sum(v, axis=0) / n_b
         d = tl.where(m, v - mean_b[None, :], 0.0)
         m2_b = tl.sum(d * d, axis=0)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / n
-        mean_a = mean_a + delta * frac
-        m2_a = m2_a + m2_b + delta * delta * n_a * frac
-        n_a = n
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     tl.store(pmean_ptr + pid_s * C + rc, mean_a, mask=c_ok)
     tl.store(pm2_ptr + pid_s * C + rc, m2_a, mask=c_ok)
 
@@ -108,12 +115,7 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, C, ROWS, SPL
         n_b = tl.minimum(ROWS, M - s * ROWS).to(tl.float32)
         mean_b = tl.load(pmean_ptr + s * C + rc, mask=c_ok, other=0.0)
         m2_b = tl.load(pm2_ptr + s * C + rc, mask=c_ok, other=0.0)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / n
-        mean_a = mean_a + delta * frac
-        m2_a = m2_a + m2_b + delta * delta * n_a * frac
-        n_a = n
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     tl.store(mean_ptr + rc, mean_a, mask=c_ok)
     tl.store(var_ptr + rc, m2_a / n_a, mask=c_ok)
 

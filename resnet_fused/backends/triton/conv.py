@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bn import chan_merge
 from .launcher import INTERPRET as _INTERPRET, launch, tracing
 
 # ----------------------------------------------------------------------------------------
@@ -533,12 +534,7 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
         mean_b = tl.sum(cnt2 * mi, axis=0) / tl.maximum(n_b, 1.0)
         dev = tl.where(cnt2 > 0, mi - mean_b[None, :], 0.0)
         m2_b = tl.sum(m2i, axis=0) + tl.sum(cnt2 * dev * dev, axis=0)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / tl.maximum(n, 1.0)
-        mean_a = mean_a + delta * frac
-        m2_a = m2_a + m2_b + delta * delta * n_a * frac
-        n_a = n
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     if FINAL:
         tl.store(omean_ptr + rc, mean_a, mask=c_ok)
         tl.store(om2_ptr + rc, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)

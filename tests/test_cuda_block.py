@@ -124,15 +124,18 @@ def test_nan_propagates_like_plain(backend, train):
     """ReLU keeps NaN on the GPU too, on every backend, as the plain block does. For the
     native backend's eval this is why cuDNN's fused conv+bias(+add)+ReLU is off by
     default: its ReLU maps NaN to 0 (test_native_fused_relu_opt_in_nan below)."""
-    blk = _block(backend, train)
+    out, ref = _with_one_nan(_block(backend, train))
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def _with_one_nan(blk):
+    """(blk(x), plain block(x)) for an input holding one NaN."""
     plain = copy.deepcopy(blk)
     x = _x()
     x[1, 3, 4, 4] = float("nan")
     with torch.no_grad():
-        out = blk(x)
-        ref = plain_block(plain, x)
-    assert torch.isnan(ref).any()
-    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        return blk(x), plain_block(plain, x)
 
 
 def _native_or_skip():
@@ -148,13 +151,7 @@ def test_native_fused_relu_opt_in_nan(monkeypatch):
     default (csrc/cuda/conv_cudnn.cpp)."""
     _native_or_skip()
     monkeypatch.setenv("RESNET_FUSED_CUDNN_FUSED_RELU", "1")
-    blk = _block("native", False)
-    plain = copy.deepcopy(blk)
-    x = _x()
-    x[1, 3, 4, 4] = float("nan")
-    with torch.no_grad():
-        out = blk(x)
-        ref = plain_block(plain, x)
+    out, ref = _with_one_nan(_block("native", False))
     nan = torch.isnan(ref)
     assert nan.any()
     torch.testing.assert_close(out[~nan], ref[~nan], rtol=2e-2, atol=2e-2)

@@ -6,15 +6,18 @@ import torch
 from resnet_fused.backends import preference
 
 
-def test_measured_winner_first_then_defaults(monkeypatch, tmp_path):
-    table = {"format": 1, "entries": [
-        {"gpu": "H200", "mode": "eval", "dtype": "bfloat16", "shape": "64-64-56-56-1",
-         "backend": "triton"}]}
+def _measured_on_h200(monkeypatch, tmp_path, entry):
+    """measured.json holding `entry` (an H200 winner), read on a pretended H200."""
     path = tmp_path / "measured.json"
-    path.write_text(json.dumps(table))
+    path.write_text(json.dumps({"format": 1, "entries": [dict(entry, gpu="H200")]}))
     monkeypatch.setattr(preference, "MEASURED_PATH", str(path))
     preference.measured.cache_clear()
     monkeypatch.setattr(preference, "_device_name", lambda i: "NVIDIA H200")
+
+
+def test_measured_winner_first_then_defaults(monkeypatch, tmp_path):
+    _measured_on_h200(monkeypatch, tmp_path, {"mode": "eval", "dtype": "bfloat16",
+                                              "shape": "64-64-56-56-1", "backend": "triton"})
     cuda = torch.device("cuda", 0)
     key = preference.shape_key((128, 64, 56, 56), 64, 1)
     assert key == "64-64-56-56-1"
@@ -40,14 +43,8 @@ def test_cpu_order_and_missing_table(monkeypatch, tmp_path):
 def test_compiled_choice_matches_eager(monkeypatch, tmp_path):
     """auto decides the same under torch.compile as in eager (the measured table is read
     at trace time, not skipped)."""
-    table = {"format": 1, "entries": [
-        {"gpu": "H200", "mode": "train", "dtype": "float16", "shape": "128-128-28-28-1",
-         "backend": "triton"}]}
-    path = tmp_path / "measured.json"
-    path.write_text(json.dumps(table))
-    monkeypatch.setattr(preference, "MEASURED_PATH", str(path))
-    preference.measured.cache_clear()
-    monkeypatch.setattr(preference, "_device_name", lambda i: "NVIDIA H200")
+    _measured_on_h200(monkeypatch, tmp_path, {"mode": "train", "dtype": "float16",
+                                              "shape": "128-128-28-28-1", "backend": "triton"})
     cuda = torch.device("cuda", 0)
     key = "128-128-28-28-1"
 

@@ -120,7 +120,7 @@ with FakeTensorMode() as mode:
         act = fake(mode, N, K, P, P)
         c3 = fake(mode, N, K, P, P) if bn3 else fake(mode, 0, cl=False)
         mask = fake(mode, (N * K * P * P + 7) // 8, dtype=torch.uint8)
-        stats = fake(mode, 6, K, dtype=torch.float32)
+        stats = fake(mode, 7, K, dtype=torch.float32)  # rows: mean, var of c1, c2, c3; count
         trace(label + " backward", lambda *a, stride=stride, b3=b3 is not None: tuple(
             t for t in OPS.block_train_backward(*a, True, True, b3, stride, 0, 1e-5, 1e-5,
                                                 1e-5) if t is not None),

@@ -83,8 +83,6 @@ def _backends(devices: list) -> dict:
 def _auto(device: str) -> list:
     """What auto picks per stage shape, mode and dtype on `device`, and from where."""
     dev = torch.device(device)
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    table = preference.measured() if dev.type == "cuda" else {}
     rows = []
     for stage, (cin, cout, hw, stride) in STAGES.items():
         key = preference.shape_key((1, cin, hw, hw), cout, stride)
@@ -92,8 +90,8 @@ def _auto(device: str) -> list:
             for dtype in AUTO_DTYPES:
                 dname = str(dtype).replace("torch.", "")
                 pick = backends.choose(dev, dtype, mode == "train", key).name
-                measured = any(m == mode and dt == dname and shape == key and g in gpu
-                               for (g, m, dt, shape) in table) if gpu else False
+                measured = dev.type == "cuda" and preference.measured_winner(
+                    dev.index, dname, mode == "train", key) is not None
                 source = ("measured.json" if measured else
                           "CPU order" if dev.type == "cpu" else "fallback order")
                 rows.append({"stage": stage, "shape": key, "mode": mode, "dtype": dname,

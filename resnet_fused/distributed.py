@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends.torch_ops import backward_apply, backward_reduce, finalize
-from .ops import like_format, stats_dtype
+from .ops import like_format, momentum_arg, stats_dtype
 
 SUPPORTED_BACKENDS = ("torch", "native", "triton")
 
@@ -126,7 +126,7 @@ def combine_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group):
 def finalize_global(mean, var, count: torch.Tensor, bn: nn.Module) -> torch.Tensor:
     """invstd of the global statistics; updates bn's running statistics as
     nn.SyncBatchNorm does (unbiased variance over the global count)."""
-    momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+    momentum = momentum_arg(bn)
     invstd, _, _ = finalize(mean, var, bn.weight.detach(), bn.bias.detach(),
                             bn.running_mean, bn.running_var, bn.num_batches_tracked,
                             momentum, float(bn.eps), count)

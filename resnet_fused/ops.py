@@ -48,6 +48,12 @@ def mask_numel(t: torch.Tensor) -> int:
     return (t.numel() + 7) // 8
 
 
+def momentum_arg(bn) -> float:
+    """bn_finalize's momentum argument: the BN's momentum, -1 for momentum=None (the
+    cumulative moving average)."""
+    return -1.0 if bn.momentum is None else float(bn.momentum)
+
+
 def conv_out_hw(h: int, w: int, r: int, s: int, stride: int, padding: int):
     return (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
 

@@ -10,7 +10,8 @@
 // Reductions (channel_stats and pass 1 of bn_act_backward) are two-stage: a grid of
 // blocks writes per-block partials per channel, then one small kernel combines the
 // partials per channel (in double) and writes the result. channel_stats carries
-// (count, mean, M2) throughout (Welford per thread, Chan's combine above that), so
+// (count, mean, M2) throughout (Welford per thread, Chan's combine within a block, a
+// two-pass weighted combine of the blocks' partials), so
 // neither a large mean nor an outlier cancels the variance. No host synchronisation
 // anywhere.
 //

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..ops import like_format
+from ..ops import like_format, momentum_arg
 from ..reference import conv_forward
 from .base import Backend, FoldedBlock
 from .torch_ops import backward_apply, backward_reduce
@@ -46,7 +46,7 @@ class CompositeBackend(Backend):
         ops = self.ops
         mean, var = ops.channel_stats(c.detach())
         count = c.numel() // c.shape[1]
-        momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+        momentum = momentum_arg(bn)
         invstd, _, _ = ops.bn_finalize(mean, var, bn.weight.detach(), bn.bias.detach(),
                                        bn.running_mean, bn.running_var,
                                        bn.num_batches_tracked, momentum, float(bn.eps), count)

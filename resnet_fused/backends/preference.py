@@ -62,12 +62,22 @@ def preferred_order(device: torch.device, dtype: torch.dtype, training: bool,
 # device-name reads.
 @torch.compiler.assume_constant_result
 def _cuda_order(index, dname: str, training: bool, key) -> tuple:
-    mode = "train" if training else "eval"
-    order = CUDA_DEFAULT[mode]
+    order = CUDA_DEFAULT["train" if training else "eval"]
+    winner = measured_winner(index, dname, training, key)
+    if winner is None:
+        return order
+    return (winner,) + tuple(n for n in order if n != winner)
+
+
+def measured_winner(index, dname: str, training: bool, key):
+    """The backend measured fastest on CUDA device `index` for this dtype name
+    ("bfloat16"), mode and shape key, or None where measured.json has no entry."""
     table = measured()
-    if table and key is not None:
-        name = _device_name(index if index is not None else torch.cuda.current_device())
-        for (gpu, m, dt, shape), winner in table.items():
-            if m == mode and dt == dname and shape == key and gpu in name:
-                return (winner,) + tuple(n for n in order if n != winner)
-    return order
+    if not table or key is None:
+        return None
+    mode = "train" if training else "eval"
+    name = _device_name(index if index is not None else torch.cuda.current_device())
+    for (gpu, m, dt, shape), winner in table.items():
+        if m == mode and dt == dname and shape == key and gpu in name:
+            return winner
+    return None

@@ -5,7 +5,7 @@
 
 `check_model` returns the report instead (`print(report)`, `report.to_dict()`,
 `report.ok`). The rule is the package's own (tolerance.py, README.md, Numerics).
-Importing this module imports no backend and does not query CUDA.
+Importing this module queries no CUDA, loads neither the C++ extension nor Triton.
 """
 from .model_check import assert_model_matches, check_model, unfused
 from .report import ModelReport

@@ -15,8 +15,8 @@ As a GEMM: rows are the output pixels (M = N*P*Q), columns the output channels (
 and the reduction runs over R*S*C (taps x input channels). The reduction is ONE flat
 loop over `R*S*C_pad` in steps of BK, C_pad = C rounded up to BK so that a step never
 straddles two taps: Triton software-pipelines only the innermost loop, and the flat
-loop measured 75-87% of cuDNN where nested tap/channel loops reached 50-75%
-(measured on an H200, bench/NOTES.md). The projection shortcut is a second such loop into the same fp32
+loop ran at 75-87% of cuDNN's fused conv where nested tap/channel loops reached 50-75%
+in an H200 experiment (README.md, Design, "Figures to beat"). The projection shortcut is a second such loop into the same fp32
 accumulator (K-concatenation), so x is read once and the block stays two kernels.
 
 Cost model, for the benchmark: FLOPs = 2 * N*P*Q * K * C*R*S (+ 2 * N*P*Q * K * C2*R2*S2
@@ -77,11 +77,13 @@ else:
 
 # The statistics partials are slots of _MIN_BM rows, the smallest BM any config can
 # pick; a tile of BM rows owns BM // _MIN_BM consecutive slots (see _epilogue), so every
-# BM must be a multiple of it.
+# BM must be a multiple of it, by a power of two (the epilogue's tl.arange over the slots).
 _MIN_BM = min(c.kwargs["BM"] for c in _CONFIGS)
-if any(c.kwargs["BM"] % _MIN_BM for c in _CONFIGS):
-    raise AssertionError(f"conv.py: every config's BM must be a multiple of {_MIN_BM}, the "
-                         f"rows of a statistics slot: {[c.kwargs['BM'] for c in _CONFIGS]}")
+if any(c.kwargs["BM"] % _MIN_BM or (c.kwargs["BM"] // _MIN_BM) & (c.kwargs["BM"] // _MIN_BM - 1)
+       for c in _CONFIGS):
+    raise AssertionError(f"conv.py: every config's BM must be a power-of-two multiple of "
+                         f"{_MIN_BM}, the rows of a statistics slot: "
+                         f"{[c.kwargs['BM'] for c in _CONFIGS]}")
 
 
 def _heavy(named_args, kwargs) -> bool:

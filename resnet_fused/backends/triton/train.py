@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 
 from ... import distributed
-from ...ops import memory_format_of
+from ...ops import memory_format_of, momentum_arg
 from .bn import NS, bn_act_impl, bn_backward_coef, define_op, finalize_impl
 from .bn import _bn_bwd_coef_kernel, _BC
 from .conv import conv2d_nhwc
@@ -326,7 +326,7 @@ def _update_running(bn, mean, var, count) -> None:
         distributed.finalize_global(mean, var, count, bn)
         return
     w, b = _bn_params(bn, mean)
-    momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+    momentum = momentum_arg(bn)
     torch.ops.resnet_fused_triton.bn_finalize(mean, var, w.detach(), b.detach(),
                                               bn.running_mean, bn.running_var,
                                               bn.num_batches_tracked, momentum, float(bn.eps),

@@ -30,9 +30,6 @@ from torch import nn
 from .backends.torch_ops import backward_apply, backward_reduce, finalize
 from .ops import like_format, momentum_arg, stats_dtype
 
-SUPPORTED_BACKENDS = ("torch", "native", "triton")
-
-
 def _functional():
     import torch.distributed._functional_collectives as fc
     return fc

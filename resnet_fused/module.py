@@ -261,21 +261,15 @@ class FusedResidual(nn.Module):
         if min(x.shape) == 0:
             raise ValueError(f"FusedResidual: input of shape {tuple(x.shape)} is empty")
 
-    def _backend_for(self, x: torch.Tensor, training: bool, sync: bool = False):
+    def _backend_for(self, x: torch.Tensor, training: bool):
         if self.backend == "auto":
             key = shape_key(x.shape, self.out_channels, self.stride)
-            return backends.choose(x.device, x.dtype, training, key, sync=sync)
+            return backends.choose(x.device, x.dtype, training, key)
         backend = backends.get(self.backend, x.device)
         reason = backend.unsupported_dtype_reason(x.dtype, x.device)
         if reason is not None:
             raise TypeError(f"FusedResidual(backend={self.backend!r}): {reason}; use "
                             "backend='torch' for this dtype")
-        if sync and not backend.supports_sync_bn:
-            raise NotImplementedError(
-                f"FusedResidual(backend={self.backend!r}): synchronized BatchNorm "
-                "(nn.SyncBatchNorm training over more than one process) is supported on the "
-                f"{' and '.join(distributed.SUPPORTED_BACKENDS)} backends only for now; use "
-                "one of them (or 'auto') for this block")
         return backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,18 +301,16 @@ class FusedResidual(nn.Module):
         modes = self._bn_modes()
         # Resolved (and the dtype checked) on every path, so a backend that cannot take
         # this input says so even where the unfused path below would serve it.
-        # Synchronized BNs (nn.SyncBatchNorm over more than one process): their groups.
-        groups = distributed.block_groups(self, x.device) if all(modes) else None
-        backend = self._backend_for(x, all(modes), sync=groups is not None)
+        backend = self._backend_for(x, all(modes))
         if all(modes):
             n, _, h, w = x.shape
             s = self.stride
             if n * ((h - 1) // s + 1) * ((w - 1) // s + 1) <= 1:
                 raise ValueError("Expected more than 1 value per channel when training, got "
                                  f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
-            if groups is not None:
-                return backend.forward_train(self, x, groups=groups)
-            return backend.forward_train(self, x)
+            # Synchronized BNs (nn.SyncBatchNorm over more than one process): their groups.
+            groups = distributed.block_groups(self, x.device)
+            return backend.forward_train(self, x, groups=groups)
         if any(modes):
             # Some BNs train, some not: no fused path computes that mix.
             return plain_block_forward(self, x)

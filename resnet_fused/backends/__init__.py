@@ -81,19 +81,16 @@ def available(device) -> list[str]:
 
 
 def choose(device: torch.device, dtype: torch.dtype, training: bool,
-           shape_key: Optional[str] = None, sync: bool = False) -> Backend:
+           shape_key: Optional[str] = None) -> Backend:
     """The "auto" choice for this device, dtype, mode and block shape.
 
     On CPU: the torch composite (ATen's CPU convolutions are the fast part there).
     On CUDA: the first available backend of the measured preference order
     (resnet_fused/backends/preference.py; measured.json from benchmark results).
-    sync: the block has synchronized BNs; only backends that support them qualify.
     """
     for name in preferred_order(device, dtype, training, shape_key):
         backend = _load(name)
         if backend is None or backend.unavailable_reason(device) is not None:
-            continue
-        if sync and not backend.supports_sync_bn:
             continue
         if backend.unsupported_dtype_reason(dtype, device) is not None:
             continue

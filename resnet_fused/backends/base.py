@@ -4,13 +4,12 @@ A backend computes the whole block in one of two modes:
 
 - forward_eval(block, folded, x): inference with BN folded into the convolutions
   (`folded` is a FoldedBlock, already in x's dtype and memory format).
-- forward_train(block, x): training with batch statistics; updates the running
-  statistics of block.bn1 / block.bn2 (and block.bn3 when the shortcut has one)
-  exactly as nn.BatchNorm2d does, and is differentiable with respect to x and
-  every parameter of the block.
-  Backends with `supports_sync_bn` also take forward_train(block, x, groups=...):
-  (group of bn1, bn2, bn3), a group (not None) meaning that BN's statistics and
-  backward reductions are all-reduced over it (resnet_fused/distributed.py).
+- forward_train(block, x, groups=None): training with batch statistics; updates the
+  running statistics of block.bn1 / block.bn2 (and block.bn3 when the shortcut has
+  one) exactly as nn.BatchNorm2d does, and is differentiable with respect to x and
+  every parameter of the block. groups: None, or (group of bn1, bn2, bn3) for a block
+  with synchronized BNs, a group (not None) meaning that BN's statistics and backward
+  reductions are all-reduced over it (resnet_fused/distributed.py).
 
 `block` is the FusedResidual module; backends read from it only:
     block.conv1, block.conv2 (nn.Conv2d: weight, bias (may be None), stride, padding)
@@ -56,7 +55,6 @@ class Backend:
     """Base class: subclasses set `name` and implement the methods below."""
 
     name: str = "?"
-    supports_sync_bn: bool = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on `device`, else a sentence saying why not."""
@@ -71,7 +69,7 @@ class Backend:
     def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_train(self, block, x: torch.Tensor) -> torch.Tensor:
+    def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -35,8 +35,6 @@ class CompositeBackend(Backend):
     def ops(self):
         return getattr(torch.ops, self.namespace)
 
-    supports_sync_bn = True
-
     def bn_act_train(self, c: torch.Tensor, bn: nn.BatchNorm2d,
                      residual: Optional[torch.Tensor], group=None) -> torch.Tensor:
         """Training BatchNorm of c (batch statistics, running update) + residual + ReLU;

@@ -68,8 +68,6 @@ class TritonBackend(CompositeBackend):
 
     # forward_eval: CompositeBackend's K1 -> K2 over this namespace's eval ops.
 
-    supports_sync_bn = True
-
     def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
         return train_block(block, x, groups)
 

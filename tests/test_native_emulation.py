@@ -47,8 +47,9 @@ def emu():
     from torch.utils import cpp_extension
 
     # load() hashes only the listed source, not what it includes: name the build after
-    # the contents of every file it depends on, so an edit rebuilds it.
-    h = hashlib.sha1()
+    # the contents of every file it depends on, so an edit rebuilds it, and after the
+    # torch it compiles against (two stacks must not share one build).
+    h = hashlib.sha1(torch.__version__.encode())
     for rel in EMU_SOURCES:
         with open(os.path.join(CSRC, rel), "rb") as f:
             h.update(f.read())

@@ -3,8 +3,8 @@
 A reduction that shifts by one element (or sums x and x^2) loses the variance to
 cancellation when that element is far from the rest: x[0, :, 0, 0] = v is the first
 element of every channel, where a "shift by the first element" scheme takes its
-shift. Each backend's statistics must stay within tests/tolerance.py's 2x rule of
-torch.var_mean in fp32 against float64, and within 1e-6 relative per channel (a few
+shift. Each backend's statistics must stay within the 2x rule
+(resnet_fused/testing/tolerance.py) of torch.var_mean in fp32 against float64, and within 1e-6 relative per channel (a few
 fp32 ulps more than the final rounding: torch.var_mean on the CPU accumulates fp32 in
 double). The CUDA kernels' own arithmetic is checked the same way through their host
 emulation (tests/test_native_emulation.py::test_stats_outlier_first_element).
@@ -14,6 +14,7 @@ Triton runs through its interpreter on CPU (tests/conftest.py), at smaller shape
 import pytest
 import torch
 
+from resnet_fused import backends
 from tolerance import assert_within
 
 OUTLIERS = [20.0, 100.0, 1000.0]
@@ -40,25 +41,15 @@ def check_stats(name, x, mean, var):
 
 @pytest.mark.parametrize("v", OUTLIERS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_torch_backend(v, channels_last):
-    from resnet_fused.backends import torch_ops  # noqa: F401  (registers the ops)
-
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_composite_backends_cpu(backend, v, channels_last):
+    """The channel_stats op of the torch backend and the native backend's C++ kernel."""
+    reason = backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
     x = outlier_input((32, 64, 28, 28), v, channels_last)
-    mean, var = torch.ops.resnet_fused_torch.channel_stats(x)
-    check_stats("torch backend", x, mean, var)
-
-
-@pytest.mark.parametrize("v", OUTLIERS)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_native_cpu(v, channels_last):
-    from resnet_fused.backends.native import load_extension
-
-    ext, err = load_extension()
-    if ext is None:
-        pytest.skip(f"resnet_fused._C is not built: {err}")
-    x = outlier_input((32, 64, 28, 28), v, channels_last)
-    mean, var = torch.ops.resnet_fused.channel_stats(x)
-    check_stats("native CPU", x, mean, var)
+    mean, var = backends.get(backend, torch.device("cpu")).ops.channel_stats(x)
+    check_stats(f"{backend} backend (CPU)", x, mean, var)
 
 
 @pytest.mark.parametrize("v", OUTLIERS)

@@ -1,9 +1,10 @@
 // resnet_fused._C: the op schemas (TORCH_LIBRARY) and their CPU kernels.
 //
-// The schemas are character-for-character those of resnet_fused/schemas.py (a test
-// checks it). CUDA kernels for the same ops live in cuda/ and register under the
-// CUDA dispatch key; fake (meta) implementations and bn_act's autograd are
-// registered from Python (resnet_fused.ops.register_op_layer), as extension-cpp does.
+// The schemas come from schemas.h, character-for-character those of
+// resnet_fused/schemas.py (tests/test_op_contract.py checks it). CUDA kernels for the
+// same ops live in cuda/ and register under the CUDA dispatch key; fake (meta)
+// implementations and the autograd of bn_act and the eval ops are registered from
+// Python (resnet_fused.ops.register_op_layer), as extension-cpp does.
 //
 // CPU kernels accumulate in float64 (cheap on CPU, and exact enough that the CPU
 // path is a good twin of the float64 reference); elementwise maths runs in float32
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "schemas.h"
 
 #ifndef RESNET_FUSED_WITH_CUDA
 #define RESNET_FUSED_WITH_CUDA 0
@@ -340,18 +342,8 @@ Tensor conv_bias_shortcut_relu_cpu(const Tensor& y, const Tensor& weight, const 
 }  // namespace
 
 TORCH_LIBRARY(resnet_fused, m) {
-  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
-  m.def("bn_finalize(Tensor mean, Tensor var, Tensor weight, Tensor bias, "
-        "Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
-        "float momentum, float eps, int count) -> (Tensor invstd, Tensor scale, Tensor shift)");
-  m.def("bn_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
-        "Tensor? residual) -> (Tensor out, Tensor mask)");
-  m.def("bn_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor invstd, "
-        "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
-        "Tensor grad_bias, Tensor grad_residual)");
-  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding) -> Tensor");
-  m.def("conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
-        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding) -> Tensor");
+  define_bn_schemas(m);
+  define_conv_schemas(m);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {

@@ -1,26 +1,90 @@
-"""The op layer: fake (meta) implementations and autograd for every backend's ops.
+"""The op layer: one way to define an op, and the fakes and autograd of every op.
 
-Each backend defines the ops of resnet_fused/schemas.py under its own namespace
-(C++ TORCH_LIBRARY, torch.library.custom_op or triton_op) and then calls
-`register_op_layer(namespace, fakes=...)` once. What this registers is the same for
-every backend, so it lives here once:
+Each backend implements the ops of resnet_fused/schemas.py under its own namespace
+(schemas.NAMESPACES). Python backends define each op with `define_op(namespace,
+name, fn)`, which takes the schema from schemas.py, the mutated arguments from it,
+and registers the op as
 
-- fake implementations (shapes, dtypes, strides) so torch.compile and
-  torch.library.opcheck can trace the ops without running them;
-- autograd for the differentiable ops:
-    bn_act                 -> <ns>::bn_act_backward (training BN + residual + ReLU)
-    conv_bias_relu         -> dReLU, then ATen's convolution_backward
-    conv_bias_shortcut_relu-> dReLU, then convolution_backward of both GEMMs
-  (eval-mode ops are differentiable so a model in eval mode still gives input and
-  parameter gradients when autograd is on, e.g. for saliency maps).
+- `torch.library.triton_op` when the backend passes `traceable_triton=True` (Triton
+  kernels compiled for a GPU: torch.compile then traces into the kernels, and the
+  op's Python body is its own fake), else
+- `torch.library.custom_op` with the shared fake implementation of FAKES (shapes,
+  dtypes, strides) so torch.compile and torch.library.opcheck can trace it without
+  running it (the torch backend, and Triton under its CPU interpreter, whose kernels
+  cannot be traced);
+
+then the op layer's autograd for the differentiable ops (AUTOGRAD). The C++ extension
+defines its ops in TORCH_LIBRARY (csrc/schemas.h) and calls `register_op_layer` for
+the fakes and autograd. The autograd, per op:
+    bn_act                  -> <ns>::bn_act_backward (training BN + residual + ReLU)
+    conv_bias_relu          -> dReLU, then ATen's convolution_backward
+    conv_bias_shortcut_relu -> dReLU, then convolution_backward of both GEMMs
+    block_train             -> <ns>::block_train_backward
+(eval-mode ops are differentiable so a model in eval mode still gives input and
+parameter gradients when autograd is on, e.g. for saliency maps).
+
+The op boundary passes flat tensors; on the Python side the long argument lists of
+the training block are named tuples whose fields are the schema's names
+(BlockTrainArgs, BlockTrainOut, BlockTrainBackwardArgs, BlockTrainGrads), so each
+position is written once, in schemas.py.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+from collections import namedtuple
+
 import torch
 
-from .schemas import SCHEMAS
+from .schemas import COMMON_OPS, SCHEMAS
 
 _REGISTERED: set[tuple[str, str]] = set()
+
+
+# --------------------------------------------------------------------------- schemas
+@functools.lru_cache(maxsize=None)
+def _parsed(name: str):
+    return torch._C.parse_schema(SCHEMAS[name])
+
+
+def arg_names(name: str) -> tuple[str, ...]:
+    """The argument names of op `name`, in schema order."""
+    return tuple(a.name for a in _parsed(name).arguments)
+
+
+def mutated_args(name: str) -> tuple[str, ...]:
+    """The arguments op `name` writes (declared Tensor(a!) in its schema)."""
+    return tuple(a.name for a in _parsed(name).arguments
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
+def tensor_args(name: str) -> tuple[str, ...]:
+    """The arguments of op `name` that are tensors (Tensor or Tensor?)."""
+    opt = torch._C.OptionalType.ofTensor()
+    return tuple(a.name for a in _parsed(name).arguments if a.type.isSubtypeOf(opt))
+
+
+def args_tuple(name: str):
+    """A namedtuple class of op `name`'s arguments (fields: the schema's names, with
+    its defaults)."""
+    args = _parsed(name).arguments
+    defaults = []
+    for a in reversed(args):
+        if not a.has_default_value():
+            break
+        defaults.insert(0, a.default_value)
+    return namedtuple(f"{name}_args", [a.name for a in args], defaults=defaults)
+
+
+def returns_tuple(name: str):
+    """A namedtuple class of op `name`'s returns (fields: the schema's return names)."""
+    return namedtuple(f"{name}_returns", [r.name for r in _parsed(name).returns])
+
+
+BlockTrainArgs = args_tuple("block_train")
+BlockTrainOut = returns_tuple("block_train")
+BlockTrainBackwardArgs = args_tuple("block_train_backward")
+BlockTrainGrads = returns_tuple("block_train_backward")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -94,6 +158,41 @@ def _fake_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
     return _conv_out(y, weight, 1, padding)
 
 
+def _fake_block_train(*args):
+    a = BlockTrainArgs(*args)
+    N, _, H, W = a.x.shape
+    K = a.w1.shape[0]
+    P, Q = conv_out_hw(H, W, 3, 3, a.stride, 1)
+    act = a.x.new_empty((N, K, P, Q)).contiguous(memory_format=torch.channels_last)
+    return tuple(BlockTrainOut(
+        out=act, c1=torch.empty_like(act), c2=torch.empty_like(act),
+        c3=(torch.empty_like(act) if a.w3 is not None and a.g3 is not None
+            else a.x.new_empty((0,))),
+        mask=a.x.new_empty((mask_numel(act),), dtype=torch.uint8),
+        stats=a.x.new_empty((7, K), dtype=torch.float32)))
+
+
+def _fake_block_train_backward(*args):
+    a = BlockTrainBackwardArgs(*args)
+    K = a.w1.shape[0]
+
+    def weight(w):  # weight gradients are NCHW-contiguous, in the weight's dtype
+        return (a.x.new_empty((0,)) if w is None
+                else torch.empty_like(w, memory_format=torch.contiguous_format))
+
+    def vec(present, like):  # (outputs may not alias: a new empty tensor each)
+        return like.new_empty((K,)) if present else a.x.new_empty((0,))
+
+    return tuple(BlockTrainGrads(
+        dx=torch.empty_like(a.x), dw1=weight(a.w1), db1=vec(a.has_b1, a.w1),
+        dg1=torch.empty_like(a.g1), dbeta1=torch.empty_like(a.beta1),
+        dw2=weight(a.w2), db2=vec(a.has_b2, a.w2), dg2=torch.empty_like(a.g2),
+        dbeta2=a.g2.new_empty((K,)), dw3=weight(a.w3),
+        db3=vec(a.w3 is not None and a.has_b3, a.w3 if a.w3 is not None else a.x),
+        dg3=vec(a.g3 is not None, a.g3 if a.g3 is not None else a.x),
+        dbeta3=vec(a.g3 is not None, a.g3 if a.g3 is not None else a.x)))
+
+
 FAKES = {
     "channel_stats": _fake_channel_stats,
     "bn_finalize": _fake_bn_finalize,
@@ -101,6 +200,8 @@ FAKES = {
     "bn_act_backward": _fake_bn_act_backward,
     "conv_bias_relu": _fake_conv_bias_relu,
     "conv_bias_shortcut_relu": _fake_conv_bias_shortcut_relu,
+    "block_train": _fake_block_train,
+    "block_train_backward": _fake_block_train_backward,
 }
 assert FAKES.keys() == SCHEMAS.keys()
 
@@ -176,35 +277,97 @@ def _conv_bias_shortcut_relu_backward(ctx, grad_out):
     return gy, gw, gb, gx, gw3, None, None, None
 
 
+_BWD_TENSORS = frozenset(tensor_args("block_train_backward"))
+
+
+def _block_train_setup(ctx, inputs, output):
+    a, o = BlockTrainArgs(*inputs), BlockTrainOut(*output)
+    ctx.mark_non_differentiable(o.c1, o.c2, o.c3, o.mask, o.stats)
+    # What block_train_backward takes besides grad_out, found by name among
+    # block_train's arguments and outputs; has_b* say which conv biases exist.
+    known = {**a._asdict(), **o._asdict(),
+             **{f"has_b{i}": getattr(a, f"b{i}") is not None for i in (1, 2, 3)}}
+    wanted = BlockTrainBackwardArgs._fields[1:]
+    ctx.tensor_names = [n for n in wanted if n in _BWD_TENSORS]
+    ctx.save_for_backward(*(known[n] for n in ctx.tensor_names))
+    ctx.scalars = {n: known[n] for n in wanted if n not in _BWD_TENSORS}
+    ctx.present = [isinstance(v, torch.Tensor) for v in a]
+
+
+def _make_block_train_backward(ns: str):
+    def backward(ctx, grad_out, *_unused):
+        saved = dict(zip(ctx.tensor_names, ctx.saved_tensors))
+        # block_train's activations are channels_last (backends/triton/train.py).
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        op = getattr(getattr(torch.ops, ns), "block_train_backward")
+        grads = BlockTrainGrads(*op(*BlockTrainBackwardArgs(grad_out=grad_out, **saved,
+                                                             **ctx.scalars)))._asdict()
+        # The gradient of each input: d<name> when the input is a tensor, else None.
+        return tuple(grads.get("d" + n) if present else None
+                     for n, present in zip(BlockTrainArgs._fields, ctx.present))
+
+    return backward
+
 # --------------------------------------------------------------------------- entry
 def op_name(ns: str, name: str) -> str:
     return f"{ns}::{name}"
 
 
+# op -> (namespace -> its backward function, its setup_context).
 AUTOGRAD = {
-    "bn_act": (lambda ns: _make_bn_act_backward(ns), _bn_act_setup),
+    "bn_act": (_make_bn_act_backward, _bn_act_setup),
     "conv_bias_relu": (lambda ns: _conv_bias_relu_backward, _conv_bias_relu_setup),
     "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
                                 _conv_bias_shortcut_relu_setup),
+    "block_train": (_make_block_train_backward, _block_train_setup),
 }
 
 
-def register_op_layer(ns: str, fakes: bool = True, names=None) -> None:
-    """Register fakes (when `fakes`) and autograd for the ops of namespace `ns`.
+def _register(ns: str, name: str, fake: bool) -> None:
+    """Register the shared fake (when `fake`) and the autograd of ns::name, once."""
+    if (ns, name) in _REGISTERED:
+        return
+    if fake:
+        torch.library.register_fake(op_name(ns, name), FAKES[name])
+    if name in AUTOGRAD:
+        make_backward, setup = AUTOGRAD[name]
+        torch.library.register_autograd(op_name(ns, name), make_backward(ns),
+                                        setup_context=setup)
+    _REGISTERED.add((ns, name))
 
-    Call once per op, after the op exists. `names` limits it to some ops (a namespace
-    whose ops are defined in several files registers each file's own); default: all.
-    Ops defined with triton_op trace their Python body under fake tensors and need no
-    fake, so their backend passes fakes=False.
+
+def _check_signature(name: str, fn) -> None:
+    """fn's parameters must be the schema's arguments: torch < 2.14 ignores triton_op's
+    schema= and infers the schema from fn's signature and annotations."""
+    params = tuple(inspect.signature(fn).parameters)
+    if params != arg_names(name):
+        raise TypeError(f"define_op({name!r}): the function's parameters {params} are not the "
+                        f"schema's arguments {arg_names(name)} (resnet_fused/schemas.py)")
+
+
+def define_op(ns: str, name: str, fn, *, traceable_triton: bool = False):
+    """Define the op ns::name of schemas.py with the Python function `fn` (parameters
+    named and annotated as the schema's arguments) and register its op layer; returns
+    the op.
+
+    traceable_triton: fn launches Triton kernels that torch can trace (compiled for a
+    GPU, not Triton's interpreter): a triton_op, whose fake is fn itself. Otherwise a
+    custom_op with the shared fake of FAKES.
     """
-    for name in (SCHEMAS if names is None else names):
-        key = (ns, name)
-        if key in _REGISTERED:
-            continue
-        if fakes:
-            torch.library.register_fake(op_name(ns, name), FAKES[name])
-        if name in AUTOGRAD:
-            make_backward, setup = AUTOGRAD[name]
-            torch.library.register_autograd(op_name(ns, name), make_backward(ns),
-                                            setup_context=setup)
-        _REGISTERED.add(key)
+    _check_signature(name, fn)
+    schema, mutates = SCHEMAS[name][len(name):], mutated_args(name)
+    if traceable_triton:
+        op = torch.library.triton_op(op_name(ns, name), fn, mutates_args=mutates,
+                                     schema=schema)
+    else:
+        op = torch.library.custom_op(op_name(ns, name), fn, mutates_args=mutates,
+                                     schema=schema)
+    _register(ns, name, fake=not traceable_triton)
+    return op
+
+
+def register_op_layer(ns: str, names=COMMON_OPS) -> None:
+    """Register the fakes and autograd of the ops `names` of namespace `ns` that were
+    defined outside Python (the C++ extension's TORCH_LIBRARY), after they exist."""
+    for name in names:
+        _register(ns, name, fake=True)

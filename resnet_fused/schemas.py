@@ -1,12 +1,19 @@
-"""The op schemas every backend implements: the single source of truth.
+"""The op schemas and namespaces of every backend: the single source of truth.
 
-Each backend registers the same ops under its own namespace:
+Each backend registers the ops under its own namespace (NAMESPACES):
 
-    resnet_fused        the C++/CUDA extension (csrc/ops.cpp TORCH_LIBRARY; CPU and CUDA kernels)
-    resnet_fused_torch  the portable composite of ATen ops (resnet_fused/backends/torch_ops.py)
-    resnet_fused_triton Triton kernels (resnet_fused/backends/triton/)
+    native  resnet_fused        the C++/CUDA extension (csrc/ops.cpp; CPU and CUDA kernels)
+    torch   resnet_fused_torch  the portable composite of ATen ops (backends/torch_ops.py)
+    triton  resnet_fused_triton Triton kernels (backends/triton/)
 
-The C++ schemas must be character-for-character these strings (a test checks it).
+Every backend implements the ops of COMMON_OPS; the triton backend also the fused
+training block, BLOCK_OPS (block_train and its backward). Adding an op = its schema
+here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
+kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
+
+The C++ schemas (csrc/schemas.h, included by csrc/ops.cpp and the CUDA emulation
+csrc/emu/) are character-for-character the COMMON_OPS strings (tests/test_op_contract.py
+checks it).
 
 Conventions shared by every op:
 - Activations (c, x, y, residual, grad_out, out) are 4-D, NCHW-contiguous or
@@ -69,7 +76,48 @@ SCHEMAS = {
         "conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
         "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding) -> Tensor"
     ),
+
+    # The triton backend's fused training block (backends/triton/train.py): the whole
+    # residual block's training forward as one functional op (conv1 -> bn1 -> ReLU ->
+    # conv2 -> bn2 -> + shortcut -> ReLU), differentiable through block_train_backward.
+    # w3/b3 the projection shortcut (None: identity), g3/beta3 its BN (None: none);
+    # the convolutions are 3x3 with padding 1, conv3 is 1x1 or 3x3 with padding pad3.
+    # group: the process group name of a synchronized block ("" for none).
+    # Returns out, and for the backward and the running statistics: c1, c2 (the conv
+    # outputs before their BN), c3 (bn3's input; an empty [0] tensor without bn3), the
+    # packed mask of out, and stats = [m1, v1, m2, v2, m3, v3, count] ([7, C] float32:
+    # batch means / biased variances, zero without bn3; count the values per channel,
+    # over the whole group when synchronized).
+    "block_train": (
+        "block_train(Tensor x, Tensor w1, Tensor? b1, Tensor g1, Tensor beta1, Tensor w2, "
+        "Tensor? b2, Tensor g2, Tensor beta2, Tensor? w3, Tensor? b3, Tensor? g3, "
+        "Tensor? beta3, int stride, int pad3, float eps1, float eps2, float eps3, "
+        "str group=\"\") -> (Tensor out, Tensor c1, Tensor c2, Tensor c3, Tensor mask, "
+        "Tensor stats)"
+    ),
+    # Gradients of block_train's out with respect to its tensor inputs (d<input name>),
+    # from what it saved; has_b* say which conv biases exist. The gradients of absent
+    # parameters are empty [0] tensors.
+    "block_train_backward": (
+        "block_train_backward(Tensor grad_out, Tensor x, Tensor c1, Tensor c2, Tensor c3, "
+        "Tensor mask, Tensor stats, Tensor w1, Tensor g1, Tensor beta1, Tensor w2, "
+        "Tensor g2, Tensor? w3, Tensor? g3, bool has_b1, bool has_b2, bool has_b3, "
+        "int stride, int pad3, float eps1, float eps2, float eps3, str group=\"\") -> "
+        "(Tensor dx, Tensor dw1, Tensor db1, Tensor dg1, Tensor dbeta1, Tensor dw2, "
+        "Tensor db2, Tensor dg2, Tensor dbeta2, Tensor dw3, Tensor db3, Tensor dg3, "
+        "Tensor dbeta3)"
+    ),
 }
 
-# Ops whose schema mutates arguments (declared with (a!) above).
-MUTATING = {"bn_finalize": ("running_mean", "running_var", "num_batches_tracked")}
+BLOCK_OPS = ("block_train", "block_train_backward")
+COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS)
+
+# backend name -> the namespace its ops are registered under.
+NAMESPACES = {
+    "native": "resnet_fused",
+    "torch": "resnet_fused_torch",
+    "triton": "resnet_fused_triton",
+}
+
+# The ops each backend's namespace holds.
+BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS, "triton": COMMON_OPS + BLOCK_OPS}

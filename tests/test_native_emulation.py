@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-EMU_SOURCES = ["emu/bn_kernels_emu.cpp", "emu/cuda_emu.h", "cuda/bn_kernels.cu", "common.h"]
+EMU_SOURCES = ["emu/bn_kernels_emu.cpp", "emu/cuda_emu.h", "cuda/bn_kernels.cu", "common.h",
+               "schemas.h"]
 
 ref = torch.ops.resnet_fused
 IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

@@ -1,6 +1,8 @@
-"""The native backend's ops (resnet_fused._C): schemas, opcheck, and every op against a
-float64 PyTorch computation, with the CPU kernels always and the CUDA kernels when a
-GPU is present (the `cuda` parametrisations).
+"""The native backend's ops (resnet_fused._C) beyond the op contract
+(tests/test_op_contract.py: schemas, opcheck, the float64 torch op): every op against a
+float64 PyTorch computation over dtypes and shapes that take the kernels' vector and
+scalar paths, and the error messages, with the CPU kernels always and the CUDA kernels
+when a GPU is present (the `cuda` parametrisations).
 
 Shapes cover both memory formats, C = 3 and 20 (not multiples of 8: scalar paths),
 C = 16/24 (vector paths), numel not a multiple of 8 (mask tail), batch 1.
@@ -12,7 +14,6 @@ import torch
 from torch.nn import functional as F
 
 from conftest import DEVICES
-from resnet_fused.schemas import SCHEMAS
 from tolerance import assert_within
 
 if os.environ.get("RESNET_FUSED_SKIP_EXT") == "1":
@@ -69,13 +70,6 @@ def bn_params(C, device, dtype=torch.float32):
     w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype).to(device)
     b = torch.randn(C, dtype=torch.float64).to(dtype).to(device)
     return w, b
-
-
-# ----------------------------------------------------------------------------- schemas
-def test_schemas_are_the_shared_ones():
-    for name, schema in SCHEMAS.items():
-        got = str(getattr(ops, name).default._schema)
-        assert got == f"resnet_fused::{schema}", got
 
 
 def test_module_reports_cuda_build():
@@ -312,55 +306,6 @@ def test_conv_batch_one_and_1x1_spatial():
     b = torch.randn(5)
     out = ops.conv_bias_relu(x, w, b, 2, 1)
     torch.testing.assert_close(out, _conv_ref(x, w, b, 2, 1))
-
-
-# ----------------------------------------------------------------------------- opcheck
-def _opcheck_cases(device):
-    def c(shape=(3, 5, 7, 6), cl=False, dtype=torch.float32):
-        return act(shape, dtype, cl, device)
-
-    def bn(cc):
-        m64, v64 = stats64(cc)
-        sd = stat_dtype(cc.dtype)
-        w, b = bn_params(cc.shape[1], device, sd)
-        return m64.to(sd), torch.rsqrt(v64 + 1e-5).to(sd), w, b
-
-    def bwd():
-        cc = c(cl=True)
-        m, i, w, b = bn(cc)
-        mask = ops.bn_act(cc, m, i, w, b, None)[1]
-        return (torch.randn_like(cc), mask, cc, m, i, w, True)
-
-    def vec(*s, lo=0.0):
-        return (torch.rand(*s, dtype=torch.float64) + lo).float().to(device)
-
-    return {
-        "channel_stats": lambda: (c(cl=True),),
-        "bn_finalize": lambda: (vec(5), vec(5, lo=0.1), vec(5, lo=0.5), vec(5), vec(5), vec(5, lo=0.5),
-                                torch.tensor(3, dtype=torch.long, device=device), 0.1, 1e-5, 126),
-        "bn_act": lambda: (lambda cc: (cc, *bn(cc), c(cl=True)))(c(cl=True)),
-        "bn_act_backward": bwd,
-        "conv_bias_relu": lambda: (c(), vec(4, 5, 3, 3), vec(4), 2, 1),
-        "conv_bias_shortcut_relu": lambda: (c((2, 4, 5, 5)), vec(6, 4, 3, 3), vec(6),
-                                            c((2, 3, 9, 9)), vec(6, 3, 1, 1), 1, 2, 0),
-    }
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(SCHEMAS))
-def test_opcheck(device, name):
-    args = _opcheck_cases(device)[name]()
-    torch.library.opcheck(getattr(ops, name).default, args)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_bn_act_autograd(device):
-    c = act((2, 3, 4, 4), torch.float64, True, device).requires_grad_()
-    m64, v64 = stats64(c.detach())
-    w = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
-    r = act((2, 3, 4, 4), torch.float64, True, device).requires_grad_()
-    torch.library.opcheck(ops.bn_act.default, (c, m64, torch.rsqrt(v64 + 1e-5), w, b, r))
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -1,11 +1,11 @@
-"""The op layer with the torch backend: schemas, opcheck, the packed mask, and each op
-against a float64 computation."""
+"""The torch backend's ops beyond the op contract (tests/test_op_contract.py: schemas,
+opcheck, float64 reference): the packed mask format, and the ops against PyTorch's
+own BatchNorm and convolutions (they are the contract's reference themselves)."""
 import pytest
 import torch
 from torch.nn import functional as F
 
 from resnet_fused.backends import torch_ops
-from resnet_fused.schemas import SCHEMAS
 
 ops = torch_ops.ops
 
@@ -13,12 +13,6 @@ ops = torch_ops.ops
 def _c(shape=(3, 5, 7, 6), dtype=torch.float32, channels_last=False):
     c = torch.randn(shape, dtype=torch.float64).to(dtype)
     return c.contiguous(memory_format=torch.channels_last) if channels_last else c
-
-
-def test_schemas_are_the_shared_ones():
-    for name, schema in SCHEMAS.items():
-        got = str(getattr(ops, name).default._schema)
-        assert got == f"resnet_fused_torch::{schema}", got
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -33,50 +27,6 @@ def test_mask_roundtrip_and_physical_order(channels_last, numel_shape):
     physical = (b.permute(0, 2, 3, 1) if channels_last else b).reshape(-1)
     i = int(torch.nonzero(physical)[0])
     assert (int(packed[i // 8]) >> (i % 8)) & 1 == 1
-
-
-def _bn_args(c, residual=True):
-    C = c.shape[1]
-    mean, var = ops.channel_stats(c)
-    invstd = torch.rsqrt(var + 1e-5)
-    w = torch.rand(C, dtype=torch.float64).add(0.5).float()
-    b = torch.randn(C, dtype=torch.float64).float()
-    r = torch.randn_like(c) if residual else None
-    return mean, invstd, w, b, r
-
-
-OPCHECK_CASES = {
-    "channel_stats": lambda: (_c(),),
-    "bn_finalize": lambda: (torch.randn(5), torch.rand(5) + 0.1, torch.rand(5), torch.randn(5),
-                            torch.randn(5), torch.rand(5) + 0.5,
-                            torch.tensor(3, dtype=torch.long), 0.1, 1e-5, 126),
-    "bn_act": lambda: (lambda c: (c, *_bn_args(c)))(_c(channels_last=True)),
-    "bn_act_backward": lambda: (lambda c: (
-        torch.randn_like(c), ops.bn_act(c, *_bn_args(c))[1], c, *_bn_args(c)[:2],
-        torch.rand(5) + 0.5, True))(_c()),
-    "conv_bias_relu": lambda: (_c(), torch.randn(4, 5, 3, 3), torch.randn(4), 2, 1),
-    "conv_bias_shortcut_relu": lambda: (_c((2, 4, 5, 5)), torch.randn(6, 4, 3, 3),
-                                        torch.randn(6), _c((2, 3, 9, 9)),
-                                        torch.randn(6, 3, 1, 1), 1, 2, 0),
-}
-
-
-@pytest.mark.parametrize("name", list(SCHEMAS))
-def test_opcheck(name):
-    args = OPCHECK_CASES[name]()
-    torch.library.opcheck(getattr(ops, name).default, args)
-
-
-def test_opcheck_autograd_of_differentiable_ops():
-    c = _c((2, 3, 4, 4), torch.float64).requires_grad_()
-    mean, invstd, w, b, r = _bn_args(c.detach())
-    args = (c, mean.double(), invstd.double(), w.double().requires_grad_(),
-            b.double().requires_grad_(), r.double().requires_grad_())
-    torch.library.opcheck(ops.bn_act.default, args)
-    x = _c((2, 3, 6, 6), torch.float64).requires_grad_()
-    wt = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(ops.conv_bias_relu.default, (x, wt, bias, 1, 1))
 
 
 def test_bn_act_gradient_is_training_batchnorm():

@@ -85,39 +85,6 @@ def test_k2_conv_bias_shortcut_relu(shortcut, channels_last, dtype, device):
     assert_within("K2", out, _k2_ref(y, w, b, x, w3, 1, s3, p3), ref)
 
 
-def _opcheck_args(channels_last, proj):
-    fmt = _fmt(channels_last)
-    x = _rand("cpu", torch.float32, 2, 8, 7, 7, fmt=fmt).requires_grad_()
-    w1 = _rand("cpu", torch.float32, 16, 8, 3, 3, scale=0.2, fmt=fmt).requires_grad_()
-    b1 = _rand("cpu", torch.float32, 16).requires_grad_()
-    y = _rand("cpu", torch.float32, 2, 16, 4, 4, fmt=fmt).requires_grad_()
-    w2 = _rand("cpu", torch.float32, 16, 16, 3, 3, scale=0.1, fmt=fmt).requires_grad_()
-    if proj:
-        w3 = _rand("cpu", torch.float32, 16, 8, 1, 1, scale=0.3, fmt=fmt).requires_grad_()
-        k2 = (y, w2, b1, x, w3, 1, 2, 0)
-    else:
-        xi = _rand("cpu", torch.float32, 2, 16, 4, 4, fmt=fmt).requires_grad_()
-        k2 = (y, w2, b1, xi, None, 1, 0, 0)
-    return (x, w1, b1, 2, 1), k2
-
-
-@pytest.mark.parametrize("proj", [False, True], ids=["identity", "projection"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck(channels_last, proj):
-    """Schema, fake (meta) implementation, autograd registration, AOT dispatch."""
-    k1, k2 = _opcheck_args(channels_last, proj)
-    torch.library.opcheck(OPS.conv_bias_relu.default, k1)
-    torch.library.opcheck(OPS.conv_bias_shortcut_relu.default, k2)
-
-
-def test_schemas_match_the_single_source():
-    from resnet_fused.schemas import SCHEMAS
-    for name in ("conv_bias_relu", "conv_bias_shortcut_relu"):
-        got = str(getattr(OPS, name).default._schema).split("::", 1)[1]
-        # torch < 2.14 ignores triton_op's schema= and infers SymInt for int arguments.
-        assert got.replace("SymInt", "int") == SCHEMAS[name], got
-
-
 # --------------------------------------------------------------------------- the block
 @pytest.mark.parametrize("kind", list(BLOCKS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -242,30 +242,6 @@ def test_finite_difference_gradients(name):
             f"{nm}: finite difference {fd:.6f} vs autograd {an:.6f} (noise {noise:.1e})")
 
 
-def test_opcheck_block_ops():
-    for name in ("identity", "bn/2"):
-        names, vals, _ = _functional(name)
-        vals[0] = torch.randn(2, CONFIGS[name][0], 5, 4).contiguous(memory_format=CL)
-        stride = CONFIGS[name][2]
-        pad3 = 0 if vals[9] is None else vals[9].shape[-1] // 2
-        args = tuple(vals) + (stride, pad3, 1e-5, 1e-5, 1e-5)
-        # Every check, with inputs that require grad (autograd registration, AOT dispatch
-        # through the registered backward) on the identity block; the cheap ones on the
-        # BN'd projection (interpreter time).
-        leaves = tuple(v.clone().requires_grad_() if v is not None else None for v in vals)
-        utils = (("test_schema", "test_autograd_registration", "test_faketensor",
-                  "test_aot_dispatch_dynamic") if name == "identity"
-                 else ("test_schema", "test_faketensor"))
-        torch.library.opcheck(ops.block_train.default, leaves + args[13:], test_utils=utils)
-        out, c1, c2, c3, mask, stats = ops.block_train(*args)
-        g = torch.randn_like(out)
-        bargs = (g, vals[0], c1, c2, c3, mask, stats, vals[1], vals[3], vals[4], vals[5],
-                 vals[7], vals[9], vals[11], vals[2] is not None, vals[6] is not None,
-                 vals[10] is not None, stride, pad3, 1e-5, 1e-5, 1e-5)
-        torch.library.opcheck(ops.block_train_backward.default, bargs,
-                              test_utils=("test_schema", "test_faketensor"))
-
-
 def _compile_step(backend, device):
     block = _make_block("1x1/2").to(device)
     eager = FusedResidual.from_residual(copy.deepcopy(block), backend="triton")

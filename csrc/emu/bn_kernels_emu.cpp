@@ -6,6 +6,7 @@
 // channel counts, misaligned views, multi-block grids).
 #define RESNET_FUSED_EMULATE 1
 #include "../cuda/bn_kernels.cu"
+#include "../schemas.h"
 
 namespace resnet_fused {
 namespace {
@@ -36,15 +37,7 @@ void vec8_copy(const Tensor& src, int64_t src_offset, Tensor& dst, int64_t dst_o
 }  // namespace resnet_fused
 
 TORCH_LIBRARY(resnet_fused_emu, m) {
-  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
-  m.def("bn_finalize(Tensor mean, Tensor var, Tensor weight, Tensor bias, "
-        "Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
-        "float momentum, float eps, int count) -> (Tensor invstd, Tensor scale, Tensor shift)");
-  m.def("bn_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
-        "Tensor? residual) -> (Tensor out, Tensor mask)");
-  m.def("bn_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor invstd, "
-        "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
-        "Tensor grad_bias, Tensor grad_residual)");
+  resnet_fused::define_bn_schemas(m);  // the same schemas as resnet_fused's BN ops
   m.def("vec8_copy(Tensor src, int src_offset, Tensor(a!) dst, int dst_offset) -> ()");
 }
 

@@ -22,6 +22,7 @@ from torch import nn
 from .. import distributed
 from ..ops import like_format, momentum_arg
 from ..reference import conv_forward
+from ..schemas import NAMESPACES
 from .base import Backend, FoldedBlock
 from .torch_ops import backward_apply, backward_reduce
 
@@ -99,7 +100,7 @@ class TorchBackend(CompositeBackend):
     """Portable: ATen ops on any device; float64 too (gradcheck)."""
 
     name = "torch"
-    namespace = "resnet_fused_torch"
+    namespace = NAMESPACES["torch"]
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..schemas import NAMESPACES
 from .composite import CompositeBackend
 
 BUILD_HINT = (
@@ -38,7 +39,7 @@ def load_extension():
         return None, f"{type(e).__name__}: {e}"
     from ..ops import register_op_layer
 
-    register_op_layer("resnet_fused", fakes=True)
+    register_op_layer(NAMESPACES["native"])
     return _C, None
 
 
@@ -46,7 +47,7 @@ class NativeBackend(CompositeBackend):
     """cuDNN convolutions + our BN kernels (CUDA), or their C++ twins on CPU."""
 
     name = "native"
-    namespace = "resnet_fused"
+    namespace = NAMESPACES["native"]
 
     def __init__(self):
         self._ext, self._import_error = load_extension()

@@ -1,9 +1,10 @@
-"""The torch backend's ops: each schema op of resnet_fused/schemas.py as ATen ops.
+"""The torch backend's ops: each op of schemas.COMMON_OPS as ATen ops.
 
-Registered under the namespace `resnet_fused_torch` with torch.library.custom_op, so
+Defined under the namespace `resnet_fused_torch` with ops.define_op (custom_ops), so
 they run on any device and dtype PyTorch supports (float64 included, for gradcheck),
 and are the numerical twin of the native and triton kernels: same inputs, same
-outputs, same packed mask.
+outputs, same packed mask. They are the reference the op contract test
+(tests/test_op_contract.py) holds every backend's ops to, in float64.
 """
 from __future__ import annotations
 
@@ -12,15 +13,11 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ..ops import is_channels_last, register_op_layer, stats_dtype
-from ..schemas import MUTATING, SCHEMAS
+from ..ops import define_op, is_channels_last, stats_dtype
+from ..schemas import NAMESPACES
 
-NS = "resnet_fused_torch"
+NS = NAMESPACES["torch"]
 _BIT_WEIGHTS = {}
-
-
-def _schema_tail(name: str) -> str:
-    return SCHEMAS[name][len(name):]
 
 
 def _physical_flat(t: torch.Tensor) -> torch.Tensor:
@@ -54,12 +51,6 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _op(name: str):
-    return torch.library.custom_op(f"{NS}::{name}", mutates_args=MUTATING.get(name, ()),
-                                   schema=_schema_tail(name))
-
-
-@_op("channel_stats")
 def channel_stats(x):
     var, mean = torch.var_mean(x.to(stats_dtype(x)), dim=(0, 2, 3), correction=0)
     return mean, var
@@ -87,14 +78,12 @@ def finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tra
     return invstd, scale, shift
 
 
-@_op("bn_finalize")
 def bn_finalize(mean, var, weight, bias, running_mean, running_var, num_batches_tracked,
                 momentum, eps, count):
     return finalize(mean, var, weight, bias, running_mean, running_var,
                     num_batches_tracked, momentum, eps, count)
 
 
-@_op("bn_act")
 def bn_act(c, mean, invstd, weight, bias, residual: Optional[torch.Tensor]):
     scale = weight.to(mean.dtype) * invstd
     shift = bias.to(mean.dtype) - mean * scale
@@ -146,7 +135,6 @@ def backward_apply(grad_out, mask: Optional[torch.Tensor], c, mean, invstd, weig
     return _apply(g, xhat, c, invstd, weight, mean_g, mean_gx, residual_grad)
 
 
-@_op("bn_act_backward")
 def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
     m = c.numel() // c.shape[1]
     g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
@@ -156,12 +144,10 @@ def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
     return grad_c, grad_weight, grad_bias, grad_res
 
 
-@_op("conv_bias_relu")
 def conv_bias_relu(x, weight, bias, stride, padding):
     return F.conv2d(x, weight, bias, stride, padding).relu_()
 
 
-@_op("conv_bias_shortcut_relu")
 def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.Tensor],
                             padding, shortcut_stride, shortcut_padding):
     out = F.conv2d(y, weight, bias, 1, padding)
@@ -172,5 +158,7 @@ def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.
     return out.relu_()
 
 
-register_op_layer(NS, fakes=True)
+for _fn in (channel_stats, bn_finalize, bn_act, bn_act_backward, conv_bias_relu,
+            conv_bias_shortcut_relu):
+    define_op(NS, _fn.__name__, _fn)
 ops = getattr(torch.ops, NS)

@@ -2,7 +2,8 @@
 
 Eval: two kernels per block (eval_ops.py): K1 relu(conv(x, W1') + b1'), K2
 relu(conv(y1, W2') + b2' + shortcut) with a projection shortcut as a second GEMM
-into the same accumulator. Training: train.py (the fused training path).
+into the same accumulator. Training: train.py (the fused training path, one op
+block_train).
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
@@ -17,17 +18,18 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
+from ...schemas import NAMESPACES
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
-from .launcher import declare_kernels
-from .train import train_block  # defines block_train; imported here, never while tracing
+from . import launcher
+from .train import block_group, train_block  # defines block_train; imported here, never while tracing
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
-declare_kernels("resnet_fused_triton", (bn, _conv, _conv_bwd))
+launcher.declare_kernels(NAMESPACES["triton"], (bn, _conv, _conv_bwd))
 
 _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
              "resnet_fused to use the interpreter")
@@ -35,7 +37,7 @@ _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before impo
 
 class TritonBackend(CompositeBackend):
     name = "triton"
-    namespace = "resnet_fused_triton"
+    namespace = NAMESPACES["triton"]
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)
@@ -51,7 +53,7 @@ class TritonBackend(CompositeBackend):
         if device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return _CPU_HINT
-            if not _conv._INTERPRET:
+            if not launcher.INTERPRET:
                 return ("TRITON_INTERPRET=1 was set after resnet_fused's Triton kernels were "
                         "defined; set it before importing resnet_fused")
             return None
@@ -69,7 +71,13 @@ class TritonBackend(CompositeBackend):
     # forward_eval: CompositeBackend's K1 -> K2 over this namespace's eval ops.
 
     def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
-        return train_block(block, x, groups)
+        group = block_group(groups, block)
+        if group is None:
+            raise NotImplementedError(
+                "triton train_block: synchronized BatchNorm needs every BN of the block "
+                "synchronized over the same process group (convert_sync_batchnorm does that); "
+                "use backend='torch' or 'native' for a mix")
+        return train_block(block, x, group)
 
 
 __all__ = ["TritonBackend"]

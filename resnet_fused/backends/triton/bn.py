@@ -12,15 +12,18 @@ Ops (schemas exactly as resnet_fused/schemas.py):
 Activations may be NCHW- or channels_last-contiguous: every kernel indexes a channel as
 (n, c, hw) with the tensor's own strides, and the mask follows the *physical* offset.
 
-How the ops are registered: on a GPU with `torch.library.triton_op`, so torch.compile
-sees the kernels; under TRITON_INTERPRET=1 (no GPU) with `torch.library.custom_op`,
-because triton_op's fake is its own Python body, and an interpreted kernel cannot be
-traced (wrap_triton passes it through in torch 2.14 and rejects it in 2.11; launcher.py
-never hands it one). The fake
-implementations there are the shared ones of resnet_fused/ops.py (FAKES). bn_act's
-autograd is the op layer's: register_op_layer(NS, fakes=False, names=<these four ops>).
+How the ops are registered: with resnet_fused.ops.define_op, as triton_ops on a GPU
+(torch.compile sees the kernels) and as custom_ops with the op layer's shared fakes
+under TRITON_INTERPRET=1 (an interpreted kernel cannot be traced: wrap_triton passes
+it through in torch 2.14 and rejects it in 2.11; launcher.py never hands it one).
+bn_act's autograd is the op layer's (backward = resnet_fused_triton::bn_act_backward).
 The op functions carry full annotations: torch 2.11 (the GPU image) ignores triton_op's
 `schema=` and infers the schema from them.
+
+Callers: the composite training path (CompositeBackend.forward_train, ATen
+convolutions around these ops), which the triton backend takes for the blocks its
+fused path cannot (backends/triton/__init__.py); the fused path (train.py) calls the
+*_impl helpers below inside its own op.
 
 Numerics: every reduction accumulates in fp32 around a mean or a shift (channel_stats:
 two-pass per tile, Chan's pairwise combine of tiles and chunks), so neither a large
@@ -35,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ...schemas import SCHEMAS
+from ...ops import define_op
+from ...schemas import NAMESPACES
 from .launcher import INTERPRET, launch
 
-NS = "resnet_fused_triton"
+NS = NAMESPACES["triton"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile sizes. The interpreter pays per program and per op, not per element: big tiles.
@@ -396,7 +400,11 @@ def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
     return out, mask
 
 
-def _coef(red, mean, invstd, weight, C, M):
+def bn_coef(red, mean, invstd, weight, M: int):
+    """The BN backward's apply coefficients [4, C] (a, b, d, mean; see
+    _bn_bwd_coef_kernel), grad_weight and grad_bias from red = [sum g, sum g*xhat]
+    over M values per channel."""
+    C = mean.shape[0]
     coef = torch.empty((4, C), device=red.device, dtype=torch.float32)
     gw = torch.empty((C,), device=red.device, dtype=torch.float32)
     gb = torch.empty((C,), device=red.device, dtype=torch.float32)
@@ -431,8 +439,8 @@ def bn_backward_coef(grad_out, mask, c, mean, invstd, weight, second=None):
            M, C, HW, sN, sC, sHW, rows, HAS_MASK=mask is not None, TWO=second is not None,
            BR=_BR, BC=_BC)
     if second is None:
-        return _coef(red, mean, invstd, weight, C, M)
-    return _coef(red, mean, invstd, weight, C, M), _coef(redb, meanb, invb, weightb, C, M)
+        return bn_coef(red, mean, invstd, weight, M)
+    return bn_coef(red, mean, invstd, weight, M), bn_coef(redb, meanb, invb, weightb, M)
 
 
 # =========================================================================== ops
@@ -508,45 +516,9 @@ def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor
     return grad_c, gw, gb, grad_res
 
 
-_IMPLS = {
-    "channel_stats": (_channel_stats, ()),
-    "bn_finalize": (_bn_finalize, ("running_mean", "running_var", "num_batches_tracked")),
-    "bn_act": (_bn_act, ()),
-    "bn_act_backward": (_bn_act_backward, ()),
-}
+for _name, _fn in (("channel_stats", _channel_stats), ("bn_finalize", _bn_finalize),
+                   ("bn_act", _bn_act), ("bn_act_backward", _bn_act_backward)):
+    define_op(NS, _name, _fn, traceable_triton=not INTERPRET)
 
-
-def define_op(name: str, fn, schema: str, mutates=(), fake=None):
-    """Define NS::name from `fn`: triton_op on a GPU, custom_op + `fake` in the
-    interpreter (see the module docstring for why). Returns the op."""
-    qual = f"{NS}::{name}"
-    if INTERPRET:
-        op = torch.library.custom_op(qual, fn, mutates_args=tuple(mutates), schema=schema)
-        if fake is not None:
-            op.register_fake(fake)
-        return op
-    return torch.library.triton_op(qual, fn, mutates_args=tuple(mutates), schema=schema)
-
-
-def _schema_of(name: str) -> str:
-    full = SCHEMAS[name]
-    assert full.startswith(name + "(")
-    return full[len(name):]
-
-
-def _define_bn_ops():
-    from ... import ops as op_layer
-
-    ops = {}
-    for name, (fn, mutates) in _IMPLS.items():
-        ops[name] = define_op(name, fn, _schema_of(name), mutates, op_layer.FAKES[name])
-    # bn_act's autograd is the op layer's (backward = NS::bn_act_backward). Fakes were
-    # given to define_op (interpreter) or are triton_op's own body (GPU).
-    op_layer.register_op_layer(NS, fakes=False, names=tuple(_IMPLS))
-    return ops
-
-
-OPS = _define_bn_ops()
-
-__all__ = ["NS", "INTERPRET", "OPS", "launch", "define_op", "channel_stats_impl",
-           "finalize_impl", "bn_act_impl", "bn_backward_coef"]
+__all__ = ["chan_merge", "channel_stats_impl", "finalize_impl", "bn_act_impl", "bn_coef",
+           "bn_backward_coef"]

@@ -7,6 +7,12 @@ torch.library forbids register_autograd on ops that mutate their inputs, so the 
 statistics are updated AFTER the unit, by the mutating `bn_finalize` op fed with the
 batch statistics the unit returns (its invstd/scale/shift outputs are unused).
 
+Both ops' schemas are in resnet_fused/schemas.py, their fakes and block_train's
+autograd in the op layer (resnet_fused/ops.py), and they are defined here with
+ops.define_op. The op boundary is flat tensors; on the Python side their arguments
+and results are ops.py's named tuples (BlockTrainArgs, BlockTrainOut,
+BlockTrainBackwardArgs, BlockTrainGrads), whose fields are the schema's names.
+
 Forward (5 kernels + 3 tiny ones; BN'd projection +2, D2L projection +0):
   c1, (m1, v1) = conv(x, w1) + b1        stats in the conv epilogue (conv.py)
   finalize1 -> scale1, shift1            tiny, no running-stat update
@@ -41,11 +47,15 @@ the process group, "" for none): each conv's epilogue statistics are combined ac
 the group (one all-reduce per BN) before the finalize that the next kernel's prologue
 or the final pass reads; in backward the BN2 (+BN3) reductions are all-reduced (one
 collective) before their coefficients feed conv2's dgrad, and the BN1 reductions of
-that dgrad's epilogue (one more) before conv1's wgrad/dgrad prologues.
+that dgrad's epilogue (one more) before conv1's wgrad/dgrad prologues. The op takes one
+group for the whole block: a block whose BNs are synchronized over different groups
+(or only some of them) is not taken (block_group returns None), and the backend runs
+it the composite way (backends/triton/__init__.py).
 
 Saved for backward: x, c1, c2 (c3 only for a BN'd projection), the 1-bit mask and a
 [7, C] fp32 tensor of batch means/variances and the (global) count. Nothing of y1,
-bn2(c2), the shortcut or out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32 weight-gradient buffers.
+bn2(c2), the shortcut or out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32
+weight-gradient buffers.
 
 No host synchronisation anywhere: every data-dependent value stays on the device.
 """
@@ -56,25 +66,20 @@ from typing import Optional
 import torch
 
 from ... import distributed
-from ...ops import memory_format_of, momentum_arg
-from .bn import NS, bn_act_impl, bn_backward_coef, define_op, finalize_impl
-from .bn import _bn_bwd_coef_kernel, _BC
+from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, conv_out_hw, define_op,
+                    memory_format_of, momentum_arg)
+from ...schemas import NAMESPACES
+from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
 from .conv import conv2d_nhwc
 from .conv_bwd import conv_dgrad, conv_wgrad
-from .launcher import launch
-
-import triton
+from .launcher import INTERPRET
 
 _CL = torch.channels_last
+_OPS = getattr(torch.ops, NAMESPACES["triton"])
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
-
-
-def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
-    """Output size of the block's 3x3, padding-1 convolution with `stride`."""
-    return (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
 
 
 # =========================================================================== forward
@@ -88,11 +93,8 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  group: str = ""
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor, torch.Tensor]:
-    """Returns (out, c1, c2, c3, mask, stats); c1, c2, c3 ([0] unless the projection
-    has a BN), mask and stats = [m1, v1, m2, v2, m3, v3, count] are for backward and the
-    running statistics (m3/v3 zero without bn3; count: every element the values per
-    channel, over the whole group when synchronized)."""
-    P, Q = _out_hw(x.shape[2], x.shape[3], stride)
+    """block_train (schemas.py): BlockTrainOut(out, c1, c2, c3, mask, stats) as a tuple."""
+    P, Q = conv_out_hw(x.shape[2], x.shape[3], 3, 3, stride, 1)
     count = n = x.shape[0] * P * Q  # values per channel of each BN: this rank's, the group's
     c1, m1, v1 = conv2d_nhwc(x, w1, b1, stride=stride, padding=1, stats=True)
     if group:
@@ -128,32 +130,10 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                                 res_bn=(m3, inv3, g3, beta3))
     n_row = torch.full_like(m1, n) if not group else n.to(m1.dtype).expand_as(m1)
     stats = torch.stack([m1, v1, m2, v2, m3, v3, n_row])
-    return out, c1, c2, c3, mask, stats
-
-
-def _block_train_fake(x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3,
-                      stride, pad3, eps1, eps2, eps3, group=""):
-    N, _, H, W = x.shape
-    K = w1.shape[0]
-    P, Q = _out_hw(H, W, stride)
-    act = x.new_empty((N, K, P, Q)).contiguous(memory_format=_CL)
-    c3 = torch.empty_like(act) if (w3 is not None and g3 is not None) else _empty(x)
-    mask = x.new_empty(((N * K * P * Q + 7) // 8,), dtype=torch.uint8)
-    stats = x.new_empty((7, K), dtype=torch.float32)
-    return act, torch.empty_like(act), torch.empty_like(act), c3, mask, stats
+    return tuple(BlockTrainOut(out=out, c1=c1, c2=c2, c3=c3, mask=mask, stats=stats))
 
 
 # =========================================================================== backward
-def _coef_from_red(red, mean, invstd, weight, M):
-    C = mean.shape[0]
-    coef = torch.empty((4, C), device=mean.device, dtype=torch.float32)
-    gw = torch.empty((C,), device=mean.device, dtype=torch.float32)
-    gb = torch.empty((C,), device=mean.device, dtype=torch.float32)
-    launch(_bn_bwd_coef_kernel, (triton.cdiv(C, _BC),), red, mean, invstd, weight,
-           coef, gw, gb, C, M, BC=_BC)
-    return coef, gw, gb
-
-
 def _global_coef(coef, invstd, sum_g, sum_gx, count):
     """The apply coefficients [a, b, d, mean] (see bn._bn_bwd_coef_kernel) with the
     group's reductions and count: b = -a*invstd*sum(g*xhat)/N, d = -a*sum(g)/N."""
@@ -174,8 +154,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor]:
-    """(dx, dw1, db1, dg1, dbeta1, dw2, db2, dg2, dbeta2, dw3, db3, dg3, dbeta3); the
-    gradients of absent parameters are empty [0] tensors."""
+    """block_train_backward (schemas.py): BlockTrainGrads (dx, dw1, ..., dbeta3) as a
+    tuple; the gradients of absent parameters are empty [0] tensors."""
     N, _, H, W = x.shape
     _, K, P, Q = c2.shape
     M = N * P * Q
@@ -210,7 +190,7 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
         coef1 = _global_coef(torch.stack([a1, a1, a1, m1]), inv1, total1[0], total1[1], n)
         dg1, dbeta1 = red1[1].clone(), red1[0].clone()  # outputs may not alias
     else:
-        coef1, dg1, dbeta1 = _coef_from_red(red1, m1, inv1, g1, M)
+        coef1, dg1, dbeta1 = bn_coef(red1, m1, inv1, g1, M)
 
     if g3 is None:
         dg3 = dbeta3 = None
@@ -234,64 +214,17 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
     def vec(t, like):
         return _empty(x) if t is None or like is None else t.to(like.dtype)
 
-    return (dx, wt(dw1, w1), vec(db1, w1), vec(dg1, g1), vec(dbeta1, beta1),
-            wt(dw2, w2), vec(db2, w2), vec(dg2, g2), vec(dbeta2, g2),
-            wt(dw3, w3) if w3 is not None else _empty(x), vec(db3, w3), vec(dg3, g3),
-            vec(dbeta3, g3))
+    return tuple(BlockTrainGrads(
+        dx=dx, dw1=wt(dw1, w1), db1=vec(db1, w1), dg1=vec(dg1, g1), dbeta1=vec(dbeta1, beta1),
+        dw2=wt(dw2, w2), db2=vec(db2, w2), dg2=vec(dg2, g2), dbeta2=vec(dbeta2, g2),
+        dw3=wt(dw3, w3), db3=vec(db3, w3), dg3=vec(dg3, g3), dbeta3=vec(dbeta3, g3)))
 
 
-def _block_train_backward_fake(grad_out, x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2,
-                               w3, g3, has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3,
-                               group=""):
-    K = w1.shape[0]
-
-    def vec(flag, like):
-        return like.new_empty((K,)) if flag else _empty(x)
-
-    has_w3, has_g3 = w3 is not None, g3 is not None
-    return (torch.empty_like(x), torch.empty_like(w1, memory_format=torch.contiguous_format),
-            vec(has_b1, w1), torch.empty_like(g1), torch.empty_like(beta1),
-            torch.empty_like(w2, memory_format=torch.contiguous_format), vec(has_b2, w2),
-            torch.empty_like(g2), g2.new_empty((K,)),
-            (torch.empty_like(w3, memory_format=torch.contiguous_format) if has_w3
-             else _empty(x)),
-            vec(has_w3 and has_b3, w3 if has_w3 else x), vec(has_g3, g3 if has_g3 else x),
-            vec(has_g3, g3 if has_g3 else x))
-
-
-block_train_op = define_op("block_train", _block_train, None, (), _block_train_fake)
-block_train_backward_op = define_op("block_train_backward", _block_train_backward, None, (),
-                                    _block_train_backward_fake)
-
-
-# =========================================================================== autograd
-def _setup(ctx, inputs, output):
-    (x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3,
-     stride, pad3, eps1, eps2, eps3, group) = inputs
-    out, c1, c2, c3, mask, stats = output
-    ctx.mark_non_differentiable(c1, c2, c3, mask, stats)
-    ctx.save_for_backward(x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3)
-    ctx.cfg = (b1 is not None, b2 is not None, b3 is not None, stride, pad3, eps1, eps2, eps3,
-               group)
-
-
-def _backward(ctx, grad_out, *_unused):
-    x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3 = ctx.saved_tensors
-    has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3, group = ctx.cfg
-    grad_out = grad_out.contiguous(memory_format=_CL)
-    (dx, dw1, db1, dg1, dbeta1, dw2, db2, dg2, dbeta2, dw3, db3, dg3,
-     dbeta3) = torch.ops.resnet_fused_triton.block_train_backward(
-        grad_out, x, c1, c2, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3,
-        has_b1, has_b2, has_b3, stride, pad3, eps1, eps2, eps3, group)
-    has_w3, has_g3 = w3 is not None, g3 is not None
-    return (dx, dw1, db1 if has_b1 else None, dg1, dbeta1,
-            dw2, db2 if has_b2 else None, dg2, dbeta2,
-            dw3 if has_w3 else None, db3 if (has_w3 and has_b3) else None,
-            dg3 if has_g3 else None, dbeta3 if has_g3 else None,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd(f"{NS}::block_train", _backward, setup_context=_setup)
+# The op layer (resnet_fused/ops.py) holds their fakes and block_train's autograd
+# (backward = block_train_backward).
+define_op(NAMESPACES["triton"], "block_train", _block_train, traceable_triton=not INTERPRET)
+define_op(NAMESPACES["triton"], "block_train_backward", _block_train_backward,
+          traceable_triton=not INTERPRET)
 
 
 # =========================================================================== entry
@@ -310,47 +243,36 @@ def _check_conv(conv, name, kernel_sizes, stride, in_ch, out_ch):
                          f"{conv.out_channels} channels, expected {in_ch}->{out_ch}")
 
 
-def _bn_params(bn, dtype_like: torch.Tensor):
-    """(weight, bias) of a BatchNorm; ones/zeros for affine=False."""
-    if bn.weight is not None:
-        return bn.weight, bn.bias
-    C = bn.num_features
-    return (torch.ones(C, device=dtype_like.device, dtype=torch.float32),
-            torch.zeros(C, device=dtype_like.device, dtype=torch.float32))
-
-
 def _update_running(bn, mean, var, count) -> None:
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
+    """bn's running statistics from the batch statistics block_train returned."""
     if isinstance(count, torch.Tensor):  # the group's count, a device tensor
         distributed.finalize_global(mean, var, count, bn)
         return
-    w, b = _bn_params(bn, mean)
-    momentum = momentum_arg(bn)
-    torch.ops.resnet_fused_triton.bn_finalize(mean, var, w.detach(), b.detach(),
-                                              bn.running_mean, bn.running_var,
-                                              bn.num_batches_tracked, momentum, float(bn.eps),
-                                              count)
+    _OPS.bn_finalize(mean, var, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+                     bn.running_var, bn.num_batches_tracked, momentum_arg(bn), float(bn.eps),
+                     count)
 
 
-def _group_name(groups, bns) -> str:
-    """The one process group name of a synchronized block ("" for none)."""
+def block_group(groups, block) -> Optional[str]:
+    """The process group name block_train takes for a block whose BNs are synchronized
+    over `groups` (resnet_fused/distributed.py): "" for none, the one group's name when
+    every BN of the block is synchronized over the same group, None when it cannot take
+    the block (a mix of groups, or of local and synchronized BNs)."""
     if groups is None:
         return ""
+    bns = (block.bn1, block.bn2, getattr(block, "bn3", None))
     mine = [g for g, bn in zip(groups, bns) if bn is not None]
     if any(g is None for g in mine) or len({g.group_name for g in mine}) != 1:
-        raise NotImplementedError(
-            "triton train_block: synchronized BatchNorm needs every BN of the block "
-            "synchronized over the same process group (convert_sync_batchnorm does that); "
-            "use backend='torch' or 'native' for a mix")
+        return None
     return mine[0].group_name
 
 
-def train_block(block, x: torch.Tensor, groups=None) -> torch.Tensor:
+def train_block(block, x: torch.Tensor, group: str = "") -> torch.Tensor:
     """Training forward of the block (batch statistics), differentiable in x and every
     parameter; updates the running statistics of bn1, bn2 (and bn3) as nn.BatchNorm2d.
     x: NCHW or channels_last contiguous; the output has x's memory format.
-    groups: (group of bn1, bn2, bn3) of a synchronized block (resnet_fused/distributed.py)."""
+    group: the name of the process group every BN of the block is synchronized over
+    ("" for none; block_group)."""
     conv1, conv2, conv3 = block.conv1, block.conv2, getattr(block, "conv3", None)
     bn1, bn2, bn3 = block.bn1, block.bn2, getattr(block, "bn3", None)
     N, Cin, H, W = x.shape
@@ -369,7 +291,7 @@ def train_block(block, x: torch.Tensor, groups=None) -> torch.Tensor:
         if bn is not None and bn.num_features != K:
             raise ValueError(f"triton train_block: {name} has {bn.num_features} features, the "
                              f"block {K} channels")
-    P, Q = _out_hw(H, W, s)
+    P, Q = conv_out_hw(H, W, 3, 3, s, 1)
     if N * P * Q <= 1:
         raise ValueError(f"triton train_block: batch statistics need more than one value per "
                          f"channel, got N*P*Q = {N * P * Q} (input {tuple(x.shape)})")
@@ -389,19 +311,18 @@ def train_block(block, x: torch.Tensor, groups=None) -> torch.Tensor:
         w3, b3 = cw(conv3)
         pad3 = conv3.padding[0]
         if bn3 is not None:
-            g3, beta3 = _bn_params(bn3, x)
-    g1, beta1 = _bn_params(bn1, x)
-    g2, beta2 = _bn_params(bn2, x)
-    group = _group_name(groups, (bn1, bn2, bn3))
-    out, c1, c2, c3, mask, stats = torch.ops.resnet_fused_triton.block_train(
-        xc, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3, s, pad3,
-        float(bn1.eps), float(bn2.eps), float(bn3.eps) if bn3 is not None else 1e-5, group)
-    count = stats[6, 0] if group else N * P * Q
-    _update_running(bn1, stats[0], stats[1], count)
-    _update_running(bn2, stats[2], stats[3], count)
+            g3, beta3 = bn3.weight, bn3.bias
+    o = BlockTrainOut(*_OPS.block_train(*BlockTrainArgs(
+        x=xc, w1=w1, b1=b1, g1=bn1.weight, beta1=bn1.bias, w2=w2, b2=b2, g2=bn2.weight,
+        beta2=bn2.bias, w3=w3, b3=b3, g3=g3, beta3=beta3, stride=s, pad3=pad3,
+        eps1=float(bn1.eps), eps2=float(bn2.eps),
+        eps3=float(bn3.eps) if bn3 is not None else 1e-5, group=group)))
+    count = o.stats[6, 0] if group else N * P * Q
+    _update_running(bn1, o.stats[0], o.stats[1], count)
+    _update_running(bn2, o.stats[2], o.stats[3], count)
     if bn3 is not None:
-        _update_running(bn3, stats[4], stats[5], count)
-    return out.contiguous(memory_format=fmt)
+        _update_running(bn3, o.stats[4], o.stats[5], count)
+    return o.out.contiguous(memory_format=fmt)
 
 
-__all__ = ["train_block", "block_train_op", "block_train_backward_op"]
+__all__ = ["block_group", "train_block"]

@@ -1,0 +1,32 @@
+// The op schemas of resnet_fused/schemas.py (its COMMON_OPS), character for character:
+// the one C++ copy, included by ops.cpp (TORCH_LIBRARY resnet_fused) and by the CUDA
+// emulation emu/bn_kernels_emu.cpp (TORCH_LIBRARY resnet_fused_emu).
+// tests/test_op_contract.py compares these strings with schemas.py; the registered
+// ops of resnet_fused are compared there too.
+#pragma once
+
+#include <torch/library.h>
+
+namespace resnet_fused {
+
+// The BatchNorm training ops (CPU kernels in ops.cpp, CUDA kernels in cuda/bn_kernels.cu).
+inline void define_bn_schemas(torch::Library& m) {
+  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_finalize(Tensor mean, Tensor var, Tensor weight, Tensor bias, "
+        "Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
+        "float momentum, float eps, int count) -> (Tensor invstd, Tensor scale, Tensor shift)");
+  m.def("bn_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor? residual) -> (Tensor out, Tensor mask)");
+  m.def("bn_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor invstd, "
+        "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
+        "Tensor grad_bias, Tensor grad_residual)");
+}
+
+// The eval ops (CPU kernels in ops.cpp, cuDNN in cuda/conv_cudnn.cpp).
+inline void define_conv_schemas(torch::Library& m) {
+  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding) -> Tensor");
+  m.def("conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
+        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding) -> Tensor");
+}
+
+}  // namespace resnet_fused

@@ -1,0 +1,305 @@
+"""The op contract, over backend namespace x op (resnet_fused/schemas.py): every op of
+every backend available here has its schema from schemas.py, passes
+torch.library.opcheck (schema, fake, autograd registration, AOT dispatch), and agrees
+with the float64 reference by the tolerance rule: the torch namespace's op in float64
+for the ops every backend implements, the plain block in float64 for the triton
+backend's training block. Also: the C++ schema strings (csrc/schemas.h) are
+schemas.py's, character for character.
+
+Backends: torch always; native when the extension is built (a missing build fails,
+as in test_native_ops.py); triton through its interpreter on CPU. Shapes are tiny
+(the interpreter pays per program and per op). Behaviour specific to one backend
+(dtype sweeps, vector paths, error messages) is tested in that backend's own file.
+"""
+import os
+import re
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import DEVICES
+from resnet_fused import ops as op_layer
+from resnet_fused.backends import torch_ops
+from resnet_fused.schemas import BACKEND_OPS, COMMON_OPS, NAMESPACES, SCHEMAS
+from tolerance import assert_within
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CL = torch.channels_last
+REF = torch.ops.resnet_fused_torch
+
+
+def _load(backend):
+    """Import what defines the backend's ops; a reason to skip when it cannot run here."""
+    if backend == "native":
+        if os.environ.get("RESNET_FUSED_SKIP_EXT") == "1":
+            return "built without the extension (RESNET_FUSED_SKIP_EXT=1)"
+        from resnet_fused.backends.native import load_extension
+        ext, err = load_extension()
+        if ext is None:  # a missing build is a failure: CI builds the extension
+            raise ImportError(f"resnet_fused._C is not built: {err}")
+    elif backend == "triton":
+        try:
+            import resnet_fused.backends.triton  # noqa: F401
+        except ImportError as e:
+            return f"triton is not importable: {e}"
+    return None
+
+
+def _ops(backend, device):
+    reason = _load(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend on CPU needs TRITON_INTERPRET=1")
+    return getattr(torch.ops, NAMESPACES[backend])
+
+
+PAIRS = [(b, n) for b in NAMESPACES for n in BACKEND_OPS[b]]
+COMMON_PAIRS = [(b, n) for b, n in PAIRS if n in COMMON_OPS]
+
+
+# --------------------------------------------------------------------------- schemas
+def _cpp_schemas():
+    """The schema strings of csrc/schemas.h's m.def(...) calls (adjacent literals joined)."""
+    with open(os.path.join(ROOT, "csrc", "schemas.h")) as f:
+        text = f.read()
+    calls = re.findall(r'm\.def\(((?:\s*"(?:[^"\\]|\\.)*")+)\s*\)', text)
+    return ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', c)).replace('\\"', '"') for c in calls]
+
+
+def test_cpp_schema_strings_are_schemas_py():
+    assert _cpp_schemas() == [SCHEMAS[n] for n in COMMON_OPS]
+
+
+@pytest.mark.parametrize("backend,name", PAIRS)
+def test_registered_schema(backend, name):
+    got = str(getattr(_ops(backend, "cpu"), name).default._schema)
+    want = f"{NAMESPACES[backend]}::{SCHEMAS[name]}"
+    if backend == "triton" and "SymInt" in got:
+        # torch < 2.14 ignores triton_op's schema= and infers it from the function's
+        # annotations: SymInt for int, unnamed returns.
+        got = got.replace("SymInt", "int")
+        want = re.sub(r"(Tensor) \w+([,)])", r"\1\2", want.split(" -> ")[1])
+        got = got.split(" -> ")[1]
+    assert got == want
+
+
+# --------------------------------------------------------------------------- cases
+def _t(*shape, device, lo=None, scale=1.0, fmt=None):
+    t = torch.randn(shape, dtype=torch.float64) * scale if lo is None else \
+        torch.rand(shape, dtype=torch.float64) + lo
+    t = t.float().to(device)
+    return t.contiguous(memory_format=fmt) if fmt is not None else t
+
+
+def _cases(name, device):
+    """Named argument tuples (float32, both memory formats) of op `name`; the mask and
+    statistics inputs come from the torch namespace's ops, so they are consistent."""
+    A = op_layer.args_tuple(name)
+    out = []
+    for fmt in (torch.contiguous_format, CL):
+        def act(*shape):
+            return _t(*shape, device=device, fmt=fmt)
+
+        c = act(2, 5, 3, 3)  # 90 elements: the last mask byte is partial
+        mean, var = REF.channel_stats(c)
+        invstd = torch.rsqrt(var + 1e-5)
+        w, b = _t(5, device=device, lo=0.5), _t(5, device=device)
+        if name == "channel_stats":
+            out.append(A(x=act(2, 5, 3, 3) * 2 + 3))
+        elif name == "bn_finalize":
+            out.append(A(mean=mean, var=var, weight=w, bias=b,
+                         running_mean=_t(5, device=device),
+                         running_var=_t(5, device=device, lo=0.5),
+                         num_batches_tracked=torch.tensor(3, device=device),
+                         momentum=0.1, eps=1e-5, count=18))
+        elif name == "bn_act":
+            out.append(A(c=c, mean=mean, invstd=invstd, weight=w, bias=b, residual=act(2, 5, 3, 3)))
+            out.append(A(c=c, mean=mean, invstd=invstd, weight=w, bias=b, residual=None))
+        elif name == "bn_act_backward":
+            mask = REF.bn_act(c, mean, invstd, w, b, None)[1]
+            out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=mean, invstd=invstd,
+                         weight=w, residual_grad=fmt == CL))
+        elif name == "conv_bias_relu":
+            out.append(A(x=act(2, 5, 6, 5), weight=_t(4, 5, 3, 3, device=device, scale=0.3),
+                         bias=_t(4, device=device), stride=2, padding=1))
+        elif name == "conv_bias_shortcut_relu":
+            y, wt, bias = act(2, 4, 3, 3), _t(6, 4, 3, 3, device=device, scale=0.3), _t(6, device=device)
+            out.append(A(y=y, weight=wt, bias=bias, x=act(2, 3, 6, 6),
+                         shortcut_weight=_t(6, 3, 1, 1, device=device, scale=0.3),
+                         padding=1, shortcut_stride=2, shortcut_padding=0))
+            out.append(A(y=act(2, 4, 3, 3), weight=_t(4, 4, 3, 3, device=device, scale=0.3),
+                         bias=_t(4, device=device), x=act(2, 4, 3, 3), shortcut_weight=None,
+                         padding=1, shortcut_stride=1, shortcut_padding=0))
+    return out
+
+
+# Inputs an op is differentiable in (opcheck's autograd checks get them requiring grad).
+_DIFFERENTIABLE = {
+    "bn_act": ("c", "weight", "bias", "residual"),
+    "conv_bias_relu": ("x", "weight", "bias"),
+    "conv_bias_shortcut_relu": ("y", "weight", "bias", "x", "shortcut_weight"),
+}
+
+
+def _requiring_grad(name, args):
+    return args._replace(**{n: getattr(args, n).clone().requires_grad_()
+                            for n in _DIFFERENTIABLE.get(name, ())
+                            if getattr(args, n) is not None})
+
+
+def _cloned(args):
+    """Fresh copies of the tensor arguments (mutated ones must not leak between runs)."""
+    return type(args)(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def _double(args):
+    return type(args)(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                        else a for a in args))
+
+
+# --------------------------------------------------------------------------- common ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,name", COMMON_PAIRS)
+def test_opcheck(device, backend, name):
+    op = getattr(_ops(backend, device), name).default
+    for args in _cases(name, device):
+        torch.library.opcheck(op, tuple(_cloned(args)))
+        if name in _DIFFERENTIABLE:
+            torch.library.opcheck(op, tuple(_requiring_grad(name, _cloned(args))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,name", COMMON_PAIRS)
+def test_against_float64_torch_op(device, backend, name):
+    """Every output (and every argument the op writes) against the torch namespace's op
+    in float64, by the tolerance rule with the torch op in float32 as the plain path;
+    a packed mask must be exactly the bits of the op's own output > 0."""
+    op = getattr(_ops(backend, device), name)
+    written = op_layer.mutated_args(name)
+    for args in _cases(name, device):
+        got_args, plain_args, ref_args = _cloned(args), _cloned(args), _double(_cloned(args))
+        got = op(*got_args)
+        plain = getattr(REF, name)(*plain_args)
+        ref = getattr(REF, name)(*ref_args)
+        got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
+        fields = [r.name for r in torch._C.parse_schema(SCHEMAS[name]).returns]
+        for field, g, p, r in zip(fields, got, plain, ref):
+            if g.numel() == 0:  # an absent output (bn_act_backward without residual_grad)
+                assert g.shape == p.shape == (0,), f"{name}: {field}"
+                continue
+            if g.dtype == torch.uint8:
+                assert torch.equal(g, torch_ops.pack_mask(got[0] > 0)), f"{name}: {field}"
+                continue
+            assert g.dtype == p.dtype and g.shape == p.shape, f"{name}: {field}"
+            if g.dim() == 4:
+                assert g.stride() == p.stride(), f"{name}: {field} layout"
+            assert_within(f"{name} {field}", g, p, r)
+        for n in written:
+            g, p, r = (getattr(a, n) for a in (got_args, plain_args, ref_args))
+            if g.is_floating_point():
+                assert_within(f"{name} {n}", g, p, r)
+            else:
+                assert torch.equal(g, p) and torch.equal(g.cpu(), r.cpu()), f"{name}: {n}"
+
+
+# --------------------------------------------------------------------------- training block
+# name -> (input channels, output channels, stride, projection kernel or 0, BN'd projection)
+BLOCKS = {
+    "identity": (8, 8, 1, 0, False),
+    "1x1/2": (4, 8, 2, 1, False),      # D2L projection: the final pass is its GEMM epilogue
+    "bn/2": (4, 8, 2, 1, True),        # torchvision's downsample: conv1x1 + BN
+}
+
+
+def _block_args(kind, device):
+    cin, k, s, k3, bn3 = BLOCKS[kind]
+    A = op_layer.BlockTrainArgs
+
+    def t(*shape, lo=None, scale=1.0):
+        return _t(*shape, device=device, lo=lo, scale=scale)
+
+    return A(x=_t(2, cin, 5, 4, device=device, fmt=CL),
+             w1=t(k, cin, 3, 3, scale=0.3), b1=None, g1=t(k, lo=0.5), beta1=t(k),
+             w2=t(k, k, 3, 3, scale=0.3), b2=None, g2=t(k, lo=0.5), beta2=t(k),
+             w3=t(k, cin, k3, k3, scale=0.3) if k3 else None,
+             b3=t(k) if k3 and not bn3 else None,
+             g3=t(k, lo=0.5) if bn3 else None, beta3=t(k) if bn3 else None,
+             stride=s, pad3=k3 // 2, eps1=1e-5, eps2=1e-4, eps3=1e-3)
+
+
+def _plain_block(a):
+    """The plain block (conv, training BN, ReLU, shortcut) on block_train's arguments."""
+    def bn(c, g, beta, eps):
+        return F.batch_norm(c, None, None, g, beta, True, 0.0, eps)
+
+    c1 = F.conv2d(a.x, a.w1, a.b1, a.stride, 1)
+    c2 = F.conv2d(F.relu(bn(c1, a.g1, a.beta1, a.eps1)), a.w2, a.b2, 1, 1)
+    sc = a.x if a.w3 is None else F.conv2d(a.x, a.w3, a.b3, a.stride, a.pad3)
+    if a.g3 is not None:
+        sc = bn(sc, a.g3, a.beta3, a.eps3)
+    return F.relu(bn(c2, a.g2, a.beta2, a.eps2) + sc), c1, c2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_block_ops_opcheck(device, kind):
+    """block_train with inputs that require grad (autograd registration, AOT dispatch
+    through block_train_backward) on the identity block, the cheaper checks elsewhere
+    (interpreter time); block_train_backward's schema and fake."""
+    ops = _ops("triton", device)
+    a = _block_args(kind, device)
+    leaves = a._replace(**{n: v.clone().requires_grad_() for n, v in a._asdict().items()
+                           if isinstance(v, torch.Tensor)})
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor",
+              "test_aot_dispatch_dynamic") if kind == "identity"
+             else ("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.block_train.default, tuple(leaves), test_utils=utils)
+    o = op_layer.BlockTrainOut(*ops.block_train(*a))
+    b = op_layer.BlockTrainBackwardArgs(
+        grad_out=torch.randn_like(o.out), **{n: v for n, v in {**a._asdict(), **o._asdict()}.items()
+                                             if n in op_layer.BlockTrainBackwardArgs._fields},
+        has_b1=a.b1 is not None, has_b2=a.b2 is not None, has_b3=a.b3 is not None)
+    torch.library.opcheck(ops.block_train_backward.default, tuple(b),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_block_ops_against_float64_plain_block(device, kind):
+    """block_train's output and batch statistics, and the gradient of every tensor input
+    through its registered autograd (block_train_backward), against the plain block in
+    float64 by the tolerance rule (the plain block in float32 as the plain path)."""
+    ops = _ops("triton", device)
+    a = _block_args(kind, device)
+    runs = {}
+    for label, args in (("got", a), ("plain", a), ("ref", _double(a))):
+        leaves = args._replace(**{n: v.detach().clone().requires_grad_()
+                                  for n, v in args._asdict().items()
+                                  if isinstance(v, torch.Tensor)})
+        if label == "got":
+            o = op_layer.BlockTrainOut(*ops.block_train(*leaves))
+            out, c1, c2 = o.out, o.c1, o.c2
+        else:
+            out, c1, c2 = _plain_block(leaves)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out.backward(g.to(device=device, dtype=out.dtype))
+        runs[label] = (out, c1, c2, leaves, o if label == "got" else None)
+    got, plain, ref = runs["got"], runs["plain"], runs["ref"]
+    assert got[0].stride() == plain[0].contiguous(memory_format=CL).stride()
+    for i, field in ((0, "out"), (1, "c1"), (2, "c2")):
+        assert_within(f"{kind} {field}", got[i], plain[i], ref[i])
+    stats = got[4].stats
+    for row, c in ((0, 1), (2, 2)):
+        c64 = ref[c].detach()
+        assert_within(f"{kind} mean of c{c}", stats[row], plain[c].detach().mean((0, 2, 3)),
+                      c64.mean((0, 2, 3)), dtype=torch.float32)
+        assert_within(f"{kind} var of c{c}", stats[row + 1],
+                      plain[c].detach().var((0, 2, 3), unbiased=False),
+                      c64.var((0, 2, 3), unbiased=False), dtype=torch.float32)
+    assert torch.equal(got[4].mask, torch_ops.pack_mask(got[0] > 0))
+    for n, leaf in got[3]._asdict().items():
+        if isinstance(leaf, torch.Tensor):
+            assert_within(f"{kind} grad {n}", leaf.grad, getattr(plain[3], n).grad,
+                          getattr(ref[3], n).grad, factor=3)

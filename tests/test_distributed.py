@@ -136,3 +136,36 @@ def test_conversion_orders_keep_syncbatchnorm_children():
     for block in (first, then):
         assert isinstance(block, FusedResidual)
         assert type(block.bn1) is nn.SyncBatchNorm and type(block.bn2) is nn.SyncBatchNorm
+
+
+def test_triton_runs_a_block_with_mixed_groups_the_composite_way(one_rank_group, monkeypatch):
+    """The fused training op takes one process group for the whole block; a block whose
+    BNs are synchronized over different groups (here bn1 over the world, bn2 local)
+    goes through CompositeBackend.forward_train: ATen convolutions around the triton
+    namespace's BN ops (channel_stats, bn_finalize, bn_act and its backward)."""
+    pytest.importorskip("triton")
+    import copy
+
+    import resnet_fused.backends.triton as triton_backend
+    from tolerance import assert_within
+
+    monkeypatch.setattr(triton_backend, "train_block",
+                        lambda *a: pytest.fail("the fused op cannot take mixed groups"))
+    torch.manual_seed(0)
+    plain = Residual(4, 4).train()
+    ref = copy.deepcopy(plain).double()
+    fused = fuse_model(copy.deepcopy(plain), backend="triton")
+    backend = backends.get("triton", torch.device("cpu"))
+    assert backend.ops is torch.ops.resnet_fused_triton
+    x = torch.randn(3, 4, 5, 5)
+    xs = [x.clone().requires_grad_() for _ in range(2)] + [x.double().requires_grad_()]
+    outs = [backend.forward_train(fused, xs[0], groups=(dist.group.WORLD, None, None)),
+            plain(xs[1]), ref(xs[2])]
+    assert_within("out", *outs)
+    g = torch.randn_like(outs[2])
+    for o, xi in zip(outs, xs):
+        o.backward(g.to(o.dtype))
+    assert_within("grad x", *(xi.grad for xi in xs), factor=3)
+    for name in ("bn1", "bn2"):
+        assert_within(f"{name} running_var", *(getattr(m, name).running_var
+                                              for m in (fused, plain, ref)))

@@ -3,7 +3,9 @@
 Eval: two kernels per block (eval_ops.py): K1 relu(conv(x, W1') + b1'), K2
 relu(conv(y1, W2') + b2' + shortcut) with a projection shortcut as a second GEMM
 into the same accumulator. Training: train.py (the fused training path, one op
-block_train).
+block_train); a synchronized block whose BNs are not all synchronized over one
+process group goes the composite way instead (CompositeBackend.forward_train: ATen
+convolutions around this backend's BN ops of bn.py).
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
@@ -73,10 +75,9 @@ class TritonBackend(CompositeBackend):
     def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
         group = block_group(groups, block)
         if group is None:
-            raise NotImplementedError(
-                "triton train_block: synchronized BatchNorm needs every BN of the block "
-                "synchronized over the same process group (convert_sync_batchnorm does that); "
-                "use backend='torch' or 'native' for a mix")
+            # BNs synchronized over different groups (or some local): one collective
+            # per BN, which the fused block does not do; the composite path does.
+            return super().forward_train(block, x, groups)
         return train_block(block, x, group)
 
 

@@ -159,6 +159,8 @@ std::tuple<Tensor, Tensor> channel_stats_cpu(const Tensor& x) {
 }
 
 // ---------------------------------------------------------------- bn_finalize
+// Signature and shared checks mirror bn_finalize_cuda (cuda/bn_kernels.cu): the two
+// kernels of one schema.
 std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean, const Tensor& var,
                                                    const Tensor& weight, const Tensor& bias,
                                                    Tensor& running_mean, Tensor& running_var,

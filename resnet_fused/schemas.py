@@ -80,6 +80,7 @@ SCHEMAS = {
     # The triton backend's fused training block (backends/triton/train.py): the whole
     # residual block's training forward as one functional op (conv1 -> bn1 -> ReLU ->
     # conv2 -> bn2 -> + shortcut -> ReLU), differentiable through block_train_backward.
+    # x and the activations returned are channels_last-contiguous.
     # w3/b3 the projection shortcut (None: identity), g3/beta3 its BN (None: none);
     # the convolutions are 3x3 with padding 1, conv3 is 1x1 or 3x3 with padding pad3.
     # group: the process group name of a synchronized block ("" for none).

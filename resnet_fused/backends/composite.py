@@ -1,8 +1,9 @@
 """The composite block: ATen convolutions plus the schema ops of one namespace.
 
-Shared by the `torch` backend (ops in resnet_fused_torch, Python/ATen) and the
-`native` backend (ops in resnet_fused, the C++/CUDA extension): the data flow is the
-same, only the kernels behind the ops differ.
+Shared by the `torch` backend (ops in resnet_fused_torch, Python/ATen), the `native`
+backend (ops in resnet_fused, the C++/CUDA extension) and the `triton` backend (its
+eval, and its training of blocks the fused op cannot take: resnet_fused_triton's BN
+ops): the data flow is the same, only the kernels behind the ops differ.
 
 Training:  c1 = conv1(x); stats -> finalize (running stats) -> y1 = bn_act(c1)
            c2 = conv2(y1); stats -> finalize -> out = bn_act(c2, residual=shortcut)

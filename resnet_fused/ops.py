@@ -77,8 +77,10 @@ def args_tuple(name: str):
 
 
 def returns_tuple(name: str):
-    """A namedtuple class of op `name`'s returns (fields: the schema's return names)."""
-    return namedtuple(f"{name}_returns", [r.name for r in _parsed(name).returns])
+    """A namedtuple class of op `name`'s returns (fields: the schema's return names;
+    result<i> for an unnamed one)."""
+    return namedtuple(f"{name}_returns", [r.name or f"result{i}"
+                                          for i, r in enumerate(_parsed(name).returns)])
 
 
 BlockTrainArgs = args_tuple("block_train")

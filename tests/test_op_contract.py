@@ -133,8 +133,8 @@ def _cases(name, device):
             out.append(A(x=act(2, 5, 6, 5), weight=_t(4, 5, 3, 3, device=device, scale=0.3),
                          bias=_t(4, device=device), stride=2, padding=1))
         elif name == "conv_bias_shortcut_relu":
-            y, wt, bias = act(2, 4, 3, 3), _t(6, 4, 3, 3, device=device, scale=0.3), _t(6, device=device)
-            out.append(A(y=y, weight=wt, bias=bias, x=act(2, 3, 6, 6),
+            out.append(A(y=act(2, 4, 3, 3), weight=_t(6, 4, 3, 3, device=device, scale=0.3),
+                         bias=_t(6, device=device), x=act(2, 3, 6, 6),
                          shortcut_weight=_t(6, 3, 1, 1, device=device, scale=0.3),
                          padding=1, shortcut_stride=2, shortcut_padding=0))
             out.append(A(y=act(2, 4, 3, 3), weight=_t(4, 4, 3, 3, device=device, scale=0.3),

@@ -27,7 +27,8 @@ from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
 from . import launcher
-from .train import block_group, train_block  # defines block_train; imported here, never while tracing
+# train defines block_train; imported here, never while tracing.
+from .train import block_group, train_block
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.

@@ -27,8 +27,8 @@ fused path cannot (backends/triton/__init__.py); the fused path (train.py) calls
 
 Numerics: every reduction accumulates in fp32 around a mean or a shift (channel_stats:
 two-pass per tile, Chan's pairwise combine of tiles and chunks), so neither a large
-mean nor an outlier cancels the variance away; BN parameters and running buffers are read and written in
-their own dtype, computed in fp32.
+mean nor an outlier cancels the variance away; BN parameters and running buffers are
+read and written in their own dtype, computed in fp32.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from tolerance import assert_within
 
 triton = pytest.importorskip("triton")
 from resnet_fused.backends.triton import bn as tbn  # noqa: E402
-from resnet_fused.backends.triton.conv_bwd import conv_dgrad, conv_wgrad  # noqa: E402
+from resnet_fused.backends.triton.conv_bwd import GradOperand, conv_dgrad, conv_wgrad  # noqa: E402
 
 ops = torch.ops.resnet_fused_triton
 CL = torch.channels_last
@@ -29,7 +29,7 @@ def _dtypes(device):
     return DTYPES + ([torch.bfloat16] if device == "cuda" else [])
 
 
-# `poison` (NaN-filled torch.empty/empty_like) comes from tests/conftest.py.
+# `poison` (NaN-filled torch.empty/empty_like) is tests/poisoning.py's fixture.
 
 
 def _skip_cuda(device):
@@ -294,8 +294,9 @@ def test_conv_dgrad_wgrad(device, kernel, stride, pad, poison):
 
         ref = grads(torch.float64)
         plain = grads(dtype if dtype == torch.float32 or device == "cuda" else torch.float32)
-        dx = conv_dgrad(g, w, (H, W), stride, pad)
-        dw, db = conv_wgrad(g, x, w.shape, stride, pad, need_db=True)
+        dx, red = conv_dgrad(GradOperand(g), w, (H, W), stride, pad)
+        dw, db = conv_wgrad(GradOperand(g), x, w.shape, stride, pad, need_db=True)
+        assert red is None
         assert dx.dtype == dtype and dx.is_contiguous(memory_format=CL)
         assert_within("dx", dx, plain[0].to(dtype), ref[0], factor=3)
         assert_within("dw", dw, plain[1], ref[1], factor=3, dtype=dtype)

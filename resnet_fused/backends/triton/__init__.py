@@ -22,7 +22,7 @@ from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
-from .launcher import declare_kernels
+from .launcher import INTERPRET, declare_kernels
 from .train import train_block  # defines block_train; imported here, never while tracing
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
@@ -51,7 +51,7 @@ class TritonBackend(CompositeBackend):
         if device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return _CPU_HINT
-            if not _conv._INTERPRET:
+            if not INTERPRET:
                 return ("TRITON_INTERPRET=1 was set after resnet_fused's Triton kernels were "
                         "defined; set it before importing resnet_fused")
             return None

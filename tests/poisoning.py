@@ -35,10 +35,15 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(real_like(*a, **k)))
 
 
-def poison_allocator(nbytes: int, device="cpu", copies: int = 1) -> None:
-    """Leave `copies` NaN-filled freed blocks of nbytes in `device`'s allocator."""
-    blocks = [torch.full(((nbytes + 1) // 2,), float("nan"), device=device,
-                         dtype=torch.bfloat16) for _ in range(copies)]
+def poison_allocator(nbytes: int, device="cpu", copies: int = 2) -> None:
+    """Leave NaN-filled freed blocks in `device`'s allocator: `copies` each of nbytes,
+    nbytes / 2, ... down to 64 bytes, so that outputs of any size up to nbytes find a
+    poisoned block of their size class."""
+    blocks = []
+    while nbytes >= 64:
+        blocks += [torch.full(((nbytes + 1) // 2,), float("nan"), device=device,
+                              dtype=torch.bfloat16) for _ in range(copies)]
+        nbytes //= 2
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     del blocks

@@ -301,3 +301,20 @@ def test_conv_dgrad_wgrad(device, kernel, stride, pad, poison):
         assert_within("dx", dx, plain[0].to(dtype), ref[0], factor=3)
         assert_within("dw", dw, plain[1], ref[1], factor=3, dtype=dtype)
         assert_within("db", db, plain[2], ref[2], factor=3, dtype=dtype)
+
+
+def test_backward_launchers_assert_what_their_caller_guarantees():
+    """conv_dgrad / conv_wgrad are fed by train.py only: an inconsistent operand spec is
+    an AssertionError naming the part, not a silent misread."""
+    g = _act((2, 6, 5, 5), torch.float32, CL, "cpu")
+    w = torch.randn(6, 4, 3, 3)
+    x = _act((2, 4, 5, 5), torch.float32, CL, "cpu")
+    coef = torch.zeros(4, 6)
+    with pytest.raises(AssertionError, match="needs c and coef"):
+        conv_dgrad(GradOperand(g, coef=coef), w, (5, 5), 1, 1)
+    with pytest.raises(AssertionError, match="mask size"):
+        conv_wgrad(GradOperand(g, mask=torch.zeros(3, dtype=torch.uint8)), x, w.shape, 1, 1)
+    with pytest.raises(AssertionError, match="gradient"):
+        conv_dgrad(GradOperand(g.contiguous()), w, (5, 5), 1, 1)
+    with pytest.raises(AssertionError, match="conv_wgrad: weight"):
+        conv_wgrad(GradOperand(g), x, (6, 5, 3, 3), 1, 1)

@@ -39,18 +39,6 @@ def _seed():
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled memory (0xA5 bytes for uint8), so an
-    element a kernel fails to write shows up in the comparison."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.uint8:
-            t.fill_(0xA5)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+# NaN poisoning (the `poison` fixture and poison_allocator) lives in tests/poisoning.py;
+# importing the fixture here makes it available to every test module.
+from poisoning import poison  # noqa: E402,F401

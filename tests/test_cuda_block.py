@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blockcheck import check_block, randomize_bn
+from poisoning import poison_allocator
 from resnet_fused import FusedResidual, Residual, backends
 
 pytestmark = pytest.mark.cuda
@@ -158,15 +159,6 @@ def test_native_fused_relu_opt_in_nan(monkeypatch):
     assert torch.isfinite(out[nan]).all(), "cuDNN's fused ReLU kept NaN"
 
 
-def _poison_allocator(nbytes, copies=4):
-    """Leave `copies` NaN-filled blocks of nbytes in the caching allocator, so the next
-    allocations of that size (an op's output, scratch) start as NaN."""
-    ts = [torch.full((nbytes // 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
-          for _ in range(copies)]
-    torch.cuda.synchronize()
-    del ts
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["default", "fused-opt-in"])
 def test_native_conv_bias_relu_ignores_poisoned_memory(monkeypatch, fused):
     """conv_bias_relu on NaN-filled recycled memory equals relu(conv + bias): no stale
@@ -183,7 +175,7 @@ def test_native_conv_bias_relu_ignores_poisoned_memory(monkeypatch, fused):
     ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
     out_bytes = 8 * 64 * 14 * 14 * 2
     for _ in range(3):
-        _poison_allocator(out_bytes)
+        poison_allocator(out_bytes, "cuda", copies=4)
         out = torch.ops.resnet_fused.conv_bias_relu(x, w, b, 1, 1)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
@@ -198,7 +190,7 @@ def test_aten_cudnn_convolution_relu_on_poisoned_memory():
         memory_format=torch.channels_last)
     b = torch.randn(64, device="cuda", dtype=torch.bfloat16)
     ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
-    _poison_allocator(8 * 64 * 14 * 14 * 2)
+    poison_allocator(8 * 64 * 14 * 14 * 2, "cuda", copies=4)
     out = torch.cudnn_convolution_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1)
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import DEVICES
+from poisoning import poison_allocator
 from tolerance import assert_within
 
 if os.environ.get("RESNET_FUSED_SKIP_EXT") == "1":
@@ -39,13 +40,6 @@ def stat_dtype(dtype):
 def act(shape, dtype, channels_last, device, scale=1.0, offset=0.0):
     x = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype).to(device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def poison(device, numel=1 << 16):
-    """Fill then free memory so the op's outputs likely reuse NaN-filled blocks (reliable
-    with the CUDA caching allocator; best effort on CPU): unwritten elements show up."""
-    t = torch.full((numel,), float("nan"), device=device)
-    del t
 
 
 def physical(t):
@@ -83,7 +77,7 @@ def test_module_reports_cuda_build():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_channel_stats(device, dtype, channels_last, shape):
     x = act(shape, dtype, channels_last, device, scale=2.0, offset=0.5)
-    poison(device)
+    poison_allocator(1 << 18, device)   # outputs likely reuse NaN-filled memory
     mean, var = ops.channel_stats(x)
     sd = stat_dtype(dtype)
     assert mean.dtype == var.dtype == sd and mean.shape == var.shape == (shape[1],)
@@ -160,7 +154,7 @@ def _bn_inputs(shape, dtype, channels_last, device, residual):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_bn_act(device, dtype, channels_last, residual, shape):
     c, mean, invstd, w, b, r = _bn_inputs(shape, dtype, channels_last, device, residual)
-    poison(device)
+    poison_allocator(1 << 18, device)   # outputs likely reuse NaN-filled memory
     out, mask = ops.bn_act(c, mean, invstd, w, b, r)
     assert out.dtype == dtype and out.shape == c.shape and out.stride() == c.stride()
     assert mask.dtype == torch.uint8 and mask.shape == ((c.numel() + 7) // 8,)
@@ -202,7 +196,7 @@ def test_bn_act_backward(device, dtype, channels_last, residual_grad, shape):
     c, mean, invstd, w, b, r = _bn_inputs(shape, dtype, channels_last, device, True)
     _, mask = ops.bn_act(c, mean, invstd, w, b, r)
     dy = act(shape, dtype, channels_last, device)
-    poison(device)
+    poison_allocator(1 << 18, device)   # outputs likely reuse NaN-filled memory
     gc, gw, gb, gr = ops.bn_act_backward(dy, mask, c, mean, invstd, w, residual_grad)
     sd = stat_dtype(dtype)
     assert gc.dtype == dtype and gc.stride() == c.stride()

@@ -18,7 +18,7 @@ from tolerance import assert_within
 
 triton = pytest.importorskip("triton")
 from resnet_fused.backends.triton import bn as tbn  # noqa: E402
-from resnet_fused.backends.triton.conv_bwd import conv_dgrad, conv_wgrad  # noqa: E402
+from resnet_fused.backends.triton.conv_bwd import GradOperand, conv_dgrad, conv_wgrad  # noqa: E402
 
 ops = torch.ops.resnet_fused_triton
 CL = torch.channels_last
@@ -31,7 +31,7 @@ def _dtypes(device):
     return DTYPES + ([torch.bfloat16] if device == "cuda" else [])
 
 
-# `poison` (NaN-filled torch.empty/empty_like) comes from tests/conftest.py.
+# `poison` (NaN-filled torch.empty/empty_like) is tests/poisoning.py's fixture.
 
 
 def _skip_cuda(device):
@@ -264,9 +264,27 @@ def test_conv_dgrad_wgrad(device, kernel, stride, pad, poison):
 
         ref = grads(torch.float64)
         plain = grads(dtype if dtype == torch.float32 or device == "cuda" else torch.float32)
-        dx = conv_dgrad(g, w, (H, W), stride, pad)
-        dw, db = conv_wgrad(g, x, w.shape, stride, pad, need_db=True)
+        dx, red = conv_dgrad(GradOperand(g), w, (H, W), stride, pad)
+        dw, db = conv_wgrad(GradOperand(g), x, w.shape, stride, pad, need_db=True)
+        assert red is None
         assert dx.dtype == dtype and dx.is_contiguous(memory_format=CL)
         assert_within("dx", dx, plain[0].to(dtype), ref[0], factor=3)
         assert_within("dw", dw, plain[1], ref[1], factor=3, dtype=dtype)
         assert_within("db", db, plain[2], ref[2], factor=3, dtype=dtype)
+
+
+def test_backward_launchers_assert_what_their_caller_guarantees():
+    """conv_dgrad / conv_wgrad are fed by train.py only: an inconsistent operand spec is
+    an AssertionError naming the part, not a silent misread."""
+    g = _act((2, 6, 5, 5), torch.float32, CL, "cpu")
+    w = torch.randn(6, 4, 3, 3)
+    x = _act((2, 4, 5, 5), torch.float32, CL, "cpu")
+    coef = torch.zeros(4, 6)
+    with pytest.raises(AssertionError, match="needs c and coef"):
+        conv_dgrad(GradOperand(g, coef=coef), w, (5, 5), 1, 1)
+    with pytest.raises(AssertionError, match="mask size"):
+        conv_wgrad(GradOperand(g, mask=torch.zeros(3, dtype=torch.uint8)), x, w.shape, 1, 1)
+    with pytest.raises(AssertionError, match="gradient"):
+        conv_dgrad(GradOperand(g.contiguous()), w, (5, 5), 1, 1)
+    with pytest.raises(AssertionError, match="conv_wgrad: weight"):
+        conv_wgrad(GradOperand(g), x, (6, 5, 3, 3), 1, 1)

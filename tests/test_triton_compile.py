@@ -29,11 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {
     ("resnet_fused.backends.triton.conv", "_conv_kernel"),
     ("resnet_fused.backends.triton.conv", "_conv_tma_kernel"),
-    ("resnet_fused.backends.triton.conv", "_stats_combine_kernel"),
+    ("resnet_fused.backends.triton.conv", "_tile_stats_combine_kernel"),
     ("resnet_fused.backends.triton.conv_bwd", "_dgrad_kernel"),
     ("resnet_fused.backends.triton.conv_bwd", "_wgrad_kernel"),
     ("resnet_fused.backends.triton.bn", "_stats_partial_kernel"),
-    ("resnet_fused.backends.triton.bn", "_stats_combine_kernel"),
+    ("resnet_fused.backends.triton.bn", "_chunk_stats_combine_kernel"),
     ("resnet_fused.backends.triton.bn", "_finalize_kernel"),
     ("resnet_fused.backends.triton.bn", "_bn_act_kernel"),
     ("resnet_fused.backends.triton.bn", "_bn_bwd_reduce_kernel"),

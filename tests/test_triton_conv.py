@@ -14,19 +14,14 @@ from conftest import DEVICES
 from tolerance import assert_within
 
 from resnet_fused.backends.triton import conv  # noqa: E402
-conv2d_nhwc = conv.conv2d_nhwc
+from resnet_fused.backends.triton.conv import (  # noqa: E402
+    Epilogue, Prologue, ResidualAdd, SecondGemm, conv2d_nhwc)
 
 CL = torch.channels_last
 
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Every buffer the launcher allocates starts as NaN, so an unwritten element fails."""
-    def nan_empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        # NaN for values; 0xA5 (alternating bits) for the packed uint8 ReLU mask.
-        return t.fill_(float("nan") if t.is_floating_point() else 0xA5)
-    monkeypatch.setattr(conv, "_new_empty", nan_empty)
+# Every buffer the launcher allocates starts as NaN (tests/poisoning.py), so an element a
+# kernel leaves unwritten fails the comparison.
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 # The interpreter computes bf16 on raw bits: bf16 only on the GPU.
@@ -87,7 +82,7 @@ def test_conv_bias_relu(N, C, H, W, K, R, stride, padding, dtype, device):
     x = _make(device, dtype, N, C, H, W).to(memory_format=CL)
     w = (_make(device, torch.float32, K, C, R, R) / (C * R * R) ** 0.5).to(dtype)
     b = _make(device, dtype, K)
-    out = conv2d_nhwc(x, w, b, stride=stride, padding=padding, relu=True)
+    out = conv2d_nhwc(x, w, stride, padding, epilogue=Epilogue(b, relu=True)).out
     assert out.shape == (N, K, (H + 2 * padding - R) // stride + 1, (W + 2 * padding - R) // stride + 1)
     _check("conv_bias_relu", dtype, device, out, (x, w, b, stride, padding), dict(relu=True))
 
@@ -97,7 +92,7 @@ def test_no_bias_no_relu_nchw_input(dtype, device):
     """NCHW input is accepted (converted once); a raw conv keeps negative values."""
     x = _make(device, dtype, 2, 16, 8, 8)  # NCHW-contiguous
     w = (_make(device, torch.float32, 24, 16, 3, 3) / 12).to(dtype)
-    out = conv2d_nhwc(x, w, stride=1, padding=1)
+    out = conv2d_nhwc(x, w, 1, 1).out
     assert (out < 0).any()
     _check("conv", dtype, device, out, (x, w, None, 1, 1), {})
 
@@ -107,8 +102,8 @@ def test_channels_last_weight(dtype, device):
     """A channels_last weight ([K, R, S, C] in memory) gives the same result."""
     x = _make(device, dtype, 2, 24, 7, 7).to(memory_format=CL)
     w = (_make(device, torch.float32, 16, 24, 3, 3) / 15).to(dtype)
-    a = conv2d_nhwc(x, w, stride=1, padding=1)
-    b = conv2d_nhwc(x, w.contiguous(memory_format=CL), stride=1, padding=1)
+    a = conv2d_nhwc(x, w, 1, 1).out
+    b = conv2d_nhwc(x, w.contiguous(memory_format=CL), 1, 1).out
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -119,7 +114,7 @@ def test_residual_relu(dtype, device):
     x = _make(device, dtype, 2, 24, 9, 9).to(memory_format=CL)
     w = (_make(device, torch.float32, 24, 24, 3, 3) / 15).to(dtype)
     b = _make(device, dtype, 24)
-    out = conv2d_nhwc(y, w, b, stride=1, padding=1, residual=x, relu=True)
+    out = conv2d_nhwc(y, w, 1, 1, residual=ResidualAdd(x), epilogue=Epilogue(b, relu=True)).out
     _check("conv_residual_relu", dtype, device, out, (y, w, b, 1, 1), dict(residual=x, relu=True))
 
 
@@ -135,8 +130,8 @@ def test_projection_second_gemm(R2, stride2, padding2, dtype, device):
     w = (_make(device, torch.float32, K, K, 3, 3) / 19).to(dtype)
     w3 = (_make(device, torch.float32, K, C, R2, R2) / (C * R2 * R2) ** 0.5).to(dtype)
     b = _make(device, dtype, K)
-    out = conv2d_nhwc(y, w, b, stride=1, padding=1, x2=x, w2=w3, stride2=stride2,
-                      padding2=padding2, relu=True)
+    out = conv2d_nhwc(y, w, 1, 1, second=SecondGemm(x, w3, stride2, padding2),
+                      epilogue=Epilogue(b, relu=True)).out
     _check("conv_projection", dtype, device, out, (y, w, b, 1, 1),
            dict(x2=x, w2=w3, stride2=stride2, padding2=padding2, relu=True))
 
@@ -165,9 +160,10 @@ def test_bn_residual_relu_mask_epilogue(R, stride, padding, H, dtype, device):
     c2 = (_make(device, torch.float32, N, K, P, P) * 2 + 1).to(dtype).to(memory_format=CL)
     scale = torch.rand(K, device=device) + 0.5
     shift = torch.randn(K, device=device) - 0.5
-    out, mask = conv2d_nhwc(x, w, b, stride=stride, padding=padding, residual=c2,
-                            residual_scale=scale, residual_shift=shift, relu=True,
-                            out_mask=True)
+    out, mask, mean, var = conv2d_nhwc(x, w, stride, padding,
+                                       residual=ResidualAdd(c2, scale, shift),
+                                       epilogue=Epilogue(b, relu=True, mask=True))
+    assert mean is None and var is None
     # The BN'd residual, in fp32 then rounded to dtype as a plain bn2 output would be.
     res = (c2.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
     res64 = c2.double() * scale.double()[None, :, None, None] + shift.double()[None, :, None, None]
@@ -183,13 +179,13 @@ def test_bn_residual_relu_mask_epilogue(R, stride, padding, H, dtype, device):
 
 @pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)
 def test_mask_with_stats_and_plain_residual(dtype, device):
-    """out_mask with a plain residual and stats: returns (out, mask, mean, var)."""
+    """The mask with a plain residual and stats: every field of ConvOut is filled."""
     N, C, H, K = 2, 16, 7, 16
     x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
     w = (_make(device, torch.float32, K, C, 3, 3) / 12).to(dtype)
     r = _make(device, dtype, N, K, H, H).to(memory_format=CL)
-    out, mask, mean, var = conv2d_nhwc(x, w, None, stride=1, padding=1, residual=r, relu=True,
-                                       out_mask=True, stats=True)
+    out, mask, mean, var = conv2d_nhwc(x, w, 1, 1, residual=ResidualAdd(r),
+                                       epilogue=Epilogue(relu=True, mask=True), stats=True)
     _check("conv_residual_mask", dtype, device, out, (x, w, None, 1, 1),
            dict(residual=r, relu=True))
     torch.testing.assert_close(mask, _pack_mask(out), rtol=0, atol=0)
@@ -214,13 +210,13 @@ def test_prologue_padding_is_zero_after_transform(stride, dtype, device):
     shift[::5] = -1.0  # some channels clipped by the ReLU too
     w = (_make(device, torch.float32, K, C, 3, 3) / 15).to(dtype)
     b = _make(device, dtype, K)
-    out = conv2d_nhwc(c1, w, b, stride=stride, padding=1, in_scale=scale, in_shift=shift,
-                      in_relu=True)
+    out = conv2d_nhwc(c1, w, stride, 1, prologue=Prologue(scale, shift, relu=True),
+                      epilogue=Epilogue(b)).out
     # The plain path's transform is in fp32 then rounded to dtype, as the kernel's is.
     y1 = torch.relu(c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
     _check("conv_prologue", dtype, device, out, (y1, w, b, stride, 1), {})
-    # Without in_relu, negative transformed values pass through.
-    out2 = conv2d_nhwc(c1, w, None, stride=stride, padding=1, in_scale=scale, in_shift=shift)
+    # Without the prologue's ReLU, negative transformed values pass through.
+    out2 = conv2d_nhwc(c1, w, stride, 1, prologue=Prologue(scale, shift, relu=False)).out
     y1b = (c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
     _check("conv_prologue_norelu", dtype, device, out2, (y1b, w, None, stride, 1), {})
 
@@ -232,7 +228,8 @@ def test_stats_epilogue(dtype, device):
     x = _make(device, dtype, N, C, H, H).to(memory_format=CL)
     w = (_make(device, torch.float32, K, C, 3, 3) / 15).to(dtype)
     b = (_make(device, torch.float32, K) * 3).to(dtype)  # far-from-zero means
-    out, mean, var = conv2d_nhwc(x, w, b, stride=1, padding=1, stats=True)
+    out, mask, mean, var = conv2d_nhwc(x, w, 1, 1, epilogue=Epilogue(b), stats=True)
+    assert mask is None
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (K,)
     _check("conv_stats_out", dtype, device, out, (x, w, b, 1, 1), {})
     # Exactly the statistics of what was written (up to fp32 summation order).
@@ -255,8 +252,8 @@ def test_stats_with_prologue_and_relu(dtype, device):
     scale = torch.rand(C, device=device) + 0.5
     shift = torch.randn(C, device=device)
     w = (_make(device, torch.float32, K, C, 3, 3) / 12).to(dtype)
-    out, mean, var = conv2d_nhwc(c1, w, None, stride=2, padding=1, in_scale=scale,
-                                 in_shift=shift, in_relu=True, stats=True)
+    out, _, mean, var = conv2d_nhwc(c1, w, 2, 1, prologue=Prologue(scale, shift, relu=True),
+                                    stats=True)
     y1 = torch.relu(c1.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
     _check("conv_prologue_stats", dtype, device, out, (y1, w, None, 2, 1), {})
     o64 = out.double()
@@ -292,7 +289,7 @@ def test_stats_independent_of_earlier_launches_on_the_same_buffers(bms, monkeypa
     x = _make("cpu", torch.float32, N, C, H, H).to(memory_format=CL)
     w = _make("cpu", torch.float32, K, C, 3, 3) / 8
     b = _make("cpu", torch.float32, K) * 3
-    out, mean, var = conv2d_nhwc(x, w, b, stride=1, padding=1, stats=True)
+    out, _, mean, var = conv2d_nhwc(x, w, 1, 1, epilogue=Epilogue(b), stats=True)
     assert launched == list(bms)
     _check("conv_stats_out", torch.float32, "cpu", out, (x, w, b, 1, 1), {})
     o64 = out.double()
@@ -332,7 +329,7 @@ def test_fp32_tf32_switch_cuda(allow):
         assert conv._input_precision(torch.float32) == ("tf32" if allow else "ieee")
         x = torch.randn(4, 64, 14, 14, device="cuda").to(memory_format=CL)
         w = torch.randn(64, 64, 3, 3, device="cuda") / 24
-        out = conv2d_nhwc(x, w, stride=1, padding=1)
+        out = conv2d_nhwc(x, w, 1, 1).out
         plain = F.conv2d(x, w, padding=1)
         ref = F.conv2d(x.double(), w.double(), padding=1)
         assert_within("fp32_tf32" if allow else "fp32_ieee", out, plain, ref)
@@ -351,48 +348,64 @@ def test_resnet_stage_shapes_cuda(dtype):
         x = torch.randn(4, C, H, H, device="cuda").to(dtype).to(memory_format=CL)
         w = (torch.randn(K, C, 3, 3, device="cuda") / (9 * C) ** 0.5).to(dtype)
         b = torch.randn(K, device="cuda").to(dtype)
-        out = conv2d_nhwc(x, w, b, stride=s, padding=1, relu=True)
+        out = conv2d_nhwc(x, w, s, 1, epilogue=Epilogue(b, relu=True)).out
         _check(f"stage{C}-{K}-{H}", dtype, "cuda", out, (x, w, b, s, 1), dict(relu=True))
 
 
-def test_bad_inputs_raise_clear_errors():
+OPS = torch.ops.resnet_fused_triton
+
+
+def test_eval_ops_bad_inputs_raise_clear_errors():
+    """The public ops validate what a user passes (conv_checks.py), naming the problem."""
+    x = torch.randn(1, 8, 5, 5).to(memory_format=CL)
+    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    k1 = [
+        ((x[0], w, b, 1, 1), ValueError, "conv_bias_relu: x must be 4-D"),
+        ((x, w[:, :4], b, 1, 1), ValueError, "weight expects 4 input channels, x has 8"),
+        ((x.double(), w, b, 1, 1), TypeError, "x dtype must be float32, float16 or bfloat16"),
+        ((x, w.long(), b, 1, 1), TypeError, "weight must be floating point"),
+        ((x, w, b, 0, 1), ValueError, "stride must be an int >= 1"),
+        ((x, w, b, 1, -1), ValueError, "padding must be an int >= 0"),
+        ((x, w, torch.randn(7), 1, 1), ValueError, r"bias must have shape \(8,\)"),
+        ((x[:0], w, b, 1, 1), ValueError, "x is empty"),
+        ((torch.randn(1, 8, 1, 1), w, b, 1, 0), ValueError, "empty output"),
+    ]
+    for args, err, match in k1:
+        with pytest.raises(err, match=match):
+            OPS.conv_bias_relu(*args)
+    x9, w1 = torch.randn(1, 8, 9, 9), torch.randn(8, 8, 1, 1)
+    k2 = [
+        ((x, w, b, x[:, :, :4], None, 1, 1, 0), ValueError,
+         r"identity shortcut x must have the output shape \(1, 8, 5, 5\)"),
+        ((x, w, b, x.half(), None, 1, 1, 0), TypeError, "x dtype torch.float16 differs"),
+        ((x, w, b, x9, torch.randn(4, 8, 1, 1), 1, 2, 0), ValueError,
+         r"projection shortcut conv\(x, shortcut_weight\) has shape \(1, 4, 5, 5\)"),
+        ((x, w, b, x9, w1, 1, 1, 0), ValueError, r"has shape \(1, 8, 9, 9\), the main"),
+        ((x, w, b, x9, w1, 1, 0, 0), ValueError, "shortcut_stride must be an int >= 1"),
+        ((x, w, b, x9, torch.randn(8, 4, 1, 1), 1, 2, 0), ValueError,
+         "shortcut_weight expects 4 input channels, x has 8"),
+        ((x, w, b[:4], x, None, 1, 1, 0), ValueError, r"bias must have shape \(8,\)"),
+    ]
+    for args, err, match in k2:
+        with pytest.raises(err, match=match):
+            OPS.conv_bias_shortcut_relu(*args)
+
+
+def test_launcher_asserts_what_its_callers_guarantee():
+    """Below the ops, conv2d_nhwc asserts (with a message) instead of validating."""
     x = torch.randn(1, 8, 5, 5).to(memory_format=CL)
     w = torch.randn(8, 8, 3, 3)
-    with pytest.raises(ValueError, match="x must be 4-D"):
-        conv2d_nhwc(x[0], w)
-    with pytest.raises(ValueError, match="w expects 4 input channels"):
-        conv2d_nhwc(x, w[:, :4])
-    with pytest.raises(TypeError, match="w dtype"):
-        conv2d_nhwc(x, w.half())
-    with pytest.raises(TypeError, match="x dtype must be"):
-        conv2d_nhwc(x.double(), w.double())
-    with pytest.raises(ValueError, match="stride must be an int >= 1"):
-        conv2d_nhwc(x, w, stride=0)
-    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-        conv2d_nhwc(x, w, torch.randn(7))
-    with pytest.raises(ValueError, match="x2 and w2 must be given together"):
-        conv2d_nhwc(x, w, x2=x)
-    with pytest.raises(ValueError, match="does not match"):
-        conv2d_nhwc(x, w, x2=torch.randn(1, 8, 9, 9), w2=torch.randn(8, 8, 1, 1), stride2=1)
-    with pytest.raises(ValueError, match="w2 has 4 output channels"):
-        conv2d_nhwc(x, w, x2=x, w2=torch.randn(4, 8, 1, 1))
-    with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
-        conv2d_nhwc(x, w, in_scale=torch.ones(8))
-    with pytest.raises(ValueError, match="in_relu needs"):
-        conv2d_nhwc(x, w, in_relu=True)
-    with pytest.raises(ValueError, match="residual shape"):
-        conv2d_nhwc(x, w, residual=torch.randn(1, 8, 4, 4))
-    with pytest.raises(ValueError, match="empty output"):
-        conv2d_nhwc(torch.randn(1, 8, 1, 1), w, padding=0)
     r = torch.randn(1, 8, 5, 5).to(memory_format=CL)
-    with pytest.raises(ValueError, match="residual_scale and residual_shift must be given"):
-        conv2d_nhwc(x, w, residual=r, residual_scale=torch.ones(8))
-    with pytest.raises(ValueError, match="need a residual"):
-        conv2d_nhwc(x, w, residual_scale=torch.ones(8), residual_shift=torch.zeros(8))
-    with pytest.raises(ValueError, match=r"residual_scale must have shape \(8,\)"):
-        conv2d_nhwc(x, w, residual=r, residual_scale=torch.ones(4), residual_shift=torch.zeros(4))
-    with pytest.raises(ValueError, match="out_mask needs a multiple of 8 output channels"):
-        conv2d_nhwc(x, torch.randn(12, 8, 3, 3), out_mask=True)
+    with pytest.raises(AssertionError, match="conv2d_nhwc: x"):
+        conv2d_nhwc(x, w.half())
+    with pytest.raises(AssertionError, match="K % 8 == 0"):
+        conv2d_nhwc(x, torch.randn(12, 8, 3, 3), epilogue=Epilogue(mask=True))
+    with pytest.raises(AssertionError, match="scale and shift go together"):
+        conv2d_nhwc(x, w, residual=ResidualAdd(r, torch.ones(8)))
+    with pytest.raises(AssertionError, match="residual.scale"):
+        conv2d_nhwc(x, w, residual=ResidualAdd(r, torch.ones(4), torch.zeros(4)))
+    with pytest.raises(AssertionError, match="second GEMM"):
+        conv2d_nhwc(x, w, second=SecondGemm(torch.randn(1, 8, 9, 9), torch.randn(8, 8, 1, 1)))
 
 
 # ------------------------------------------------------------------ tensor-descriptor path
@@ -416,7 +429,8 @@ def test_tma_path(N, C, H, W, K, R, dtype, device):
     w = (_make(device, torch.float32, K, C, R, R) / (C * R * R) ** 0.5).to(dtype)
     b = _make(device, dtype, K)
     res = _make(device, dtype, N, K, H, W).to(memory_format=CL)
-    out = conv2d_nhwc(x, w, b, stride=1, padding=pad, residual=res, relu=True, _path="tma")
+    out = conv2d_nhwc(x, w, 1, pad, residual=ResidualAdd(res), epilogue=Epilogue(b, relu=True),
+                      _path="tma").out
     _check("tma_residual", dtype, device, out, (x, w, b, 1, pad), dict(residual=res, relu=True))
 
 
@@ -429,9 +443,8 @@ def test_tma_path_bn_residual_mask(dtype, device):
     w = (_make(device, torch.float32, 40, 16, 1, 1) / 4).to(dtype)
     c2 = _make(device, dtype, 2, 40, 7, 6).to(memory_format=CL)
     scale, shift = torch.rand(40, device=device) + 0.5, torch.randn(40, device=device)
-    out, mask = conv2d_nhwc(x, w, None, stride=1, padding=0, residual=c2,
-                            residual_scale=scale, residual_shift=shift, relu=True,
-                            out_mask=True, _path="tma")
+    out, mask, _, _ = conv2d_nhwc(x, w, 1, 0, residual=ResidualAdd(c2, scale, shift),
+                                  epilogue=Epilogue(relu=True, mask=True), _path="tma")
     ref = torch.relu(F.conv2d(x.double(), w.double())
                      + c2.double() * scale.double()[None, :, None, None]
                      + shift.double()[None, :, None, None])
@@ -449,8 +462,8 @@ def test_tma_path_with_projection(dtype, device):
     w = (_make(device, torch.float32, 40, 40, 3, 3) / 19).to(dtype)
     w3 = (_make(device, torch.float32, 40, 24, 1, 1) / 5).to(dtype)
     b = _make(device, dtype, 40)
-    out = conv2d_nhwc(y, w, b, padding=1, x2=x, w2=w3, stride2=2, padding2=0, relu=True,
-                      _path="tma")
+    out = conv2d_nhwc(y, w, 1, 1, second=SecondGemm(x, w3, 2, 0), epilogue=Epilogue(b, relu=True),
+                      _path="tma").out
     _check("tma_projection", dtype, device, out, (y, w, b, 1, 1),
            dict(x2=x, w2=w3, stride2=2, padding2=0, relu=True))
 

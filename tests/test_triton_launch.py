@@ -35,8 +35,8 @@ def _run_every_launcher():
     conv_wgrad and a BN op: every kind of launch the backend makes."""
     x = _cl(2, 8, 9, 9)
     w = _cl(16, 8, 3, 3, scale=0.2)
-    out, mean, var = conv.conv2d_nhwc(x, w, None, stride=1, padding=1, stats=True)
-    g = _cl(*out.shape)
+    out, _, mean, var = conv.conv2d_nhwc(x, w, 1, 1, stats=True)
+    g = conv_bwd.GradOperand(_cl(*out.shape))
     conv_bwd.conv_dgrad(g, w, (9, 9), 1, 1)
     conv_bwd.conv_wgrad(g, x, w.shape, 1, 1)
     bn.channel_stats_impl(out)
@@ -248,8 +248,9 @@ def test_eval_k1_and_k2_of_an_identity_block_tune_separately(path, monkeypatch):
     b1, b2 = torch.randn(16), torch.randn(16)
 
     def k1_k2():
-        y = conv.conv2d_nhwc(x, w1, b1, padding=1, relu=True, _path=path)
-        conv.conv2d_nhwc(y, w2, b2, padding=1, residual=x, relu=True, _path=path)
+        y = conv.conv2d_nhwc(x, w1, 1, 1, epilogue=conv.Epilogue(b1, relu=True), _path=path).out
+        conv.conv2d_nhwc(y, w2, 1, 1, residual=conv.ResidualAdd(x),
+                         epilogue=conv.Epilogue(b2, relu=True), _path=path)
 
     launches, kernels = _recorded_launches(monkeypatch, k1_k2)
     assert len(launches) == 2 and kernels[0] is kernels[1]
@@ -295,7 +296,7 @@ def test_triton_ops_list_every_kernel_for_the_compile_cache(monkeypatch):
     monkeypatch.setattr(tlib, "triton_ops_to_kernels", registry)
     added = launcher.declare_kernels("resnet_fused_triton", (bn, conv, conv_bwd))
     listed = registry["resnet_fused_triton::some_op"]
-    for kernel in (conv._conv_kernel, conv._conv_tma_kernel, conv._stats_combine_kernel,
+    for kernel in (conv._conv_kernel, conv._conv_tma_kernel, conv._tile_stats_combine_kernel,
                    conv_bwd._dgrad_kernel, conv_bwd._wgrad_kernel, bn._bn_act_kernel,
                    bn._stats_partial_kernel):
         assert sum(k is kernel for k in listed) == 1, kernel

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia
 # The arguments each kernel writes (all the others are read-only or unused dummies).
 WRITES = {
     "_conv_kernel": {"out_ptr", "omask_ptr", "pmean_ptr", "pm2_ptr", "pcnt_ptr"},
-    "_stats_combine_kernel": {"omean_ptr", "om2_ptr", "ocnt_ptr",   # conv.py's
-                              "mean_ptr", "var_ptr"},               # bn.py's
+    "_tile_stats_combine_kernel": {"omean_ptr", "om2_ptr", "ocnt_ptr"},
+    "_chunk_stats_combine_kernel": {"mean_ptr", "var_ptr"},
     "_stats_partial_kernel": {"pmean_ptr", "pm2_ptr"},
     "_finalize_kernel": {"invstd_ptr", "scale_ptr", "shift_ptr", "rm_ptr", "rv_ptr", "nbt_ptr"},
     "_bn_act_kernel": {"out_ptr", "mask_ptr"},

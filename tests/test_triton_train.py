@@ -69,7 +69,7 @@ def _make_block(name, momentum=0.1):
     return block.train()
 
 
-# `poison` (NaN-filled torch.empty/empty_like) comes from tests/conftest.py.
+# `poison` (NaN-filled torch.empty/empty_like) is tests/poisoning.py's fixture.
 
 
 def _cases(device):
@@ -301,7 +301,7 @@ def test_d2l_projection_final_pass_is_the_gemm_epilogue(name, fused_final, monke
         return real_bn_act(*a, **k)
 
     def conv(*a, **k):
-        if not k.get("stats") and not k.get("out_mask"):
+        if not k.get("stats") and not k.get("epilogue", ttrain.Epilogue()).mask:
             calls["conv_plain_out"] += 1      # a conv whose output is only a temporary
         return real_conv(*a, **k)
 

@@ -72,8 +72,8 @@ class Result:
 
 
 def _require_compiled_mode():
-    from . import conv
-    if conv._INTERPRET:
+    from .launcher import INTERPRET
+    if INTERPRET:
         raise RuntimeError("aot: the kernels were defined under TRITON_INTERPRET=1; run this "
                            "in a process without it (python -m resnet_fused.backends.triton.aot)")
 
@@ -157,7 +157,7 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt):
 def _tma_launches(cin, k, hw, stride, kind, dt):
     """The descriptor (TMA) path where it is legal: stride-1 convolutions without a
     prologue or stats (K1 of stride-1 blocks, every K2)."""
-    from .conv import _input_precision, conv2d_nhwc
+    from .conv import Epilogue, ResidualAdd, SecondGemm, _input_precision, conv2d_nhwc
 
     if dt == torch.float32 and _input_precision(dt) == "ieee":
         return    # automatic selection never takes the descriptor path for IEEE fp32
@@ -165,21 +165,22 @@ def _tma_launches(cin, k, hw, stride, kind, dt):
     p = (hw - 1) // stride + 1
     y1 = _t((BATCH, k, p, p), dt)
     w1, w2, b = _t((k, cin, 3, 3), dt), _t((k, k, 3, 3), dt), _t((k,), dt)
+    epi = Epilogue(b, relu=True)
     if stride == 1:
-        conv2d_nhwc(x, w1, b, stride=1, padding=1, relu=True, _path="tma")
+        conv2d_nhwc(x, w1, 1, 1, epilogue=epi, _path="tma")
     if kind == "identity":
-        conv2d_nhwc(y1, w2, b, stride=1, padding=1, residual=x, relu=True, _path="tma")
+        conv2d_nhwc(y1, w2, 1, 1, residual=ResidualAdd(x), epilogue=epi, _path="tma")
     elif kind in ("1x1", "3x3"):
         r3 = 3 if kind == "3x3" else 1
         w3 = _t((k, cin, r3, r3), dt)
-        conv2d_nhwc(y1, w2, b, stride=1, padding=1, x2=x, w2=w3,
-                    stride2=stride, padding2=r3 // 2, relu=True, _path="tma")
+        conv2d_nhwc(y1, w2, 1, 1, second=SecondGemm(x, w3, stride, r3 // 2), epilogue=epi,
+                    _path="tma")
         # The training block's fused final pass of a stride-1 D2L projection (taken
         # with RESNET_FUSED_TRITON_TMA=1): BN'd residual, ReLU and mask in the epilogue.
         xs = _t((BATCH, cin, p, p), dt)
-        conv2d_nhwc(xs, w3, b, stride=1, padding=r3 // 2, residual=y1,
-                    residual_scale=torch.ones(k), residual_shift=torch.zeros(k), relu=True,
-                    out_mask=True, _path="tma")
+        conv2d_nhwc(xs, w3, 1, r3 // 2,
+                    residual=ResidualAdd(y1, torch.ones(k), torch.zeros(k)),
+                    epilogue=Epilogue(b, relu=True, mask=True), _path="tma")
 
 
 def _bn_op_launches(k, hw, dt, pdt, cl):

@@ -76,6 +76,21 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def chan_empty(BC: tl.constexpr):
+    """An empty per-channel (count, mean, M2) set of BC channels: chan_merge's start."""
+    z = tl.zeros((BC,), dtype=tl.float32)
+    return z, z, z
+
+
+@triton.jit
+def lanes(start, end, B: tl.constexpr):
+    """Indices start + arange(B) and their bound mask (< end): a block of channels, of
+    tiles or of positions (kernels here and in conv.py, conv_bwd.py)."""
+    idx = start + tl.arange(0, B)
+    return idx, idx < end
+
+
+@triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS,
                           BR: tl.constexpr, BC: tl.constexpr):
     """Per (row chunk, channel block): mean and centred sum of squares of the chunk.
@@ -106,15 +121,13 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, HW, sN, sC, sHW, ROWS
 
 
 @triton.jit
-def _stats_combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, C, ROWS, SPLIT,
-                          BC: tl.constexpr):
-    """Chan's pairwise combination of the chunk (count, mean, M2) triples."""
-    pid = tl.program_id(0)
-    rc = pid * BC + tl.arange(0, BC)
-    c_ok = rc < C
-    n_a = tl.zeros((BC,), dtype=tl.float32)
-    mean_a = tl.zeros((BC,), dtype=tl.float32)
-    m2_a = tl.zeros((BC,), dtype=tl.float32)
+def _chunk_stats_combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, C, ROWS, SPLIT,
+                                BC: tl.constexpr):
+    """The mean and biased variance from _stats_partial_kernel's SPLIT row chunks of
+    ROWS rows (the last one shorter): Chan's pairwise combination of their (count,
+    mean, M2) triples."""
+    rc, c_ok = lanes(tl.program_id(0) * BC, C, BC)
+    n_a, mean_a, m2_a = chan_empty(BC)
     for s in range(0, SPLIT):
         n_b = tl.minimum(ROWS, M - s * ROWS).to(tl.float32)
         mean_b = tl.load(pmean_ptr + s * C + rc, mask=c_ok, other=0.0)
@@ -366,7 +379,7 @@ def channel_stats_impl(x: torch.Tensor):
            M, C, HW, sN, sC, sHW, rows, BR=_BR, BC=_BC)
     mean = torch.empty((C,), device=x.device, dtype=torch.float32)
     var = torch.empty((C,), device=x.device, dtype=torch.float32)
-    launch(_stats_combine_kernel, (triton.cdiv(C, _BC),), pmean, pm2, mean, var,
+    launch(_chunk_stats_combine_kernel, (triton.cdiv(C, _BC),), pmean, pm2, mean, var,
            M, C, rows, split, BC=_BC)
     return mean, var
 

@@ -4,12 +4,17 @@ One kernel serves every convolution of the block, eval and training forward:
 
     out[n, p, q, k] = epilogue( sum_{r, s, c} A(x)[n, p*st + r - pad, q*st + s - pad, c] * w[k, c, r, s]
                                 [+ sum_{r, s, c} x2[n, p*st2 + r - pad2, q*st2 + s - pad2, c] * w2[k, c, r, s]] )
-    A(x)     = relu?(x * in_scale[c] + in_shift[c])   (the prologue, e.g. bn1 + ReLU of conv1's raw output);
+    x2, w2, st2, pad2 = the SecondGemm (the projection shortcut);
+    A(x)     = relu?(x * scale[c] + shift[c])   (the Prologue, e.g. bn1 + ReLU of conv1's raw output);
                taps outside the image are ZERO after the transform (padding in y1 space)
     epilogue = relu?(acc + bias[k] (+ R(residual)[n, p, q, k])), cast to x's dtype, optionally
                with per-channel (mean, biased var) of the written values and/or the
                packed 1-bit ReLU mask of them;
-               R(r) = r, or r * residual_scale[k] + residual_shift[k] (a BN of the residual).
+               R(r) = r, or r * scale[k] + shift[k] (a BN of the residual: ResidualAdd).
+
+conv2d_nhwc takes the optional parts as small named specs (Prologue, SecondGemm,
+ResidualAdd, Epilogue, stats=True) and returns a ConvOut(out, mask, mean, var) whose
+unrequested fields are None.
 
 As a GEMM: rows are the output pixels (M = N*P*Q), columns the output channels (K),
 and the reduction runs over R*S*C (taps x input channels). The reduction is ONE flat
@@ -33,20 +38,21 @@ Hopper (TMA): `_conv_tma_kernel` reads x through a 4-D tensor descriptor over NH
 whose out-of-bounds zero fill gives the padding; it covers stride-1 convolutions
 without a prologue or stats, a projection GEMM included (that one through pointers;
 see `_tma_eligible`). Automatic selection picks it only with
-RESNET_FUSED_TRITON_TMA=1, until a GPU session has measured where it wins; its index
+RESNET_FUSED_TRITON_TMA=1: where it beats the pointer kernel is not measured; its index
 logic is tested in the interpreter (which emulates descriptors) via _path="tma".
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .bn import chan_merge
-from .launcher import INTERPRET as _INTERPRET, launch, tracing
+from ...ops import conv_out_hw
+from .bn import _BC, chan_empty, chan_merge, lanes
+from .launcher import INTERPRET, launch, tracing
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter runs exactly one, small enough to exercise the masked
@@ -59,7 +65,7 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-if _INTERPRET:
+if INTERPRET:
     _CONFIGS = [_cfg(32, 32, 16, 4, 1)]
 else:
     _CONFIGS = [
@@ -94,9 +100,9 @@ def _heavy(named_args, kwargs) -> bool:
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
-# variant spills on sm_90: measured by the ahead-of-time compile (aot.py) with triton
-# 3.6 and 3.8 (e.g. 128x128 over 4 warps or 256x128 over 8 warps with the prologue, a
-# residual or the mask epilogue: 80-600 bytes of spills per thread); lighter variants fit.
+# variant (prologue, residual read or mask epilogue) spills on sm_90; lighter variants
+# fit. The measurements behind this and the fp32 limits below: bench/NOTES.md, "Triton
+# conv: register spills behind the config pruning".
 _HEAVY_ACC_REGS = 128
 
 
@@ -123,12 +129,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if heavy and _acc_regs(bm, bn, c.num_warps) >= _HEAVY_ACC_REGS:
             continue
-        # fp32 operands: more than 64 loaded elements per thread per stage (e.g. 128x64x64
-        # or 64x128x64 over 4 warps) spilled 100-470 bytes per thread on sm_90 (aot.py).
+        # fp32 operands: more than 64 loaded elements per thread per stage spill on sm_90.
         if esize == 4 and (bm * bk + bk * bn) // (32 * c.num_warps) > 64:
             continue
         # fp32 without TF32 multiplies on the FMA units: accumulators above 32 registers
-        # per thread spilled 64-420 bytes per thread on sm_90 (aot.py).
+        # per thread spill on sm_90.
         if esize == 4 and ieee and _acc_regs(bm, bn, c.num_warps) > 32:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
@@ -236,7 +241,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         tl.store(omask_ptr + boff, byte, mask=row_ok[:, None] & (bcol < K // 8)[None, :])
     if STATS:
         # Per-tile mean and centred sum of squares of the values as written (rounded to
-        # the output dtype), combined across tiles by _stats_combine_kernel (Chan et al.):
+        # the output dtype), combined across tiles by _tile_stats_combine_kernel (Chan et al.):
         # no atomics, so autotuning's repeated launches and the result are deterministic.
         # The partials have one slot per SLOT_ROWS rows; this tile owns slots
         # [pid_m * SUB, (pid_m + 1) * SUB) below cdiv(M, SLOT_ROWS): its statistics go to
@@ -341,7 +346,7 @@ def _tcfg(bh, bw, bn, bk, warps, stages):
                          num_stages=stages)
 
 
-if _INTERPRET:
+if INTERPRET:
     _TMA_CONFIGS = [_tcfg(4, 8, 32, 16, 4, 1)]
 else:
     _TMA_CONFIGS = [
@@ -455,10 +460,10 @@ def _ensure_tma_allocator():
         _ALLOCATOR_SET = True
 
 
-def _tma_eligible(x, w, stride, in_scale, stats) -> bool:
+def _tma_eligible(x, w, stride, prologue, stats) -> bool:
     """Where the descriptor path is legal: stride 1, no prologue or stats, 16-byte aligned
     rows (C * itemsize % 16 == 0) and bases, tensor descriptors in this Triton."""
-    if stride != 1 or in_scale is not None or stats:
+    if stride != 1 or prologue is not None or stats:
         return False
     if not hasattr(tl, "make_tensor_descriptor"):
         return False
@@ -467,7 +472,7 @@ def _tma_eligible(x, w, stride, in_scale, stats) -> bool:
     return True
 
 
-def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
+def _use_tma(x, w, stride, prologue, stats, path: Optional[str]) -> bool:
     """The path: "pointer", "tma" (tests), or None = automatic.
 
     Automatic picks TMA only with RESNET_FUSED_TRITON_TMA=1, on compute capability >= 9,
@@ -477,13 +482,13 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
     if path == "pointer":
         return False
     if path == "tma":
-        if not _tma_eligible(x, w, stride, in_scale, stats):
+        if not _tma_eligible(x, w, stride, prologue, stats):
             raise ValueError("conv2d_nhwc: the TMA path needs stride 1, no prologue, no stats, "
                              "C * itemsize a multiple of 16 bytes and 16-byte aligned tensors")
         return True
     if path is not None:
         raise ValueError(f"conv2d_nhwc: _path must be None, 'pointer' or 'tma', not {path!r}")
-    if _INTERPRET or os.environ.get("RESNET_FUSED_TRITON_TMA", "0") != "1":
+    if INTERPRET or os.environ.get("RESNET_FUSED_TRITON_TMA", "0") != "1":
         return False
     if x.device.type != "cuda" or tracing((x,)):
         return False
@@ -491,14 +496,14 @@ def _use_tma(x, w, stride, in_scale, stats, path: Optional[str]) -> bool:
         return False
     if x.dtype == torch.float32 and _input_precision(x.dtype) == "ieee":
         # fp32 without TF32 on the descriptor path lowers to FMA code that spills
-        # kilobytes per thread on sm_90 (aot.py): the pointer kernel serves it.
+        # kilobytes per thread on sm_90: the pointer kernel serves it.
         return False
-    return _tma_eligible(x, w, stride, in_scale, stats)
+    return _tma_eligible(x, w, stride, prologue, stats)
 
 
 @triton.jit
-def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, K, TPS,
-                          FINAL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _tile_stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, K,
+                               TPS, FINAL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Combine per-tile (count, mean, M2) rows into fewer rows, or the final statistics.
 
     Program (pid_c, pid_s) merges tiles [pid_s*TPS, (pid_s+1)*TPS) for BC channels and
@@ -512,18 +517,12 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
     running result with Chan's pairwise update: no catastrophic cancellation of
     E[x^2] - E[x]^2.
     """
-    pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rc = pid_c * BC + tl.arange(0, BC)
-    c_ok = rc < K
-    n_a = tl.zeros((BC,), dtype=tl.float32)
-    mean_a = tl.zeros((BC,), dtype=tl.float32)
-    m2_a = tl.zeros((BC,), dtype=tl.float32)
-    t_begin = pid_s * TPS
-    t_end = tl.minimum(t_begin + TPS, T)
-    for t0 in range(t_begin, t_end, BT):
-        rt = t0 + tl.arange(0, BT)
-        t_ok = rt < t_end
+    rc, c_ok = lanes(tl.program_id(0) * BC, K, BC)
+    n_a, mean_a, m2_a = chan_empty(BC)
+    t_end = tl.minimum(pid_s * TPS + TPS, T)
+    for t0 in range(pid_s * TPS, t_end, BT):
+        rt, t_ok = lanes(t0, t_end, BT)
         cnt = tl.load(pcnt_ptr + rt, mask=t_ok, other=0.0)
         # Unwritten rows hold garbage (maybe NaN): never read them, 0 * NaN is NaN.
         t_ok = t_ok & (cnt > 0)
@@ -547,42 +546,107 @@ def _stats_combine_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt
         tl.store(ocnt_ptr + pid_s, tl.max(n_a, axis=0))
 
 
-# Tiles per split of the first combine pass (small in the interpreter so tests cover it).
-_TPS = 8 if _INTERPRET else 256
-_BT = 16 if _INTERPRET else 64
-_BC = 32 if _INTERPRET else 64
+# Tiles per split of the first combine pass (small in the interpreter so tests cover it),
+# tiles per step; channels per program are bn.py's _BC.
+_TPS = 8 if INTERPRET else 256
+_BT = 16 if INTERPRET else 64
 
 
 def _combine_stats(pmean, pm2, pcnt, K, dev):
     """fp32 (mean, biased var) per channel from per-tile partials; no host sync."""
     T = pcnt.shape[0]
-    mean = _new_empty((K,), device=dev, dtype=torch.float32)
-    var = _new_empty((K,), device=dev, dtype=torch.float32)
+    mean = torch.empty((K,), device=dev, dtype=torch.float32)
+    var = torch.empty((K,), device=dev, dtype=torch.float32)
     if T > _TPS:
         splits = triton.cdiv(T, _TPS)
-        smean = _new_empty((splits, K), device=dev, dtype=torch.float32)
-        sm2 = _new_empty((splits, K), device=dev, dtype=torch.float32)
-        scnt = _new_empty((splits,), device=dev, dtype=torch.float32)
-        launch(_stats_combine_kernel, (triton.cdiv(K, _BC), splits),
+        smean = torch.empty((splits, K), device=dev, dtype=torch.float32)
+        sm2 = torch.empty((splits, K), device=dev, dtype=torch.float32)
+        scnt = torch.empty((splits,), device=dev, dtype=torch.float32)
+        launch(_tile_stats_combine_kernel, (triton.cdiv(K, _BC), splits),
             pmean, pm2, pcnt, smean, sm2, scnt, T, K, _TPS, FINAL=False, BT=_BT, BC=_BC)
         pmean, pm2, pcnt, T = smean, sm2, scnt, splits
-    launch(_stats_combine_kernel, (triton.cdiv(K, _BC), 1),
+    launch(_tile_stats_combine_kernel, (triton.cdiv(K, _BC), 1),
         pmean, pm2, pcnt, mean, var, pcnt, T, K, T, FINAL=True, BT=_BT, BC=_BC)
     return mean, var
 
 
 # ----------------------------------------------------------------------------------------
-# Python launcher
+# Python launcher: the optional parts of a call as small named specs, one return type.
+# In-package callers only: user input was validated where it entered (the eval ops
+# through conv_checks.py, FusedResidual / train_block for training), so what is not
+# consistent here is a bug of the caller, and an assert says which.
 # ----------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CL = torch.channels_last
+
+
+class Prologue(NamedTuple):
+    """x enters the GEMM as relu?(x * scale[c] + shift[c]) (bn1 + ReLU of conv1's raw
+    output in the training block); padded taps are zero AFTER the transform."""
+    scale: torch.Tensor        # [C], any float dtype, applied in fp32
+    shift: torch.Tensor        # [C]
+    relu: bool = True
+
+
+class SecondGemm(NamedTuple):
+    """conv(x, w, stride, padding) summed into the same fp32 accumulator (the projection
+    shortcut): same batch, output channels and output size as the main convolution."""
+    x: torch.Tensor            # [N, C2, H2, W2], x's dtype
+    w: torch.Tensor            # [K, C2, R2, S2]
+    stride: int = 1
+    padding: int = 0
+
+
+class ResidualAdd(NamedTuple):
+    """tensor added in the epilogue, or tensor * scale[k] + shift[k] with both given (a
+    BatchNorm of it: bn2(c2) added to the projection GEMM in the training block)."""
+    tensor: torch.Tensor       # [N, K, P, Q], x's dtype
+    scale: Optional[torch.Tensor] = None   # [K] fp32
+    shift: Optional[torch.Tensor] = None
+
+
+class Epilogue(NamedTuple):
+    """out = relu?(acc + bias[k] (+ residual)); mask: also return the packed ReLU mask of
+    the written output (needs K % 8 == 0: a mask byte is 8 channels of one pixel)."""
+    bias: Optional[torch.Tensor] = None    # [K], any float dtype, added in fp32
+    relu: bool = False
+    mask: bool = False
+
+
+class ConvOut(NamedTuple):
+    """out [N, K, P, Q] channels_last in x's dtype. mask (with Epilogue.mask): uint8
+    [ceil(N*K*P*Q / 8)], bit i % 8 of byte i // 8 = the output element at physical offset
+    i is > 0 (resnet_fused/schemas.py's format). mean, var (with stats): fp32 [K], the
+    per-channel mean and biased variance of the values as written."""
+    out: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    var: Optional[torch.Tensor] = None
+
+
+class _Geometry(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    P: int
+    Q: int
+    C2: int = 1     # the second GEMM's input channels, size and taps (1 without one)
+    H2: int = 1
+    W2: int = 1
+    R2: int = 1
+    S2: int = 1
 
 
 def _input_precision(dtype: torch.dtype) -> str:
     """TF32 for fp32 only where PyTorch's own convolution switch allows it."""
     if dtype != torch.float32:
         return "ieee"  # ignored for 16-bit inputs; they always use the tensor cores
-    if _INTERPRET:
+    if INTERPRET:
         return "ieee"
     return "tf32" if _conv_allows_tf32() else "ieee"
 
@@ -604,216 +668,138 @@ def _conv_allows_tf32() -> bool:
         return False
 
 
-def _act(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dim() != 4:
-        raise ValueError(f"conv2d_nhwc: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-def _weight(w: torch.Tensor, name: str, c_in: int, dtype: torch.dtype) -> torch.Tensor:
-    if w.dim() != 4:
-        raise ValueError(f"conv2d_nhwc: {name} must be 4-D (K, C, R, S), got shape {tuple(w.shape)}")
-    if w.shape[1] != c_in:
-        raise ValueError(f"conv2d_nhwc: {name} expects {w.shape[1]} input channels, "
-                         f"the activation has {c_in}")
-    if w.dtype != dtype:
-        raise TypeError(f"conv2d_nhwc: {name} dtype {w.dtype} differs from the activation dtype {dtype}")
-    # [K, R, S, C] in memory; no copy when the weight is already channels_last.
-    return w.contiguous(memory_format=torch.channels_last)
-
-
-def _out_size(h: int, r: int, stride: int, pad: int) -> int:
-    return (h + 2 * pad - r) // stride + 1
-
-
-def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"conv2d_nhwc: {name} must be an int >= {lo}, got {v!r}")
-    return v
-
-
-def _channel_vec(v: torch.Tensor, name: str, n: int, device) -> torch.Tensor:
-    if v.dim() != 1 or v.shape[0] != n:
-        raise ValueError(f"conv2d_nhwc: {name} must have shape ({n},), got {tuple(v.shape)}")
-    if v.device != device:
-        raise ValueError(f"conv2d_nhwc: {name} is on {v.device}, the activation on {device}")
-    if not v.is_floating_point():
-        raise TypeError(f"conv2d_nhwc: {name} must be floating point, got {v.dtype}")
-    return v.contiguous()
-
-
-def _new_empty(*args, **kwargs) -> torch.Tensor:
-    """torch.empty; the tests replace it with a NaN-filling version to catch unwritten elements."""
-    return torch.empty(*args, **kwargs)
-
-
-def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                stride: int = 1, padding: int = 1,
-                residual: Optional[torch.Tensor] = None, relu: bool = False,
-                x2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
-                stride2: int = 1, padding2: int = 0,
-                in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
-                in_relu: bool = False,
-                stats: bool = False,
-                residual_scale: Optional[torch.Tensor] = None,
-                residual_shift: Optional[torch.Tensor] = None,
-                out_mask: bool = False,
-                _path: Optional[str] = None):
-    """Fused implicit-GEMM convolution; see the module docstring for the exact formula.
-
-    x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S],
-    bias [K] (any float dtype, added in fp32). residual [N, K, P, Q] in x's dtype.
-    x2/w2: a second convolution summed into the same accumulator (projection
-    shortcut); its output size must equal the first's. in_scale/in_shift [C]: the
-    input prologue relu?(x * in_scale + in_shift) (both or neither; in_relu applies
-    only with them); padded taps are zero after it. stats=True also returns fp32
-    per-channel mean and biased variance of the written output.
-    residual_scale/residual_shift [K] (both or neither, with residual): the residual
-    enters as residual * residual_scale[k] + residual_shift[k] (a BatchNorm applied to
-    it, e.g. bn2(c2) added to the projection shortcut's GEMM in the training block).
-    out_mask=True also returns the packed ReLU mask of the written output (uint8
-    [ceil(N*K*P*Q / 8)], bit i % 8 of byte i // 8 = output element at physical
-    offset i is > 0, resnet_fused/schemas.py's format); needs K % 8 == 0.
-
-    Returns out [N, K, P, Q], channels_last, x's dtype, followed by the mask if
-    out_mask and by (mean, var) if stats: out | (out, mask) | (out, mean, var) |
-    (out, mask, mean, var).
-    _path ("pointer" / "tma" / None = automatic) is for tests and benchmarks.
-    """
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
-        raise TypeError("conv2d_nhwc: x and w must be tensors")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"conv2d_nhwc: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
-    stride = _check_int(stride, "stride", 1)
-    padding = _check_int(padding, "padding", 0)
-    x = _act(x, "x")
+def _geometry(x, w, stride: int, padding: int, second: Optional[SecondGemm]) -> _Geometry:
     N, C, H, W = x.shape
-    w = _weight(w, "w", C, x.dtype)
-    if w.device != x.device:
-        raise ValueError(f"conv2d_nhwc: w is on {w.device}, x on {x.device}")
     K, _, R, S = w.shape
-    P, Q = _out_size(H, R, stride, padding), _out_size(W, S, stride, padding)
-    if P <= 0 or Q <= 0:
-        raise ValueError(f"conv2d_nhwc: empty output {P}x{Q} for input {H}x{W}, "
-                         f"kernel {R}x{S}, stride {stride}, padding {padding}")
-    M = N * P * Q
-    dev = x.device
+    assert x.dtype in _DTYPES and w.dtype == x.dtype and w.shape[1] == C, \
+        f"conv2d_nhwc: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
+    P, Q = conv_out_hw(H, W, R, S, stride, padding)
+    assert P > 0 and Q > 0 and stride >= 1 and padding >= 0, \
+        f"conv2d_nhwc: output {P}x{Q} (stride {stride}, padding {padding})"
+    if second is None:
+        return _Geometry(N, C, H, W, K, R, S, P, Q)
+    (N2, C2, H2, W2), (K2, C2w, R2, S2) = second.x.shape, second.w.shape
+    assert (N2, K2, C2w) == (N, K, C2) and second.x.dtype == second.w.dtype == x.dtype \
+        and conv_out_hw(H2, W2, R2, S2, second.stride, second.padding) == (P, Q), \
+        f"conv2d_nhwc: second GEMM {tuple(second.x.shape)} * {tuple(second.w.shape)} " \
+        f"(stride {second.stride}, padding {second.padding}) for output {(N, K, P, Q)}"
+    return _Geometry(N, C, H, W, K, R, S, P, Q, C2, H2, W2, R2, S2)
 
-    if bias is not None:
-        bias = _channel_vec(bias, "bias", K, dev)
 
-    if (x2 is None) != (w2 is None):
-        raise ValueError("conv2d_nhwc: x2 and w2 must be given together")
-    H2 = W2 = C2 = 1
-    R2 = S2 = 1
-    if x2 is not None:
-        stride2 = _check_int(stride2, "stride2", 1)
-        padding2 = _check_int(padding2, "padding2", 0)
-        if x2.dtype != x.dtype:
-            raise TypeError(f"conv2d_nhwc: x2 dtype {x2.dtype} differs from x dtype {x.dtype}")
-        x2 = _act(x2, "x2")
-        if x2.device != dev:
-            raise ValueError(f"conv2d_nhwc: x2 is on {x2.device}, x on {dev}")
-        N2, C2, H2, W2 = x2.shape
-        w2 = _weight(w2, "w2", C2, x.dtype)
-        if w2.device != dev:
-            raise ValueError(f"conv2d_nhwc: w2 is on {w2.device}, x on {dev}")
-        if w2.shape[0] != K:
-            raise ValueError(f"conv2d_nhwc: w2 has {w2.shape[0]} output channels, w has {K}")
-        R2, S2 = w2.shape[2], w2.shape[3]
-        P2, Q2 = _out_size(H2, R2, stride2, padding2), _out_size(W2, S2, stride2, padding2)
-        if N2 != N or (P2, Q2) != (P, Q):
-            raise ValueError(f"conv2d_nhwc: the second convolution's output {(N2, K, P2, Q2)} "
-                             f"does not match the first's {(N, K, P, Q)}")
-
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("conv2d_nhwc: in_scale and in_shift must be given together")
-    if in_relu and in_scale is None:
-        raise ValueError("conv2d_nhwc: in_relu needs in_scale and in_shift")
-    if in_scale is not None:
-        in_scale = _channel_vec(in_scale, "in_scale", C, dev)
-        in_shift = _channel_vec(in_shift, "in_shift", C, dev)
-
+def _assert_specs(g: _Geometry, x, prologue, residual, epilogue) -> None:
+    vecs = [("bias", epilogue.bias, g.K)]
+    if prologue is not None:
+        vecs += [("prologue.scale", prologue.scale, g.C), ("prologue.shift", prologue.shift, g.C)]
     if residual is not None:
-        if tuple(residual.shape) != (N, K, P, Q):
-            raise ValueError(f"conv2d_nhwc: residual shape {tuple(residual.shape)} != output "
-                             f"shape {(N, K, P, Q)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"conv2d_nhwc: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
-        if residual.device != dev:
-            raise ValueError(f"conv2d_nhwc: residual is on {residual.device}, x on {dev}")
-        residual = residual.contiguous(memory_format=torch.channels_last)
-    if (residual_scale is None) != (residual_shift is None):
-        raise ValueError("conv2d_nhwc: residual_scale and residual_shift must be given together")
-    if residual_scale is not None:
-        if residual is None:
-            raise ValueError("conv2d_nhwc: residual_scale/residual_shift need a residual")
-        residual_scale = _channel_vec(residual_scale, "residual_scale", K, dev)
-        residual_shift = _channel_vec(residual_shift, "residual_shift", K, dev)
-    if out_mask and K % 8:
-        raise ValueError(f"conv2d_nhwc: out_mask needs a multiple of 8 output channels (each "
-                         f"mask byte is 8 channels of one pixel), got {K}")
+        r = residual.tensor
+        assert tuple(r.shape) == (g.N, g.K, g.P, g.Q) and r.dtype == x.dtype, \
+            f"conv2d_nhwc: residual {tuple(r.shape)} {r.dtype}, output {(g.N, g.K, g.P, g.Q)}"
+        assert (residual.scale is None) == (residual.shift is None), \
+            "conv2d_nhwc: residual scale and shift go together"
+        vecs += [("residual.scale", residual.scale, g.K), ("residual.shift", residual.shift, g.K)]
+    for name, v, n in vecs:
+        assert v is None or (tuple(v.shape) == (n,) and v.is_floating_point()
+                             and v.device == x.device), \
+            f"conv2d_nhwc: {name} {tuple(v.shape)} {v.dtype} on {v.device}, expected ({n},)"
+    assert not epilogue.mask or g.K % 8 == 0, \
+        f"conv2d_nhwc: the packed mask needs K % 8 == 0, got K = {g.K}"
 
-    out = _new_empty((N, K, P, Q), device=dev, dtype=x.dtype, memory_format=torch.channels_last)
-    omask = (_new_empty(((M * K + 7) // 8,), device=dev, dtype=torch.uint8) if out_mask
-             else out)
-    if stats:
-        t_max = triton.cdiv(M, _MIN_BM)
-        pmean = _new_empty((t_max, K), device=dev, dtype=torch.float32)
-        pm2 = _new_empty((t_max, K), device=dev, dtype=torch.float32)
-        # No zeroing: each launch writes every slot's count (_epilogue).
-        pcnt = _new_empty((t_max,), device=dev, dtype=torch.float32)
-    else:
-        pmean = pm2 = pcnt = out  # never read (STATS=False)
+
+def _operands(x, w, g: _Geometry, padding, second, residual, epilogue, out, mask):
+    """The pointer and size arguments both kernels take, by parameter name, and the
+    constexprs they share. An absent operand is `out` (never read: its flag is off)."""
+    def vec(t):
+        return out if t is None else t.contiguous()
+    res = residual or ResidualAdd(out)
+    ptrs = dict(x_ptr=x, w_ptr=w, bias_ptr=vec(epilogue.bias),
+                res_ptr=res.tensor.contiguous(memory_format=_CL), out_ptr=out,
+                x2_ptr=out if second is None else second.x.contiguous(memory_format=_CL),
+                w2_ptr=out if second is None else second.w.contiguous(memory_format=_CL),
+                rscale_ptr=vec(res.scale), rshift_ptr=vec(res.shift),
+                omask_ptr=out if mask is None else mask,
+                K=g.K, H=g.H, W=g.W, C=g.C, P=g.P, Q=g.Q, H2=g.H2, W2=g.W2, C2=g.C2)
+    flags = dict(PAD=padding, R=g.R, S=g.S, STRIDE2=1 if second is None else second.stride,
+                 PAD2=0 if second is None else second.padding, R2=g.R2, S2=g.S2,
+                 HAS_BIAS=epilogue.bias is not None, HAS_RES=residual is not None,
+                 RELU=bool(epilogue.relu), HAS_X2=second is not None,
+                 RES_BN=residual is not None and residual.scale is not None,
+                 OUT_MASK=mask is not None, INPUT_PRECISION=_input_precision(x.dtype))
+    return ptrs, flags
+
+
+def _launch_named(kernel, grid, operands: dict, constexprs: dict) -> None:
+    """launch() with the kernel's leading parameters taken from `operands` by name."""
+    names = kernel.arg_names[:len(operands)]
+    assert set(names) == operands.keys(), f"{names} vs {sorted(operands)}"
+    launch(kernel, grid, *(operands[n] for n in names), **constexprs)
+
+
+def _launch_tma(g: _Geometry, ptrs, flags) -> None:
+    if not INTERPRET:
+        _ensure_tma_allocator()
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)
+        return (g.N * triton.cdiv(g.P, meta["BH"]) * triton.cdiv(g.Q, meta["BW"])
+                * triton.cdiv(g.K, meta["BN"]),)
 
-    dummy = out
-    rsc = residual_scale if residual_scale is not None else dummy
-    rsh = residual_shift if residual_shift is not None else dummy
-    if _use_tma(x, w, stride, in_scale, stats, _path):
-        if not _INTERPRET:
-            _ensure_tma_allocator()
+    _launch_named(_conv_tma_kernel, grid, dict(ptrs, N=g.N), flags)
 
-        def tma_grid(meta):
-            return (N * triton.cdiv(P, meta["BH"]) * triton.cdiv(Q, meta["BW"])
-                    * triton.cdiv(K, meta["BN"]),)
 
-        launch(_conv_tma_kernel, tma_grid,
-            x, w, bias if bias is not None else dummy,
-            residual if residual is not None else dummy, out,
-            x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
-            rsc, rsh, omask,
-            N, K, H, W, C, P, Q, H2, W2, C2,
-            PAD=padding, R=R, S=S,
-            STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
-            R2=R2, S2=S2,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-            HAS_X2=x2 is not None, RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
-            INPUT_PRECISION=_input_precision(x.dtype),
-        )
-        return (out, omask) if out_mask else out
-    launch(_conv_kernel, grid,
-        x, w, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-        in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
-        x2 if x2 is not None else dummy, w2 if w2 is not None else dummy,
-        pmean, pm2, pcnt,
-        rsc, rsh, omask,
-        M, K, H, W, C, P, Q, H2, W2, C2,
-        STRIDE=stride, PAD=padding, R=R, S=S,
-        STRIDE2=stride2 if x2 is not None else 1, PAD2=padding2 if x2 is not None else 0,
-        R2=R2, S2=S2,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        HAS_X2=x2 is not None, HAS_PRO=in_scale is not None, IN_RELU=bool(in_relu),
-        STATS=bool(stats), RES_BN=residual_scale is not None, OUT_MASK=bool(out_mask),
-        INPUT_PRECISION=_input_precision(x.dtype), SLOT_ROWS=_MIN_BM,
-    )
-    head = (out, omask) if out_mask else (out,)
-    if not stats:
-        return head if out_mask else out
-    mean, var = _combine_stats(pmean, pm2, pcnt, K, dev)
-    return head + (mean, var)
+def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials) -> None:
+    M = g.N * g.P * g.Q
+    out = ptrs["out_ptr"]
+    pmean, pm2, pcnt = partials or (out, out, out)   # never read without STATS
+    pro = prologue or Prologue(out, out, False)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(g.K, meta["BN"]),)
+
+    _launch_named(_conv_kernel, grid,
+                  dict(ptrs, M=M, scale_ptr=pro.scale.contiguous(),
+                       shift_ptr=pro.shift.contiguous(), pmean_ptr=pmean, pm2_ptr=pm2,
+                       pcnt_ptr=pcnt),
+                  dict(flags, STRIDE=stride, HAS_PRO=prologue is not None,
+                       IN_RELU=bool(pro.relu), STATS=partials is not None,
+                       SLOT_ROWS=_MIN_BM))
+
+
+def _stat_partials(M: int, K: int, dev):
+    """Per-slot (mean, M2, count) buffers of the statistics epilogue. No zeroing: each
+    launch writes every slot's count (_epilogue)."""
+    t_max = triton.cdiv(M, _MIN_BM)
+    return (torch.empty((t_max, K), device=dev, dtype=torch.float32),
+            torch.empty((t_max, K), device=dev, dtype=torch.float32),
+            torch.empty((t_max,), device=dev, dtype=torch.float32))
+
+
+def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 1, *,
+                prologue: Optional[Prologue] = None, second: Optional[SecondGemm] = None,
+                residual: Optional[ResidualAdd] = None, epilogue: Epilogue = Epilogue(),
+                stats: bool = False, _path: Optional[str] = None) -> ConvOut:
+    """Fused implicit-GEMM convolution; the module docstring has the formula.
+
+    x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S] in x's
+    dtype; the optional parts are the specs above, stats=True also returns the
+    statistics of the output. Returns a ConvOut whose unrequested fields are None.
+    _path ("pointer" / "tma" / None = automatic) is for tests and benchmarks.
+    """
+    x = x.contiguous(memory_format=_CL)
+    w = w.contiguous(memory_format=_CL)   # [K, R, S, C] in memory; no copy when it is
+    g = _geometry(x, w, stride, padding, second)
+    _assert_specs(g, x, prologue, residual, epilogue)
+    out = torch.empty((g.N, g.K, g.P, g.Q), device=x.device, dtype=x.dtype,
+                      memory_format=_CL)
+    mask = (torch.empty(((out.numel() + 7) // 8,), device=x.device, dtype=torch.uint8)
+            if epilogue.mask else None)
+    ptrs, flags = _operands(x, w, g, padding, second, residual, epilogue, out, mask)
+    if _use_tma(x, w, stride, prologue, stats, _path):
+        _launch_tma(g, ptrs, flags)
+        return ConvOut(out, mask)
+    partials = _stat_partials(g.N * g.P * g.Q, g.K, x.device) if stats else None
+    _launch_pointer(g, stride, prologue, ptrs, flags, partials)
+    if partials is None:
+        return ConvOut(out, mask)
+    return ConvOut(out, mask, *_combine_stats(*partials, g.K, x.device))
 
 
 def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:
@@ -821,4 +807,5 @@ def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:
     return 2 * N * P * Q * K * C * R * S
 
 
-__all__ = ["conv2d_nhwc", "conv_flops"]
+__all__ = ["ConvOut", "Epilogue", "Prologue", "ResidualAdd", "SecondGemm", "conv2d_nhwc",
+           "conv_flops"]

@@ -30,39 +30,31 @@ Weight gradient dW[k,c,r,s] = sum_{n,p,q} G[n,p,q,k] * Xt[n, p*st-pad+r, q*st-pa
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .bn import _load_mask_bit
+from ...ops import conv_out_hw
+from .bn import _load_mask_bit, lanes
+from .conv import _input_precision
 from .launcher import INTERPRET, launch
-from .conv import _input_precision as _conv_input_precision
 
 if INTERPRET:
     _DG = dict(BM=32, BN=16, BK=16, num_warps=4, num_stages=1)
     _WG = dict(BM=16, BN=16, BK=32, num_warps=4, num_stages=1)
     _WG_PROGRAMS = 1
 else:
-    # Untuned starting points (no GPU in the session that wrote this): 128x64x32 for
-    # dgrad, 64x64 over 64 positions for wgrad. dgrad runs 8 warps: with 4, its
-    # BN-backward prologue and dReLU/BN epilogue spilled 8-40 bytes per thread at 255
-    # registers on sm_90 (aot.py, triton 3.6 and 3.8).
+    # Untuned starting points: 128x64x32 for dgrad, 64x64 over 64 positions for wgrad.
+    # dgrad runs 8 warps: with 4, its BN-backward prologue and dReLU/BN epilogue spill
+    # on sm_90 (bench/NOTES.md, "Triton conv: register spills behind the config pruning").
     _DG = dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
     _WG = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
     _WG_PROGRAMS = 512
-# fp32 without TF32 multiplies on the FMA units: smaller tiles, or ptxas spills (with
-# triton 3.6: 64-5000 bytes per thread for the configs above, aot.py).
+# fp32 without TF32 multiplies on the FMA units: smaller tiles, or ptxas spills.
 _DG_FMA = dict(_DG, BM=64, BN=64, BK=32, num_warps=8) if not INTERPRET else _DG
 _WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """TF32 for fp32 only where PyTorch's own convolution switch allows it: conv.py's
-    rule, which reads torch.backends.cudnn.conv.fp32_precision first (the legacy
-    allow_tf32 getter raises once the new API has set conv and RNN apart)."""
-    return _conv_input_precision(dtype)
 
 
 @triton.jit
@@ -198,18 +190,15 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
     s = tap - r * S
     rk = pid_m * BM + tl.arange(0, BM)
     k_ok = rk < K
-    rc = pid_n * BN + tl.arange(0, BN)
-    c_ok = rc < C
+    rc, c_ok = lanes(pid_n * BN, C, BN)
     if X_BNRELU:
         xsc = tl.load(xss_ptr + rc, mask=c_ok, other=0.0)
         xsh = tl.load(xss_ptr + C + rc, mask=c_ok, other=0.0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     dbacc = tl.zeros((BM,), dtype=tl.float32)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, MP)
-    for p0 in range(start, end, BK):
-        pos = p0 + tl.arange(0, BK)
-        pos_ok = pos < end
+    end = tl.minimum(split * CHUNK + CHUNK, MP)
+    for p0 in range(split * CHUNK, end, BK):
+        pos, pos_ok = lanes(p0, end, BK)
         n = pos // (P * Q)
         rem = pos - n * (P * Q)
         p = rem // Q
@@ -237,138 +226,158 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
         tl.atomic_add(db_ptr + rk, dbacc, mask=k_ok & (tap == 0) & (pid_n == 0))
 
 
-def _nhwc(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"conv_bwd: {name} must be a channels_last-contiguous 4-D tensor, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
-    return t
+# ----------------------------------------------------------------------------------------
+# Python launchers. In-package callers only (train.py's block backward, whose inputs
+# FusedResidual / train_block validated): inconsistencies are asserted, not reported.
+# ----------------------------------------------------------------------------------------
+
+_CL = torch.channels_last
 
 
-def _grad_operand(g, gmask, gc, coef, K):
-    if gc is not None or coef is not None:
-        if gc is None or coef is None:
-            raise ValueError("conv_bwd: the BN-backward prologue needs both gc and coef")
-        _nhwc(gc, "gc")
-        if gc.shape != g.shape or coef.shape != (4, K):
-            raise ValueError(f"conv_bwd: gc {tuple(gc.shape)} / coef {tuple(coef.shape)} do not "
-                             f"match the gradient {tuple(g.shape)}")
-    if gmask is not None and gmask.numel() != (g.numel() + 7) // 8:
-        raise ValueError(f"conv_bwd: gmask has {gmask.numel()} bytes, the gradient needs "
-                         f"{(g.numel() + 7) // 8}")
-    return (gmask if gmask is not None else g, gc if gc is not None else g,
-            coef if coef is not None else g)
+class GradOperand(NamedTuple):
+    """The gradient operand G of a backward GEMM, built per tile on load: g, times its
+    packed mask bit with mask, then with c and coef the BN-backward apply
+    a[k]*g + b[k]*(c - mean[k]) + d[k] (coef = [a; b; d; mean], [4, K] fp32, from
+    bn.bn_backward_coef; c the saved raw conv output the BN normalised)."""
+    g: torch.Tensor                        # [N, K, P, Q] channels_last
+    mask: Optional[torch.Tensor] = None    # uint8 [ceil(g.numel() / 8)]
+    c: Optional[torch.Tensor] = None       # g-shaped, channels_last
+    coef: Optional[torch.Tensor] = None
 
 
-def conv_dgrad(g: torch.Tensor, w: torch.Tensor, in_hw, stride: int, padding: int, *,
-               gmask: Optional[torch.Tensor] = None, gc: Optional[torch.Tensor] = None,
-               coef: Optional[torch.Tensor] = None,
-               relu_c: Optional[torch.Tensor] = None, relu_ss: Optional[torch.Tensor] = None,
-               relu_stat: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, res_mask: Optional[torch.Tensor] = None,
-               g2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
-               padding2: int = 0, gmask2: Optional[torch.Tensor] = None,
-               gc2: Optional[torch.Tensor] = None, coef2: Optional[torch.Tensor] = None):
-    """Data gradient of conv2d(X, w, stride, padding) for X of spatial size in_hw.
+class ReluBnEpilogue(NamedTuple):
+    """conv_dgrad's dReLU + BN-reduction epilogue for an input X = relu(bn(c)): dZ = dX *
+    [scale*c + shift > 0] (recomputed, no mask stored) and the BN backward reductions
+    sum(dZ), sum(dZ * xhat) of it."""
+    c: torch.Tensor        # X-shaped raw conv output, channels_last
+    ss: torch.Tensor       # [scale; shift], [2, C] fp32
+    stat: torch.Tensor     # [mean; invstd], [2, C] fp32
 
-    g [N,K,P,Q] channels_last: grad of the conv output, or (with gc, coef) the BN
-    backward apply of it (gmask: packed mask bits of g's elements, applied first).
-    relu_c/relu_ss/relu_stat: the dReLU + BN-reduction epilogue; relu_c is the raw
-    conv output before the BN+ReLU whose input X was ([N,C,H,W]), relu_ss = [scale;
-    shift] and relu_stat = [mean; invstd] of that BN ([2, C] fp32 each).
-    residual (X-shaped, channels_last) is added last, times res_mask bits if given.
-    g2, w2, padding2 (+ gmask2, gc2, coef2 as for g): a second convolution of the same
-    input X and stride (the projection shortcut) whose data gradient is accumulated
-    into the same tile: dX = dgrad(g, w) + dgrad(g2, w2).
-    Returns dX (channels_last, g's dtype), and with the epilogue also red [2, C] fp32 =
-    (sum(dZ), sum(dZ*xhat)).
-    """
-    _nhwc(g, "g")
-    N, K, P, Q = g.shape
-    Kw, C, R, S = w.shape
-    if Kw != K:
-        raise ValueError(f"conv_dgrad: weight has {Kw} output channels, the gradient {K}")
+
+class GradResidual(NamedTuple):
+    """An X-shaped gradient added last (the identity shortcut's), times its mask bit."""
+    tensor: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+
+class SecondDgrad(NamedTuple):
+    """A second convolution of the same input X and stride (the projection shortcut) whose
+    data gradient goes into the same accumulator: dX = dgrad(g, w) + dgrad(g2, w2)."""
+    g: GradOperand
+    w: torch.Tensor
+    padding: int = 0
+
+
+class DgradOut(NamedTuple):
+    dx: torch.Tensor                       # channels_last, g's dtype
+    red: Optional[torch.Tensor] = None     # [2, C] fp32 (sum(dZ), sum(dZ*xhat)) with relu_bn
+
+
+class WgradOut(NamedTuple):
+    dw: torch.Tensor                       # fp32 [K, C, R, S], a view of a [K, R, S, C] buffer
+    db: Optional[torch.Tensor] = None      # fp32 [K] with need_db
+
+
+def _grad_args(op: GradOperand, K: int):
+    """The four pointer arguments of _load_grad (absent ones: g, never read) and its
+    two flags."""
+    g = op.g
+    assert g.dim() == 4 and g.is_contiguous(memory_format=_CL) and g.shape[1] == K, \
+        f"conv_bwd: gradient {tuple(g.shape)} {g.stride()} for {K} channels"
+    assert (op.c is None) == (op.coef is None), "conv_bwd: the BN-backward apply needs c and coef"
+    assert op.c is None or (op.c.shape == g.shape and op.c.stride() == g.stride()
+                            and tuple(op.coef.shape) == (4, K)), \
+        f"conv_bwd: c {tuple(op.c.shape)} / coef {tuple(op.coef.shape)} for {tuple(g.shape)}"
+    assert op.mask is None or op.mask.numel() == (g.numel() + 7) // 8, "conv_bwd: mask size"
+    ptrs = tuple(g if t is None else t for t in (op.mask, op.c, op.coef))
+    return (g,) + ptrs, op.mask is not None, op.c is not None
+
+
+def _cfg(dtype, fast, fma):
+    """fp32 without TF32 multiplies on the FMA units: the smaller tiles."""
+    return fma if _input_precision(dtype) == "ieee" and dtype == torch.float32 else fast
+
+
+def _dgrad_extras(out, relu_bn, residual, second, g_shape, stride):
+    """The epilogue and second-GEMM pointer arguments of _dgrad_kernel and their
+    constexprs; absent ones are `out` (never read)."""
+    N, C, H, W = out.shape
+    red = None
+    if relu_bn is not None:
+        assert relu_bn.c.shape == out.shape and relu_bn.c.is_contiguous(memory_format=_CL) \
+            and relu_bn.ss.shape == relu_bn.stat.shape == (2, C), "conv_dgrad: relu_bn"
+        red = torch.zeros((2, C), device=out.device, dtype=torch.float32)
+    epi = relu_bn or ReluBnEpilogue(out, out, out)
+    res = residual or GradResidual(out)
+    assert res.tensor.shape == out.shape and res.tensor.is_contiguous(memory_format=_CL)
+    ptrs = (epi.c, epi.ss, epi.stat, out if red is None else red, res.tensor,
+            out if res.mask is None else res.mask)
+    flags = dict(EPI_RELU_BN=relu_bn is not None, HAS_RES=residual is not None,
+                 RES_MASK=res.mask is not None, HAS_G2=second is not None)
+    if second is None:
+        return red, ptrs + (out,) * 5, dict(flags, PAD2=0, R2=1, S2=1, HAS_MASK2=False,
+                                            HAS_BN2=False)
+    w2 = second.w
+    g2_ptrs, has_mask2, has_bn2 = _grad_args(second.g, w2.shape[0])
+    assert w2.shape[1] == C and second.g.g.shape == g_shape and conv_out_hw(
+        H, W, w2.shape[2], w2.shape[3], stride, second.padding) == tuple(g_shape[2:]), \
+        f"conv_dgrad: second GEMM {tuple(second.g.g.shape)} * {tuple(w2.shape)}"
+    return red, ptrs + g2_ptrs + (w2.contiguous(memory_format=_CL),), dict(
+        flags, PAD2=second.padding, R2=w2.shape[2], S2=w2.shape[3], HAS_MASK2=has_mask2,
+        HAS_BN2=has_bn2)
+
+
+def conv_dgrad(g: GradOperand, w: torch.Tensor, in_hw, stride: int, padding: int, *,
+               relu_bn: Optional[ReluBnEpilogue] = None,
+               residual: Optional[GradResidual] = None,
+               second: Optional[SecondDgrad] = None) -> DgradOut:
+    """Data gradient of conv2d(X, w, stride, padding) for X of spatial size in_hw, from
+    the gradient operand g of its output; the optional parts are the specs above.
+    Returns DgradOut(dx, red): red only with relu_bn."""
+    N, K, P, Q = g.g.shape
+    _, C, R, S = w.shape
     H, W = in_hw
-    w_cl = w.contiguous(memory_format=torch.channels_last)   # [K, R, S, C] in memory
-    gm, gcc, cf = _grad_operand(g, gmask, gc, coef, K)
-    out = torch.empty((N, C, H, W), device=g.device, dtype=g.dtype,
-                      memory_format=torch.channels_last)
-    epi = relu_c is not None
-    red = torch.zeros((2, C), device=g.device, dtype=torch.float32) if epi else None
-    if epi:
-        _nhwc(relu_c, "relu_c")
-        if relu_c.shape != out.shape or relu_ss.shape != (2, C) or relu_stat.shape != (2, C):
-            raise ValueError("conv_dgrad: relu_c / relu_ss / relu_stat do not match the input")
-    if residual is not None:
-        _nhwc(residual, "residual")
-        if residual.shape != out.shape:
-            raise ValueError(f"conv_dgrad: residual {tuple(residual.shape)} != input gradient "
-                             f"{tuple(out.shape)}")
-    R2 = S2 = 1
-    if g2 is not None:
-        _nhwc(g2, "g2")
-        if g2.shape[0] != N or tuple(g2.shape[2:]) != (P, Q) or w2.shape[0] != g2.shape[1] \
-                or w2.shape[1] != C:
-            raise ValueError(f"conv_dgrad: second gradient {tuple(g2.shape)} / weight "
-                             f"{tuple(w2.shape)} do not match {tuple(g.shape)} / {tuple(w.shape)}")
-        R2, S2 = w2.shape[2], w2.shape[3]
-        if (H + 2 * padding2 - R2) // stride + 1 != P or (W + 2 * padding2 - S2) // stride + 1 != Q:
-            raise ValueError("conv_dgrad: the second convolution's output size differs")
-        w2_cl = w2.contiguous(memory_format=torch.channels_last)
-        gm2, gcc2, cf2 = _grad_operand(g2, gmask2, gc2, coef2, g2.shape[1])
+    g_ptrs, has_mask, has_bn = _grad_args(g, w.shape[0])
+    out = torch.empty((N, C, H, W), device=g.g.device, dtype=g.g.dtype, memory_format=_CL)
+    red, extras, flags = _dgrad_extras(out, relu_bn, residual, second, g.g.shape, stride)
     HC, WC = triton.cdiv(H, stride), triton.cdiv(W, stride)
-    cfg = _DG_FMA if _input_precision(g.dtype) == "ieee" and g.dtype == torch.float32 else _DG
+    cfg = _cfg(g.g.dtype, _DG, _DG_FMA)
     grid = (triton.cdiv(N * HC * WC, cfg["BM"]), triton.cdiv(C, cfg["BN"]), stride * stride)
-    launch(_dgrad_kernel, grid, g, gm, gcc, cf, w_cl, out,
-           relu_c if epi else out, relu_ss if epi else out, relu_stat if epi else out,
-           red if epi else out,
-           residual if residual is not None else out,
-           res_mask if res_mask is not None else out,
-           *((g2, gm2, gcc2, cf2, w2_cl) if g2 is not None else (out,) * 5),
+    launch(_dgrad_kernel, grid, *g_ptrs, w.contiguous(memory_format=_CL), out, *extras,
            N, H, W, C, P, Q, K, HC, WC,
-           STRIDE=stride, PAD=padding, R=R, S=S,
-           HAS_MASK=gmask is not None, HAS_BN=gc is not None, EPI_RELU_BN=epi,
-           HAS_RES=residual is not None, RES_MASK=res_mask is not None,
-           HAS_G2=g2 is not None, PAD2=padding2, R2=R2, S2=S2,
-           HAS_MASK2=gmask2 is not None, HAS_BN2=gc2 is not None,
-           PREC=_input_precision(g.dtype), **cfg)
-    return (out, red) if epi else out
+           STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
+           PREC=_input_precision(g.g.dtype), **flags, **cfg)
+    return DgradOut(out, red)
 
 
-def conv_wgrad(g: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, *,
-               gmask: Optional[torch.Tensor] = None, gc: Optional[torch.Tensor] = None,
-               coef: Optional[torch.Tensor] = None, x_ss: Optional[torch.Tensor] = None,
-               need_db: bool = False):
-    """Weight (and bias) gradient of conv2d(Xt, w, stride, padding).
-
-    g and its prologue as conv_dgrad; x [N,C,H,W] channels_last; Xt = x, or
-    relu(x*scale + shift) with x_ss = [scale; shift] ([2, C] fp32).
-    Returns (dw fp32 [K,C,R,S] (a channels_last view of a [K,R,S,C] buffer),
-    db fp32 [K] or None)."""
-    _nhwc(g, "g")
-    _nhwc(x, "x")
-    N, K, P, Q = g.shape
+def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: int, *,
+               x_bnrelu: Optional[torch.Tensor] = None, need_db: bool = False) -> WgradOut:
+    """Weight (and with need_db bias) gradient of conv2d(Xt, w, stride, padding) from the
+    gradient operand g of its output. x [N, C, H, W] channels_last; Xt = x, or
+    relu(x * scale + shift) with x_bnrelu = [scale; shift] ([2, C] fp32: conv2's input
+    y1 rebuilt from c1, zero padding after the transform)."""
+    N, K, P, Q = g.g.shape
     K2, C, R, S = w_shape
-    if K2 != K or x.shape[1] != C or x.shape[0] != N:
-        raise ValueError(f"conv_wgrad: weight {tuple(w_shape)}, input {tuple(x.shape)} and "
-                         f"gradient {tuple(g.shape)} do not match")
-    H, W = x.shape[2], x.shape[3]
-    gm, gcc, cf = _grad_operand(g, gmask, gc, coef, K)
-    dw = torch.zeros((K, R, S, C), device=g.device, dtype=torch.float32)
-    db = torch.zeros((K,), device=g.device, dtype=torch.float32) if need_db else None
+    assert x.is_contiguous(memory_format=_CL) and tuple(x.shape[:2]) == (N, C) and K2 == K, \
+        f"conv_wgrad: weight {tuple(w_shape)}, input {tuple(x.shape)}, gradient {(N, K, P, Q)}"
+    g_ptrs, has_mask, has_bn = _grad_args(g, K)
+    dw = torch.zeros((K, R, S, C), device=x.device, dtype=torch.float32)
+    db = torch.zeros((K,), device=x.device, dtype=torch.float32) if need_db else None
     MP = N * P * Q
-    cfg = _WG_FMA if _input_precision(g.dtype) == "ieee" and g.dtype == torch.float32 else _WG
+    cfg = _cfg(g.g.dtype, _WG, _WG_FMA)
     tiles = triton.cdiv(K, cfg["BM"]) * triton.cdiv(C, cfg["BN"]) * R * S
     split = max(1, min(triton.cdiv(MP, cfg["BK"]), _WG_PROGRAMS // tiles))
     chunk = triton.cdiv(triton.cdiv(MP, split), cfg["BK"]) * cfg["BK"]
     split = triton.cdiv(MP, chunk)
     grid = (triton.cdiv(K, cfg["BM"]), triton.cdiv(C, cfg["BN"]), R * S * split)
-    launch(_wgrad_kernel, grid, g, gm, gcc, cf, x, x_ss if x_ss is not None else x,
-           dw, db if need_db else dw,
-           N, H, W, C, P, Q, K, MP, chunk,
-           STRIDE=stride, PAD=padding, R=R, S=S,
-           HAS_MASK=gmask is not None, HAS_BN=gc is not None, X_BNRELU=x_ss is not None,
-           HAS_DB=need_db, PREC=_input_precision(g.dtype), **cfg)
-    return dw.permute(0, 3, 1, 2), db
+    launch(_wgrad_kernel, grid, *g_ptrs, x, x if x_bnrelu is None else x_bnrelu,
+           dw, dw if db is None else db,
+           N, x.shape[2], x.shape[3], C, P, Q, K, MP, chunk,
+           STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
+           X_BNRELU=x_bnrelu is not None, HAS_DB=need_db, PREC=_input_precision(g.g.dtype),
+           **cfg)
+    return WgradOut(dw.permute(0, 3, 1, 2), db)
 
 
-__all__ = ["conv_dgrad", "conv_wgrad"]
+__all__ = ["DgradOut", "GradOperand", "GradResidual", "ReluBnEpilogue", "SecondDgrad",
+           "WgradOut", "conv_dgrad", "conv_wgrad"]

@@ -21,7 +21,8 @@ import torch
 
 from ...ops import define_op, memory_format_of
 from ...schemas import NAMESPACES
-from .conv import conv2d_nhwc
+from .conv import Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
+from .conv_checks import check_conv_bias_relu, check_conv_bias_shortcut_relu
 from .launcher import INTERPRET
 
 
@@ -31,7 +32,9 @@ def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
                    padding: int) -> torch.Tensor:
-    out = conv2d_nhwc(x, weight.to(x.dtype), bias, stride=stride, padding=padding, relu=True)
+    check_conv_bias_relu(x, weight, bias, stride, padding)
+    out = conv2d_nhwc(x, weight.to(x.dtype), stride, padding,
+                      epilogue=Epilogue(bias, relu=True)).out
     return _restore_format(out, x)
 
 
@@ -39,16 +42,18 @@ def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.T
                             x: torch.Tensor, shortcut_weight: Optional[torch.Tensor],
                             padding: int, shortcut_stride: int,
                             shortcut_padding: int) -> torch.Tensor:
+    check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                  shortcut_stride, shortcut_padding)
     if shortcut_weight is None:
         # Identity shortcut: x is the residual added in the epilogue.
-        out = conv2d_nhwc(y, weight.to(y.dtype), bias, stride=1, padding=padding,
-                          residual=x, relu=True)
+        out = conv2d_nhwc(y, weight.to(y.dtype), 1, padding, residual=ResidualAdd(x),
+                          epilogue=Epilogue(bias, relu=True)).out
     else:
         # Projection: a second GEMM over x into the same accumulator; its folded
         # bias is already inside `bias`.
-        out = conv2d_nhwc(y, weight.to(y.dtype), bias, stride=1, padding=padding,
-                          x2=x, w2=shortcut_weight.to(y.dtype), stride2=shortcut_stride,
-                          padding2=shortcut_padding, relu=True)
+        second = SecondGemm(x, shortcut_weight.to(y.dtype), shortcut_stride, shortcut_padding)
+        out = conv2d_nhwc(y, weight.to(y.dtype), 1, padding, second=second,
+                          epilogue=Epilogue(bias, relu=True)).out
     return _restore_format(out, y)
 
 

@@ -70,8 +70,9 @@ from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, conv_out_hw,
                     memory_format_of, momentum_arg)
 from ...schemas import NAMESPACES
 from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
-from .conv import conv2d_nhwc
-from .conv_bwd import conv_dgrad, conv_wgrad
+from .conv import Epilogue, Prologue, ResidualAdd, conv2d_nhwc
+from .conv_bwd import (GradOperand, GradResidual, ReluBnEpilogue, SecondDgrad, conv_dgrad,
+                       conv_wgrad)
 from .launcher import INTERPRET
 
 _CL = torch.channels_last
@@ -96,12 +97,12 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     """block_train (schemas.py): BlockTrainOut(out, c1, c2, c3, mask, stats) as a tuple."""
     P, Q = conv_out_hw(x.shape[2], x.shape[3], 3, 3, stride, 1)
     count = n = x.shape[0] * P * Q  # values per channel of each BN: this rank's, the group's
-    c1, m1, v1 = conv2d_nhwc(x, w1, b1, stride=stride, padding=1, stats=True)
+    c1, _, m1, v1 = conv2d_nhwc(x, w1, stride, 1, epilogue=Epilogue(b1), stats=True)
     if group:
         m1, v1, n = distributed.combine_stats(m1, v1, count, group)
     _, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
-    c2, m2, v2 = conv2d_nhwc(c1, w2, b2, stride=1, padding=1, in_scale=sc1, in_shift=sh1,
-                             in_relu=True, stats=True)
+    c2, _, m2, v2 = conv2d_nhwc(c1, w2, 1, 1, prologue=Prologue(sc1, sh1, relu=True),
+                                epilogue=Epilogue(b2), stats=True)
     if group:
         m2, v2, _ = distributed.combine_stats(m2, v2, count, group)
     inv2, sc2, sh2 = finalize_impl(m2, v2, g2, beta2, eps2)
@@ -113,16 +114,16 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         # D2L projection (no BN): the final pass is the projection GEMM's epilogue,
         # relu(conv(x, w3) + b3 + scale2*c2 + shift2) with the mask, so the shortcut is
         # never written out and re-read.
-        out, mask = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3, residual=c2,
-                                residual_scale=sc2, residual_shift=sh2, relu=True,
-                                out_mask=True)
+        out, mask, _, _ = conv2d_nhwc(x, w3, stride, pad3,
+                                      residual=ResidualAdd(c2, sc2, sh2),
+                                      epilogue=Epilogue(b3, relu=True, mask=True))
     elif g3 is None:
         # Channel counts that are not a multiple of 8 would split a mask byte across
         # two tiles: the shortcut goes through memory and the elementwise pass.
-        sc = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3)
+        sc = conv2d_nhwc(x, w3, stride, pad3, epilogue=Epilogue(b3)).out
         out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=sc)
     else:
-        c3, m3, v3 = conv2d_nhwc(x, w3, b3, stride=stride, padding=pad3, stats=True)
+        c3, _, m3, v3 = conv2d_nhwc(x, w3, stride, pad3, epilogue=Epilogue(b3), stats=True)
         if group:
             m3, v3, _ = distributed.combine_stats(m3, v3, count, group)
         inv3, _, _ = finalize_impl(m3, v3, g3, beta3, eps3)
@@ -180,10 +181,10 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
         coef2 = _global_coef(coef2, inv2, total[0], total[1], n)
         if len(local) == 4:
             coef3 = _global_coef(coef3, inv3, total[2], total[3], n)
-    g2_op = dict(gmask=mask, gc=c2, coef=coef2)
-    dz1, red1 = conv_dgrad(grad_out, w2, (P, Q), 1, 1, **g2_op,
-                           relu_c=c1, relu_ss=ss1, relu_stat=torch.stack([m1, inv1]))
-    dw2, db2 = conv_wgrad(grad_out, c1, w2.shape, 1, 1, **g2_op, x_ss=ss1, need_db=has_b2)
+    G2 = GradOperand(grad_out, mask=mask, c=c2, coef=coef2)
+    dz1, red1 = conv_dgrad(G2, w2, (P, Q), 1, 1,
+                           relu_bn=ReluBnEpilogue(c1, ss1, torch.stack([m1, inv1])))
+    dw2, db2 = conv_wgrad(G2, c1, w2.shape, 1, 1, x_bnrelu=ss1, need_db=has_b2)
     if group:
         total1 = distributed.all_reduce_sum(red1, group)
         a1 = g1.to(torch.float32) * inv1
@@ -194,19 +195,18 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
 
     if g3 is None:
         dg3 = dbeta3 = None
-    dw3 = db3 = None
+    dw3 = db3 = res = sec = None
     if w3 is None:
-        res = dict(residual=grad_out, res_mask=mask)        # identity: g = grad_out*mask
+        res = GradResidual(grad_out, mask)                  # identity: g = grad_out*mask
     else:
-        g3_op = dict(gmask=mask) if g3 is None else dict(gmask=mask, gc=c3, coef=coef3)
-        dw3, db3 = conv_wgrad(grad_out, x, w3.shape, stride, pad3, **g3_op, need_db=has_b3)
+        G3 = GradOperand(grad_out, mask) if g3 is None else GradOperand(grad_out, mask, c3, coef3)
+        dw3, db3 = conv_wgrad(G3, x, w3.shape, stride, pad3, need_db=has_b3)
         # The shortcut's data gradient: a second GEMM into conv1's dgrad accumulator.
-        res = dict(g2=grad_out, w2=w3, padding2=pad3,
-                   **{k + "2": v for k, v in g3_op.items()})
+        sec = SecondDgrad(G3, w3, pad3)
 
-    g1_op = dict(gc=c1, coef=coef1)
-    dw1, db1 = conv_wgrad(dz1, x, w1.shape, stride, 1, **g1_op, need_db=has_b1)
-    dx = conv_dgrad(dz1, w1, (H, W), stride, 1, **g1_op, **res)
+    G1 = GradOperand(dz1, c=c1, coef=coef1)
+    dw1, db1 = conv_wgrad(G1, x, w1.shape, stride, 1, need_db=has_b1)
+    dx = conv_dgrad(G1, w1, (H, W), stride, 1, residual=res, second=sec).dx
 
     def wt(t, like):       # weight-shaped gradient in the parameter's dtype and layout
         return _empty(x) if t is None else t.to(like.dtype).contiguous()

@@ -1,0 +1,111 @@
+"""Input checks of the triton backend's public convolution ops, eval_ops.py's
+resnet_fused_triton::conv_bias_relu and conv_bias_shortcut_relu.
+
+This is where user input to the Triton convolutions is validated, once, with an error
+that names the op and what was wrong; conv2d_nhwc below (conv.py) only asserts what
+its in-package callers guarantee.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ops import conv_out_hw
+
+NS = "resnet_fused_triton"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tensor(op: str, name: str, t, dims: int, axes: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{NS}::{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{NS}::{op}: {name} must be {dims}-D ({axes}), got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def _activation(op: str, name: str, t) -> torch.Tensor:
+    _tensor(op, name, t, 4, "N, C, H, W")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{NS}::{op}: {name} dtype must be float32, float16 or bfloat16, "
+                        f"got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{NS}::{op}: {name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def _weight(op: str, name: str, w, act: torch.Tensor, act_name: str) -> None:
+    """w [K, C, R, S]: floating (it is cast to the activation dtype), act's channels
+    and device."""
+    _tensor(op, name, w, 4, "K, C, R, S")
+    if not w.is_floating_point():
+        raise TypeError(f"{NS}::{op}: {name} must be floating point, got {w.dtype}")
+    if w.shape[1] != act.shape[1]:
+        raise ValueError(f"{NS}::{op}: {name} expects {w.shape[1]} input channels, "
+                         f"{act_name} has {act.shape[1]}")
+    if w.device != act.device:
+        raise ValueError(f"{NS}::{op}: {name} is on {w.device}, {act_name} on {act.device}")
+
+
+def _bias(op: str, bias, K: int, device) -> None:
+    _tensor(op, "bias", bias, 1, "K")
+    if bias.shape[0] != K:
+        raise ValueError(f"{NS}::{op}: bias must have shape ({K},), got {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"{NS}::{op}: bias must be floating point, got {bias.dtype}")
+    if bias.device != device:
+        raise ValueError(f"{NS}::{op}: bias is on {bias.device}, the activation on {device}")
+
+
+def _int(op: str, name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{NS}::{op}: {name} must be an int >= {lo}, got {v!r}")
+
+
+def _out_hw(op: str, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int):
+    P, Q = conv_out_hw(x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding)
+    if P <= 0 or Q <= 0:
+        raise ValueError(f"{NS}::{op}: empty output {P}x{Q} for input {tuple(x.shape[2:])}, "
+                         f"kernel {tuple(w.shape[2:])}, stride {stride}, padding {padding}")
+    return P, Q
+
+
+def check_conv_bias_relu(x, weight, bias, stride, padding) -> None:
+    op = "conv_bias_relu"
+    _activation(op, "x", x)
+    _int(op, "stride", stride, 1)
+    _int(op, "padding", padding, 0)
+    _weight(op, "weight", weight, x, "x")
+    _bias(op, bias, weight.shape[0], x.device)
+    _out_hw(op, x, weight, stride, padding)
+
+
+def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                  shortcut_stride, shortcut_padding) -> None:
+    op = "conv_bias_shortcut_relu"
+    _activation(op, "y", y)
+    _int(op, "padding", padding, 0)
+    _weight(op, "weight", weight, y, "y")
+    _bias(op, bias, weight.shape[0], y.device)
+    out = (y.shape[0], weight.shape[0], *_out_hw(op, y, weight, 1, padding))
+    _activation(op, "x", x)
+    if x.dtype != y.dtype:
+        raise TypeError(f"{NS}::{op}: x dtype {x.dtype} differs from y dtype {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"{NS}::{op}: x is on {x.device}, y on {y.device}")
+    if shortcut_weight is None:
+        if tuple(x.shape) != out:
+            raise ValueError(f"{NS}::{op}: the identity shortcut x must have the output "
+                             f"shape {out}, got {tuple(x.shape)}")
+        return
+    _int(op, "shortcut_stride", shortcut_stride, 1)
+    _int(op, "shortcut_padding", shortcut_padding, 0)
+    _weight(op, "shortcut_weight", shortcut_weight, x, "x")
+    sc = (x.shape[0], shortcut_weight.shape[0],
+          *_out_hw(op, x, shortcut_weight, shortcut_stride, shortcut_padding))
+    if sc != out:
+        raise ValueError(f"{NS}::{op}: the projection shortcut conv(x, shortcut_weight) has "
+                         f"shape {sc}, the main branch {out}")
+
+
+__all__ = ["check_conv_bias_relu", "check_conv_bias_shortcut_relu"]

@@ -10,10 +10,13 @@ Sections, in order (timing first, most telling first, so a --budget-s cut loses 
                forward+backward; providers: eager as written (fp32 NCHW), eager in the
                bench dtype (channels_last), cuDNN fused ops with folded BN (eval),
                FusedResidual per backend, torch.compile (in a second pass over the shapes).
-  2. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
-  3. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
-  4. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
-  5. numerics  every FusedResidual backend, dtype and mode against float64 on two small
+  2. overhead  host time per call at a tiny block, where kernels cost next to nothing:
+               one op, the plain block, each backend's ops called directly, FusedResidual,
+               and the module's own cost (bench/overhead.py; us per call, CPU too).
+  3. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
+  5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
+  6. numerics  every FusedResidual backend, dtype and mode against float64 on two small
                blocks, next to the plain block's own error in that dtype; PASS/FAIL by
                tests/tolerance.py. The timing sections leave it a quarter of --budget-s.
 Rows go to results.csv / results.json (one schema), results.md and speedup.png in the
@@ -89,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-net", action="store_true")
+    p.add_argument("--no-overhead", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -104,6 +108,7 @@ FusedResidual = fuse_model = resnet18 = rf_backends = None
 
 import benchlib as bl  # noqa: E402
 import make_tables  # noqa: E402
+import overhead  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import tolerance  # noqa: E402  (the numerics rule of README.md, Design, shared with the tests)
@@ -726,6 +731,46 @@ def sweep_section(backends, dtype):
                            part=part, refs=refs)
 
 
+# ============================================================================ host overhead
+def overhead_section(backends, dtype):
+    """Host time per call at a tiny block (bench/overhead.py), per mode: what the module
+    adds over its kernels, in microseconds and in units of one tensor op."""
+    names = []
+    for b in backends:
+        if b == "triton" and not ON_GPU:
+            R.skip("overhead fused_triton", "Triton runs in its interpreter on the CPU: "
+                   "its kernels are not 'next to nothing' there")
+        elif dtype_reason(b, dtype):
+            R.skip(f"overhead fused_{b} {bl.dtype_name(dtype)}", dtype_reason(b, dtype))
+        else:
+            names.append(b)
+    cl = layout_cl(dtype)
+    R.say(f"== overhead: host us per call, block {overhead.SHAPE} batch {overhead.BATCH}, "
+          f"{bl.dtype_name(dtype)}; backends {', '.join(names) or 'none'}")
+    for mode in modes():
+        if R.over_budget():
+            R.skip(f"overhead {mode}", BUDGET_SKIP)
+            continue
+        common = dict(section="overhead", kernel="host_per_call", mode=mode,
+                      metric="host_time", unit="us", x_name="shape", x_value=overhead.SHAPE,
+                      dtype=bl.dtype_name(dtype), layout="NHWC" if cl else "NCHW",
+                      shape=overhead.SHAPE, batch=overhead.BATCH)
+        try:
+            res = overhead.measure(mode, names, DEVICE, dtype, cl, ARGS.quick)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            R.say(f"  ! overhead {mode}: {err_text(e)}")
+            R.errors.append(f"overhead {mode}: {err_text(e)}")
+            R.row(**common, provider="all", status="ERROR", note=err_text(e))
+            continue
+        one = res["one_op"][0]
+        for prov, (p50, p20, p80) in res.items():
+            R.row(**common, provider=prov, p50=p50, p20=p20, p80=p80, status="OK",
+                  note=f"{p50 / one:.1f} one-op dispatches" if one > 0 else "")
+            R.say(f"  {mode:<5} {prov:<13} {p50:8.1f} us  [{p20:.1f}, {p80:.1f}]"
+                  + (f"  = {p50 / one:.1f} ops" if prov.startswith("module_") else ""))
+    R.checkpoint()
+
+
 # ============================================================================ 4. kernels
 def kernels_section(backends, dtype):
     """Each op of each backend's namespace at the stage shapes (eval convs, BN kernels)."""
@@ -994,6 +1039,9 @@ def run_sections():
         # sections stop at the budget less the numerics' share.
         block_section(backends, dtype)
         R.checkpoint(md=True)
+        if not ARGS.no_overhead:
+            overhead_section(backends, dtype)
+            R.checkpoint(md=True)
         if not ARGS.no_net:
             net_section(backends, dtype)
             R.checkpoint(md=True)

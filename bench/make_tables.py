@@ -192,12 +192,13 @@ def overhead_table(rows) -> str:
         return ""
     any_row = next(iter(next(iter(data.values())).values()))
     out = [f"\n#### Host overhead per call (us; block {any_row.get('shape')}, batch "
-           f"{any_row.get('batch')}, {any_row.get('dtype')}; module_* = FusedResidual minus "
-           "its backend's ops called directly)\n",
+           f"{any_row.get('batch')}, {any_row.get('dtype')}; module_<b> = FusedResidual minus "
+           "its backend's ops called directly; *_alone: timed without kernels, "
+           "bench/overhead.py)\n",
            "| mode | provider | p50 | p20 | p80 | in one-op dispatches |", "|" + "---|" * 6]
     for mode, provs in data.items():
-        one = _num(provs.get("one_op", {}).get("p50"))
         for p, r in provs.items():
+            one = _num(provs.get("one_op_alone" if "alone" in p else "one_op", {}).get("p50"))
             p50 = _num(r.get("p50"))
             out.append(f"| {mode} | {p} | {_f(r['p50'])} | {_f(r.get('p20'))} | "
                        f"{_f(r.get('p80'))} | {f'{p50 / one:.1f}' if one and p50 is not None else '-'} |")

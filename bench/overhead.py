@@ -14,7 +14,12 @@ and from the same repeats:
                between kernels costs more than in a tight loop of itself)
   module_<b>   fused_<b> minus ops_<b>: the module's own cost (validation, plan
                lookup, fold-cache check, Module.__call__)
-Differences are taken per repeat, between neighbouring measurements.
+Differences are taken per repeat, between neighbouring measurements. Between kernels
+every host step costs more than in a loop of itself (cold caches), and the
+differences carry the kernels' noise, so two figures with the kernels out follow:
+  one_op_alone      torch.add timed by itself
+  module_alone_<b>  FusedResidual with backend b's forward_eval / forward_train
+                    replaced by `return x` while timed: the module's work alone
 
 Host time: each repeat issues `calls` calls back to back between two device
 synchronisations and divides the CPU time the calling thread spent issuing them (a
@@ -89,7 +94,8 @@ def time_interleaved(fns: dict, device: torch.device, repeats: int, calls: int) 
 
 def providers(mode: str, backends: list, device: torch.device, dtype: torch.dtype,
               channels_last: bool) -> dict:
-    """{provider: zero-argument callable} for one mode at the tiny block."""
+    """{provider: zero-argument callable} for one mode at the tiny block (one_op: the
+    add alone, for _alone)."""
     from resnet_fused import FusedResidual, Residual
     from resnet_fused import backends as registry
     from resnet_fused.fold import folded
@@ -102,7 +108,8 @@ def providers(mode: str, backends: list, device: torch.device, dtype: torch.dtyp
     plain.train(train)
     x = torch.randn(BATCH, CHANNELS, HW, HW, device=device, dtype=dtype)
     x = x.contiguous(memory_format=fmt)
-    fns = {"plain": lambda: plain(x), "plain_add": lambda: (plain(x), torch.add(x, x))}
+    fns = {"plain": lambda: plain(x), "plain_add": lambda: (plain(x), torch.add(x, x)),
+           "one_op": lambda: torch.add(x, x)}
     for b in backends:
         fused = FusedResidual.from_residual(copy.deepcopy(plain), backend=b).train(train)
         backend = registry.get(b, device)
@@ -115,16 +122,33 @@ def providers(mode: str, backends: list, device: torch.device, dtype: torch.dtyp
     return fns
 
 
+def _alone(fns: dict, backends: list, device, repeats: int, calls: int) -> dict:
+    """one_op_alone and module_alone_<b> samples: fused_<b> timed with its backend's
+    kernels stubbed out (instance attributes over the class's methods, removed after)."""
+    from resnet_fused import backends as registry
+
+    stubbed = [registry.get(b, device) for b in backends]
+    for be in stubbed:
+        be.forward_eval = lambda block, folded, x: x
+        be.forward_train = lambda block, x, groups=None: x
+    try:
+        alone = {"one_op_alone": fns["one_op"]}
+        alone.update({f"module_alone_{b}": fns[f"fused_{b}"] for b in backends})
+        return time_interleaved(alone, device, repeats, calls * 20)
+    finally:
+        for be in stubbed:
+            del be.forward_eval, be.forward_train
+
+
 def measure(mode: str, backends: list, device: torch.device, dtype: torch.dtype,
             channels_last: bool = False, quick: bool = False) -> dict:
     """{provider: (p50, p20, p80) us per call} for one mode, module_<b> included."""
     repeats, calls = (9, 10) if quick else (41, 20)
     fns = providers(mode, backends, device, dtype, channels_last)
-    if mode == "train":
+    one_op = fns.pop("one_op")
+    with torch.enable_grad() if mode == "train" else torch.no_grad():
         samples = time_interleaved(fns, device, repeats, calls)
-    else:
-        with torch.no_grad():
-            samples = time_interleaved(fns, device, repeats, calls)
+        samples.update(_alone({**fns, "one_op": one_op}, backends, device, repeats, calls))
     def minus(a, b):
         return [x - y for x, y in zip(samples[a], samples[b])]
     derived = {"one_op": minus("plain_add", "plain")}
@@ -138,7 +162,7 @@ def table(results: dict) -> str:
     lines = [f"host overhead per call (us; block {SHAPE}, batch {BATCH}): p50 [p20, p80]"]
     for mode, res in results.items():
         for name, (p50, p20, p80) in res.items():
-            lines.append(f"  {mode:<5} {name:<13} {p50:8.1f}  [{p20:.1f}, {p80:.1f}]")
+            lines.append(f"  {mode:<5} {name:<20} {p50:8.1f}  [{p20:.1f}, {p80:.1f}]")
     return "\n".join(lines)
 
 

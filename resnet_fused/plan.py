@@ -65,7 +65,7 @@ def check_input(block, x, *, dtype: bool = True) -> None:
                         f"(e.g. .to({x.dtype})) or run under torch.autocast")
 
 
-def backend_for(block, x: torch.Tensor, training: bool) -> Backend:
+def _backend_for(block, x: torch.Tensor, training: bool) -> Backend:
     """The backend that computes this call: block.backend, or auto's choice."""
     if block.backend == "auto":
         key = shape_key(x.shape, block.out_channels, block.stride)
@@ -85,7 +85,7 @@ def make_plan(block, x: torch.Tensor, modes: tuple, autocast: bool = False) -> P
     mode = TRAIN if all(modes) else MIXED if any(modes) else EVAL
     # Resolved (and the dtype checked) on every path, so a backend that cannot take
     # this input says so even where the plain path would serve it.
-    backend = backend_for(block, x, mode == TRAIN)
+    backend = _backend_for(block, x, mode == TRAIN)
     if mode == TRAIN:
         n, _, h, w = x.shape
         s = block.stride

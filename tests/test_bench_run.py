@@ -145,8 +145,8 @@ def test_host_overhead_rows(run, tmp_path):
                 if run.rf_backends.unavailable_reason(b, torch.device("cpu")) is None]
     for mode in ("eval", "train"):
         got = [r["provider"] for r in rows if r["mode"] == mode]
-        want = {"one_op", "plain"} | {f"{k}_{b}" for b in backends
-                                      for k in ("ops", "fused", "module")}
+        want = {"one_op", "one_op_alone", "plain"} | {
+            f"{k}_{b}" for b in backends for k in ("ops", "fused", "module", "module_alone")}
         assert set(got) == want, (mode, got)
     for r in rows:
         assert r["status"] == "OK" and r["unit"] == "us" and r["metric"] == "host_time"

@@ -177,6 +177,34 @@ def kernels_table(rows) -> str:
     return "\n".join(out) + "\n"
 
 
+def overhead_rows(rows) -> dict:
+    """{mode: {provider: row}} of the OK rows of the host-overhead section."""
+    out: dict = OrderedDict()
+    for r in rows:
+        if r.get("section") == "overhead" and r.get("status") == "OK":
+            out.setdefault(r["mode"], OrderedDict())[r["provider"]] = r
+    return out
+
+
+def overhead_table(rows) -> str:
+    data = overhead_rows(rows)
+    if not data:
+        return ""
+    any_row = next(iter(next(iter(data.values())).values()))
+    out = [f"\n#### Host overhead per call (us; block {any_row.get('shape')}, batch "
+           f"{any_row.get('batch')}, {any_row.get('dtype')}; module_<b> = FusedResidual minus "
+           "its backend's ops called directly; *_alone: timed without kernels, "
+           "bench/overhead.py)\n",
+           "| mode | provider | p50 | p20 | p80 | in one-op dispatches |", "|" + "---|" * 6]
+    for mode, provs in data.items():
+        for p, r in provs.items():
+            one = _num(provs.get("one_op_alone" if "alone" in p else "one_op", {}).get("p50"))
+            p50 = _num(r.get("p50"))
+            out.append(f"| {mode} | {p} | {_f(r['p50'])} | {_f(r.get('p20'))} | "
+                       f"{_f(r.get('p80'))} | {f'{p50 / one:.1f}' if one and p50 is not None else '-'} |")
+    return "\n".join(out) + "\n"
+
+
 def net_table(rows) -> str:
     data = _timing(rows, "net")
     if not data:
@@ -201,7 +229,7 @@ def markdown(rows, env, skips=()) -> str:
              timing_table(rows, "block", "Residual block at the ResNet-18 stage shapes "
                           "(cin-cout-h-w-stride, batch " + _batch(rows) + ")", "shape"),
              timing_table(rows, "sweep", "Batch sweep", "batch"),
-             net_table(rows), kernels_table(rows), numerics_table(rows)]
+             overhead_table(rows), net_table(rows), kernels_table(rows), numerics_table(rows)]
     if skips:
         parts.append("\n#### Skipped\n\n" + "\n".join(f"- {s}" for s in skips) + "\n")
     return "\n".join(p for p in parts if p)
@@ -307,6 +335,9 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
                     lines.append(f"      resnet18 {mode} n={x} img/s: " + ", ".join(
                         f"{p} {float(r['img_s']):.0f}" for p, r in
                         ((p, d[p]) for p in _ordered(d)) if _num(r.get("img_s"))))
+    for mode, provs in overhead_rows(rows).items():
+        lines.append(f"overhead {mode} (host us/call, p50): " + ", ".join(
+            f"{p} {float(r['p50']):.1f}" for p, r in provs.items()))
     if skips:
         lines.append(f"skipped ({len(skips)}): " + " | ".join(skips)[:1200])
     if errors:

@@ -10,10 +10,13 @@ Sections, in order (timing first, most telling first, so a --budget-s cut loses 
                forward+backward; providers: eager as written (fp32 NCHW), eager in the
                bench dtype (channels_last), cuDNN fused ops with folded BN (eval),
                FusedResidual per backend, torch.compile (in a second pass over the shapes).
-  2. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
-  3. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
-  4. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
-  5. numerics  every FusedResidual backend, dtype and mode against float64 on two small
+  2. overhead  host time per call at a tiny block, where kernels cost next to nothing:
+               one op, the plain block, each backend's ops called directly, FusedResidual,
+               and the module's own cost (bench/overhead.py; us per call, CPU too).
+  3. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
+  5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
+  6. numerics  every FusedResidual backend, dtype and mode against float64 on two small
                blocks, next to the plain block's own error in that dtype; PASS/FAIL by
                tests/tolerance.py. The timing sections leave it a quarter of --budget-s.
 Rows go to results.csv / results.json (one schema), results.md and speedup.png in the
@@ -89,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-net", action="store_true")
+    p.add_argument("--no-overhead", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -104,6 +108,7 @@ FusedResidual = fuse_model = resnet18 = rf_backends = None
 
 import benchlib as bl  # noqa: E402
 import make_tables  # noqa: E402
+import overhead  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import tolerance  # noqa: E402  (the numerics rule of README.md, Design, shared with the tests)
@@ -402,7 +407,8 @@ def _worst(judged: dict, ref_norms: dict):
     return max(judged.items(), key=badness)
 
 
-def numerics_section(backends: list[str]):
+def _numerics_cases(backends: list[str]):
+    """(dtypes, cases): each case (seed, shape, backends, mode, dtype), in run order."""
     if ON_GPU:
         plan = [(s, backends) for s in bl.GPU_NUMERICS]
     else:
@@ -418,13 +424,58 @@ def numerics_section(backends: list[str]):
         if d not in bl.DTYPES:
             raise SystemExit(f"--numerics-dtypes: unknown dtype {d!r}")
         dtypes.append(bl.DTYPES[d])
-    R.say(f"== numerics: {', '.join('fused_' + b for b in backends)} vs float64, dtypes "
-          f"{', '.join(bl.dtype_name(d) for d in dtypes)}, modes {', '.join(modes())}")
     # Each case keeps its seed (its index in shape, mode, dtype order) whatever the order
     # it runs in: dtype first, so that a budget cut loses whole dtypes.
     seeded = [(k, s, bs, m, d) for k, (s, bs, m, d) in
               enumerate(((s, bs, m, d) for s, bs in plan for m in modes() for d in dtypes), 1)]
     todo = sorted(seeded, key=lambda c: (dtypes.index(c[4]), modes().index(c[3]), c[0]))
+    return dtypes, todo
+
+
+def _judge_block(fused: dict, plain: dict, ref: dict, train: bool, dt) -> dict:
+    """{quantity: judged} of one fused run: the output, and in training the input
+    gradient, the worst parameter gradient and the worst running statistic."""
+    judged = {"out": _judge("out", fused["out"], plain["out"], ref["out"], 2.0, dt)}
+    if not train:
+        return judged
+    judged["grad_input"] = _judge("grad_input", fused["grad_input"],
+                                  plain["grad_input"], ref["grad_input"], 3.0, dt)
+    for kind, factor in (("grads", 3.0), ("stats", 2.0)):
+        per = {}
+        for n, r in ref[kind].items():
+            if n not in fused[kind] or n not in plain[kind]:
+                per[n] = dict(f_l2=float("inf"), f_max=float("inf"), p_l2=0.0,
+                              p_max=0.0, ok=False,
+                              msg=f"{n}: missing in the fused block's {kind}")
+                continue
+            per[n] = _judge(n, fused[kind][n], plain[kind][n], r, factor, dt)
+        if per:
+            norms = {n: r.double().norm().item() for n, r in ref[kind].items()}
+            n, j = _worst(per, norms)
+            j = dict(j, which=n, all_ok=all(v["ok"] for v in per.values()))
+            judged["grad_params" if kind == "grads" else "running_stats"] = j
+    return judged
+
+
+def _numerics_rows(common: dict, judged: dict) -> list[str]:
+    """Two rows (relative L2, max-abs) per judged quantity; the console verdicts."""
+    verdicts = []
+    for q, j in judged.items():
+        ok = j.get("all_ok", j["ok"])
+        status = "PASS" if ok else "FAIL"
+        note = (f"worst: {j['which']}; " if "which" in j else "") + j["msg"]
+        R.row(**common, quantity=q, metric="rel_l2", unit="", p50=j["f_l2"],
+              plain=j["p_l2"], status=status, note=note.strip("; "))
+        R.row(**common, quantity=q, metric="max_abs_rel", unit="", p50=j["f_max"],
+              plain=j["p_max"], status=status, note=note.strip("; "))
+        verdicts.append(f"{q} {j['f_l2']:.2e}/{j['p_l2']:.2e} {status}")
+    return verdicts
+
+
+def numerics_section(backends: list[str]):
+    dtypes, todo = _numerics_cases(backends)
+    R.say(f"== numerics: {', '.join('fused_' + b for b in backends)} vs float64, dtypes "
+          f"{', '.join(bl.dtype_name(d) for d in dtypes)}, modes {', '.join(modes())}")
     for i, (seed, s, shape_backends, mode, dt) in enumerate(todo, 1):
         if R.over_budget("numerics"):
             R.skip("numerics", f"{len(todo) - i + 1} of {len(todo)} cases not run: {BUDGET_SKIP}")
@@ -465,34 +516,7 @@ def numerics_section(backends: list[str]):
                 R.row(**common, quantity="out", metric="rel_l2", status="ERROR",
                       note=err_text(e))
                 continue
-            judged = {"out": _judge("out", fused["out"], plain["out"], ref["out"], 2.0, dt)}
-            if train:
-                judged["grad_input"] = _judge("grad_input", fused["grad_input"],
-                                              plain["grad_input"], ref["grad_input"], 3.0, dt)
-                for kind, factor in (("grads", 3.0), ("stats", 2.0)):
-                    per = {}
-                    for n, r in ref[kind].items():
-                        if n not in fused[kind] or n not in plain[kind]:
-                            per[n] = dict(f_l2=float("inf"), f_max=float("inf"), p_l2=0.0,
-                                          p_max=0.0, ok=False,
-                                          msg=f"{n}: missing in the fused block's {kind}")
-                            continue
-                        per[n] = _judge(n, fused[kind][n], plain[kind][n], r, factor, dt)
-                    if per:
-                        norms = {n: r.double().norm().item() for n, r in ref[kind].items()}
-                        n, j = _worst(per, norms)
-                        j = dict(j, which=n, all_ok=all(v["ok"] for v in per.values()))
-                        judged["grad_params" if kind == "grads" else "running_stats"] = j
-            verdicts = []
-            for q, j in judged.items():
-                ok = j.get("all_ok", j["ok"])
-                status = "PASS" if ok else "FAIL"
-                note = (f"worst: {j['which']}; " if "which" in j else "") + j["msg"]
-                R.row(**common, quantity=q, metric="rel_l2", unit="", p50=j["f_l2"],
-                      plain=j["p_l2"], status=status, note=note.strip("; "))
-                R.row(**common, quantity=q, metric="max_abs_rel", unit="", p50=j["f_max"],
-                      plain=j["p_max"], status=status, note=note.strip("; "))
-                verdicts.append(f"{q} {j['f_l2']:.2e}/{j['p_l2']:.2e} {status}")
+            verdicts = _numerics_rows(common, _judge_block(fused, plain, ref, train, dt))
             R.say(f"  [{i}/{len(todo)}] {what}: " + ", ".join(verdicts))
         R.checkpoint()
 
@@ -576,6 +600,47 @@ def _provider_list(mode, backends, dtype, section="block"):
     return out
 
 
+def _time_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str):
+    """Build one provider, check its first output against the shape's reference (the
+    first provider's) and time it: (p50, p20, p80, check_rel, notes). Raises what
+    building or running raised."""
+    note = []
+    t_build = time.time()
+    m, params = _build(prov, base, dt, cl, train)
+    rot = bl.Rotating(range(len(xs)))
+    if train:
+        def fn(m=m):
+            j = rot.next()
+            m(xs[j]).backward(gys[j])
+        with freezing(False):
+            out = m(xs[0])
+            out.backward(gys[0])
+    else:
+        def fn(m=m):
+            with torch.no_grad():
+                m(xs[rot.next()])
+        with freezing(prov == "compile"), torch.no_grad():
+            out = m(xs[0])
+    bl.sync(DEVICE)
+    if prov == "compile":
+        note.append(f"compile {time.time() - t_build:.1f} s")
+    out = out.detach().float()
+    if not torch.isfinite(out).all():
+        raise RuntimeError("non-finite output")
+    # The first provider (eager as written, when timed) is the check reference: a
+    # fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
+    if "ref" not in ref_out:
+        ref_out["ref"] = out
+    check = tolerance.rel_l2(out, ref_out["ref"])
+    if check > 5e-2:
+        note.append(f"MISMATCH: output differs from eager by {check:.2e}")
+        R.errors.append(f"{what}: output differs from eager by {check:.2e}")
+    with freezing(prov == "compile"):
+        p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
+                                   grad_to_none=(params + xs) if train else None)
+    return p50, p20, p80, check, note
+
+
 def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="all",
                refs=None):
     """Time the providers of one shape and mode; rows carry speedups and rates.
@@ -610,41 +675,9 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
                       metric="time", unit="ms", x_name=x_name, x_value=x_value,
                       dtype=bl.dtype_name(dt), layout="NHWC" if cl else "NCHW", shape=s.key,
                       batch=s.batch)
-        note = []
         try:
-            t_build = time.time()
-            m, params = _build(prov, base, dt, cl, train)
-            rot = bl.Rotating(range(len(xs)))
-            if train:
-                def fn(m=m):
-                    j = rot.next()
-                    m(xs[j]).backward(gys[j])
-                with freezing(False):
-                    out = m(xs[0])
-                    out.backward(gys[0])
-            else:
-                def fn(m=m):
-                    with torch.no_grad():
-                        m(xs[rot.next()])
-                with freezing(prov == "compile"), torch.no_grad():
-                    out = m(xs[0])
-            bl.sync(DEVICE)
-            if prov == "compile":
-                note.append(f"compile {time.time() - t_build:.1f} s")
-            out = out.detach().float()
-            if not torch.isfinite(out).all():
-                raise RuntimeError("non-finite output")
-            # The first provider (eager as written, when timed) is the check reference: a
-            # fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
-            if "ref" not in ref_out:
-                ref_out["ref"] = out
-            check = tolerance.rel_l2(out, ref_out["ref"])
-            if check > 5e-2:
-                note.append(f"MISMATCH: output differs from eager by {check:.2e}")
-                R.errors.append(f"{label} {mode} {prov}: output differs from eager by {check:.2e}")
-            with freezing(prov == "compile"):
-                p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
-                                           grad_to_none=(params + xs) if train else None)
+            p50, p20, p80, check, note = _time_provider(prov, base, dt, cl, train, xs, gys,
+                                                        ref_out, f"{label} {mode} {prov}")
         except Exception as e:  # noqa: BLE001 - report and go on with the other providers
             R.say(f"  ! {label} {mode} {prov}: {err_text(e)}")
             R.errors.append(f"{label} {mode} {prov}: {err_text(e)}")
@@ -666,7 +699,6 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
         R.say(f"  {label:<22} {mode:<5} {prov:<13} {bl.dtype_name(dt)} "
               f"{p50:9.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s"
               + (f"  ({'; '.join(note)})" if note else ""))
-        del m
     _group_speedups(section, mode, x_value)
     if ON_GPU:
         torch.cuda.empty_cache()
@@ -724,6 +756,47 @@ def sweep_section(backends, dtype):
                 s = s0.with_batch(n)
                 time_block(s, mode, backends, dtype, "sweep", "batch", n, f"{s.name} n={n}",
                            part=part, refs=refs)
+
+
+# ============================================================================ host overhead
+def overhead_section(backends, dtype):
+    """Host time per call at a tiny block (bench/overhead.py), per mode: what the module
+    adds over its kernels, in microseconds and in units of one tensor op."""
+    names = []
+    for b in backends:
+        if b == "triton" and not ON_GPU:
+            R.skip("overhead fused_triton", "Triton runs in its interpreter on the CPU: "
+                   "its kernels are not 'next to nothing' there")
+        elif dtype_reason(b, dtype):
+            R.skip(f"overhead fused_{b} {bl.dtype_name(dtype)}", dtype_reason(b, dtype))
+        else:
+            names.append(b)
+    cl = layout_cl(dtype)
+    R.say(f"== overhead: host us per call, block {overhead.SHAPE} batch {overhead.BATCH}, "
+          f"{bl.dtype_name(dtype)}; backends {', '.join(names) or 'none'}")
+    for mode in modes():
+        if R.over_budget():
+            R.skip(f"overhead {mode}", BUDGET_SKIP)
+            continue
+        common = dict(section="overhead", kernel="host_per_call", mode=mode,
+                      metric="host_time", unit="us", x_name="shape", x_value=overhead.SHAPE,
+                      dtype=bl.dtype_name(dtype), layout="NHWC" if cl else "NCHW",
+                      shape=overhead.SHAPE, batch=overhead.BATCH)
+        try:
+            res = overhead.measure(mode, names, DEVICE, dtype, cl, ARGS.quick)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            R.say(f"  ! overhead {mode}: {err_text(e)}")
+            R.errors.append(f"overhead {mode}: {err_text(e)}")
+            R.row(**common, provider="all", status="ERROR", note=err_text(e))
+            continue
+        for prov, (p50, p20, p80) in res.items():
+            # In units of one tensor op measured the same way (in a block, or alone).
+            one = res["one_op_alone" if "alone" in prov else "one_op"][0]
+            ops = f"{p50 / one:.1f} one-op dispatches" if one > 0 else ""
+            R.row(**common, provider=prov, p50=p50, p20=p20, p80=p80, status="OK", note=ops)
+            R.say(f"  {mode:<5} {prov:<20} {p50:8.1f} us  [{p20:.1f}, {p80:.1f}]"
+                  + (f"  = {ops}" if prov.startswith("module_") and ops else ""))
+    R.checkpoint()
 
 
 # ============================================================================ 4. kernels
@@ -786,6 +859,26 @@ def kernels_section(backends, dtype):
 
 
 # ============================================================================ 5. net
+def _build_net(prov, base, dt, cl, train):
+    """The network of one provider: base as written, converted by fuse_model, or compiled."""
+    m = bl.to_layout(copy.deepcopy(base), DEVICE, dt, cl)
+    if prov.startswith("fused_"):
+        m = fuse_model(m, backend=prov[len("fused_"):])
+        m = bl.to_layout(m, DEVICE, dt, cl)
+    m.train(train)
+    if prov == "compile":
+        torch._dynamo.reset()
+        m = torch.compile(m, mode=None if ARGS.compile_mode == "default" else ARGS.compile_mode)
+    return m
+
+
+def _net_inputs(n, hw, dt, cl, train):
+    g = torch.Generator().manual_seed(3)
+    xs = [bl.to_layout(torch.randn(n, 1, hw, hw, generator=g), DEVICE, dt, cl)
+          for _ in range(bl.n_input_sets(n * hw * hw * 4, DEVICE))]
+    return [x.requires_grad_(True) for x in xs] if train else xs
+
+
 def net_section(backends, dtype):
     n = ARGS.batch or (128 if ON_GPU else 2)
     hw = 224 if ON_GPU else 64
@@ -810,21 +903,8 @@ def net_section(backends, dtype):
             note = []
             try:
                 t_build = time.time()
-                m = bl.to_layout(copy.deepcopy(base), DEVICE, dt, pcl)
-                if prov.startswith("fused_"):
-                    m = fuse_model(m, backend=prov[len("fused_"):])
-                    m = bl.to_layout(m, DEVICE, dt, pcl)
-                m.train(train)
-                if prov == "compile":
-                    torch._dynamo.reset()
-                    m = torch.compile(m, mode=None if ARGS.compile_mode == "default"
-                                      else ARGS.compile_mode)
-                g = torch.Generator().manual_seed(3)
-                xs = [bl.to_layout(torch.randn(n, 1, hw, hw, generator=g), DEVICE, dt, pcl)
-                      for _ in range(bl.n_input_sets(n * hw * hw * 4, DEVICE))]
-                if train:
-                    for x in xs:
-                        x.requires_grad_(True)
+                m = _build_net(prov, base, dt, pcl, train)
+                xs = _net_inputs(n, hw, dt, pcl, train)
                 rot = bl.Rotating(xs)
                 params = [p for p in m.parameters()]
                 if train:
@@ -994,6 +1074,9 @@ def run_sections():
         # sections stop at the budget less the numerics' share.
         block_section(backends, dtype)
         R.checkpoint(md=True)
+        if not ARGS.no_overhead:
+            overhead_section(backends, dtype)
+            R.checkpoint(md=True)
         if not ARGS.no_net:
             net_section(backends, dtype)
             R.checkpoint(md=True)

@@ -272,6 +272,36 @@ def parse_args(argv=None):
     return args
 
 
+def _write_metrics(out: str, summary: dict, rows: list, runners: list) -> None:
+    """metrics.json (everything) and metrics.csv (one row per epoch and model)."""
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "model", "loss", "train_acc", "test_acc", "img_per_s"])
+        for row in rows:
+            for r in runners:
+                m = row[r.name]
+                w.writerow([row["epoch"], r.name, m["loss"], m["train_acc"], m["test_acc"],
+                            m["img_per_s"]])
+
+
+def _print_verdict(rows: list, verdicts: list, dtype: str) -> None:
+    """The agreement verdict with its worst epoch, and the speed ratio."""
+    last = rows[-1]
+    speed = last["fused"]["img_per_s"] / last["plain"]["img_per_s"]
+    if verdicts:
+        worst = max((r["agreement"] for r in rows),
+                    key=lambda a: max(a["loss_diff"] / a["loss_bound"],
+                                      a["acc_diff"] / a["acc_bound"]))
+        print(f"curves agree within {dtype} noise: {'yes' if all(verdicts) else 'NO'} "
+              f"(worst epoch: |loss fused-plain| {worst['loss_diff']:.4f} vs twin "
+              f"{worst['loss_noise']:.4f}, bound {worst['loss_bound']:.4f}; |test acc| "
+              f"{worst['acc_diff']:.2%} vs twin {worst['acc_noise']:.2%}, bound "
+              f"{worst['acc_bound']:.2%})")
+    print(f"fused / plain training speed, last epoch: {speed:.2f}x")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -347,30 +377,10 @@ def main(argv=None) -> int:
                "rule": {"noise_factor": NOISE_FACTOR, "loss_floor_rel": LOSS_FLOOR,
                         "acc_floor_abs": ACC_FLOOR, "twin_eps": eps},
                "step_losses": {r.name: r.step_losses for r in runners}}
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "model", "loss", "train_acc", "test_acc", "img_per_s"])
-        for row in rows:
-            for r in runners:
-                m = row[r.name]
-                w.writerow([row["epoch"], r.name, m["loss"], m["train_acc"], m["test_acc"],
-                            m["img_per_s"]])
+    _write_metrics(out, summary, rows, runners)
     plot(os.path.join(out, "curves.png"), runners, rows,
          f"ResNet-18 plain vs fused ({args.backend}), {source.split(' (')[0]}, {args.dtype}")
-    last = rows[-1]
-    speed = last["fused"]["img_per_s"] / last["plain"]["img_per_s"]
-    if verdicts:
-        worst = max((r["agreement"] for r in rows),
-                    key=lambda a: max(a["loss_diff"] / a["loss_bound"],
-                                      a["acc_diff"] / a["acc_bound"]))
-        print(f"curves agree within {args.dtype} noise: {'yes' if all(verdicts) else 'NO'} "
-              f"(worst epoch: |loss fused-plain| {worst['loss_diff']:.4f} vs twin "
-              f"{worst['loss_noise']:.4f}, bound {worst['loss_bound']:.4f}; |test acc| "
-              f"{worst['acc_diff']:.2%} vs twin {worst['acc_noise']:.2%}, bound "
-              f"{worst['acc_bound']:.2%})")
-    print(f"fused / plain training speed, last epoch: {speed:.2f}x")
+    _print_verdict(rows, verdicts, args.dtype)
     print(f"wrote {out}/metrics.json, metrics.csv, curves.png")
     return 1 if args.check and verdicts and not all(verdicts) else 0
 

@@ -10,7 +10,9 @@ query CUDA; backends load on first use.
 """
 from . import backends
 from .backends import BackendUnavailable
-from .module import ConversionError, FusedResidual, fuse_model
+from .blocks import ConversionError
+from .conversion import fuse_model
+from .module import FusedResidual
 from .reference import Residual, resnet18
 
 __version__ = "0.1.0"

@@ -1,16 +1,27 @@
-"""BatchNorm folding for eval mode, cached on the parameters' versions.
+"""BatchNorm folding for eval mode, cached while the block's state is unchanged.
 
 In eval, bn(conv(x)) = conv(x, W * s) + (b - mean) * s + beta with
 s = gamma / sqrt(running_var + eps): the block becomes two convolutions with bias.
 Folding runs in float32 (float64 for float64 modules) and casts once to the
-activation dtype. The result is cached on the module and recomputed when any
-parameter or buffer changes: every in-place update (optimizer step,
-load_state_dict, running-stat update) bumps the tensor's `_version`, and .to() /
-.half() make new tensors (new data_ptr). Inference tensors have no version, so
-blocks holding them are folded on every call (see _state_key).
+activation dtype.
+
+The result is cached on the module (FoldCache) and refolded when anything it was
+folded from changes, which every way of changing a block shows without reading the
+values:
+- in-place updates (optimizer step, load_state_dict, the running-statistics update
+  of a training step) bump the tensor's `_version`;
+- a replaced parameter, buffer, BN eps or submodule (`block.conv1.weight =
+  nn.Parameter(...)`, `block.bn1 = ...`, load_state_dict(assign=True)) puts another
+  object in its module's dict;
+- `.to()` / `.half()` on the block drop the cache (FusedResidual._apply); on a child
+  alone, or `p.data = t`, they swap the tensor's storage (another data_ptr).
+Writes through `p.data` (`p.data.mul_(2)`) bypass the version counter and are not
+seen, as autograd does not see them either. Inference tensors (made under
+torch.inference_mode()) keep no version, so such blocks refold on every call.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -55,44 +66,81 @@ def fold_block(block, dtype: torch.dtype, memory_format: torch.memory_format) ->
 
 def block_tensors(block):
     """Every parameter and buffer of the block's convolutions and BNs, read straight off
-    their dicts: Module.parameters() walks the module tree, and this runs on every eval
-    call (a third of a small block's Python overhead went there)."""
+    their dicts (Module.parameters() walks the module tree)."""
     for m in (block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3):
         if m is not None:
             yield from (t for t in m._parameters.values() if t is not None)
             yield from (t for t in m._buffers.values() if t is not None)
 
 
-def _state_key(block, dtype, memory_format):
-    """The cache key, or None when a tensor is an inference tensor (made under
-    torch.inference_mode(), e.g. a model converted or loaded there): those keep no
-    version counter, so an in-place change (a BN recalibration pass, a copy_ inside
-    inference mode) could not be seen, and the block is refolded on every call."""
-    try:
-        return (dtype, memory_format) + tuple((t.data_ptr(), t._version)
-                                              for t in block_tensors(block))
-    except RuntimeError:
-        if any(t.is_inference() for t in block_tensors(block)):
-            return None
-        raise
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+_SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "downsample")
+
+
+def _slots(block) -> list:
+    """(dict, key) of every object the fold reads: the block's submodules (the
+    downsample's too), each conv's weight and bias, each BN's weight, bias, running
+    statistics and eps."""
+    slots = [(block._modules, n) for n in _SUBMODULES]
+    ds = block._modules.get("downsample")
+    if ds is not None:
+        slots += [(ds._modules, n) for n in ds._modules]
+    for conv in (block.conv1, block.conv2, block.conv3):
+        if conv is not None:
+            slots += [(conv._parameters, "weight"), (conv._parameters, "bias")]
+    for bn in (block.bn1, block.bn2, block.bn3):
+        if bn is not None:
+            slots += [(bn._parameters, "weight"), (bn._parameters, "bias"),
+                      (bn._buffers, "running_mean"), (bn._buffers, "running_var"),
+                      (bn.__dict__, "eps")]
+    return slots
+
+
+class FoldCache:
+    """A block's FoldedBlock with what it was folded from: the objects in each slot
+    (held, so no other object can reuse their ids or storage while cached) and the
+    version and storage address of each tensor among them. `valid` compares them with
+    C-level maps: a few microseconds, no Python loop over the tensors."""
+
+    __slots__ = ("dtype", "memory_format", "dicts", "keys", "objects", "tensors",
+                 "versions", "ptrs", "folded")
+
+    def __init__(self, block, dtype, memory_format, result: FoldedBlock):
+        slots = _slots(block)
+        self.dtype, self.memory_format, self.folded = dtype, memory_format, result
+        self.dicts = tuple(d for d, _ in slots)
+        self.keys = tuple(k for _, k in slots)
+        self.objects = tuple(map(dict.get, self.dicts, self.keys))
+        self.tensors = tuple(o for o in self.objects if isinstance(o, torch.Tensor))
+        self.versions = tuple(map(_VERSION, self.tensors))  # RuntimeError: inference tensor
+        self.ptrs = tuple(map(_DATA_PTR, self.tensors))
+
+    def valid(self, dtype, memory_format) -> bool:
+        return (dtype == self.dtype and memory_format == self.memory_format
+                and all(map(operator.is_, map(dict.get, self.dicts, self.keys),
+                            self.objects))
+                and tuple(map(_VERSION, self.tensors)) == self.versions
+                and tuple(map(_DATA_PTR, self.tensors)) == self.ptrs)
 
 
 def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
-    """The cached FoldedBlock, refolded when a parameter or buffer changed.
+    """The cached FoldedBlock, refolded when what it was folded from changed.
 
     Under torch.compile the fold is traced every call instead, so the compiler can
     constant-fold it (freezing) or fuse it.
     """
     if torch.compiler.is_compiling():
         return fold_block(block, dtype, memory_format)
-    key = _state_key(block, dtype, memory_format)
     cache = block.__dict__.get("_fold_cache")
-    if key is not None and cache is not None and cache[0] == key:
-        return cache[1]
+    if cache is not None and cache.valid(dtype, memory_format):
+        return cache.folded
     with torch.no_grad():
         result = fold_block(block, dtype, memory_format)
-    if key is None:
-        block.__dict__.pop("_fold_cache", None)
-    else:
-        block.__dict__["_fold_cache"] = (key, result)
+    try:
+        block.__dict__["_fold_cache"] = FoldCache(block, dtype, memory_format, result)
+    except RuntimeError:
+        if not any(t.is_inference() for t in block_tensors(block)):
+            raise
+        block.__dict__.pop("_fold_cache", None)  # no versions to watch: fold every call
     return result

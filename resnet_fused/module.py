@@ -1,4 +1,4 @@
-"""FusedResidual, the drop-in block, and conversion of existing models.
+"""FusedResidual, the drop-in block.
 
 FusedResidual has the parameters and buffers of the block it replaces, under the
 same names, so state_dict, torch.save/load, deepcopy, .to(), .half() and
@@ -6,143 +6,24 @@ channels_last behave as for the plain block:
 - built directly or from a D2L Residual: conv1, conv2, [conv3], bn1, bn2;
 - converted from torchvision's BasicBlock: conv1, bn1, conv2, bn2,
   [downsample = Sequential(conv, BatchNorm2d)], so torchvision checkpoints load.
+Converting whole models: conversion.py (fuse_model).
 """
 from __future__ import annotations
 
-import copy
-import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import backends, distributed
-from .backends.preference import shape_key
+from .blocks import BlockParts, block_parts, check_parts
 from .fold import block_tensors, folded
-from .ops import memory_format_of
+from .plan import MIXED, PLAN_CACHE_SIZE, TRAIN, check_input, make_plan
 from .reference import plain_block_forward
 
-
-class ConversionError(ValueError):
-    """A block that cannot be converted; the message says why."""
-
-
-@dataclass
-class BlockParts:
-    conv1: nn.Conv2d
-    bn1: nn.BatchNorm2d
-    conv2: nn.Conv2d
-    bn2: nn.BatchNorm2d
-    conv3: Optional[nn.Conv2d]
-    bn3: Optional[nn.BatchNorm2d]
-    layout: str  # "d2l" (conv3 attribute) or "torchvision" (downsample attribute)
-
-
-def _child(block: nn.Module, name: str):
-    return block._modules.get(name, getattr(block, name, None))
-
-
-def block_parts(block: nn.Module) -> BlockParts:
-    """The pieces of a residual block, matched by structure (no import of torchvision
-    needed), or ConversionError naming what does not match."""
-    if isinstance(block, FusedResidual):
-        return BlockParts(block.conv1, block.bn1, block.conv2, block.bn2, block.conv3,
-                          block.bn3, block._layout)
-    missing = [n for n in ("conv1", "bn1", "conv2", "bn2") if _child(block, n) is None]
-    if missing:
-        raise ConversionError(f"no {', '.join(missing)} submodule(s): not a residual block")
-    conv1, bn1, conv2, bn2 = (_child(block, n) for n in ("conv1", "bn1", "conv2", "bn2"))
-    if "downsample" in block._modules or hasattr(block, "downsample"):
-        layout = "torchvision"
-        ds = _child(block, "downsample")
-        if _child(block, "conv3") is not None or _child(block, "bn3") is not None:
-            raise ConversionError("has conv3/bn3 and downsample: a bottleneck block, "
-                                  "not a basic residual block")
-        if ds is None:
-            conv3 = bn3 = None
-        elif (isinstance(ds, nn.Sequential) and len(ds) == 2
-              and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], _BN_TYPES)):
-            conv3, bn3 = ds[0], ds[1]
-        else:
-            raise ConversionError(f"downsample is {type(ds).__name__}, expected "
-                                  "Sequential(Conv2d, BatchNorm2d)")
-    else:
-        layout = "d2l"
-        conv3, bn3 = _child(block, "conv3"), None
-        if _child(block, "bn3") is not None:
-            raise ConversionError("has a bn3 submodule: a bottleneck block, not a basic "
-                                  "residual block")
-    parts = BlockParts(conv1, bn1, conv2, bn2, conv3, bn3, layout)
-    _check_parts(parts)
-    return parts
-
-
-def _conv_geometry_error(name, conv, kernel, stride, in_ch=None):
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        return f"{name} is {type(conv).__name__}, expected nn.Conv2d"
-    k = kernel
-    pad = k // 2
-    want = dict(kernel_size=(k, k), dilation=(1, 1), groups=1, padding_mode="zeros",
-                stride=(stride, stride), padding=(pad, pad))
-    for attr, value in want.items():
-        if getattr(conv, attr) != value:
-            return f"{name}.{attr} is {getattr(conv, attr)}, expected {value}"
-    if in_ch is not None and conv.in_channels != in_ch:
-        return f"{name} has {conv.in_channels} input channels, expected {in_ch}"
-    return None
-
-
-# nn.SyncBatchNorm (convert_sync_batchnorm, before or after fuse_model): the block
-# normalises over its process group (resnet_fused/distributed.py).
-_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-
-def _bn_error(name, bn, channels):
-    if type(bn) not in _BN_TYPES:
-        return f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d or nn.SyncBatchNorm"
-    if bn.num_features != channels:
-        return f"{name} has {bn.num_features} features, expected {channels}"
-    if not bn.affine:
-        return f"{name} has affine=False (no weight/bias), which is not supported"
-    if not bn.track_running_stats:
-        return f"{name} has track_running_stats=False, which is not supported"
-    return None
-
-
-def _check_parts(p: BlockParts) -> None:
-    if not isinstance(p.conv1, nn.Conv2d):
-        raise ConversionError(f"conv1 is {type(p.conv1).__name__}, expected nn.Conv2d")
-    stride = p.conv1.stride[0]
-    cin, cout = p.conv1.in_channels, p.conv1.out_channels
-    errs = [
-        _conv_geometry_error("conv1", p.conv1, 3, stride),
-        None if stride in (1, 2) else f"conv1 stride {stride} is not supported (1 or 2)",
-        _conv_geometry_error("conv2", p.conv2, 3, 1, in_ch=cout),
-        _bn_error("bn1", p.bn1, cout),
-        _bn_error("bn2", p.bn2, cout),
-    ]
-    if getattr(p.conv2, "out_channels", cout) != cout:
-        errs.append(f"conv2 has {p.conv2.out_channels} output channels, expected {cout}")
-    if p.conv3 is None:
-        if stride != 1 or cin != cout:
-            errs.append(f"identity shortcut but conv1 maps {cin}->{cout} channels with "
-                        f"stride {stride}: shapes would not add")
-    else:
-        k3 = p.conv3.kernel_size[0] if isinstance(p.conv3, nn.Conv2d) else 0
-        if k3 not in (1, 3):
-            errs.append(f"conv3 kernel {getattr(p.conv3, 'kernel_size', '?')} is not "
-                        "supported (1x1 or 3x3)")
-        else:
-            errs.append(_conv_geometry_error("conv3", p.conv3, k3, stride, in_ch=cin))
-            if p.conv3.out_channels != cout:
-                errs.append(f"conv3 has {p.conv3.out_channels} output channels, "
-                            f"expected {cout}")
-        if p.bn3 is not None:
-            errs.append(_bn_error("downsample BN", p.bn3, cout))
-    errs = [e for e in errs if e]
-    if errs:
-        raise ConversionError("; ".join(errs))
+# One C call saying whether any autocast region is active, so the common call skips
+# the per-device query (the public torch.is_autocast_enabled(device) decides after it).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 class FusedResidual(nn.Module):
@@ -160,7 +41,8 @@ class FusedResidual(nn.Module):
     def __init__(self, input_channels: int, num_channels: int, use_1x1conv: bool = False,
                  strides: int = 1, *, backend: str = "auto"):
         super().__init__()
-        # Same creation order as Residual, so the same seed gives the same weights.
+        # Mirrors reference.Residual.__init__ on purpose: the same modules created in the
+        # same order, so the same seed gives the same weights as the plain block.
         self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1,
                                stride=strides)
         self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
@@ -170,7 +52,7 @@ class FusedResidual(nn.Module):
         self.bn2 = nn.BatchNorm2d(num_channels)
         self._layout = "d2l"
         self.backend = backends.check_name(backend)
-        _check_parts(block_parts(self))
+        check_parts(self._block_parts())
 
     # conv3 / bn3 live in `conv3` (D2L) or in `downsample` (torchvision names).
     @property
@@ -196,6 +78,11 @@ class FusedResidual(nn.Module):
     @property
     def stride(self) -> int:
         return self.conv1.stride[0]
+
+    def _block_parts(self) -> BlockParts:
+        """This block's parts (blocks.block_parts asks the block itself)."""
+        return BlockParts(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3,
+                          self._layout)
 
     @classmethod
     def from_residual(cls, block: nn.Module, backend: str = "auto") -> "FusedResidual":
@@ -228,91 +115,58 @@ class FusedResidual(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
+    # Derived state, kept in __dict__: "_plans" (plan.py, per input signature) and
+    # "_fold_cache" (fold.py). Neither is saved or copied (it holds tensors and backend
+    # objects); a copy plans and folds again on its first call.
+    _DERIVED = ("_plans", "_fold_cache")
+
     def __getstate__(self):
-        # torch.save / deepcopy / pickle: the fold cache is derived state (and holds
-        # tensors), so it is not saved; the copy refolds on its first eval call.
         state = self.__dict__.copy()
-        state.pop("_fold_cache", None)
+        for name in self._DERIVED:
+            state.pop(name, None)
         return state
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_fold_cache", None)  # .to()/.half(): refold for the new tensors
+        for name in self._DERIVED:  # .to()/.half(): plan and fold for the new tensors
+            self.__dict__.pop(name, None)
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
-    def _validate(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"FusedResidual expects a torch.Tensor, got {type(x).__name__}")
-        if x.layout != torch.strided:
-            raise TypeError(f"FusedResidual expects a dense (strided) tensor, got layout "
-                            f"{x.layout}")
-        if x.dim() != 4:
-            raise ValueError(f"FusedResidual expects a 4-D input (N, C, H, W), got a "
-                             f"{x.dim()}-D tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"FusedResidual expects {self.in_channels} input channels, got "
-                             f"input of shape {tuple(x.shape)} with {x.shape[1]} channels")
-        if not x.is_floating_point():
-            raise TypeError(f"FusedResidual expects a floating-point input, got {x.dtype}")
-        w = self.conv1.weight
-        if x.device != w.device:
-            raise RuntimeError(f"FusedResidual: input is on {x.device} but the module's "
-                               f"parameters are on {w.device}; move one with .to()")
-        if min(x.shape) == 0:
-            raise ValueError(f"FusedResidual: input of shape {tuple(x.shape)} is empty")
-
-    def _backend_for(self, x: torch.Tensor, training: bool):
-        if self.backend == "auto":
-            key = shape_key(x.shape, self.out_channels, self.stride)
-            return backends.choose(x.device, x.dtype, training, key)
-        backend = backends.get(self.backend, x.device)
-        reason = backend.unsupported_dtype_reason(x.dtype, x.device)
-        if reason is not None:
-            raise TypeError(f"FusedResidual(backend={self.backend!r}): {reason}; use "
-                            "backend='torch' for this dtype")
-        return backend
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._validate(x)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        if not isinstance(x, torch.Tensor):
+            check_input(self, x)
+        compiling = torch.compiler.is_compiling()
+        if (compiling or _any_autocast()) and torch.is_autocast_enabled(x.device.type):
             # The block runs in the autocast dtype (convolutions autocast to it anyway;
-            # BN statistics accumulate in float32 inside the ops).
-            cdtype = torch.get_autocast_dtype(dev)
-            # The output is in the autocast dtype, as the plain blocks' in-place
-            # `Y += X` / `out += identity` leaves it.
+            # BN statistics accumulate in float32 inside the ops). The output is in
+            # that dtype, as the plain blocks' in-place `Y += X` / `out += identity`
+            # leaves it.
+            check_input(self, x, dtype=False)
+            dev = x.device.type
             with torch.autocast(dev, enabled=False):
-                return self._forward(x.to(cdtype))
-        w = self.conv1.weight
-        if x.dtype != w.dtype:
-            raise TypeError(f"FusedResidual: input dtype {x.dtype} does not match the "
-                            f"module's parameter dtype {w.dtype}; convert the module "
-                            f"(e.g. .to({x.dtype})) or run under torch.autocast")
-        return self._forward(x)
+                return self._run(x.to(torch.get_autocast_dtype(dev)), compiling, True)
+        return self._run(x, compiling, False)
 
-    def _bn_modes(self) -> tuple:
-        return tuple(b.training for b in (self.bn1, self.bn2, self.bn3) if b is not None)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=memory_format_of(x))
-        # The BatchNorm modules' own mode decides, as in the plain block: a model in
+    def _run(self, x: torch.Tensor, compiling: bool, autocast: bool) -> torch.Tensor:
+        # The BatchNorm modules' own modes decide, as in the plain block: a model in
         # train() whose BNs were put in eval() (frozen-BN fine-tuning) normalises with
-        # running statistics.
-        modes = self._bn_modes()
-        # Resolved (and the dtype checked) on every path, so a backend that cannot take
-        # this input says so even where the unfused path below would serve it.
-        backend = self._backend_for(x, all(modes))
-        if all(modes):
-            n, _, h, w = x.shape
-            s = self.stride
-            if n * ((h - 1) // s + 1) * ((w - 1) // s + 1) <= 1:
-                raise ValueError("Expected more than 1 value per channel when training, got "
-                                 f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")
-            # Synchronized BNs (nn.SyncBatchNorm over more than one process): their groups.
-            groups = distributed.block_groups(self, x.device)
-            return backend.forward_train(self, x, groups=groups)
-        if any(modes):
-            # Some BNs train, some not: no fused path computes that mix.
+        # running statistics. Read off the dicts: this runs on every call.
+        mods = self._modules
+        bn1, bn2, ds = mods["bn1"], mods["bn2"], mods.get("downsample")
+        bn3 = None if ds is None else tuple(ds._modules.values())[1]  # = self.bn3
+        modes = ((bn1.training, bn2.training) if bn3 is None
+                 else (bn1.training, bn2.training, bn3.training))
+        plan = (make_plan(self, x, modes, autocast) if compiling
+                else self._plan(x, modes, autocast))
+        if plan.copy:
+            x = x.contiguous(memory_format=plan.memory_format)
+        if plan.mode == TRAIN:
+            groups = None
+            if (isinstance(bn1, nn.SyncBatchNorm) or isinstance(bn2, nn.SyncBatchNorm)
+                    or isinstance(bn3, nn.SyncBatchNorm)):
+                groups = distributed.block_groups(self, x.device)
+            return plan.backend.forward_train(self, x, groups=groups)
+        if plan.mode == MIXED:  # no fused path computes a mix of BN modes
             return plain_block_forward(self, x)
         if torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
                 x.requires_grad or any(t.requires_grad for t in block_tensors(self))):
@@ -323,43 +177,22 @@ class FusedResidual(nn.Module):
             # and so does torch.export, which traces with grad mode on: an exported eval
             # model is served, and must keep the fused ops in its graph.
             return plain_block_forward(self, x)
-        return backend.forward_eval(self, folded(self, x.dtype, memory_format_of(x)), x)
+        return plan.backend.forward_eval(self, folded(self, x.dtype, plan.memory_format), x)
 
-
-def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
-    """Replace every residual block of `model` by a FusedResidual.
-
-    Converts D2L Residual blocks (either projection kind) and torchvision BasicBlocks,
-    found by structure. A block that looks residual but cannot be converted is left as
-    it is, with a warning naming it and the reason. Returns the converted model (a deep
-    copy unless inplace=True).
-    """
-    backends.check_name(backend)
-    if not inplace:
-        model = copy.deepcopy(model)
-    if _looks_residual(model):
-        converted = _try_convert("(the model itself)", model, backend)
-        return converted if converted is not None else model
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module._modules.items()):
-            if child is None or isinstance(child, FusedResidual) or not _looks_residual(child):
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            converted = _try_convert(full, child, backend)
-            if converted is not None:
-                module._modules[child_name] = converted
-    return model
-
-
-def _looks_residual(m: nn.Module) -> bool:
-    return (not isinstance(m, FusedResidual)
-            and all(_child(m, n) is not None for n in ("conv1", "bn1", "conv2", "bn2")))
-
-
-def _try_convert(name: str, block: nn.Module, backend: str) -> Optional[FusedResidual]:
-    try:
-        return FusedResidual.from_residual(block, backend=backend)
-    except ConversionError as e:
-        warnings.warn(f"fuse_model: left {name} ({type(block).__name__}) as it is: {e}",
-                      stacklevel=3)
-        return None
+    def _plan(self, x: torch.Tensor, modes: tuple, autocast: bool):
+        """The plan of x's signature (plan.py): kept per signature, made on a miss."""
+        w = self._modules["conv1"]._parameters["weight"]
+        try:
+            key = (x.shape, x.stride(), x.dtype, x.device, self.backend, modes, autocast,
+                   self._modules["conv1"], w.dtype, w.device)
+        except RuntimeError:  # a tensor without strides (sparse, mkldnn): say what it is
+            check_input(self, x)
+            raise
+        plans = self.__dict__.get("_plans")
+        plan = plans.get(key) if plans is not None else None
+        if plan is None:
+            plan = make_plan(self, x, modes, autocast)  # raises for a bad input: nothing is kept
+            if plans is None or len(plans) >= PLAN_CACHE_SIZE:
+                plans = self.__dict__["_plans"] = {}
+            plans[key] = plan
+        return plan

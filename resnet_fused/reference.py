@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .blocks import block_parts
+
 
 class Residual(nn.Module):
     """The D2L residual block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
@@ -18,6 +20,8 @@ class Residual(nn.Module):
     def __init__(self, input_channels: int, num_channels: int, use_1x1conv: bool = False,
                  strides: int = 1):
         super().__init__()
+        # FusedResidual.__init__ (module.py) mirrors these lines on purpose: the same
+        # modules in the same order, so one seed gives both blocks the same weights.
         self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1,
                                stride=strides)
         self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
@@ -76,8 +80,6 @@ def plain_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     then each BatchNorm module called as it is (training or eval, as that module is
     set), the shortcut, the add and ReLU. The reference of the tests, and
     FusedResidual's own path where no fused path applies."""
-    from .module import block_parts
-
     p = block_parts(block)
     y = F.relu(p.bn1(conv_forward(p.conv1, x)))
     y = p.bn2(conv_forward(p.conv2, y))

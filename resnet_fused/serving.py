@@ -42,21 +42,11 @@ def fused_ops(program) -> list[str]:
     return names
 
 
-def _check_export_api() -> None:
-    missing = [n for n, obj in (("torch.export.export", torch.export),
-                                ("torch.export.Dim", torch.export))
-               if not hasattr(obj, n.rsplit(".", 1)[1])]
-    if missing:
-        raise RuntimeError(f"this torch ({torch.__version__}) lacks {', '.join(missing)}; "
-                           "exporting needs torch >= 2.6")
-
-
 def export(model: nn.Module, args: tuple, *, dynamic_batch: bool = True,
            max_batch: Optional[int] = None, strict: bool = False):
     """torch.export.export of a model in eval mode, with the batch dimension of the
     first argument dynamic (when `dynamic_batch`), checked to keep every FusedResidual
     on its fused ops (RuntimeError naming the count otherwise)."""
-    _check_export_api()
     if not isinstance(args, tuple) or not args or not isinstance(args[0], torch.Tensor):
         raise TypeError("serving.export: args must be a tuple whose first element is the "
                         f"input tensor, got {type(args).__name__}")
@@ -98,9 +88,6 @@ def register_ops() -> list[str]:
 def load_package(path: str, device_index: int = -1):
     """torch._inductor.aoti_load_package after registering this package's ops, so an
     AOTInductor package of a fused model runs in a fresh process."""
-    if not hasattr(torch._inductor, "aoti_load_package"):
-        raise RuntimeError(f"this torch ({torch.__version__}) lacks "
-                           "torch._inductor.aoti_load_package (torch >= 2.6)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"serving.load_package: no such package {path!r}")
     missing = register_ops()

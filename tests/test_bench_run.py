@@ -130,3 +130,31 @@ def test_hard_timeout_writes_then_exits(run, tmp_path, monkeypatch, capsys):
     assert at_exit["doc"]["env"]["stopped"].startswith("hard timeout after 1 s")
     assert "HARD TIMEOUT" in capsys.readouterr().out
     assert torch.get_num_threads() >= 1
+
+
+def test_host_overhead_rows(run, tmp_path):
+    """The host-overhead section (bench/overhead.py) in-process on the CPU: per mode the
+    plain block, each backend's ops called directly, FusedResidual, and the differences
+    (one op where a block runs, the module's own cost), in us, in every results file."""
+    argv = _argv(tmp_path, "--modes", "eval,train", "--backends", "torch,native",
+                 "--providers", "eager_fp32", "--no-numerics")
+    assert run.main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = [r for r in doc["rows"] if r["section"] == "overhead"]
+    backends = [b for b in ("torch", "native")
+                if run.rf_backends.unavailable_reason(b, torch.device("cpu")) is None]
+    for mode in ("eval", "train"):
+        got = [r["provider"] for r in rows if r["mode"] == mode]
+        want = {"one_op", "one_op_alone", "plain"} | {
+            f"{k}_{b}" for b in backends for k in ("ops", "fused", "module", "module_alone")}
+        assert set(got) == want, (mode, got)
+    for r in rows:
+        assert r["status"] == "OK" and r["unit"] == "us" and r["metric"] == "host_time"
+        assert r["p20"] <= r["p50"] <= r["p80"], r
+        if not r["provider"].startswith(("module_", "one_op")):  # differences may be < 0
+            assert r["p20"] > 0, r
+    assert "Host overhead per call" in (tmp_path / "results.md").read_text()
+    assert len(_csv_rows(tmp_path)) == len(doc["rows"])
+    assert run.main(argv + ["--no-overhead"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert not [r for r in doc["rows"] if r["section"] == "overhead"]

@@ -80,6 +80,9 @@ def test_timing_rows_are_sane(quick_run):
     assert all(r["speedup_vs_eager"] > 0 for r in fused)
     kernels = {r["kernel"] for r in timed if r["section"] == "kernels"}
     assert {"bn_act", "conv_bias_relu", "conv_bias_shortcut_relu"} <= kernels, kernels
+    overhead = {(r["mode"], r["provider"]) for r in rows
+                if r["section"] == "overhead" and r["status"] == "OK"}
+    assert {("eval", "module_torch"), ("train", "module_torch")} <= overhead, overhead
 
 
 def test_numerics_report_uses_the_tolerance_rule(quick_run):

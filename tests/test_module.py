@@ -1,5 +1,6 @@
 """FusedResidual (torch backend) against the plain block in float64: outputs, every
-gradient, running statistics; eval folding and its cache; module behaviour."""
+gradient, running statistics; eval folding; module behaviour. Its caches:
+test_module_caches.py."""
 import copy
 import io
 
@@ -156,61 +157,6 @@ def test_half_and_to_and_channels_last_keep_working():
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.float(), plain(x), rtol=3e-2, atol=3e-2)
-
-
-def test_eval_fold_cache_refreshes_on_any_change():
-    plain = Residual(8, 8, use_1x1conv=True)
-    randomize_bn(plain)
-    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch")
-    x = torch.randn(2, 8, 9, 9)
-
-    def agree():
-        plain.eval(), fused.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
-
-    agree()
-    with torch.no_grad():  # a parameter changed in place, as an optimizer step does
-        for m in (plain, fused):
-            m.conv2.weight.mul_(1.5)
-            m.bn1.bias.add_(0.25)
-            m.conv3.bias.sub_(0.1)
-    agree()
-    xt = torch.randn(4, 8, 9, 9) * 3 + 1
-    for m in (plain, fused):  # running statistics move in a training step
-        m.train()
-        m(xt)
-    agree()
-    new = Residual(8, 8, use_1x1conv=True)
-    randomize_bn(new)
-    plain.load_state_dict(new.state_dict())
-    fused.load_state_dict(new.state_dict())
-    agree()
-
-
-def test_eval_cache_is_reused_when_nothing_changed():
-    fused = FusedResidual(8, 8, backend="torch").eval()
-    x = torch.randn(2, 8, 5, 5)
-    with torch.no_grad():
-        fused(x)
-        first = fused._fold_cache[1]
-        fused(x)
-        assert fused._fold_cache[1] is first
-
-
-def test_fold_cache_is_not_saved_or_copied():
-    fused = FusedResidual(8, 8, backend="torch").eval()
-    x = torch.randn(2, 8, 5, 5)
-    with torch.no_grad():
-        ref = fused(x)
-    assert "_fold_cache" in fused.__dict__
-    buf = io.BytesIO()
-    torch.save(fused, buf)
-    buf.seek(0)
-    for copied in (torch.load(buf, weights_only=False), copy.deepcopy(fused)):
-        assert "_fold_cache" not in copied.__dict__
-        with torch.no_grad():
-            torch.testing.assert_close(copied(x), ref)
 
 
 def test_eval_with_autograd_gives_parameter_gradients():

@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of the Triton backend's kernels for Hopper (sm_90) with the
-installed Triton's real compiler, on CPU (resnet_fused/backends/triton/aot.py).
+installed Triton's real compiler, on CPU (csrc/tools/triton_aot.py).
 
 The interpreter the other Triton tests run in checks none of the compiler's rules, so
 this is what catches a tl.dot shape/dtype error, a constexpr misuse, a layout the
@@ -23,6 +23,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AOT = os.path.join(ROOT, "csrc", "tools", "triton_aot.py")
 
 # Every kernel a launcher of the backend can run (the test fails when one is added
 # without being covered by the AOT scenarios).
@@ -69,7 +70,7 @@ def _compile(tmp_path, *args, timeout):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "aot.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "resnet_fused.backends.triton.aot", *args, "--json", str(out)],
+        [sys.executable, AOT, *args, "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if not out.exists():
         pytest.fail(f"aot produced no results (rc {proc.returncode}):\n"

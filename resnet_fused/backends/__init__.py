@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, FoldedBlock
+from .base import Backend
 from .preference import preferred_order
 
 NAMES = ("torch", "native", "triton")
@@ -99,6 +99,6 @@ def choose(device: torch.device, dtype: torch.dtype, training: bool,
 
 
 __all__ = [
-    "Backend", "BackendUnavailable", "FoldedBlock", "NAMES", "CHOICES",
+    "Backend", "BackendUnavailable", "NAMES", "CHOICES",
     "available", "check_name", "choose", "get", "unavailable_reason",
 ]

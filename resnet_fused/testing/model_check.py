@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import backends as _backends
-from ..module import FusedResidual, _looks_residual, fuse_model
+from ..conversion import fuse_model, unconverted
+from ..module import FusedResidual
 from ..reference import plain_block_forward
 from .report import ModelReport, Row
 from .tolerance import Comparison, compare, compare_near_zero
@@ -62,7 +63,7 @@ def _count_fused(model: nn.Module) -> int:
 def _unconverted(model: nn.Module) -> list[str]:
     """Names of submodules that look like residual blocks but are not FusedResidual."""
     return [name or "(the model itself)" for name, m in model.named_modules()
-            if not isinstance(m, _PlainBlock) and _looks_residual(m)]
+            if not isinstance(m, _PlainBlock) and unconverted(m)]
 
 
 def _prepare(model, fused):

@@ -1,5 +1,7 @@
-"""Ahead-of-time compilation of every Triton kernel of this backend for a GPU target,
-with the real compiler and no GPU (nothing is launched).
+"""Ahead-of-time compilation of every Triton kernel of resnet_fused's triton backend for
+a GPU target, with the real compiler and no GPU (nothing is launched). A developer tool
+beside resource_report.py (the CUDA kernels' counterpart), not part of the package:
+tests/test_triton_compile.py runs it.
 
 Why: on CPU the kernels only ever run in Triton's interpreter, which checks none of the
 compiler's rules (tl.dot shapes/dtypes, layouts, constexpr use, register and shared
@@ -14,8 +16,9 @@ uninitialised outputs of the skipped launches are harmless.
 Needs TRITON_INTERPRET unset when the kernels are defined (the interpreter binds them
 at definition and the interpreter configs differ), so run it as its own process:
 
-    python -m resnet_fused.backends.triton.aot            # representative variants
-    python -m resnet_fused.backends.triton.aot --full     # every variant the stages use
+    python csrc/tools/triton_aot.py            # representative variants
+    python csrc/tools/triton_aot.py --full     # every variant the stages use
+    python csrc/tools/triton_aot.py --quick    # the subset tests/test_triton_compile.py runs
 
 Reported per compiled variant: registers per thread, spilled bytes (local memory per
 thread: cuobjdump's STACK + LOCAL), shared memory (bytes, the kernel's dynamic
@@ -36,8 +39,13 @@ import tempfile
 import time
 from typing import Optional
 
-import torch
-import triton
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout without `pip install -e .`
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 # Opt-in shared memory per block: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80.
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
@@ -70,12 +78,11 @@ class Result:
     error: Optional[str] = None
 
 
-
 def _require_compiled_mode():
-    from .launcher import INTERPRET
-    if INTERPRET:
+    from resnet_fused.backends.triton import launcher
+    if launcher.INTERPRET:
         raise RuntimeError("aot: the kernels were defined under TRITON_INTERPRET=1; run this "
-                           "in a process without it (python -m resnet_fused.backends.triton.aot)")
+                           "in a process without it (python csrc/tools/triton_aot.py)")
 
 
 # =========================================================================== capture
@@ -83,7 +90,7 @@ def _require_compiled_mode():
 def capture(label_ref: list):
     """Within the block, every kernel launch of the backend is recorded, not run.
     label_ref[0] is the label attached to launches recorded from then on."""
-    from . import bn, conv, conv_bwd
+    from resnet_fused.backends.triton import bn, conv, conv_bwd
 
     launches: list[Launch] = []
 
@@ -123,7 +130,7 @@ def _t(shape, dtype, cl=True):
 
 def _block_launches(cin, k, hw, stride, kind, dt, pdt):
     """Eval (K1, K2) and the fused training forward and backward of one block."""
-    from . import eval_ops, train
+    from resnet_fused.backends.triton import eval_ops, train
 
     bias = kind != "bn"
     x = _t((BATCH, cin, hw, hw), dt)
@@ -157,7 +164,8 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt):
 def _tma_launches(cin, k, hw, stride, kind, dt):
     """The descriptor (TMA) path where it is legal: stride-1 convolutions without a
     prologue or stats (K1 of stride-1 blocks, every K2)."""
-    from .conv import Epilogue, ResidualAdd, SecondGemm, _input_precision, conv2d_nhwc
+    from resnet_fused.backends.triton.conv import (Epilogue, ResidualAdd, SecondGemm,
+                                                   _input_precision, conv2d_nhwc)
 
     if dt == torch.float32 and _input_precision(dt) == "ieee":
         return    # automatic selection never takes the descriptor path for IEEE fp32
@@ -186,7 +194,7 @@ def _tma_launches(cin, k, hw, stride, kind, dt):
 def _bn_op_launches(k, hw, dt, pdt, cl):
     """The standalone BN ops (channel_stats, bn_finalize, bn_act, bn_act_backward) in
     NCHW or channels_last: a unit stride is specialised, so each layout is a variant."""
-    from . import bn
+    from resnet_fused.backends.triton import bn
 
     c = _t((BATCH, k, hw, hw), dt, cl)
     mean, var = bn._channel_stats(c)

@@ -6,7 +6,6 @@ queries CUDA at import time.
 """
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import math
 import os
@@ -20,9 +19,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -389,14 +385,6 @@ def fmt(v, digits=4) -> str:
             return f"{v:.{digits}g}"
         return f"{v:.3g}"
     return str(v)
-
-
-def copy_module(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m)
-
-
-def repo_path(*parts) -> str:
-    return os.path.join(ROOT, *parts)
 
 
 # ----------------------------------------------------------------------------- op cases

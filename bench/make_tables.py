@@ -200,8 +200,9 @@ def overhead_table(rows) -> str:
         for p, r in provs.items():
             one = _num(provs.get("one_op_alone" if "alone" in p else "one_op", {}).get("p50"))
             p50 = _num(r.get("p50"))
+            ops = f"{p50 / one:.1f}" if one and p50 is not None else "-"
             out.append(f"| {mode} | {p} | {_f(r['p50'])} | {_f(r.get('p20'))} | "
-                       f"{_f(r.get('p80'))} | {f'{p50 / one:.1f}' if one and p50 is not None else '-'} |")
+                       f"{_f(r.get('p80'))} | {ops} |")
     return "\n".join(out) + "\n"
 
 

@@ -600,6 +600,20 @@ def _provider_list(mode, backends, dtype, section="block"):
     return out
 
 
+def _check_output(out, ref_out: dict, limit: float, what: str, note: list) -> float:
+    """Relative L2 of out to the first provider's output (eager as written, when timed;
+    kept in ref_out), noted and counted as an error over `limit`. Raises on a
+    non-finite output."""
+    out = out.detach().float()
+    if not torch.isfinite(out).all():
+        raise RuntimeError("non-finite output")
+    check = tolerance.rel_l2(out, ref_out.setdefault("ref", out))
+    if check > limit:
+        note.append(f"MISMATCH: output differs from eager by {check:.2e}")
+        R.errors.append(f"{what}: output differs from eager by {check:.2e}")
+    return check
+
+
 def _time_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str):
     """Build one provider, check its first output against the shape's reference (the
     first provider's) and time it: (p50, p20, p80, check_rel, notes). Raises what
@@ -624,17 +638,8 @@ def _time_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str)
     bl.sync(DEVICE)
     if prov == "compile":
         note.append(f"compile {time.time() - t_build:.1f} s")
-    out = out.detach().float()
-    if not torch.isfinite(out).all():
-        raise RuntimeError("non-finite output")
-    # The first provider (eager as written, when timed) is the check reference: a
-    # fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
-    if "ref" not in ref_out:
-        ref_out["ref"] = out
-    check = tolerance.rel_l2(out, ref_out["ref"])
-    if check > 5e-2:
-        note.append(f"MISMATCH: output differs from eager by {check:.2e}")
-        R.errors.append(f"{what}: output differs from eager by {check:.2e}")
+    # A fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
+    check = _check_output(out, ref_out, 5e-2, what, note)
     with freezing(prov == "compile"):
         p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
                                    grad_to_none=(params + xs) if train else None)
@@ -891,7 +896,7 @@ def net_section(backends, dtype):
         flops = bl.resnet18_flops(n, hw, training=train)
         plist = _provider_list(mode, backends, dtype, "net")
         rows = {}
-        ref = None
+        ref_out = {}
         for prov, dt, pcl in plist:
             if R.over_budget():
                 R.skip(f"net {mode} {prov}", BUDGET_SKIP)
@@ -921,15 +926,7 @@ def net_section(backends, dtype):
                 bl.sync(DEVICE)
                 if prov == "compile":
                     note.append(f"compile {time.time() - t_build:.1f} s")
-                out = out.detach().float()
-                if not torch.isfinite(out).all():
-                    raise RuntimeError("non-finite output")
-                if ref is None:  # the first provider (eager as written) is the reference
-                    ref = out
-                check = tolerance.rel_l2(out, ref)
-                if check > 1e-1:
-                    note.append(f"MISMATCH: output differs from eager by {check:.2e}")
-                    R.errors.append(f"net {mode} {prov}: output differs from eager by {check:.2e}")
+                check = _check_output(out, ref_out, 1e-1, f"net {mode} {prov}", note)
                 with freezing(prov == "compile"):
                     p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
                                                grad_to_none=(params + xs) if train else None)

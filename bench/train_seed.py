@@ -41,7 +41,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))

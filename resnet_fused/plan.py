@@ -2,14 +2,14 @@
 
 A call's signature is what these decisions read: the shape, strides, dtype and device
 of x, the backend name asked for, the BN modes, whether autocast cast x, and the
-module's conv1 with the dtype and device of its weight. From it follow the checks of x against the module (each
-failure a clear error, raised before anything is kept), the memory format of the
-output, the mode (training, eval, or a mix of BN modes) and the backend ("auto": the
-measured choice, resnet_fused/backends/preference.py). That is a Plan. FusedResidual
-keeps the plans of the signatures it has seen, so a repeated call costs a tuple and a
-dict lookup; under torch.compile or torch.export a plan is made on every call, which
-the tracer runs once per graph (and `auto` answers as in eager: preference._cuda_order
-is a constant result).
+module's conv1 with the dtype and device of its weight. From it follow the checks of
+x against the module (each failure a clear error, raised before anything is kept),
+the memory format of the output, the mode (training, eval, or a mix of BN modes) and
+the backend ("auto": the measured choice, resnet_fused/backends/preference.py). That
+is a Plan. FusedResidual keeps the plans of the signatures it has seen, so a repeated
+call costs a tuple and a dict lookup; under torch.compile or torch.export a plan is
+made on every call, which the tracer runs once per graph (and `auto` answers as in
+eager: preference._cuda_order is a constant result).
 """
 from __future__ import annotations
 

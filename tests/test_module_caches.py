@@ -210,5 +210,6 @@ def test_a_kept_plan_never_skips_a_check():
     with pytest.raises(TypeError, match="input dtype torch.float32 does not match.*float64"):
         fused(x)
     fused.conv1.weight = nn.Parameter(torch.empty_like(w, device="meta"))
-    with pytest.raises(RuntimeError, match="input is on cpu but the module's parameters are on meta"):
+    with pytest.raises(RuntimeError, match="input is on cpu but the module's parameters "
+                                           "are on meta"):
         fused(x)

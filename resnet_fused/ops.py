@@ -310,6 +310,7 @@ def _make_block_train_backward(ns: str):
 
     return backward
 
+
 # --------------------------------------------------------------------------- entry
 def op_name(ns: str, name: str) -> str:
     return f"{ns}::{name}"

@@ -93,6 +93,16 @@ def _as_inferred(schema):
     return re.sub(r"\(\w+!\)", "(!)", args) + " -> " + re.sub(r"Tensor \w+", "Tensor", returns)
 
 
+def test_define_op_rejects_a_function_that_is_not_the_schema():
+    def channel_stats(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return inp, inp
+
+    with pytest.raises(TypeError, match=r"define_op\('channel_stats'\): the function's "
+                                        r"parameters \('inp',\) are not the schema's "
+                                        r"arguments \('x',\)"):
+        op_layer.define_op("resnet_fused_contract_test", "channel_stats", channel_stats)
+
+
 # --------------------------------------------------------------------------- cases
 def _t(*shape, device, lo=None, scale=1.0, fmt=None):
     t = torch.randn(shape, dtype=torch.float64) * scale if lo is None else \

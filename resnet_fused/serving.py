@@ -24,9 +24,10 @@ from torch import nn
 
 from . import backends
 from .module import FusedResidual
+from .schemas import NAMESPACES as _BACKEND_NAMESPACES
 
-# The op namespace of each backend (resnet_fused/schemas.py).
-NAMESPACES = ("resnet_fused", "resnet_fused_torch", "resnet_fused_triton")
+# The op namespaces of every backend (resnet_fused/schemas.py).
+NAMESPACES = tuple(_BACKEND_NAMESPACES.values())
 EVAL_OPS_PER_BLOCK = 2  # conv_bias_relu, conv_bias_shortcut_relu
 
 

@@ -716,7 +716,7 @@ __device__ __forceinline__ uint8_t act8(const Vec8<T>& cv, const Vec8<T>& rv, co
 // H*W % 8 == 0 in NCHW implies), 16-byte aligned, with channels ch0..ch0+7 (NHWC) or
 // one channel (NCHW). Two groups per iteration, all loads first, so each thread has
 // 2 (4 with a residual) 16-byte loads in flight. mask byte g belongs to group g's
-// thread alone.
+// thread alone. bn_act_backward_vec_kernel mirrors this walk with its own operands.
 template <typename T, typename A, bool HAS_RES>
 __global__ void __launch_bounds__(kThreads) bn_act_vec_kernel(
     const T* __restrict__ c, const T* __restrict__ res, const A* __restrict__ mean,
@@ -867,7 +867,8 @@ __device__ __forceinline__ void bwd8(const Vec8<T>& dv, const Vec8<T>& cv, uint8
   if constexpr (RES) stg8(grad_res, gr);
 }
 
-// Vector path (same conditions as bn_act_vec_kernel), two groups per iteration.
+// Vector path: the conditions and the grid-stride walk (two groups per iteration,
+// loads first) of bn_act_vec_kernel, mirrored with the backward's operands.
 template <typename T, typename A, bool RES>
 __global__ void __launch_bounds__(kThreads) bn_act_backward_vec_kernel(
     const T* __restrict__ dy, const uint8_t* __restrict__ mask, const T* __restrict__ c,

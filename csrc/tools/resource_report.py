@@ -64,15 +64,24 @@ def demangle(names):
     return [re.sub(r"resnet_fused::\(anonymous namespace\)::", "", s) for s in r.stdout.split("\n")]
 
 
-def parse_ptxas(text):
-    rows, cur = {}, None
+def _per_function(text, header):
+    """(function name, line) for every line after a line matching `header` (whose
+    group 1 is the function's name); the header line itself comes with line None."""
+    cur = None
     for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
+        m = re.search(header, line)
         if m:
             cur = m.group(1)
+            yield cur, None
+        elif cur is not None:
+            yield cur, line
+
+
+def parse_ptxas(text):
+    rows = {}
+    for cur, line in _per_function(text, r"Compiling entry function '(\w+)'"):
+        if line is None:
             rows[cur] = {}
-            continue
-        if cur is None:
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m:
@@ -86,14 +95,12 @@ def parse_ptxas(text):
 
 
 def parse_sass(text):
-    out, cur = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Function : (\w+)", line)
-        if m:
-            cur = m.group(1)
+    out = {}
+    for cur, line in _per_function(text, r"Function : (\w+)"):
+        if line is None:
             out[cur] = dict(ldg128=0, stg128=0, ldg_other=0, stg_other=0, local=0, insts=0)
             continue
-        if cur is None or not re.search(r"/\*[0-9a-f]{4}\*/", line):
+        if not re.search(r"/\*[0-9a-f]{4}\*/", line):
             continue
         d = out[cur]
         d["insts"] += 1

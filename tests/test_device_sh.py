@@ -173,7 +173,11 @@ def test_a_test_stage_reports_from_its_own_summary(tmp_path):
     assert "INTERRUPTED or collection error" in lines["broken"] and "1 error" in lines["broken"]
     assert "no tests: " in lines["none"], summary
     assert "[demo] FAILED test_demo.py::test_fails - AssertionError: one is not two" in summary
-    assert re.search(r"\[demo\] interrupted in .*test_demo.py:\d+", summary), summary
+    # Where the SIGINT landed: test_hangs' sleep, or pytest's own code when a loaded
+    # machine is still reporting the failure at the cap.
+    # (log.txt in the message: one loaded CI run printed no location at all)
+    assert re.search(r"\[demo\] interrupted in \S+\.py:\d+", summary), (
+        summary + "\n--- log.txt ---\n" + (out / "log.txt").read_text()[-4000:])
     assert "[broken] ERROR test_broken.py" in summary
     log = (out / "log.txt").read_text()
     assert "-m cuda" in log and "--maxfail=20" in log

@@ -616,6 +616,8 @@ __global__ void __launch_bounds__(1024) bn_finalize_kernel(const A* __restrict__
   if (threadIdx.x == 0) nbt[0] = n_new;
 }
 
+// Signature and shared checks mirror bn_finalize_cpu (ops.cpp): the two kernels of one
+// schema.
 std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean, const Tensor& var,
                                                     const Tensor& weight, const Tensor& bias,
                                                     Tensor& running_mean, Tensor& running_var,

@@ -85,11 +85,13 @@ def sync_group(bn: Optional[nn.Module], name: str, device: torch.device):
     return group
 
 
-def block_groups(block, device: torch.device) -> Optional[tuple]:
-    """(group of bn1, bn2, bn3) for a training block with at least one synchronized
-    BN, else None."""
-    bns = (block.bn1, block.bn2, block.bn3)
-    if not any(isinstance(b, nn.SyncBatchNorm) for b in bns):
+def block_groups(bns: tuple, device: torch.device) -> Optional[tuple]:
+    """(group of bn1, bn2, bn3) for a training block, given its (bn1, bn2, bn3 or
+    None), with at least one synchronized BN, else None. Runs on every training call:
+    a block without SyncBatchNorm children returns after three type checks."""
+    bn1, bn2, bn3 = bns
+    if not (isinstance(bn1, nn.SyncBatchNorm) or isinstance(bn2, nn.SyncBatchNorm)
+            or isinstance(bn3, nn.SyncBatchNorm)):
         return None
     names = ("bn1", "bn2", "downsample BN")
     groups = tuple(sync_group(b, n, device) for b, n in zip(bns, names))

@@ -161,10 +161,7 @@ class FusedResidual(nn.Module):
         if plan.copy:
             x = x.contiguous(memory_format=plan.memory_format)
         if plan.mode == TRAIN:
-            groups = None
-            if (isinstance(bn1, nn.SyncBatchNorm) or isinstance(bn2, nn.SyncBatchNorm)
-                    or isinstance(bn3, nn.SyncBatchNorm)):
-                groups = distributed.block_groups(self, x.device)
+            groups = distributed.block_groups((bn1, bn2, bn3), x.device)
             return plan.backend.forward_train(self, x, groups=groups)
         if plan.mode == MIXED:  # no fused path computes a mix of BN modes
             return plain_block_forward(self, x)

@@ -1,4 +1,4 @@
-"""The one way this backend launches a Triton kernel (conv.py, conv_bwd.py, bn.py, train.py).
+"""The one way this backend launches a Triton kernel (conv.py, conv_bwd.py, bn.py).
 
 Eager calls launch the kernel object itself; `torch.library.wrap_triton` is used only
 while something traces (torch.compile, make_fx / export, fake tensors). Why not
@@ -27,11 +27,31 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from ...ops import define_op
+from ...schemas import NAMESPACES
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NS = NAMESPACES["triton"]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the activations this backend takes
 
 
-def _shape_only(t) -> bool:
-    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or is_fake(t))
+def define_triton_op(name: str, fn):
+    """Define NS::name (schemas.py) from `fn` with ops.define_op: a triton_op, which
+    torch.compile traces into, where the kernels are compiled for a GPU; a custom_op
+    with the shared fake under TRITON_INTERPRET=1, whose kernels cannot be traced."""
+    return define_op(NS, name, fn, traceable_triton=not INTERPRET)
+
+
+def _tensors(args, kwargs):
+    """The distinct tensors among a launch's arguments: the launchers pass one tensor
+    again for each absent operand (a K1 conv launch has 15 tensor arguments, 4 tensors),
+    and each is checked once on this per-launch path."""
+    return {id(a): a for a in (*args, *(kwargs or {}).values())
+            if isinstance(a, torch.Tensor)}.values()
+
+
+def _shape_only(t: torch.Tensor) -> bool:
+    return t.is_meta or is_fake(t)
 
 
 def tracing(args, kwargs=None) -> bool:
@@ -40,16 +60,15 @@ def tracing(args, kwargs=None) -> bool:
     of AOTAutograd, make_fx and export), or an argument is fake, meta or functional."""
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         return True
-    vals = list(args) + list((kwargs or {}).values())
     return any(_shape_only(a) or isinstance(a, FunctionalTensor) or torch._is_functional_tensor(a)
-               for a in vals if isinstance(a, torch.Tensor))
+               for a in _tensors(args, kwargs))
 
 
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), through wrap_triton only while tracing (see the
     module docstring). kernel: a triton.jit function or a triton.autotune of one."""
     if INTERPRET:
-        if any(_shape_only(a) for a in args) or any(_shape_only(v) for v in kwargs.values()):
+        if any(_shape_only(a) for a in _tensors(args, kwargs)):
             return None
         return kernel[grid](*args, **kwargs)
     if tracing(args, kwargs):
@@ -97,4 +116,5 @@ def declare_kernels(namespace: str, modules) -> int:
     return added
 
 
-__all__ = ["INTERPRET", "declare_kernels", "launch", "tracing"]
+__all__ = ["DTYPES", "INTERPRET", "NS", "declare_kernels", "define_triton_op", "launch",
+           "tracing"]

@@ -20,7 +20,6 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
-from ...schemas import NAMESPACES
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
@@ -32,7 +31,7 @@ from .train import block_group, train_block
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
-launcher.declare_kernels(NAMESPACES["triton"], (bn, _conv, _conv_bwd))
+launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd))
 
 _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
              "resnet_fused to use the interpreter")
@@ -40,7 +39,7 @@ _CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before impo
 
 class TritonBackend(CompositeBackend):
     name = "triton"
-    namespace = NAMESPACES["triton"]
+    namespace = launcher.NS
 
     def unavailable_reason(self, device) -> Optional[str]:
         device = torch.device(device)
@@ -64,7 +63,7 @@ class TritonBackend(CompositeBackend):
 
     def unsupported_dtype_reason(self, dtype: torch.dtype, device) -> Optional[str]:
         device = torch.device(device)
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in launcher.DTYPES:
             return f"the triton backend supports float32, float16 and bfloat16, not {dtype}"
         if dtype == torch.bfloat16 and device.type == "cpu":
             return ("the triton backend on CPU runs Triton's interpreter, whose bfloat16 "

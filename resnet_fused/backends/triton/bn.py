@@ -38,12 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops import define_op
-from ...schemas import NAMESPACES
-from .launcher import INTERPRET, launch
-
-NS = NAMESPACES["triton"]
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ...ops import mask_numel
+from .launcher import DTYPES as _DTYPES, INTERPRET, NS, define_triton_op, launch
 
 # Tile sizes. The interpreter pays per program and per op, not per element: big tiles.
 _BR = 64 if INTERPRET else 32      # rows (pixels) per reduction step
@@ -403,7 +399,7 @@ def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
     residual first (the BN'd projection shortcut). Returns (out, mask)."""
     out = torch.empty_like(c)
     total = c.numel()
-    nbytes = (total + 7) // 8
+    nbytes = mask_numel(c)
     mask = torch.empty((nbytes,), device=c.device, dtype=torch.uint8)
     rb = res_bn if res_bn is not None else (mean, invstd, weight, bias)
     launch(_bn_act_kernel, (triton.cdiv(nbytes, _EW_BYTES),), c, mean, invstd, weight, bias,
@@ -511,7 +507,7 @@ def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor
     _check_act(c, op, "c")
     _check_like(grad_out, c, op, "grad_out", "c")
     C = c.shape[1]
-    nbytes = (c.numel() + 7) // 8
+    nbytes = mask_numel(c)
     if mask.dtype != torch.uint8 or mask.shape != (nbytes,) or mask.device != c.device:
         raise ValueError(f"{NS}::{op}: mask must be uint8 of shape ({nbytes},) on {c.device}, "
                          f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
@@ -531,7 +527,7 @@ def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor
 
 for _name, _fn in (("channel_stats", _channel_stats), ("bn_finalize", _bn_finalize),
                    ("bn_act", _bn_act), ("bn_act_backward", _bn_act_backward)):
-    define_op(NS, _name, _fn, traceable_triton=not INTERPRET)
+    define_triton_op(_name, _fn)
 
 __all__ = ["chan_merge", "channel_stats_impl", "finalize_impl", "bn_act_impl", "bn_coef",
            "bn_backward_coef"]

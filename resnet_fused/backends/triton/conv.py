@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops import conv_out_hw
+from ...ops import conv_out_hw, mask_numel
 from .bn import _BC, chan_empty, chan_merge, lanes
-from .launcher import INTERPRET, launch, tracing
+from .launcher import DTYPES as _DTYPES, INTERPRET, launch, tracing
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter runs exactly one, small enough to exercise the masked
@@ -577,7 +577,6 @@ def _combine_stats(pmean, pm2, pcnt, K, dev):
 # consistent here is a bug of the caller, and an assert says which.
 # ----------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CL = torch.channels_last
 
 
@@ -789,7 +788,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int 
     _assert_specs(g, x, prologue, residual, epilogue)
     out = torch.empty((g.N, g.K, g.P, g.Q), device=x.device, dtype=x.dtype,
                       memory_format=_CL)
-    mask = (torch.empty(((out.numel() + 7) // 8,), device=x.device, dtype=torch.uint8)
+    mask = (torch.empty((mask_numel(out),), device=x.device, dtype=torch.uint8)
             if epilogue.mask else None)
     ptrs, flags = _operands(x, w, g, padding, second, residual, epilogue, out, mask)
     if _use_tma(x, w, stride, prologue, stats, _path):

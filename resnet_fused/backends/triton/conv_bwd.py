@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops import conv_out_hw
+from ...ops import conv_out_hw, mask_numel
 from .bn import _load_mask_bit, lanes
 from .conv import _input_precision
 from .launcher import INTERPRET, launch
@@ -288,7 +288,7 @@ def _grad_args(op: GradOperand, K: int):
     assert op.c is None or (op.c.shape == g.shape and op.c.stride() == g.stride()
                             and tuple(op.coef.shape) == (4, K)), \
         f"conv_bwd: c {tuple(op.c.shape)} / coef {tuple(op.coef.shape)} for {tuple(g.shape)}"
-    assert op.mask is None or op.mask.numel() == (g.numel() + 7) // 8, "conv_bwd: mask size"
+    assert op.mask is None or op.mask.numel() == mask_numel(g), "conv_bwd: mask size"
     ptrs = tuple(g if t is None else t for t in (op.mask, op.c, op.coef))
     return (g,) + ptrs, op.mask is not None, op.c is not None
 

@@ -2,7 +2,7 @@
 resnet_fused_triton::conv_bias_relu and conv_bias_shortcut_relu.
 
 This is where user input to the Triton convolutions is validated, once, with an error
-that names the op and what was wrong; conv2d_nhwc below (conv.py) only asserts what
+that names the op and what was wrong; conv.py's conv2d_nhwc only asserts what
 its in-package callers guarantee.
 """
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...ops import conv_out_hw
-
-NS = "resnet_fused_triton"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .launcher import DTYPES as _DTYPES, NS
 
 
 def _tensor(op: str, name: str, t, dims: int, axes: str) -> torch.Tensor:

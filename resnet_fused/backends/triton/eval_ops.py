@@ -19,15 +19,10 @@ from typing import Optional
 
 import torch
 
-from ...ops import define_op, memory_format_of
-from ...schemas import NAMESPACES
+from ...ops import like_format
 from .conv import Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
 from .conv_checks import check_conv_bias_relu, check_conv_bias_shortcut_relu
-from .launcher import INTERPRET
-
-
-def _restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return out.contiguous(memory_format=memory_format_of(like))
+from .launcher import define_triton_op
 
 
 def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
@@ -35,7 +30,7 @@ def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, st
     check_conv_bias_relu(x, weight, bias, stride, padding)
     out = conv2d_nhwc(x, weight.to(x.dtype), stride, padding,
                       epilogue=Epilogue(bias, relu=True)).out
-    return _restore_format(out, x)
+    return like_format(out, x)
 
 
 def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -54,8 +49,8 @@ def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.T
         second = SecondGemm(x, shortcut_weight.to(y.dtype), shortcut_stride, shortcut_padding)
         out = conv2d_nhwc(y, weight.to(y.dtype), 1, padding, second=second,
                           epilogue=Epilogue(bias, relu=True)).out
-    return _restore_format(out, y)
+    return like_format(out, y)
 
 
 for _fn in (conv_bias_relu, conv_bias_shortcut_relu):
-    define_op(NAMESPACES["triton"], _fn.__name__, _fn, traceable_triton=not INTERPRET)
+    define_triton_op(_fn.__name__, _fn)

@@ -66,17 +66,16 @@ from typing import Optional
 import torch
 
 from ... import distributed
-from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, conv_out_hw, define_op,
-                    memory_format_of, momentum_arg)
-from ...schemas import NAMESPACES
+from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, conv_out_hw, like_format,
+                    momentum_arg)
 from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
 from .conv import Epilogue, Prologue, ResidualAdd, conv2d_nhwc
 from .conv_bwd import (GradOperand, GradResidual, ReluBnEpilogue, SecondDgrad, conv_dgrad,
                        conv_wgrad)
-from .launcher import INTERPRET
+from .launcher import NS, define_triton_op
 
 _CL = torch.channels_last
-_OPS = getattr(torch.ops, NAMESPACES["triton"])
+_OPS = getattr(torch.ops, NS)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -135,11 +134,11 @@ def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
 
 
 # =========================================================================== backward
-def _global_coef(coef, invstd, sum_g, sum_gx, count):
-    """The apply coefficients [a, b, d, mean] (see bn._bn_bwd_coef_kernel) with the
-    group's reductions and count: b = -a*invstd*sum(g*xhat)/N, d = -a*sum(g)/N."""
-    a = coef[0]
-    return torch.stack([a, -a * invstd * sum_gx / count, -a * sum_g / count, coef[3]])
+def _global_coef(a, mean, invstd, sum_g, sum_gx, count):
+    """The apply coefficients [a, b, d, mean] (see bn._bn_bwd_coef_kernel), a = weight *
+    invstd, with the group's reductions and count: b = -a*invstd*sum(g*xhat)/N,
+    d = -a*sum(g)/N."""
+    return torch.stack([a, -a * invstd * sum_gx / count, -a * sum_g / count, mean])
 
 
 def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Tensor,
@@ -168,7 +167,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
 
     # BN2 backward reductions -> G2 = a*g + b*(c2 - m2) + d, never materialised. A BN'd
     # projection's bn3 sees the same g: its reductions ride in the same pass.
-    if w3 is not None and g3 is not None:
+    bn3 = w3 is not None and g3 is not None
+    if bn3:
         inv3, _, _ = finalize_impl(m3, v3, g3, g3, eps3)
         (coef2, dg2, dbeta2), (coef3, dg3, dbeta3) = bn_backward_coef(
             grad_out, mask, c2, m2, inv2, g2, second=(c3, m3, inv3, g3))
@@ -176,19 +176,18 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
         coef2, dg2, dbeta2 = bn_backward_coef(grad_out, mask, c2, m2, inv2, g2)
     if group:
         # One all-reduce for BN2's and BN3's sums; dg/dbeta stay local (DDP reduces them).
-        local = [dbeta2, dg2] + ([dbeta3, dg3] if w3 is not None and g3 is not None else [])
+        local = [dbeta2, dg2] + ([dbeta3, dg3] if bn3 else [])
         total = distributed.all_reduce_sum(torch.stack(local), group)
-        coef2 = _global_coef(coef2, inv2, total[0], total[1], n)
-        if len(local) == 4:
-            coef3 = _global_coef(coef3, inv3, total[2], total[3], n)
+        coef2 = _global_coef(coef2[0], m2, inv2, total[0], total[1], n)
+        if bn3:
+            coef3 = _global_coef(coef3[0], m3, inv3, total[2], total[3], n)
     G2 = GradOperand(grad_out, mask=mask, c=c2, coef=coef2)
     dz1, red1 = conv_dgrad(G2, w2, (P, Q), 1, 1,
                            relu_bn=ReluBnEpilogue(c1, ss1, torch.stack([m1, inv1])))
     dw2, db2 = conv_wgrad(G2, c1, w2.shape, 1, 1, x_bnrelu=ss1, need_db=has_b2)
     if group:
         total1 = distributed.all_reduce_sum(red1, group)
-        a1 = g1.to(torch.float32) * inv1
-        coef1 = _global_coef(torch.stack([a1, a1, a1, m1]), inv1, total1[0], total1[1], n)
+        coef1 = _global_coef(g1.to(torch.float32) * inv1, m1, inv1, total1[0], total1[1], n)
         dg1, dbeta1 = red1[1].clone(), red1[0].clone()  # outputs may not alias
     else:
         coef1, dg1, dbeta1 = bn_coef(red1, m1, inv1, g1, M)
@@ -222,9 +221,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
 
 # The op layer (resnet_fused/ops.py) holds their fakes and block_train's autograd
 # (backward = block_train_backward).
-define_op(NAMESPACES["triton"], "block_train", _block_train, traceable_triton=not INTERPRET)
-define_op(NAMESPACES["triton"], "block_train_backward", _block_train_backward,
-          traceable_triton=not INTERPRET)
+define_triton_op("block_train", _block_train)
+define_triton_op("block_train_backward", _block_train_backward)
 
 
 # =========================================================================== entry
@@ -297,7 +295,6 @@ def train_block(block, x: torch.Tensor, group: str = "") -> torch.Tensor:
                          f"channel, got N*P*Q = {N * P * Q} (input {tuple(x.shape)})")
 
     dt = x.dtype
-    fmt = memory_format_of(x)
     xc = x.contiguous(memory_format=_CL)
 
     def cw(conv):   # conv weights/bias in the activation dtype (a no-op when they are)
@@ -322,7 +319,7 @@ def train_block(block, x: torch.Tensor, group: str = "") -> torch.Tensor:
     _update_running(bn2, o.stats[2], o.stats[3], count)
     if bn3 is not None:
         _update_running(bn3, o.stats[4], o.stats[5], count)
-    return o.out.contiguous(memory_format=fmt)
+    return like_format(o.out, x)
 
 
 __all__ = ["block_group", "train_block"]

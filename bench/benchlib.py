@@ -170,7 +170,8 @@ def peak_for_dtype(peak_half: Optional[float], dtype: torch.dtype) -> Optional[f
 
 # ----------------------------------------------------------------------------- timing
 def quantile_ms(samples: list[float]) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) of samples in ms."""
+    """(median, 20th, 80th percentile) of samples, in their unit (ms here; us in
+    overhead.py)."""
     samples = sorted(samples)
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]

@@ -37,7 +37,6 @@ import argparse
 import copy
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -48,22 +47,10 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without `pip install -e .`
 
+from benchlib import quantile_ms, sync  # noqa: E402  (bench/ is on the path: run.py's or this script's)
+
 BATCH, CHANNELS, HW = 2, 8, 4
 SHAPE = f"{CHANNELS}-{CHANNELS}-{HW}-{HW}-1"
-
-
-def quantiles_us(samples: list) -> tuple:
-    """(median, 20th, 80th percentile) of per-call times in microseconds."""
-    s = sorted(samples)
-    if len(s) < 2:
-        return s[0], s[0], s[0]
-    q = statistics.quantiles(s, n=10, method="inclusive")
-    return statistics.median(s), q[1], q[7]
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_interleaved(fns: dict, device: torch.device, repeats: int, calls: int) -> dict:
@@ -80,12 +67,12 @@ def time_interleaved(fns: dict, device: torch.device, repeats: int, calls: int) 
     try:
         for r in range(repeats):
             for name, fn in items if r % 2 == 0 else items[::-1]:
-                _sync(device)
+                sync(device)
                 t0 = time.thread_time_ns()
                 for _ in range(calls):
                     fn()
                 out[name].append((time.thread_time_ns() - t0) / calls / 1e3)
-                _sync(device)
+                sync(device)
     finally:
         if gc_was_on:
             gc.enable()
@@ -154,7 +141,7 @@ def measure(mode: str, backends: list, device: torch.device, dtype: torch.dtype,
     derived = {"one_op": minus("plain_add", "plain")}
     derived.update({f"module_{b}": minus(f"fused_{b}", f"ops_{b}") for b in backends})
     del samples["plain_add"]
-    return {name: quantiles_us(s) for name, s in {**derived, **samples}.items()}
+    return {name: quantile_ms(s) for name, s in {**derived, **samples}.items()}
 
 
 def table(results: dict) -> str:

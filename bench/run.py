@@ -801,7 +801,6 @@ def overhead_section(backends, dtype):
             R.row(**common, provider=prov, p50=p50, p20=p20, p80=p80, status="OK", note=ops)
             R.say(f"  {mode:<5} {prov:<20} {p50:8.1f} us  [{p20:.1f}, {p80:.1f}]"
                   + (f"  = {ops}" if prov.startswith("module_") and ops else ""))
-    R.checkpoint()
 
 
 # ============================================================================ 4. kernels

@@ -87,16 +87,14 @@ def build_model(args, device, sync: bool, rank: int) -> nn.Module:
     model = resnet18(in_channels=args.in_channels, num_classes=10)
     if sync and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = fuse_model(model, backend=args.backend, inplace=True)
-    else:
-        model = fuse_model(model, backend=args.backend, inplace=True)
-        if sync:
-            for block in model.modules():
-                if isinstance(block, FusedResidual):
-                    nn.SyncBatchNorm.convert_sync_batchnorm(block)  # its BN children
-            if rank == 0:
-                print("note: on CPU the stem BatchNorm keeps local statistics (torch's "
-                      "nn.SyncBatchNorm is CUDA-only); the 8 fused blocks synchronise")
+    model = fuse_model(model, backend=args.backend, inplace=True)
+    if sync and device.type != "cuda":
+        for block in model.modules():
+            if isinstance(block, FusedResidual):
+                nn.SyncBatchNorm.convert_sync_batchnorm(block)  # its BN children
+        if rank == 0:
+            print("note: on CPU the stem BatchNorm keeps local statistics (torch's "
+                  "nn.SyncBatchNorm is CUDA-only); the 8 fused blocks synchronise")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)
     kwargs = dict(device_ids=[device.index]) if device.type == "cuda" else {}

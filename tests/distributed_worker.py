@@ -43,7 +43,7 @@ def _convert(plain: nn.Module, order: str, backend: str, group) -> nn.Module:
     return sync(fuse_model(plain, backend=backend), group)
 
 
-def _batch(step, n, c, hw, dtype):
+def _batch(step, n, c, hw):
     gen = torch.Generator().manual_seed(100 + step)  # the same batch on every rank
     return torch.randn((n, c, hw, hw), generator=gen, dtype=torch.float64)
 
@@ -112,7 +112,7 @@ def run_case(rank: int, world: int, sizes, case: dict) -> None:
     for m in [ddp] + [m for pair in refs for m in pair]:
         m.train()
     for step in range(STEPS):
-        x_all = _batch(step, offset[-1], cin, HW, dtype)
+        x_all = _batch(step, offset[-1], cin, HW)
         g_all = None
         for i, ((a, b), (p64, p_lp)) in enumerate(zip(ranges, refs)):
             glo, ghi = offset[a], offset[b]

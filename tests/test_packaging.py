@@ -28,7 +28,7 @@ def test_sdist_holds_the_package_and_extension_sources_only(tmp_path):
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for needed in ("setup.py", "pyproject.toml", "csrc/ops.cpp", "csrc/common.h",
+    for needed in ("setup.py", "pyproject.toml", "csrc/ops.cpp", "csrc/common.h", "csrc/schemas.h",
                    "csrc/cuda/bn_kernels.cu", "csrc/cuda/conv_cudnn.cpp"):
         assert needed in names, f"{needed} missing from the sdist"
     assert _tracked_package_files() <= names

@@ -1,4 +1,4 @@
-"""Child process of tests/test_triton_launch.py::test_gpu_ops_trace_into_kernel_nodes.
+"""Child process of tests/test_triton_trace.py (its `report` fixture).
 
 Traces the Triton backend's GPU ops (triton_ops: TRITON_INTERPRET must be unset) with
 AOTAutograd on fake CUDA tensors, as torch.compile does, and prints a JSON report:

@@ -11,9 +11,8 @@
 // blocks writes per-block partials per channel, then one small kernel combines the
 // partials per channel (in double) and writes the result. channel_stats carries
 // (count, mean, M2) throughout (Welford per thread, Chan's combine within a block, a
-// two-pass weighted combine of the blocks' partials), so
-// neither a large mean nor an outlier cancels the variance. No host synchronisation
-// anywhere.
+// two-pass weighted combine of the blocks' partials), so neither a large mean nor an
+// outlier cancels the variance. No host synchronisation anywhere.
 //
 // The file also compiles as plain C++ with RESNET_FUSED_EMULATE defined (csrc/emu/):
 // every CUDA thread then runs as a host thread, with real barriers and warp shuffles,
@@ -102,7 +101,8 @@ int64_t elementwise_blocks(int64_t ngroups, const Layout& l) {
 
 // ============================================================ per-channel reductions
 // Mode kStats: per channel (count, mean, M2 = sum (x - mean)^2): Welford within a
-//   thread, then Chan's pairwise combine of threads, warps, blocks and partials. Every
+//   thread, then Chan's pairwise combine of threads, warps and blocks; the blocks'
+//   partials in two weighted passes (stage 2). Every
 //   quantity is centred on a mean of the data it summarises, so one outlier (also the
 //   channel's first element) costs no more than it does in torch.var in fp32. Sums of
 //   (x - k)^2 around a fixed shift k do not have that property: with k an outlier v the

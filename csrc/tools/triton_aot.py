@@ -49,7 +49,6 @@ import triton  # noqa: E402
 
 # Opt-in shared memory per block: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80.
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
-REG_LIMIT = 255
 
 
 @dataclasses.dataclass

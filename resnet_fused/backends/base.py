@@ -64,6 +64,12 @@ class Backend:
         """None when `dtype` activations are supported on `device`, else why not."""
         raise NotImplementedError
 
+    def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
+        """None when this backend computes the block `parts` (a spec.Parts: its stages'
+        convolutions and BNs) in this mode, else a sentence saying why not; `auto` then
+        takes the next backend of its order, an explicit backend raises with it."""
+        return None
+
     def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

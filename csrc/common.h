@@ -160,14 +160,19 @@ inline void check_stats_args(const char* op, const at::Tensor& c, const Layout& 
 // ---- eval convolutions (shared by the CPU and CUDA implementations) ----
 
 inline void check_conv(const char* op, const char* xname, const at::Tensor& x, const char* wname,
-                       const at::Tensor& w, int64_t stride, int64_t padding) {
+                       const at::Tensor& w, int64_t stride, int64_t padding, int64_t dilation = 1,
+                       int64_t groups = 1) {
   check_activation(op, xname, x);
   TORCH_CHECK(w.defined() && w.dim() == 4, op, ": ", wname,
-              " must be a 4-D (C_out, C_in, kH, kW) tensor, got shape ",
+              " must be a 4-D (C_out, C_in / groups, kH, kW) tensor, got shape ",
               w.defined() ? shape_str(w) : std::string("undefined"));
-  TORCH_CHECK(w.size(1) == x.size(1), op, ": ", wname, " expects ", w.size(1),
-              " input channels but ", xname, " has ", x.size(1), " (", xname, " shape ",
-              shape_str(x), ", ", wname, " shape ", shape_str(w), ")");
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(w.size(1) * groups == x.size(1) && w.size(0) % groups == 0, op, ": ", wname,
+              " expects ", w.size(1) * groups, " input channels (", w.size(1), " per group, ",
+              groups, " groups) and a multiple of ", groups, " output channels, but ", xname,
+              " has ", x.size(1), " (", xname, " shape ", shape_str(x), ", ", wname, " shape ",
+              shape_str(w), ")");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": ", wname,
               " must have the same dtype as ", xname, ", got ", w.scalar_type(), " and ",
               x.scalar_type());
@@ -175,12 +180,13 @@ inline void check_conv(const char* op, const char* xname, const at::Tensor& x, c
               ", got ", w.device(), " and ", x.device());
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
-  const int64_t ho = (x.size(2) + 2 * padding - w.size(2)) / stride + 1;
-  const int64_t wo = (x.size(3) + 2 * padding - w.size(3)) / stride + 1;
-  TORCH_CHECK(x.size(2) + 2 * padding >= w.size(2) && x.size(3) + 2 * padding >= w.size(3) &&
-                  ho > 0 && wo > 0,
+  // The dilated kernel spans (k - 1) * dilation + 1 input rows and columns.
+  const int64_t kh = (w.size(2) - 1) * dilation + 1, kw = (w.size(3) - 1) * dilation + 1;
+  const int64_t ho = (x.size(2) + 2 * padding - kh) / stride + 1;
+  const int64_t wo = (x.size(3) + 2 * padding - kw) / stride + 1;
+  TORCH_CHECK(x.size(2) + 2 * padding >= kh && x.size(3) + 2 * padding >= kw && ho > 0 && wo > 0,
               op, ": ", xname, " of shape ", shape_str(x), " is smaller than the ", w.size(2),
-              "x", w.size(3), " kernel with padding ", padding);
+              "x", w.size(3), " kernel (dilation ", dilation, ") with padding ", padding);
 }
 
 inline void check_bias(const char* op, const at::Tensor& b, const at::Tensor& w,
@@ -196,19 +202,20 @@ inline void check_bias(const char* op, const at::Tensor& b, const at::Tensor& w,
 }
 
 inline std::vector<int64_t> conv_out_shape(const at::Tensor& x, const at::Tensor& w,
-                                           int64_t stride, int64_t padding) {
-  return {x.size(0), w.size(0), (x.size(2) + 2 * padding - w.size(2)) / stride + 1,
-          (x.size(3) + 2 * padding - w.size(3)) / stride + 1};
+                                           int64_t stride, int64_t padding, int64_t dilation = 1) {
+  return {x.size(0), w.size(0), (x.size(2) + 2 * padding - (w.size(2) - 1) * dilation - 1) / stride + 1,
+          (x.size(3) + 2 * padding - (w.size(3) - 1) * dilation - 1) / stride + 1};
 }
 
 // Validates conv_bias_shortcut_relu's arguments; returns nothing, throws on error.
 inline void check_conv_shortcut(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
                                 const at::Tensor& x, const std::optional<at::Tensor>& sw,
-                                int64_t padding, int64_t sstride, int64_t spadding) {
+                                int64_t padding, int64_t sstride, int64_t spadding,
+                                int64_t dilation, int64_t groups) {
   const char* op = "conv_bias_shortcut_relu";
-  check_conv(op, "y", y, "weight", weight, 1, padding);
+  check_conv(op, "y", y, "weight", weight, 1, padding, dilation, groups);
   check_bias(op, bias, weight, y);
-  auto out = conv_out_shape(y, weight, 1, padding);
+  auto out = conv_out_shape(y, weight, 1, padding, dilation);
   if (sw.has_value() && sw->defined()) {
     check_conv(op, "x", x, "shortcut_weight", *sw, sstride, spadding);
     TORCH_CHECK(x.scalar_type() == y.scalar_type(), op,
@@ -233,13 +240,13 @@ inline void check_conv_shortcut(const at::Tensor& y, const at::Tensor& weight, c
 // relu(conv(x, w) + b [+ z]) with plain ATen ops: the CPU implementation, and the CUDA
 // fallback where cuDNN's fused op does not apply. Output in x's memory format.
 inline at::Tensor conv_add_relu_aten(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                     int64_t stride, int64_t padding,
-                                     const std::optional<at::Tensor>& z) {
+                                     int64_t stride, int64_t padding, int64_t dilation,
+                                     int64_t groups, const std::optional<at::Tensor>& z) {
   // The output format rule of the schemas (and of the fakes in resnet_fused/ops.py):
   // NCHW whenever x is NCHW-contiguous, channels_last otherwise.
   const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  at::Tensor out = at::convolution(x, w, b, {stride, stride}, {padding, padding}, {1, 1}, false,
-                                   {0, 0}, 1);
+  at::Tensor out = at::convolution(x, w, b, {stride, stride}, {padding, padding},
+                                   {dilation, dilation}, false, {0, 0}, groups);
   out = out.contiguous(fmt);
   if (z.has_value()) out.add_(*z);
   out.relu_();

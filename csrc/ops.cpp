@@ -327,18 +327,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
 
 // ---------------------------------------------------------------- eval convolutions
 Tensor conv_bias_relu_cpu(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride,
-                          int64_t padding) {
-  check_conv("conv_bias_relu", "x", x, "weight", weight, stride, padding);
+                          int64_t padding, int64_t dilation, int64_t groups) {
+  check_conv("conv_bias_relu", "x", x, "weight", weight, stride, padding, dilation, groups);
   check_bias("conv_bias_relu", bias, weight, x);
-  return conv_add_relu_aten(x, weight, bias, stride, padding, std::nullopt);
+  return conv_add_relu_aten(x, weight, bias, stride, padding, dilation, groups, std::nullopt);
 }
 
 Tensor conv_bias_shortcut_relu_cpu(const Tensor& y, const Tensor& weight, const Tensor& bias,
                                    const Tensor& x, const std::optional<Tensor>& shortcut_weight,
-                                   int64_t padding, int64_t shortcut_stride, int64_t shortcut_padding) {
-  check_conv_shortcut(y, weight, bias, x, shortcut_weight, padding, shortcut_stride, shortcut_padding);
+                                   int64_t padding, int64_t shortcut_stride, int64_t shortcut_padding,
+                                   int64_t dilation, int64_t groups) {
+  check_conv_shortcut(y, weight, bias, x, shortcut_weight, padding, shortcut_stride, shortcut_padding,
+                      dilation, groups);
   Tensor sc = shortcut_of(x, shortcut_weight, shortcut_stride, shortcut_padding);
-  return conv_add_relu_aten(y, weight, bias, 1, padding, sc);
+  return conv_add_relu_aten(y, weight, bias, 1, padding, dilation, groups, sc);
 }
 
 }  // namespace

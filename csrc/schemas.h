@@ -24,9 +24,11 @@ inline void define_bn_schemas(torch::Library& m) {
 
 // The eval ops (CPU kernels in ops.cpp, cuDNN in cuda/conv_cudnn.cpp).
 inline void define_conv_schemas(torch::Library& m) {
-  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding) -> Tensor");
+  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding, "
+        "int dilation=1, int groups=1) -> Tensor");
   m.def("conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
-        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding) -> Tensor");
+        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding, "
+        "int dilation=1, int groups=1) -> Tensor");
 }
 
 }  // namespace resnet_fused

@@ -29,6 +29,7 @@ from torch import nn
 
 from .backends.torch_ops import backward_apply, backward_reduce, finalize
 from .ops import like_format, momentum_arg, stats_dtype
+from .spec import BlockSpec, resolve
 
 def _functional():
     import torch.distributed._functional_collectives as fc
@@ -85,15 +86,19 @@ def sync_group(bn: Optional[nn.Module], name: str, device: torch.device):
     return group
 
 
-def block_groups(bns: tuple, device: torch.device) -> Optional[tuple]:
-    """(group of bn1, bn2, bn3) for a training block, given its (bn1, bn2, bn3 or
-    None), with at least one synchronized BN, else None. Runs on every training call:
-    a block without SyncBatchNorm children returns after three type checks."""
-    bn1, bn2, bn3 = bns
-    if not (isinstance(bn1, nn.SyncBatchNorm) or isinstance(bn2, nn.SyncBatchNorm)
-            or isinstance(bn3, nn.SyncBatchNorm)):
+def block_groups(bns: tuple, device: torch.device, spec: Optional[BlockSpec] = None
+                 ) -> Optional[tuple]:
+    """One group per BN of `bns` (spec.Parts.bns(): the main path's, then the
+    shortcut's) for a training block with at least one synchronized BN, else None.
+    Runs on every training call: a block without SyncBatchNorm children returns
+    after a few type checks. spec: the block's, to name its BNs in errors."""
+    if not any(isinstance(b, nn.SyncBatchNorm) for b in bns):
         return None
-    names = ("bn1", "bn2", "downsample BN")
+    if spec is not None:
+        sts = spec.stages + ((spec.shortcut,) if spec.shortcut is not None else ())
+        names = tuple(st.bn for st in sts if st.bn is not None)
+    else:
+        names = tuple(f"BN {i + 1} of the block" for i in range(len(bns)))
     groups = tuple(sync_group(b, n, device) for b, n in zip(bns, names))
     return groups if any(g is not None for g in groups) else None
 
@@ -241,10 +246,11 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
     CPU is still refused, with DDP's message. On GPUs this is DDP itself."""
 
     def _passing_sync_batchnorm_handle(self, module):
-        from .module import FusedResidual
-
-        inside = {id(bn) for block in module.modules() if isinstance(block, FusedResidual)
-                  for bn in (block.bn1, block.bn2, block.bn3) if bn is not None}
+        # A fused block is recognised by the BlockSpec it holds; importing module.py
+        # here would make an import circle (module.py imports this file).
+        inside = {id(bn) for block in module.modules()
+                  if isinstance(block.__dict__.get("_spec"), BlockSpec)
+                  for bn in resolve(block, block._spec).bns()}
         outside = [m for m in module.modules()
                    if isinstance(m, nn.SyncBatchNorm) and id(m) not in inside]
         if outside or self.device_type != "cpu":

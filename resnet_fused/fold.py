@@ -1,7 +1,9 @@
 """BatchNorm folding for eval mode, cached while the block's state is unchanged.
 
 In eval, bn(conv(x)) = conv(x, W * s) + (b - mean) * s + beta with
-s = gamma / sqrt(running_var + eps): the block becomes two convolutions with bias.
+s = gamma / sqrt(running_var + eps): each stage of the block (spec.py) becomes a
+convolution with bias, the projection shortcut one more (its bias joins the last
+stage's).
 Folding runs in float32 (float64 for float64 modules) and casts once to the
 activation dtype.
 
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends.base import FoldedBlock
+from .backends.base import FoldedBlock, FoldedConv
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,51 +48,67 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
     return w * scale.view(-1, 1, 1, 1), (b - bn.running_mean.to(acc)) * scale + bn.bias.to(acc)
 
 
-def fold_block(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
-    """The FoldedBlock of `block` for activations of `dtype` and `memory_format`."""
-    w1, b1 = fold_conv_bn(block.conv1, block.bn1)
-    w2, b2 = fold_conv_bn(block.conv2, block.bn2)
-    w3 = None
-    stride3 = padding3 = 0
-    if block.conv3 is not None:
-        w3, b3 = fold_conv_bn(block.conv3, block.bn3)
-        b2 = b2 + b3  # the shortcut's bias rides in K2's epilogue bias
-        stride3, padding3 = block.conv3.stride[0], block.conv3.padding[0]
-        w3 = w3.to(dtype).contiguous(memory_format=memory_format)
-    return FoldedBlock(
-        w1=w1.to(dtype).contiguous(memory_format=memory_format), b1=b1.to(dtype),
-        w2=w2.to(dtype).contiguous(memory_format=memory_format), b2=b2.to(dtype),
-        w3=w3, stride1=block.conv1.stride[0], padding1=block.conv1.padding[0],
-        padding2=block.conv2.padding[0], stride3=stride3, padding3=padding3)
+def _folded_conv(conv: nn.Conv2d, w, b, dtype, memory_format) -> FoldedConv:
+    return FoldedConv(w.to(dtype).contiguous(memory_format=memory_format),
+                      None if b is None else b.to(dtype), conv.stride[0], conv.padding[0],
+                      conv.dilation[0], conv.groups)
 
 
-def block_tensors(block):
-    """Every parameter and buffer of the block's convolutions and BNs, read straight off
-    their dicts (Module.parameters() walks the module tree)."""
-    for m in (block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3):
-        if m is not None:
-            yield from (t for t in m._parameters.values() if t is not None)
-            yield from (t for t in m._buffers.values() if t is not None)
+def fold_block(parts, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
+    """The FoldedBlock of a block (spec.Parts) for activations of `dtype` and
+    `memory_format`."""
+    raw = [fold_conv_bn(st.conv, st.bn) for st in parts.stages]
+    shortcut = None
+    if parts.shortcut is not None:
+        sc = parts.shortcut
+        w3, b3 = fold_conv_bn(sc.conv, sc.bn)
+        w_last, b_last = raw[-1]
+        raw[-1] = (w_last, b_last + b3)  # the shortcut's bias rides in the last epilogue
+        shortcut = _folded_conv(sc.conv, w3, None, dtype, memory_format)
+    stages = tuple(_folded_conv(st.conv, w, b, dtype, memory_format)
+                   for st, (w, b) in zip(parts.stages, raw))
+    return FoldedBlock(stages, shortcut)
+
+
+def _stages(parts):
+    return parts.stages + ((parts.shortcut,) if parts.shortcut is not None else ())
+
+
+def block_tensors(parts):
+    """Every parameter and buffer of the block's convolutions and BNs (a spec.Parts),
+    read straight off their dicts (Module.parameters() walks the module tree)."""
+    for st in _stages(parts):
+        for m in (st.conv, st.bn):
+            if m is not None:
+                yield from (t for t in m._parameters.values() if t is not None)
+                yield from (t for t in m._buffers.values() if t is not None)
 
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
-_SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "downsample")
 
 
-def _slots(block) -> list:
-    """(dict, key) of every object the fold reads: the block's submodules (the
-    downsample's too), each conv's weight and bias, each BN's weight, bias, running
+def _path_slots(block, path: str) -> list:
+    """(dict, key) of every submodule along `path` ("downsample.0": the block's
+    "downsample", then its "0")."""
+    slots, m = [], block
+    for name in path.split("."):
+        slots.append((m._modules, name))
+        m = m._modules[name]
+    return slots
+
+
+def _slots(block, parts) -> list:
+    """(dict, key) of every object the fold reads: the submodules along each path the
+    spec names, each conv's weight and bias, each BN's weight, bias, running
     statistics and eps."""
-    slots = [(block._modules, n) for n in _SUBMODULES]
-    ds = block._modules.get("downsample")
-    if ds is not None:
-        slots += [(ds._modules, n) for n in ds._modules]
-    for conv in (block.conv1, block.conv2, block.conv3):
-        if conv is not None:
-            slots += [(conv._parameters, "weight"), (conv._parameters, "bias")]
-    for bn in (block.bn1, block.bn2, block.bn3):
-        if bn is not None:
+    slots = []
+    for path in block._spec.module_paths():
+        slots += [sl for sl in _path_slots(block, path) if sl not in slots]
+    for st in _stages(parts):
+        slots += [(st.conv._parameters, "weight"), (st.conv._parameters, "bias")]
+        if st.bn is not None:
+            bn = st.bn
             slots += [(bn._parameters, "weight"), (bn._parameters, "bias"),
                       (bn._buffers, "running_mean"), (bn._buffers, "running_var"),
                       (bn.__dict__, "eps")]
@@ -106,8 +124,8 @@ class FoldCache:
     __slots__ = ("dtype", "memory_format", "dicts", "keys", "objects", "tensors",
                  "versions", "ptrs", "folded")
 
-    def __init__(self, block, dtype, memory_format, result: FoldedBlock):
-        slots = _slots(block)
+    def __init__(self, block, parts, dtype, memory_format, result: FoldedBlock):
+        slots = _slots(block, parts)
         self.dtype, self.memory_format, self.folded = dtype, memory_format, result
         self.dicts = tuple(d for d, _ in slots)
         self.keys = tuple(k for _, k in slots)
@@ -124,23 +142,25 @@ class FoldCache:
                 and tuple(map(_DATA_PTR, self.tensors)) == self.ptrs)
 
 
-def folded(block, dtype: torch.dtype, memory_format: torch.memory_format) -> FoldedBlock:
-    """The cached FoldedBlock, refolded when what it was folded from changed.
+def folded(block, parts, dtype: torch.dtype,
+           memory_format: torch.memory_format) -> FoldedBlock:
+    """The cached FoldedBlock of `block` (a FusedResidual; parts = block.parts()),
+    refolded when what it was folded from changed.
 
     Under torch.compile the fold is traced every call instead, so the compiler can
     constant-fold it (freezing) or fuse it.
     """
     if torch.compiler.is_compiling():
-        return fold_block(block, dtype, memory_format)
+        return fold_block(parts, dtype, memory_format)
     cache = block.__dict__.get("_fold_cache")
     if cache is not None and cache.valid(dtype, memory_format):
         return cache.folded
     with torch.no_grad():
-        result = fold_block(block, dtype, memory_format)
+        result = fold_block(parts, dtype, memory_format)
     try:
-        block.__dict__["_fold_cache"] = FoldCache(block, dtype, memory_format, result)
+        block.__dict__["_fold_cache"] = FoldCache(block, parts, dtype, memory_format, result)
     except RuntimeError:
-        if not any(t.is_inference() for t in block_tensors(block)):
+        if not any(t.is_inference() for t in block_tensors(parts)):
             raise
         block.__dict__.pop("_fold_cache", None)  # no versions to watch: fold every call
     return result

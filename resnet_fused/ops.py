@@ -120,7 +120,8 @@ def momentum_arg(bn) -> float:
     return -1.0 if bn.momentum is None else float(bn.momentum)
 
 
-def conv_out_hw(h: int, w: int, r: int, s: int, stride: int, padding: int):
+def conv_out_hw(h: int, w: int, r: int, s: int, stride: int, padding: int, dilation: int = 1):
+    r, s = (r - 1) * dilation + 1, (s - 1) * dilation + 1  # the dilated kernel's extent
     return (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
 
 
@@ -144,20 +145,20 @@ def _fake_bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad
     return torch.empty_like(c), torch.empty_like(mean), torch.empty_like(mean), grad_res
 
 
-def _conv_out(x, weight, stride, padding):
+def _conv_out(x, weight, stride, padding, dilation=1):
     n, _, h, w = x.shape
-    ho, wo = conv_out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding)
+    ho, wo = conv_out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
     return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(
         memory_format=memory_format_of(x))
 
 
-def _fake_conv_bias_relu(x, weight, bias, stride, padding):
-    return _conv_out(x, weight, stride, padding)
+def _fake_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1):
+    return _conv_out(x, weight, stride, padding, dilation)
 
 
 def _fake_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
-                                  shortcut_stride, shortcut_padding):
-    return _conv_out(y, weight, 1, padding)
+                                  shortcut_stride, shortcut_padding, dilation=1, groups=1):
+    return _conv_out(y, weight, 1, padding, dilation)
 
 
 def _fake_block_train(*args):
@@ -230,53 +231,54 @@ def _make_bn_act_backward(ns: str):
     return backward
 
 
-def _conv_grads(grad, x, weight, stride, padding, need_x, need_w):
-    """Input and weight gradients of conv2d(x, weight, stride, padding) (no bias)."""
+def _conv_grads(grad, x, weight, stride, padding, need_x, need_w, dilation=1, groups=1):
+    """Input and weight gradients of conv2d(x, weight, stride, padding, dilation,
+    groups) (no bias)."""
     if not (need_x or need_w):
         return None, None
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], 1,
-        [need_x, need_w, False])
+        grad, x, weight, None, [stride, stride], [padding, padding], [dilation, dilation],
+        False, [0, 0], groups, [need_x, need_w, False])
     return gx, gw
 
 
 def _conv_bias_relu_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding = inputs
+    x, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, output)
-    ctx.geometry = (stride, padding)
+    ctx.geometry = (stride, padding, dilation, groups)
     ctx.bias_dtype = bias.dtype
 
 
 def _conv_bias_relu_backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
-    stride, padding = ctx.geometry
+    stride, padding, dilation, groups = ctx.geometry
     g = grad_out * (out > 0)
     nx, nw, nb = ctx.needs_input_grad[:3]
-    gx, gw = _conv_grads(g, x, weight, stride, padding, nx, nw)
+    gx, gw = _conv_grads(g, x, weight, stride, padding, nx, nw, dilation, groups)
     gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
-    return gx, gw, gb, None, None
+    return gx, gw, gb, None, None, None, None
 
 
 def _conv_bias_shortcut_relu_setup(ctx, inputs, output):
-    y, weight, bias, x, w3, padding, stride3, padding3 = inputs
+    y, weight, bias, x, w3, padding, stride3, padding3, dilation, groups = inputs
     ctx.save_for_backward(y, weight, x, w3, output)
-    ctx.geometry = (padding, stride3, padding3)
+    ctx.geometry = (padding, stride3, padding3, dilation, groups)
     ctx.has_w3 = w3 is not None
     ctx.bias_dtype = bias.dtype
 
 
 def _conv_bias_shortcut_relu_backward(ctx, grad_out):
     y, weight, x, w3, out = ctx.saved_tensors
-    padding, stride3, padding3 = ctx.geometry
+    padding, stride3, padding3, dilation, groups = ctx.geometry
     g = grad_out * (out > 0)
     ny, nw, nb, nx, nw3 = ctx.needs_input_grad[:5]
-    gy, gw = _conv_grads(g, y, weight, 1, padding, ny, nw)
+    gy, gw = _conv_grads(g, y, weight, 1, padding, ny, nw, dilation, groups)
     gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
     if ctx.has_w3:
         gx, gw3 = _conv_grads(g, x, w3, stride3, padding3, nx, nw3)
     else:
         gx, gw3 = (g if nx else None), None
-    return gy, gw, gb, gx, gw3, None, None, None
+    return gy, gw, gb, gx, gw3, None, None, None, None, None
 
 
 _BWD_TENSORS = frozenset(tensor_args("block_train_backward"))

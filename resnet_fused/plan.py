@@ -19,7 +19,8 @@ import torch
 
 from . import backends
 from .backends.base import Backend
-from .backends.preference import shape_key
+from .backends.preference import block_shape_key
+from .blocks import block_stride
 from .ops import memory_format_of
 
 # Signatures one block remembers; past that the table starts over (a model fed many
@@ -53,7 +54,7 @@ def check_input(block, x, *, dtype: bool = True) -> None:
                          f"input of shape {tuple(x.shape)} with {x.shape[1]} channels")
     if not x.is_floating_point():
         raise TypeError(f"FusedResidual expects a floating-point input, got {x.dtype}")
-    w = block.conv1.weight
+    w = block.parts().stages[0].conv.weight
     if x.device != w.device:
         raise RuntimeError(f"FusedResidual: input is on {x.device} but the module's "
                            f"parameters are on {w.device}; move one with .to()")
@@ -65,30 +66,36 @@ def check_input(block, x, *, dtype: bool = True) -> None:
                         f"(e.g. .to({x.dtype})) or run under torch.autocast")
 
 
-def _backend_for(block, x: torch.Tensor, training: bool) -> Backend:
-    """The backend that computes this call: block.backend, or auto's choice."""
+def _backend_for(block, parts, x: torch.Tensor, training: bool) -> Backend:
+    """The backend that computes this call: block.backend, or auto's choice (which
+    skips a backend that declines this block: unsupported_block_reason)."""
     if block.backend == "auto":
-        key = shape_key(x.shape, block.out_channels, block.stride)
-        return backends.choose(x.device, x.dtype, training, key)
+        key = block_shape_key(x.shape, parts)
+        return backends.choose(x.device, x.dtype, training, key, parts)
     backend = backends.get(block.backend, x.device)
     reason = backend.unsupported_dtype_reason(x.dtype, x.device)
     if reason is not None:
         raise TypeError(f"FusedResidual(backend={block.backend!r}): {reason}; use "
                         "backend='torch' for this dtype")
+    reason = backend.unsupported_block_reason(parts, training)
+    if reason is not None:
+        raise ValueError(f"FusedResidual(backend={block.backend!r}): {reason}; use "
+                         "backend='auto', 'native' or 'torch' for this block")
     return backend
 
 
-def make_plan(block, x: torch.Tensor, modes: tuple, autocast: bool = False) -> Plan:
+def make_plan(block, parts, x: torch.Tensor, modes: tuple, autocast: bool = False) -> Plan:
     """The Plan of a call (x not yet in its memory format), or the error that x has.
-    autocast: x was cast to the autocast dtype, which the parameters need not have."""
+    parts: block.parts(). autocast: x was cast to the autocast dtype, which the
+    parameters need not have."""
     check_input(block, x, dtype=not autocast)
     mode = TRAIN if all(modes) else MIXED if any(modes) else EVAL
     # Resolved (and the dtype checked) on every path, so a backend that cannot take
     # this input says so even where the plain path would serve it.
-    backend = _backend_for(block, x, mode == TRAIN)
+    backend = _backend_for(block, parts, x, mode == TRAIN)
     if mode == TRAIN:
         n, _, h, w = x.shape
-        s = block.stride
+        s = block_stride(parts)
         if n * ((h - 1) // s + 1) * ((w - 1) // s + 1) <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got "
                              f"input size {tuple(x.shape)} (BatchNorm needs N*H*W > 1)")

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import block_parts
+from .blocks import spec_from_names
+from .spec import Parts, resolve
 
 
 class Residual(nn.Module):
@@ -71,21 +72,35 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) with the weights in x's dtype (a no-op cast when they match; inside an
     autocast region FusedResidual runs the block in the autocast dtype)."""
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding)
+    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
 
 
-def plain_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The plain computation of any supported block (D2L Residual, its 3x3-projection
-    variant, torchvision's BasicBlock or a FusedResidual's parameters): convolutions,
-    then each BatchNorm module called as it is (training or eval, as that module is
-    set), the shortcut, the add and ReLU. The reference of the tests, and
-    FusedResidual's own path where no fused path applies."""
-    p = block_parts(block)
-    y = F.relu(p.bn1(conv_forward(p.conv1, x)))
-    y = p.bn2(conv_forward(p.conv2, y))
+def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
+    """The plain computation of a resolved block (spec.Parts): each stage's
+    convolution, its BatchNorm module called as it is (training or eval, as that
+    module is set), its ReLU; the shortcut; the add and ReLU."""
+    y = x
+    for st in parts.stages:
+        y = conv_forward(st.conv, y)
+        if st.bn is not None:
+            y = st.bn(y)
+        if st.relu:
+            y = F.relu(y)
     sc = x
-    if p.conv3 is not None:
-        sc = conv_forward(p.conv3, x)
-        if p.bn3 is not None:
-            sc = p.bn3(sc)
+    if parts.shortcut is not None:
+        sc = conv_forward(parts.shortcut.conv, x)
+        if parts.shortcut.bn is not None:
+            sc = parts.shortcut.bn(sc)
     return F.relu(y + sc)
+
+
+def plain_block_forward(block: nn.Module, x: torch.Tensor, spec=None) -> torch.Tensor:
+    """The plain computation of any supported block (D2L Residual, its 3x3-projection
+    variant, torchvision's BasicBlock or Bottleneck, timm's, or a FusedResidual's
+    modules), by its spec (default: the block's own, or read off its names). The
+    reference of the tests, and FusedResidual's own path where no fused path
+    applies."""
+    if spec is None:
+        spec = spec_from_names(block)
+    return plain_parts_forward(resolve(block, spec), x)

@@ -65,16 +65,20 @@ SCHEMAS = {
         "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
         "Tensor grad_bias, Tensor grad_residual)"
     ),
-    # Eval kernel K1: relu(conv2d(x, weight, stride, padding) + bias). BN already folded.
+    # Eval stage (every stage of the main path but the last):
+    # relu(conv2d(x, weight, stride, padding, dilation, groups) + bias). BN already folded.
     "conv_bias_relu": (
-        "conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding) -> Tensor"
+        "conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int stride, int padding, "
+        "int dilation=1, int groups=1) -> Tensor"
     ),
-    # Eval kernel K2: relu(conv2d(y, weight, 1, padding) + bias + shortcut), where
-    # shortcut = conv2d(x, shortcut_weight, shortcut_stride, shortcut_padding) when a
-    # shortcut weight is given (its folded bias is already inside `bias`), else x.
+    # Eval last stage: relu(conv2d(y, weight, 1, padding, dilation, groups) + bias +
+    # shortcut), where shortcut = conv2d(x, shortcut_weight, shortcut_stride,
+    # shortcut_padding) (dilation 1, groups 1) when a shortcut weight is given (its
+    # folded bias is already inside `bias`), else x.
     "conv_bias_shortcut_relu": (
         "conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
-        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding) -> Tensor"
+        "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding, "
+        "int dilation=1, int groups=1) -> Tensor"
     ),
 
     # The triton backend's fused training block (backends/triton/train.py): the whole

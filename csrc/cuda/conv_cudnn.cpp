@@ -48,8 +48,11 @@ bool fused_relu_opted_in() {
   return s != nullptr && std::strcmp(s, "1") == 0;
 }
 
-bool fused_applies(const Tensor& x, const Tensor& w) {
+bool fused_applies(const Tensor& x, const Tensor& w, int64_t groups) {
   if (!fused_relu_opted_in()) return false;
+  // Grouped convolutions (ResNeXt) take ATen's path: cuDNN's runtime fusion engines were
+  // only measured on dense ones, and a failed graph build costs a throw per new shape.
+  if (groups != 1) return false;
   auto& ctx = at::globalContext();
   if (!at::Context::hasCuDNN() || !ctx.userEnabledCuDNN()) return false;
   // cuDNN's runtime fusion engines take NHWC with 16-byte aligned channel rows; for NCHW
@@ -66,8 +69,9 @@ bool fused_applies(const Tensor& x, const Tensor& w) {
   }
 }
 
-// Shapes cuDNN failed to fuse: (op, dtype, device, x sizes, w sizes, stride, padding).
-using FailKey = std::tuple<int, int, int, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t>;
+// Shapes cuDNN failed to fuse: (op, dtype, device, x sizes, w sizes, stride, padding, dilation).
+using FailKey =
+    std::tuple<int, int, int, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t>;
 
 struct FailedShapes {
   std::mutex mu;
@@ -87,19 +91,21 @@ FailedShapes& failed_shapes() {
   return f;
 }
 
-FailKey fail_key(int op, const Tensor& x, const Tensor& w, int64_t stride, int64_t padding) {
+FailKey fail_key(int op, const Tensor& x, const Tensor& w, int64_t stride, int64_t padding,
+                 int64_t dilation) {
   return {op, static_cast<int>(x.scalar_type()), static_cast<int>(x.device().index()), x.sizes().vec(),
-          w.sizes().vec(), stride, padding};
+          w.sizes().vec(), stride, padding, dilation};
 }
 
 // relu(conv(x, w) + b + alpha * z) by cuDNN's fused op, or an undefined tensor when
 // cuDNN throws (remembered under key, warned once).
 Tensor try_fused(const FailKey& key, const char* what, const Tensor& x, const Tensor& w, const Tensor& z,
-                 double alpha, const Tensor& b, int64_t stride, int64_t padding, at::MemoryFormat fmt) {
+                 double alpha, const Tensor& b, int64_t stride, int64_t padding, int64_t dilation,
+                 at::MemoryFormat fmt) {
   if (failed_shapes().contains(key)) return Tensor();
   try {
     return at::cudnn_convolution_add_relu(x, w.contiguous(fmt), z, alpha, b, {stride, stride},
-                                          {padding, padding}, {1, 1}, 1)
+                                          {padding, padding}, {dilation, dilation}, 1)
         .contiguous(fmt);
   } catch (const std::exception& e) {  // c10::Error and cudnn-frontend's std::runtime_error
     failed_shapes().add(key);
@@ -112,37 +118,40 @@ Tensor try_fused(const FailKey& key, const char* what, const Tensor& x, const Te
 }
 
 Tensor conv_bias_relu_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride,
-                           int64_t padding) {
-  check_conv("conv_bias_relu", "x", x, "weight", weight, stride, padding);
+                           int64_t padding, int64_t dilation, int64_t groups) {
+  check_conv("conv_bias_relu", "x", x, "weight", weight, stride, padding, dilation, groups);
   check_bias("conv_bias_relu", bias, weight, x);
   TORCH_CHECK(x.is_cuda(), "conv_bias_relu: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  if (fused_applies(x, weight)) {
+  if (fused_applies(x, weight, groups)) {
     // A zero-filled z (not at::cudnn_convolution_relu's uninitialised one, see above).
-    const Tensor z = at::zeros(conv_out_shape(x, weight, stride, padding), x.options().memory_format(fmt));
-    Tensor out = try_fused(fail_key(0, x, weight, stride, padding), "conv+bias+ReLU", x, weight, z, 0.0,
-                           bias, stride, padding, fmt);
+    const Tensor z = at::zeros(conv_out_shape(x, weight, stride, padding, dilation),
+                               x.options().memory_format(fmt));
+    Tensor out = try_fused(fail_key(0, x, weight, stride, padding, dilation), "conv+bias+ReLU", x, weight,
+                           z, 0.0, bias, stride, padding, dilation, fmt);
     if (out.defined()) return out;
   }
-  return conv_add_relu_aten(x, weight, bias, stride, padding, std::nullopt);
+  return conv_add_relu_aten(x, weight, bias, stride, padding, dilation, groups, std::nullopt);
 }
 
 Tensor conv_bias_shortcut_relu_cuda(const Tensor& y, const Tensor& weight, const Tensor& bias,
                                     const Tensor& x, const std::optional<Tensor>& shortcut_weight,
-                                    int64_t padding, int64_t shortcut_stride, int64_t shortcut_padding) {
-  check_conv_shortcut(y, weight, bias, x, shortcut_weight, padding, shortcut_stride, shortcut_padding);
+                                    int64_t padding, int64_t shortcut_stride, int64_t shortcut_padding,
+                                    int64_t dilation, int64_t groups) {
+  check_conv_shortcut(y, weight, bias, x, shortcut_weight, padding, shortcut_stride, shortcut_padding,
+                      dilation, groups);
   TORCH_CHECK(y.is_cuda(), "conv_bias_shortcut_relu: expected CUDA tensors, got ", y.device());
   const c10::cuda::CUDAGuard guard(y.device());
   const auto fmt = y.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   // The projection is computed first and fed to cuDNN as the added tensor z.
   const Tensor sc = shortcut_of(x, shortcut_weight, shortcut_stride, shortcut_padding).contiguous(fmt);
-  if (fused_applies(y, weight)) {
-    Tensor out = try_fused(fail_key(1, y, weight, 1, padding), "conv+bias+add+ReLU", y, weight, sc, 1.0,
-                           bias, 1, padding, fmt);
+  if (fused_applies(y, weight, groups)) {
+    Tensor out = try_fused(fail_key(1, y, weight, 1, padding, dilation), "conv+bias+add+ReLU", y, weight,
+                           sc, 1.0, bias, 1, padding, dilation, fmt);
     if (out.defined()) return out;
   }
-  return conv_add_relu_aten(y, weight, bias, 1, padding, sc);
+  return conv_add_relu_aten(y, weight, bias, 1, padding, dilation, groups, sc);
 }
 
 }  // namespace

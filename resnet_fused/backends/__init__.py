@@ -81,18 +81,21 @@ def available(device) -> list[str]:
 
 
 def choose(device: torch.device, dtype: torch.dtype, training: bool,
-           shape_key: Optional[str] = None) -> Backend:
+           shape_key: Optional[str] = None, parts=None) -> Backend:
     """The "auto" choice for this device, dtype, mode and block shape.
 
     On CPU: the torch composite (ATen's CPU convolutions are the fast part there).
     On CUDA: the first available backend of the measured preference order
-    (resnet_fused/backends/preference.py; measured.json from benchmark results).
+    (resnet_fused/backends/preference.py; measured.json from benchmark results) that
+    takes the dtype and, given `parts` (a spec.Parts), the block.
     """
     for name in preferred_order(device, dtype, training, shape_key):
         backend = _load(name)
         if backend is None or backend.unavailable_reason(device) is not None:
             continue
         if backend.unsupported_dtype_reason(dtype, device) is not None:
+            continue
+        if parts is not None and backend.unsupported_block_reason(parts, training):
             continue
         return backend
     return get("torch", device)

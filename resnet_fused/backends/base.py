@@ -2,53 +2,46 @@
 
 A backend computes the whole block in one of two modes:
 
-- forward_eval(block, folded, x): inference with BN folded into the convolutions
+- forward_eval(parts, folded, x): inference with BN folded into the convolutions
   (`folded` is a FoldedBlock, already in x's dtype and memory format).
-- forward_train(block, x, groups=None): training with batch statistics; updates the
-  running statistics of block.bn1 / block.bn2 (and block.bn3 when the shortcut has
-  one) exactly as nn.BatchNorm2d does, and is differentiable with respect to x and
-  every parameter of the block. groups: None, or (group of bn1, bn2, bn3) for a block
-  with synchronized BNs, a group (not None) meaning that BN's statistics and backward
-  reductions are all-reduced over it (resnet_fused/distributed.py).
+- forward_train(parts, x, groups=None): training with batch statistics; updates the
+  running statistics of every BN of the block (parts.bns()) exactly as
+  nn.BatchNorm2d does, and is differentiable with respect to x and every parameter
+  of the block. groups: None, or a tuple with one entry per BN of parts.bns() for a
+  block with synchronized BNs, a group (not None) meaning that BN's statistics and
+  backward reductions are all-reduced over it (resnet_fused/distributed.py).
 
-`block` is the FusedResidual module; backends read from it only:
-    block.conv1, block.conv2 (nn.Conv2d: weight, bias (may be None), stride, padding)
-    block.bn1, block.bn2     (nn.BatchNorm2d: weight, bias, running_mean, running_var,
-                              num_batches_tracked, momentum (may be None), eps)
-    block.conv3              (nn.Conv2d or None: the projection shortcut)
-    block.bn3                (nn.BatchNorm2d or None: BN of the projection, torchvision)
+`parts` is the block resolved by its spec (spec.Parts): its stages in order, each
+(conv: nn.Conv2d, bn: BatchNorm or None, relu: bool), and the shortcut (None: the
+identity; else conv and an optional BN), the modules themselves (read their weight,
+bias, stride, padding, dilation, groups, running statistics, momentum, eps).
 x has already been validated (rank, channels, dtype, device) and is contiguous in
 its memory format (NCHW or channels_last); the result must be in that format.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 
-@dataclass(frozen=True)
-class FoldedBlock:
-    """Eval-mode weights with BN folded in, in the activation dtype and layout.
+class FoldedConv(NamedTuple):
+    """One convolution with its BN folded in, in the activation dtype and layout."""
+    w: torch.Tensor
+    b: Optional[torch.Tensor]   # None only for the shortcut (its bias rides in the last stage's)
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
 
-    w1, b1: conv1 with bn1 folded (stride = stride1, padding = padding1).
-    w2, b2: conv2 with bn2 folded; b2 also holds the folded bias of the projection
-            shortcut (conv3 bias, through bn3 when present), so K2 adds only
-            conv(x, w3) or x.
-    w3:     projection weight with bn3 folded, or None for the identity shortcut.
-    """
 
-    w1: torch.Tensor
-    b1: torch.Tensor
-    w2: torch.Tensor
-    b2: torch.Tensor
-    w3: Optional[torch.Tensor]
-    stride1: int
-    padding1: int
-    padding2: int
-    stride3: int
-    padding3: int
+class FoldedBlock(NamedTuple):
+    """Eval-mode weights of a block: one FoldedConv per stage of the main path, and the
+    projection shortcut's (None: identity). The last stage's bias also holds the
+    shortcut's folded bias (its conv bias, through its BN when present), so the last
+    kernel adds only conv(x, shortcut.w) or x."""
+    stages: tuple
+    shortcut: Optional[FoldedConv]
 
 
 class Backend:
@@ -70,10 +63,10 @@ class Backend:
         takes the next backend of its order, an explicit backend raises with it."""
         return None
 
-    def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+    def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
+    def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:

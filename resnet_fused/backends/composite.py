@@ -5,9 +5,13 @@ backend (ops in resnet_fused, the C++/CUDA extension) and the `triton` backend (
 eval, and its training of blocks the fused op cannot take: resnet_fused_triton's BN
 ops): the data flow is the same, only the kernels behind the ops differ.
 
-Training:  c1 = conv1(x); stats -> finalize (running stats) -> y1 = bn_act(c1)
-           c2 = conv2(y1); stats -> finalize -> out = bn_act(c2, residual=shortcut)
-Eval:      out = conv_bias_shortcut_relu(conv_bias_relu(x)) on folded weights.
+The block is walked by its stages (spec.py; two for a basic block, three for a
+bottleneck):
+Training:  each stage c = conv(y); stats -> finalize (running stats) -> y = bn_act(c),
+           the last one's bn_act adding the shortcut (its BN in training mode) as the
+           residual before the ReLU
+Eval:      y = conv_bias_relu(y) for every stage but the last, then
+           conv_bias_shortcut_relu(y, x) on folded weights.
 
 A synchronized BN (resnet_fused/distributed.py) takes the same ops with one
 all-reduce between channel_stats and the finalize, and one in the backward between
@@ -72,29 +76,46 @@ class CompositeBackend(Backend):
         return backward_apply(grad_out, mask, c, mean, invstd, weight, mean_g, mean_gx,
                               residual_grad)
 
-    def shortcut_train(self, block, x: torch.Tensor, group=None) -> torch.Tensor:
-        if block.conv3 is None:
+    def shortcut_train(self, parts, x: torch.Tensor, group=None) -> torch.Tensor:
+        sc = parts.shortcut
+        if sc is None:
             return x
-        sc = conv_forward(block.conv3, x)
-        if block.bn3 is not None:
-            # torchvision's downsample BN: ATen's BatchNorm (3 of 8 blocks in a
-            # ResNet-18, none on the main path).
+        y = conv_forward(sc.conv, x)
+        if sc.bn is not None:
+            # The downsample BN: ATen's BatchNorm (one block per stage has it, and
+            # it is off the main path).
             if group is not None:
-                return distributed.batch_norm_sync(sc, block.bn3, group)
-            sc = distributed.batch_norm_local(sc, block.bn3)
-        return sc
+                return distributed.batch_norm_sync(y, sc.bn, group)
+            y = distributed.batch_norm_local(y, sc.bn)
+        return y
 
-    def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
-        g1, g2, g3 = groups if groups is not None else (None, None, None)
-        y1 = self.bn_act_train(conv_forward(block.conv1, x), block.bn1, None, g1)
-        c2 = conv_forward(block.conv2, y1)
-        return self.bn_act_train(c2, block.bn2, self.shortcut_train(block, x, g3), g2)
+    def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
+        """Each stage: its conv, then bn_act_train (BN + ReLU); the last stage's takes
+        the shortcut as its residual. groups: one per BN of parts.bns() (the main
+        path's in order, then the shortcut's), or None."""
+        n = len(parts.stages)
+        if groups is None:
+            groups = (None,) * (n + 1)
+        y = x
+        for i, st in enumerate(parts.stages[:-1]):
+            y = self.bn_act_train(conv_forward(st.conv, y), st.bn, None, groups[i])
+        last = parts.stages[-1]
+        c = conv_forward(last.conv, y)
+        residual = self.shortcut_train(parts, x, groups[n] if len(groups) > n else None)
+        return self.bn_act_train(c, last.bn, residual, groups[n - 1])
 
-    def forward_eval(self, block, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+    def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+        """conv_bias_relu for every stage but the last, conv_bias_shortcut_relu for the
+        last (the projection a second GEMM into its accumulator, or x added)."""
         ops = self.ops
-        y1 = ops.conv_bias_relu(x, folded.w1, folded.b1, folded.stride1, folded.padding1)
-        return ops.conv_bias_shortcut_relu(y1, folded.w2, folded.b2, x, folded.w3,
-                                           folded.padding2, folded.stride3, folded.padding3)
+        y = x
+        for f in folded.stages[:-1]:
+            y = ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation, f.groups)
+        last, sc = folded.stages[-1], folded.shortcut
+        return ops.conv_bias_shortcut_relu(
+            y, last.w, last.b, x, None if sc is None else sc.w, last.padding,
+            0 if sc is None else sc.stride, 0 if sc is None else sc.padding,
+            last.dilation, last.groups)
 
 
 class TorchBackend(CompositeBackend):

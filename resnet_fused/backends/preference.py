@@ -39,9 +39,36 @@ def measured() -> dict:
 
 
 def shape_key(x_shape, out_channels: int, stride: int) -> str:
-    """The key of a block shape: cin-cout-h-w-stride (input H, W)."""
+    """The key of a basic block's shape: cin-cout-h-w-stride (input H, W)."""
     _, cin, h, w = x_shape
     return f"{cin}-{out_channels}-{h}-{w}-{stride}"
+
+
+def block_shape_key(x_shape, parts) -> str:
+    """The key of a block (a spec.Parts) on input x_shape, as measured.json writes it:
+
+        basic       cin-cout-h-w-stride                    (shape_key; "64-64-56-56-1")
+        bottleneck  b-cin-width-cout-h-w-stride[-gG][-dD][-v1]
+                    width: the 3x3's channels, gG/dD: its groups/dilation when not 1,
+                    v1: the stride sits on the first 1x1 (ResNet v1), not the 3x3
+                    ("b-256-128-512-56-56-2": ResNet-50's first block of stage 2)
+    """
+    convs = [st.conv for st in parts.stages]
+    stride = 1
+    for c in convs:
+        stride *= c.stride[0]
+    if parts.kind != "bottleneck":
+        return shape_key(x_shape, convs[-1].out_channels, stride)
+    _, cin, h, w = x_shape
+    mid = convs[1]
+    key = f"b-{cin}-{mid.out_channels}-{convs[-1].out_channels}-{h}-{w}-{stride}"
+    if mid.groups != 1:
+        key += f"-g{mid.groups}"
+    if mid.dilation[0] != 1:
+        key += f"-d{mid.dilation[0]}"
+    if convs[0].stride[0] != 1:
+        key += "-v1"
+    return key
 
 
 @functools.lru_cache(maxsize=64)

@@ -144,13 +144,13 @@ def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
     return grad_c, grad_weight, grad_bias, grad_res
 
 
-def conv_bias_relu(x, weight, bias, stride, padding):
-    return F.conv2d(x, weight, bias, stride, padding).relu_()
+def conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups).relu_()
 
 
 def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.Tensor],
-                            padding, shortcut_stride, shortcut_padding):
-    out = F.conv2d(y, weight, bias, 1, padding)
+                            padding, shortcut_stride, shortcut_padding, dilation=1, groups=1):
+    out = F.conv2d(y, weight, bias, 1, padding, dilation, groups)
     if shortcut_weight is not None:
         out = out + F.conv2d(x, shortcut_weight, None, shortcut_stride, shortcut_padding)
     else:

@@ -1,11 +1,14 @@
 """The `triton` backend: implicit-GEMM convolutions with fused prologues/epilogues.
 
-Eval: two kernels per block (eval_ops.py): K1 relu(conv(x, W1') + b1'), K2
-relu(conv(y1, W2') + b2' + shortcut) with a projection shortcut as a second GEMM
-into the same accumulator. Training: train.py (the fused training path, one op
-block_train); a synchronized block whose BNs are not all synchronized over one
-process group goes the composite way instead (CompositeBackend.forward_train: ATen
-convolutions around this backend's BN ops of bn.py).
+Eval: one kernel per stage (eval_ops.py): relu(conv(y, W') + b') for every stage but
+the last, then relu(conv(y, W') + b' + shortcut) with a projection shortcut as a
+second GEMM into the same accumulator (two kernels for a basic block, three for a
+bottleneck). Training: basic blocks through train.py (the fused training path, one
+op block_train); a bottleneck, and a synchronized block whose BNs are not all
+synchronized over one process group, go the composite way
+(CompositeBackend.forward_train: ATen convolutions around this backend's BN ops of
+bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
+`auto` routes such blocks to native or torch.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
@@ -14,12 +17,14 @@ interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
+from ...spec import BOTTLENECK
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
@@ -70,15 +75,41 @@ class TritonBackend(CompositeBackend):
                     "arithmetic is wrong; use float32 or float16 there (bfloat16 runs on CUDA)")
         return None
 
-    # forward_eval: CompositeBackend's K1 -> K2 over this namespace's eval ops.
+    def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
+        # The implicit GEMM (conv.py) and its backward are dense: no grouped (ResNeXt)
+        # or dilated (segmentation backbones) variant.
+        sts = parts.stages + ((parts.shortcut,) if parts.shortcut is not None else ())
+        for st in sts:
+            c = st.conv
+            if c.groups != 1 or c.dilation[0] != 1:
+                return (f"the triton backend computes dense convolutions only, and this "
+                        f"block has a {c.kernel_size[0]}x{c.kernel_size[1]} convolution with "
+                        f"groups={c.groups}, dilation={c.dilation[0]}")
+        return None
 
-    def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
-        group = block_group(groups, block)
+    # forward_eval: CompositeBackend's stage walk over this namespace's eval ops.
+
+    def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
+        if parts.kind == BOTTLENECK:
+            # ATen convolutions around this backend's BN ops until the fused training
+            # op takes a chain of stages.
+            return super().forward_train(parts, x, groups)
+        view = _basic_view(parts)
+        group = block_group(groups, view)
         if group is None:
             # BNs synchronized over different groups (or some local): one collective
             # per BN, which the fused block does not do; the composite path does.
-            return super().forward_train(block, x, groups)
-        return train_block(block, x, group)
+            return super().forward_train(parts, x, groups)
+        return train_block(view, x, group)
+
+
+def _basic_view(parts) -> SimpleNamespace:
+    """A basic block's parts under the names train.train_block reads (conv1, bn1,
+    conv2, bn2, conv3 = the projection conv, bn3 = its BN)."""
+    (s1, s2), sc = parts.stages, parts.shortcut
+    return SimpleNamespace(conv1=s1.conv, bn1=s1.bn, conv2=s2.conv, bn2=s2.bn,
+                           conv3=None if sc is None else sc.conv,
+                           bn3=None if sc is None else sc.bn)
 
 
 __all__ = ["TritonBackend"]

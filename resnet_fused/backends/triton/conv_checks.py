@@ -60,6 +60,16 @@ def _int(op: str, name: str, v, lo: int) -> None:
         raise ValueError(f"{NS}::{op}: {name} must be an int >= {lo}, got {v!r}")
 
 
+def _dense(op: str, dilation, groups) -> None:
+    """The implicit GEMM has no grouped or dilated variant: refused here, by name."""
+    _int(op, "dilation", dilation, 1)
+    _int(op, "groups", groups, 1)
+    if groups != 1 or dilation != 1:
+        raise ValueError(f"{NS}::{op}: the Triton convolutions compute groups=1, "
+                         f"dilation=1 only, got groups={groups}, dilation={dilation}; use "
+                         "the native or torch backend for grouped or dilated convolutions")
+
+
 def _out_hw(op: str, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int):
     P, Q = conv_out_hw(x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding)
     if P <= 0 or Q <= 0:
@@ -68,21 +78,24 @@ def _out_hw(op: str, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int
     return P, Q
 
 
-def check_conv_bias_relu(x, weight, bias, stride, padding) -> None:
+def check_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1) -> None:
     op = "conv_bias_relu"
     _activation(op, "x", x)
     _int(op, "stride", stride, 1)
     _int(op, "padding", padding, 0)
+    _dense(op, dilation, groups)
     _weight(op, "weight", weight, x, "x")
     _bias(op, bias, weight.shape[0], x.device)
     _out_hw(op, x, weight, stride, padding)
 
 
 def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
-                                  shortcut_stride, shortcut_padding) -> None:
+                                  shortcut_stride, shortcut_padding, dilation=1,
+                                  groups=1) -> None:
     op = "conv_bias_shortcut_relu"
     _activation(op, "y", y)
     _int(op, "padding", padding, 0)
+    _dense(op, dilation, groups)
     _weight(op, "weight", weight, y, "y")
     _bias(op, bias, weight.shape[0], y.device)
     out = (y.shape[0], weight.shape[0], *_out_hw(op, y, weight, 1, padding))

@@ -1,4 +1,7 @@
-"""The triton backend's eval ops: K1 conv_bias_relu and K2 conv_bias_shortcut_relu.
+"""The triton backend's eval ops: conv_bias_relu (every stage but the last) and
+conv_bias_shortcut_relu (the last stage with the shortcut). Dense convolutions only:
+groups != 1 or dilation != 1 is refused with an error (conv_checks.py), and the
+backend's unsupported_block_reason routes such blocks to another backend.
 
 Defined with resnet_fused.ops.define_op: triton_ops on a GPU (kernels launched through
 launcher.py, which uses wrap_triton while tracing), so torch.compile(fullgraph=True)
@@ -26,8 +29,8 @@ from .launcher import define_triton_op
 
 
 def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
-                   padding: int) -> torch.Tensor:
-    check_conv_bias_relu(x, weight, bias, stride, padding)
+                   padding: int, dilation: int = 1, groups: int = 1) -> torch.Tensor:
+    check_conv_bias_relu(x, weight, bias, stride, padding, dilation, groups)
     out = conv2d_nhwc(x, weight.to(x.dtype), stride, padding,
                       epilogue=Epilogue(bias, relu=True)).out
     return like_format(out, x)
@@ -35,10 +38,10 @@ def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, st
 
 def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             x: torch.Tensor, shortcut_weight: Optional[torch.Tensor],
-                            padding: int, shortcut_stride: int,
-                            shortcut_padding: int) -> torch.Tensor:
+                            padding: int, shortcut_stride: int, shortcut_padding: int,
+                            dilation: int = 1, groups: int = 1) -> torch.Tensor:
     check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
-                                  shortcut_stride, shortcut_padding)
+                                  shortcut_stride, shortcut_padding, dilation, groups)
     if shortcut_weight is None:
         # Identity shortcut: x is the residual added in the epilogue.
         out = conv2d_nhwc(y, weight.to(y.dtype), 1, padding, residual=ResidualAdd(x),

@@ -25,6 +25,11 @@ from .backends import preference
 # H = W, stride), the shapes bench/run.py measures; s3d is the strided projection.
 STAGES = {"s2": (64, 64, 56, 1), "s3d": (64, 128, 56, 2), "s3": (128, 128, 28, 1),
           "s4": (256, 256, 14, 1), "s5": (512, 512, 7, 1)}
+# ResNet-50's bottleneck stages at 224x224: (cin, width, cout, input hw, stride).
+BOTTLENECK_STAGES = {"r50 l1.0": (64, 64, 256, 56, 1), "r50 l1": (256, 64, 256, 56, 1),
+                     "r50 l2.0": (256, 128, 512, 56, 2), "r50 l2": (512, 128, 512, 28, 1),
+                     "r50 l3.0": (512, 256, 1024, 28, 2), "r50 l3": (1024, 256, 1024, 14, 1),
+                     "r50 l4.0": (1024, 512, 2048, 14, 2), "r50 l4": (2048, 512, 2048, 7, 1)}
 AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -84,8 +89,11 @@ def _auto(device: str) -> list:
     """What auto picks per stage shape, mode and dtype on `device`, and from where."""
     dev = torch.device(device)
     rows = []
-    for stage, (cin, cout, hw, stride) in STAGES.items():
-        key = preference.shape_key((1, cin, hw, hw), cout, stride)
+    keys = {stage: preference.shape_key((1, cin, hw, hw), cout, stride)
+            for stage, (cin, cout, hw, stride) in STAGES.items()}
+    keys.update({stage: preference.bottleneck_key((1, cin, hw, hw), width, cout, stride)
+                 for stage, (cin, width, cout, hw, stride) in BOTTLENECK_STAGES.items()})
+    for stage, key in keys.items():
         for mode in ("eval", "train"):
             for dtype in AUTO_DTYPES:
                 dname = str(dtype).replace("torch.", "")

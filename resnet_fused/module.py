@@ -138,7 +138,7 @@ class FusedResidual(nn.Module):
         parts = self.parts()
         bns = parts.bns()
         modes = tuple(bn.training for bn in bns)
-        plan = (make_plan(self, parts, x, modes, autocast) if compiling
+        plan = (make_plan(self, x, modes, autocast) if compiling
                 else self._plan(parts, x, modes, autocast))
         if plan.copy:
             x = x.contiguous(memory_format=plan.memory_format)
@@ -173,7 +173,7 @@ class FusedResidual(nn.Module):
         plan = plans.get(key) if plans is not None else None
         if plan is None:
             # raises for a bad input: nothing is kept
-            plan = make_plan(self, parts, x, modes, autocast)
+            plan = make_plan(self, x, modes, autocast)
             if plans is None or len(plans) >= PLAN_CACHE_SIZE:
                 plans = self.__dict__["_plans"] = {}
             plans[key] = plan

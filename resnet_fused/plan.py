@@ -84,11 +84,14 @@ def _backend_for(block, parts, x: torch.Tensor, training: bool) -> Backend:
     return backend
 
 
-def make_plan(block, parts, x: torch.Tensor, modes: tuple, autocast: bool = False) -> Plan:
+def make_plan(block, x: torch.Tensor, modes: tuple, autocast: bool = False,
+              parts=None) -> Plan:
     """The Plan of a call (x not yet in its memory format), or the error that x has.
-    parts: block.parts(). autocast: x was cast to the autocast dtype, which the
-    parameters need not have."""
+    autocast: x was cast to the autocast dtype, which the parameters need not have.
+    parts: block.parts() when the caller has it."""
     check_input(block, x, dtype=not autocast)
+    if parts is None:
+        parts = block.parts()
     mode = TRAIN if all(modes) else MIXED if any(modes) else EVAL
     # Resolved (and the dtype checked) on every path, so a backend that cannot take
     # this input says so even where the plain path would serve it.

@@ -42,12 +42,11 @@ def randomize_bn(block: torch.nn.Module) -> None:
 
 def _zero_grad_params(fused) -> set:
     """Names of the conv biases that feed a BatchNorm (their true gradient is 0 in
-    training mode: BN subtracts the batch mean)."""
-    names = {"conv1.bias", "conv2.bias"}
-    if fused.bn3 is not None:
-        names |= {n for n, _ in fused.named_parameters() if n.endswith("0.bias")}
-    return {n for n, p in fused.named_parameters() if n in names or
-            (fused.bn3 is not None and n == "downsample.0.bias")}
+    training mode: BN subtracts the batch mean), read off the block's spec."""
+    spec = fused._spec
+    sts = spec.stages + ((spec.shortcut,) if spec.shortcut is not None else ())
+    names = {f"{st.conv}.bias" for st in sts if st.bn is not None}
+    return {n for n, _ in fused.named_parameters() if n in names}
 
 
 def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,

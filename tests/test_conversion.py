@@ -136,14 +136,32 @@ def _grouped():
     return b
 
 
+def _dilated_wrong_padding():
+    b = Residual(4, 4)
+    b.conv1 = nn.Conv2d(4, 4, 3, padding=1, dilation=2)  # shrinks: shapes would not add
+    return b
+
+
+def _kernel5():
+    b = Residual(4, 4)
+    b.conv2 = nn.Conv2d(4, 4, 5, padding=2)
+    return b
+
+
+def _grouped_shortcut():
+    b = Residual(4, 8, True)
+    b.conv3 = nn.Conv2d(4, 8, 1, groups=2)
+    return b
+
+
 @pytest.mark.parametrize("make,reason", [
-    (Bottleneck, "bottleneck"),
-    (_dilated, "dilation"),
+    (_dilated_wrong_padding, "padding"),
+    (_kernel5, "kernel"),
+    (_grouped_shortcut, "groups=2"),
     (_no_affine, "affine=False"),
     (_no_running_stats, "track_running_stats=False"),
     (_stride3, "stride 3"),
     (_identity_mismatch, "identity shortcut"),
-    (_grouped, "groups"),
 ])
 def test_unconvertible_blocks_are_left_with_a_warning(make, reason):
     model = nn.Sequential(nn.Identity(), make())
@@ -152,6 +170,26 @@ def test_unconvertible_blocks_are_left_with_a_warning(make, reason):
     assert type(out[1]) is type(model[1])
     with pytest.raises(ConversionError, match=reason):
         FusedResidual.from_residual(make())
+
+
+@pytest.mark.parametrize("make", [_dilated, _grouped])
+def test_grouped_and_dilated_blocks_convert_and_compute_the_plain_block(make):
+    """Groups and dilation are read off the convs (README.md, Design): every fused path
+    takes them (the triton backend declines them and auto routes elsewhere)."""
+    torch.manual_seed(0)
+    plain = make()
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch")
+    x = torch.randn(2, 4, 6, 6)
+    for train in (True, False):
+        plain.train(train), fused.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_a_bottleneck_by_name_converts():
+    fused = FusedResidual.from_residual(Bottleneck(), backend="torch")
+    assert fused._spec.kind == "bottleneck"
+    assert list(fused.state_dict()) == list(Bottleneck().state_dict())
 
 
 def test_unknown_backend_name():

@@ -59,16 +59,18 @@ def block_shape_key(x_shape, parts) -> str:
         stride *= c.stride[0]
     if parts.kind != "bottleneck":
         return shape_key(x_shape, convs[-1].out_channels, stride)
-    _, cin, h, w = x_shape
     mid = convs[1]
-    key = f"b-{cin}-{mid.out_channels}-{convs[-1].out_channels}-{h}-{w}-{stride}"
-    if mid.groups != 1:
-        key += f"-g{mid.groups}"
-    if mid.dilation[0] != 1:
-        key += f"-d{mid.dilation[0]}"
-    if convs[0].stride[0] != 1:
-        key += "-v1"
-    return key
+    return bottleneck_key(x_shape, mid.out_channels, convs[-1].out_channels, stride,
+                          mid.groups, mid.dilation[0], convs[0].stride[0] != 1)
+
+
+def bottleneck_key(x_shape, width: int, out_channels: int, stride: int, groups: int = 1,
+                   dilation: int = 1, v1: bool = False) -> str:
+    """A bottleneck's key (block_shape_key), from its numbers."""
+    _, cin, h, w = x_shape
+    key = f"b-{cin}-{width}-{out_channels}-{h}-{w}-{stride}"
+    key += (f"-g{groups}" if groups != 1 else "") + (f"-d{dilation}" if dilation != 1 else "")
+    return key + ("-v1" if v1 else "")
 
 
 @functools.lru_cache(maxsize=64)

@@ -38,6 +38,7 @@ class _PlainBlock(nn.Module):
         super().__init__()
         for name, m in fused._modules.items():
             self._modules[name] = m
+        self._spec = fused._spec  # plain_block_forward computes it by this spec
         self.training = fused.training
 
     def forward(self, x):

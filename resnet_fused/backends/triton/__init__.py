@@ -27,7 +27,7 @@ from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
 from . import launcher
 # train defines block_train; imported here, never while tracing.
-from .train import block_group, train_block
+from .train import block_group, parts_of, train_block
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
@@ -73,12 +73,13 @@ class TritonBackend(CompositeBackend):
     # forward_eval: CompositeBackend's K1 -> K2 over this namespace's eval ops.
 
     def forward_train(self, block, x: torch.Tensor, groups=None) -> torch.Tensor:
-        group = block_group(groups, block)
+        parts = parts_of(block)
+        group = block_group(groups, parts)
         if group is None:
             # BNs synchronized over different groups (or some local): one collective
             # per BN, which the fused block does not do; the composite path does.
             return super().forward_train(block, x, groups)
-        return train_block(block, x, group)
+        return train_block(parts, x, group)
 
 
 __all__ = ["TritonBackend"]

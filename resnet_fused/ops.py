@@ -59,9 +59,12 @@ def mutated_args(name: str) -> tuple[str, ...]:
 
 
 def tensor_args(name: str) -> tuple[str, ...]:
-    """The arguments of op `name` that are tensors (Tensor or Tensor?)."""
+    """The arguments of op `name` that are tensors or lists of them (Tensor, Tensor?,
+    Tensor[], Tensor?[])."""
     opt = torch._C.OptionalType.ofTensor()
-    return tuple(a.name for a in _parsed(name).arguments if a.type.isSubtypeOf(opt))
+    lists = (torch._C.ListType(torch._C.TensorType.get()), torch._C.ListType(opt))
+    return tuple(a.name for a in _parsed(name).arguments
+                 if a.type.isSubtypeOf(opt) or a.type in lists)
 
 
 def args_tuple(name: str):
@@ -163,37 +166,39 @@ def _fake_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
 
 def _fake_block_train(*args):
     a = BlockTrainArgs(*args)
-    N, _, H, W = a.x.shape
-    K = a.w1.shape[0]
-    P, Q = conv_out_hw(H, W, 3, 3, a.stride, 1)
-    act = a.x.new_empty((N, K, P, Q)).contiguous(memory_format=torch.channels_last)
+    N, _, h, w = a.x.shape
+    cs = []
+    for wi, st in zip(a.w, a.stride):       # 'same' padding: kernel // 2
+        h, w = conv_out_hw(h, w, wi.shape[2], wi.shape[3], st, wi.shape[2] // 2)
+        cs.append(a.x.new_empty((N, wi.shape[0], h, w)).contiguous(
+            memory_format=torch.channels_last))
+    out = torch.empty_like(cs[-1])
+    bn_sc = a.w_sc is not None and a.g_sc is not None
+    stats = [a.x.new_empty((3, c.shape[1]), dtype=torch.float32)
+             for c in cs + ([out] if bn_sc else [])]
     return tuple(BlockTrainOut(
-        out=act, c1=torch.empty_like(act), c2=torch.empty_like(act),
-        c3=(torch.empty_like(act) if a.w3 is not None and a.g3 is not None
-            else a.x.new_empty((0,))),
-        mask=a.x.new_empty((mask_numel(act),), dtype=torch.uint8),
-        stats=a.x.new_empty((7, K), dtype=torch.float32)))
+        out=out, c=cs, c_sc=torch.empty_like(out) if bn_sc else a.x.new_empty((0,)),
+        mask=a.x.new_empty((mask_numel(out),), dtype=torch.uint8), stats=stats))
 
 
 def _fake_block_train_backward(*args):
     a = BlockTrainBackwardArgs(*args)
-    K = a.w1.shape[0]
 
     def weight(w):  # weight gradients are NCHW-contiguous, in the weight's dtype
         return (a.x.new_empty((0,)) if w is None
                 else torch.empty_like(w, memory_format=torch.contiguous_format))
 
-    def vec(present, like):  # (outputs may not alias: a new empty tensor each)
-        return like.new_empty((K,)) if present else a.x.new_empty((0,))
+    def vec(present, like, k):  # (outputs may not alias: a new empty tensor each)
+        return like.new_empty((k,)) if present else a.x.new_empty((0,))
 
+    k_sc = a.w_sc.shape[0] if a.w_sc is not None else 0
     return tuple(BlockTrainGrads(
-        dx=torch.empty_like(a.x), dw1=weight(a.w1), db1=vec(a.has_b1, a.w1),
-        dg1=torch.empty_like(a.g1), dbeta1=torch.empty_like(a.beta1),
-        dw2=weight(a.w2), db2=vec(a.has_b2, a.w2), dg2=torch.empty_like(a.g2),
-        dbeta2=a.g2.new_empty((K,)), dw3=weight(a.w3),
-        db3=vec(a.w3 is not None and a.has_b3, a.w3 if a.w3 is not None else a.x),
-        dg3=vec(a.g3 is not None, a.g3 if a.g3 is not None else a.x),
-        dbeta3=vec(a.g3 is not None, a.g3 if a.g3 is not None else a.x)))
+        dx=torch.empty_like(a.x), dw=[weight(w) for w in a.w],
+        db=[vec(hb, w, w.shape[0]) for hb, w in zip(a.has_b, a.w)],
+        dg=[torch.empty_like(g) for g in a.g], dbeta=[torch.empty_like(b) for b in a.beta],
+        dw_sc=weight(a.w_sc), db_sc=vec(a.w_sc is not None and a.has_b_sc, a.w_sc, k_sc),
+        dg_sc=vec(a.g_sc is not None, a.g_sc, k_sc),
+        dbeta_sc=vec(a.g_sc is not None, a.g_sc, k_sc)))
 
 
 FAKES = {
@@ -284,31 +289,63 @@ def _conv_bias_shortcut_relu_backward(ctx, grad_out):
 _BWD_TENSORS = frozenset(tensor_args("block_train_backward"))
 
 
+def _flat(values) -> tuple[list, list]:
+    """values (tensors, Nones and lists of them) flattened for save_for_backward, and
+    each one's length (None: not a list) to rebuild them."""
+    flat, lens = [], []
+    for v in values:
+        is_list = isinstance(v, (list, tuple))
+        flat += list(v) if is_list else [v]
+        lens.append(len(v) if is_list else None)
+    return flat, lens
+
+
+def _unflat(flat, lens) -> list:
+    out, i = [], 0
+    for n in lens:
+        out.append(flat[i] if n is None else list(flat[i:i + n]))
+        i += 1 if n is None else n
+    return out
+
+
+def _grad_slot(v):
+    """How block_train's autograd returns an input's gradient: "tensor", "list" (a list
+    of tensors: a list of gradients) or None (not differentiable: no gradient; autograd
+    tracks a list input only when it holds tensors only)."""
+    if isinstance(v, torch.Tensor):
+        return "tensor"
+    if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return "list"
+    return None
+
+
 def _block_train_setup(ctx, inputs, output):
     a, o = BlockTrainArgs(*inputs), BlockTrainOut(*output)
-    ctx.mark_non_differentiable(o.c1, o.c2, o.c3, o.mask, o.stats)
+    ctx.mark_non_differentiable(*o.c, o.c_sc, o.mask, *o.stats)
     # What block_train_backward takes besides grad_out, found by name among
-    # block_train's arguments and outputs; has_b* say which conv biases exist.
-    known = {**a._asdict(), **o._asdict(),
-             **{f"has_b{i}": getattr(a, f"b{i}") is not None for i in (1, 2, 3)}}
+    # block_train's arguments and outputs; has_b / has_b_sc say which conv biases exist.
+    known = {**a._asdict(), **o._asdict(), "has_b": [t is not None for t in a.b],
+             "has_b_sc": a.b_sc is not None}
     wanted = BlockTrainBackwardArgs._fields[1:]
     ctx.tensor_names = [n for n in wanted if n in _BWD_TENSORS]
-    ctx.save_for_backward(*(known[n] for n in ctx.tensor_names))
+    flat, ctx.tensor_lens = _flat(known[n] for n in ctx.tensor_names)
+    ctx.save_for_backward(*flat)
     ctx.scalars = {n: known[n] for n in wanted if n not in _BWD_TENSORS}
-    ctx.present = [isinstance(v, torch.Tensor) for v in a]
+    ctx.slots = [_grad_slot(v) for v in a]
 
 
 def _make_block_train_backward(ns: str):
     def backward(ctx, grad_out, *_unused):
-        saved = dict(zip(ctx.tensor_names, ctx.saved_tensors))
+        saved = dict(zip(ctx.tensor_names, _unflat(ctx.saved_tensors, ctx.tensor_lens)))
         # block_train's activations are channels_last (backends/triton/train.py).
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         op = getattr(getattr(torch.ops, ns), "block_train_backward")
         grads = BlockTrainGrads(*op(*BlockTrainBackwardArgs(grad_out=grad_out, **saved,
                                                              **ctx.scalars)))._asdict()
-        # The gradient of each input: d<name> when the input is a tensor, else None.
-        return tuple(grads.get("d" + n) if present else None
-                     for n, present in zip(BlockTrainArgs._fields, ctx.present))
+        # The gradient of each input: d<name> (a list for a list input), else None.
+        return tuple(None if slot is None else (list(grads["d" + n]) if slot == "list"
+                                                else grads["d" + n])
+                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
 
     return backward
 

@@ -82,35 +82,39 @@ SCHEMAS = {
     ),
 
     # The triton backend's fused training block (backends/triton/train.py): the whole
-    # residual block's training forward as one functional op (conv1 -> bn1 -> ReLU ->
-    # conv2 -> bn2 -> + shortcut -> ReLU), differentiable through block_train_backward.
-    # x and the activations returned are channels_last-contiguous.
-    # w3/b3 the projection shortcut (None: identity), g3/beta3 its BN (None: none);
-    # the convolutions are 3x3 with padding 1, conv3 is 1x1 or 3x3 with padding pad3.
+    # residual block's training forward as one functional op, for any chain of S stages
+    # (basic block S = 2, bottleneck S = 3), differentiable through block_train_backward:
+    #   c_0 = conv(x, w[0]) + b[0];  c_i = conv(relu(bn_{i-1}(c_{i-1})), w[i]) + b[i]
+    #   out = relu(bn_{S-1}(c_{S-1}) + shortcut)
+    # Per-stage lists (one entry per stage, in order): w, b (all tensors or all None),
+    # g / beta (the BN's weight and bias), stride, eps. Every kernel is 1x1 or 3x3 with
+    # 'same' padding (kernel // 2), groups 1, dilation 1.
+    # The shortcut: w_sc None for the identity; else conv(x, w_sc) + b_sc with stride
+    # prod(stride) and 'same' padding, and g_sc / beta_sc / eps_sc its BN (None: none).
     # group: the process group name of a synchronized block ("" for none).
-    # Returns out, and for the backward and the running statistics: c1, c2 (the conv
-    # outputs before their BN), c3 (bn3's input; an empty [0] tensor without bn3), the
-    # packed mask of out, and stats = [m1, v1, m2, v2, m3, v3, count] ([7, C] float32:
-    # batch means / biased variances, zero without bn3; count the values per channel,
-    # over the whole group when synchronized).
+    # x and the activations returned are channels_last-contiguous.
+    # Returns out, and for the backward and the running statistics: c (every stage's
+    # conv output before its BN), c_sc (the shortcut BN's input; an empty [0] tensor
+    # without a shortcut BN), the packed mask of out, and stats: one [3, C_i] float32
+    # tensor per BN (the stages', then the shortcut BN's when there is one): batch mean,
+    # biased variance, and the count of values per channel (over the whole group when
+    # synchronized) broadcast over the row.
     "block_train": (
-        "block_train(Tensor x, Tensor w1, Tensor? b1, Tensor g1, Tensor beta1, Tensor w2, "
-        "Tensor? b2, Tensor g2, Tensor beta2, Tensor? w3, Tensor? b3, Tensor? g3, "
-        "Tensor? beta3, int stride, int pad3, float eps1, float eps2, float eps3, "
-        "str group=\"\") -> (Tensor out, Tensor c1, Tensor c2, Tensor c3, Tensor mask, "
-        "Tensor stats)"
+        "block_train(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
+        "int[] stride, float[] eps, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, "
+        "Tensor? beta_sc, float eps_sc, str group=\"\") -> (Tensor out, Tensor[] c, "
+        "Tensor c_sc, Tensor mask, Tensor[] stats)"
     ),
-    # Gradients of block_train's out with respect to its tensor inputs (d<input name>),
-    # from what it saved; has_b* say which conv biases exist. The gradients of absent
-    # parameters are empty [0] tensors.
+    # Gradients of block_train's out with respect to its tensor inputs (d<input name>;
+    # a list for a list input), from what it saved; has_b / has_b_sc say which conv
+    # biases exist. The gradients of absent parameters are empty [0] tensors.
     "block_train_backward": (
-        "block_train_backward(Tensor grad_out, Tensor x, Tensor c1, Tensor c2, Tensor c3, "
-        "Tensor mask, Tensor stats, Tensor w1, Tensor g1, Tensor beta1, Tensor w2, "
-        "Tensor g2, Tensor? w3, Tensor? g3, bool has_b1, bool has_b2, bool has_b3, "
-        "int stride, int pad3, float eps1, float eps2, float eps3, str group=\"\") -> "
-        "(Tensor dx, Tensor dw1, Tensor db1, Tensor dg1, Tensor dbeta1, Tensor dw2, "
-        "Tensor db2, Tensor dg2, Tensor dbeta2, Tensor dw3, Tensor db3, Tensor dg3, "
-        "Tensor dbeta3)"
+        "block_train_backward(Tensor grad_out, Tensor x, Tensor[] c, Tensor c_sc, "
+        "Tensor mask, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, Tensor? w_sc, "
+        "Tensor? g_sc, bool[] has_b, bool has_b_sc, int[] stride, float[] eps, "
+        "float eps_sc, str group=\"\") -> (Tensor dx, Tensor[] dw, Tensor[] db, "
+        "Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, Tensor dg_sc, "
+        "Tensor dbeta_sc)"
     ),
 }
 

@@ -94,7 +94,8 @@ def _as_inferred(schema):
     """schema as torch 2.11 infers it: SymInt for int, alias sets numbered, returns
     without names (compared: everything else)."""
     args, returns = schema.replace("SymInt", "int").split(" -> ")
-    return re.sub(r"\(\w+!\)", "(!)", args) + " -> " + re.sub(r"Tensor \w+", "Tensor", returns)
+    return re.sub(r"\(\w+!\)", "(!)", args) + " -> " + re.sub(r"(Tensor(?:\[\])?) \w+", r"\1",
+                                                                returns)
 
 
 def test_define_op_rejects_a_function_that_is_not_the_schema():
@@ -227,41 +228,80 @@ def test_against_float64_torch_op(device, backend, name):
 
 
 # --------------------------------------------------------------------------- training block
-# name -> (input channels, output channels, stride, projection kernel or 0, BN'd projection)
+# name -> (input channels, [(kernel, stride, output channels)] per stage, projection
+# kernel or 0, BN'd projection)
 BLOCKS = {
-    "identity": (8, 8, 1, 0, False),
-    "1x1/2": (4, 8, 2, 1, False),      # D2L projection: the final pass is its GEMM epilogue
-    "bn/2": (4, 8, 2, 1, True),        # torchvision's downsample: conv1x1 + BN
+    "identity": (8, [(3, 1, 8), (3, 1, 8)], 0, False),
+    "1x1/2": (4, [(3, 2, 8), (3, 1, 8)], 1, False),  # D2L: the final pass is its GEMM epilogue
+    "bn/2": (4, [(3, 2, 8), (3, 1, 8)], 1, True),    # torchvision's downsample: conv1x1 + BN
+    "bottleneck/2": (4, [(1, 1, 4), (3, 2, 4), (1, 1, 8)], 1, True),   # ResNet v1.5
 }
 
 
 def _block_args(kind, device):
-    cin, k, s, k3, bn3 = BLOCKS[kind]
+    cin, stages, k3, bn3 = BLOCKS[kind]
+    k = stages[-1][2]
     A = op_layer.BlockTrainArgs
 
     def t(*shape, lo=None, scale=1.0):
         return _t(*shape, device=device, lo=lo, scale=scale)
 
+    chans = [cin] + [kout for _, _, kout in stages]
     return A(x=_t(2, cin, 5, 4, device=device, fmt=CL),
-             w1=t(k, cin, 3, 3, scale=0.3), b1=None, g1=t(k, lo=0.5), beta1=t(k),
-             w2=t(k, k, 3, 3, scale=0.3), b2=None, g2=t(k, lo=0.5), beta2=t(k),
-             w3=t(k, cin, k3, k3, scale=0.3) if k3 else None,
-             b3=t(k) if k3 and not bn3 else None,
-             g3=t(k, lo=0.5) if bn3 else None, beta3=t(k) if bn3 else None,
-             stride=s, pad3=k3 // 2, eps1=1e-5, eps2=1e-4, eps3=1e-3)
+             w=[t(kout, c, r, r, scale=0.3) for (r, _, kout), c in zip(stages, chans)],
+             b=[None] * len(stages), g=[t(kout, lo=0.5) for _, _, kout in stages],
+             beta=[t(kout) for _, _, kout in stages], stride=[s for _, s, _ in stages],
+             eps=[1e-5, 1e-4, 3e-5][:len(stages)],
+             w_sc=t(k, cin, k3, k3, scale=0.3) if k3 else None,
+             b_sc=t(k) if k3 and not bn3 else None,
+             g_sc=t(k, lo=0.5) if bn3 else None, beta_sc=t(k) if bn3 else None, eps_sc=1e-3)
 
 
 def _plain_block(a):
-    """The plain block (conv, training BN, ReLU, shortcut) on block_train's arguments."""
+    """The plain block (conv, training BN, ReLU, shortcut) on block_train's arguments;
+    out and every stage's conv output."""
     def bn(c, g, beta, eps):
         return F.batch_norm(c, None, None, g, beta, True, 0.0, eps)
 
-    c1 = F.conv2d(a.x, a.w1, a.b1, a.stride, 1)
-    c2 = F.conv2d(F.relu(bn(c1, a.g1, a.beta1, a.eps1)), a.w2, a.b2, 1, 1)
-    sc = a.x if a.w3 is None else F.conv2d(a.x, a.w3, a.b3, a.stride, a.pad3)
-    if a.g3 is not None:
-        sc = bn(sc, a.g3, a.beta3, a.eps3)
-    return F.relu(bn(c2, a.g2, a.beta2, a.eps2) + sc), c1, c2
+    y, cs = a.x, []
+    for i, w in enumerate(a.w):
+        cs.append(F.conv2d(y, w, a.b[i], a.stride[i], w.shape[-1] // 2))
+        y = bn(cs[-1], a.g[i], a.beta[i], a.eps[i])
+        if i < len(a.w) - 1:
+            y = F.relu(y)
+    s = 1
+    for st in a.stride:
+        s *= st
+    sc = a.x if a.w_sc is None else F.conv2d(a.x, a.w_sc, a.b_sc, s, a.w_sc.shape[-1] // 2)
+    if a.g_sc is not None:
+        sc = bn(sc, a.g_sc, a.beta_sc, a.eps_sc)
+    return F.relu(y + sc), cs
+
+
+def _leaves(args):
+    """args with every tensor (also inside the lists) a fresh leaf requiring grad."""
+    def leaf(v):
+        return v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+
+    return args._replace(**{n: ([leaf(t) for t in v] if isinstance(v, list) else leaf(v))
+                            for n, v in args._asdict().items()})
+
+
+def _double_block(args):
+    return args._replace(**{n: ([t.double() if isinstance(t, torch.Tensor) else t for t in v]
+                                if isinstance(v, list) else
+                                (v.double() if isinstance(v, torch.Tensor) else v))
+                            for n, v in args._asdict().items()})
+
+
+def _leaf_grads(args):
+    """(name, gradient) of every tensor of args, list entries as name[i]."""
+    out = []
+    for n, v in args._asdict().items():
+        for i, t in (enumerate(v) if isinstance(v, list) else [(None, v)]):
+            if isinstance(t, torch.Tensor):
+                out.append((n if i is None else f"{n}[{i}]", t.grad))
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -272,17 +312,15 @@ def test_block_ops_opcheck(device, kind):
     (interpreter time); block_train_backward's schema and fake."""
     ops = _ops("triton", device)
     a = _block_args(kind, device)
-    leaves = a._replace(**{n: v.clone().requires_grad_() for n, v in a._asdict().items()
-                           if isinstance(v, torch.Tensor)})
     utils = (("test_schema", "test_autograd_registration", "test_faketensor",
               "test_aot_dispatch_dynamic") if kind == "identity"
              else ("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.block_train.default, tuple(leaves), test_utils=utils)
+    torch.library.opcheck(ops.block_train.default, tuple(_leaves(a)), test_utils=utils)
     o = op_layer.BlockTrainOut(*ops.block_train(*a))
     b = op_layer.BlockTrainBackwardArgs(
         grad_out=torch.randn_like(o.out), **{n: v for n, v in {**a._asdict(), **o._asdict()}.items()
                                              if n in op_layer.BlockTrainBackwardArgs._fields},
-        has_b1=a.b1 is not None, has_b2=a.b2 is not None, has_b3=a.b3 is not None)
+        has_b=[t is not None for t in a.b], has_b_sc=a.b_sc is not None)
     torch.library.opcheck(ops.block_train_backward.default, tuple(b),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -290,38 +328,36 @@ def test_block_ops_opcheck(device, kind):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_block_ops_against_float64_plain_block(device, kind):
-    """block_train's output and batch statistics, and the gradient of every tensor input
-    through its registered autograd (block_train_backward), against the plain block in
-    float64 by the tolerance rule (the plain block in float32 as the plain path)."""
+    """block_train's output, conv outputs and batch statistics, and the gradient of every
+    tensor input through its registered autograd (block_train_backward), against the
+    plain block in float64 by the tolerance rule (the plain block in float32 as the
+    plain path)."""
     ops = _ops("triton", device)
     a = _block_args(kind, device)
     runs = {}
-    for label, args in (("got", a), ("plain", a), ("ref", _double(a))):
-        leaves = args._replace(**{n: v.detach().clone().requires_grad_()
-                                  for n, v in args._asdict().items()
-                                  if isinstance(v, torch.Tensor)})
+    for label, args in (("got", a), ("plain", a), ("ref", _double_block(a))):
+        leaves = _leaves(args)
         if label == "got":
             o = op_layer.BlockTrainOut(*ops.block_train(*leaves))
-            out, c1, c2 = o.out, o.c1, o.c2
+            out, cs = o.out, list(o.c)
         else:
-            out, c1, c2 = _plain_block(leaves)
+            out, cs = _plain_block(leaves)
         g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         out.backward(g.to(device=device, dtype=out.dtype))
-        runs[label] = (out, c1, c2, leaves, o if label == "got" else None)
+        runs[label] = (out, cs, leaves, o if label == "got" else None)
     got, plain, ref = runs["got"], runs["plain"], runs["ref"]
     assert got[0].stride() == plain[0].contiguous(memory_format=CL).stride()
-    for i, field in ((0, "out"), (1, "c1"), (2, "c2")):
-        assert_within(f"{kind} {field}", got[i], plain[i], ref[i])
-    stats = got[4].stats
-    for row, c in ((0, 1), (2, 2)):
-        c64 = ref[c].detach()
-        assert_within(f"{kind} mean of c{c}", stats[row], plain[c].detach().mean((0, 2, 3)),
-                      c64.mean((0, 2, 3)), dtype=torch.float32)
-        assert_within(f"{kind} var of c{c}", stats[row + 1],
-                      plain[c].detach().var((0, 2, 3), unbiased=False),
-                      c64.var((0, 2, 3), unbiased=False), dtype=torch.float32)
-    assert torch.equal(got[4].mask, torch_ops.pack_mask(got[0] > 0))
-    for n, leaf in got[3]._asdict().items():
-        if isinstance(leaf, torch.Tensor):
-            assert_within(f"{kind} grad {n}", leaf.grad, getattr(plain[3], n).grad,
-                          getattr(ref[3], n).grad, factor=3)
+    assert_within(f"{kind} out", got[0], plain[0], ref[0])
+    stats = got[3].stats
+    assert len(stats) == len(a.w) + (a.g_sc is not None)
+    for i, (cg, cp, cr) in enumerate(zip(got[1], plain[1], ref[1])):
+        assert_within(f"{kind} c[{i}]", cg, cp, cr)
+        cp, cr = cp.detach(), cr.detach()
+        assert_within(f"{kind} mean of c[{i}]", stats[i][0], cp.mean((0, 2, 3)),
+                      cr.mean((0, 2, 3)), dtype=torch.float32)
+        assert_within(f"{kind} var of c[{i}]", stats[i][1], cp.var((0, 2, 3), unbiased=False),
+                      cr.var((0, 2, 3), unbiased=False), dtype=torch.float32)
+        assert torch.equal(stats[i][2], torch.full_like(stats[i][2], cg[:, 0].numel()))
+    assert torch.equal(got[3].mask, torch_ops.pack_mask(got[0] > 0))
+    for (n, gg), (_, gp), (_, gr) in zip(*(_leaf_grads(r[2]) for r in (got, plain, ref))):
+        assert_within(f"{kind} grad {n}", gg, gp, gr, factor=3)

@@ -19,6 +19,12 @@ from resnet_fused import FusedResidual  # noqa: E402
 from resnet_fused.reference import Residual, plain_block_forward  # noqa: E402
 from resnet_fused.backends.triton import bn as tbn  # noqa: E402
 from resnet_fused.backends.triton.train import train_block  # noqa: E402
+from resnet_fused.blocks import spec_of  # noqa: E402
+from resnet_fused.spec import resolve  # noqa: E402
+
+
+def parts_of(block):
+    return resolve(block, spec_of(block))
 
 CL = torch.channels_last
 ops = torch.ops.resnet_fused_triton
@@ -198,11 +204,11 @@ def _functional(name, dtype=torch.float32):
             p.get("downsample.1.weight") if bn3 else None,
             p.get("downsample.1.bias") if bn3 else None]
     stride = CONFIGS[name][2]
-    pad3 = 0 if c3w is None else c3w.shape[-1] // 2
 
-    def f(*args):
-        out = ops.block_train(*args, stride, pad3, 1e-5, 1e-5, 1e-5)[0]
-        return out
+    def f(x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3):
+        # The op's per-stage lists: stage 0 (conv1, bn1), stage 1 (conv2, bn2).
+        return ops.block_train(x, [w1, w2], [b1, b2], [g1, g2], [beta1, beta2], [stride, 1],
+                               [1e-5, 1e-5], w3, b3, g3, beta3, 1e-5)[0]
 
     return names, [v.detach().to(dtype) if v is not None else None for v in vals], f
 
@@ -362,10 +368,18 @@ def test_bad_blocks_raise_clear_errors():
     block = _make_block("1x1/2")
     block.conv3 = None
     with pytest.raises(ValueError, match="identity shortcut needs stride 1"):
-        train_block(block, torch.randn(2, 4, 6, 6))
+        train_block(parts_of(block), torch.randn(2, 4, 6, 6))
     block = _make_block("identity")
     block.conv2 = nn.Conv2d(8, 8, 5, 1, 2)
-    with pytest.raises(ValueError, match="conv2 must be a 3x3"):
-        train_block(block, torch.randn(2, 8, 6, 6))
+    with pytest.raises(ValueError, match=r"1x1 or 3x3 \(stage 1 conv: kernel \(5, 5\)\)"):
+        train_block(parts_of(block), torch.randn(2, 8, 6, 6))
     with pytest.raises(ValueError, match="more than one value per channel"):
-        train_block(_make_block("identity"), torch.randn(1, 8, 1, 1))
+        train_block(parts_of(_make_block("identity")), torch.randn(1, 8, 1, 1))
+    block = _make_block("identity")
+    block.bn2 = nn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match="BN after stage 1 conv has 4 features"):
+        train_block(parts_of(block), torch.randn(2, 8, 6, 6))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ops.block_train(torch.randn(2, 8, 6, 6), [block.conv1.weight], [None, None],
+                        [block.bn1.weight], [block.bn1.bias], [1], [1e-5], None, None, None,
+                        None, 1e-5)

@@ -103,28 +103,48 @@ with FakeTensorMode() as mode:
     trace("eval projection", lambda x, w1, w2, w3, b: OPS.conv_bias_shortcut_relu(
         OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, x, w3, 1, 2, 0), xp, w1p, w, w3, b)
 
-    for label, proj, bn3 in (("train identity", False, False), ("train 1x1", True, False),
-                             ("train bn", True, True)):
-        cin, stride = (8, 2) if proj else (16, 1)
-        N, K, P = 2, 16, 8 // stride
+    # The training block: basic (identity, D2L 1x1 projection, BN'd projection) and
+    # bottleneck (BN'd projection, v1.5 stride on the 3x3) chains of stages.
+    for label, ks, strides, proj, bn3 in (
+            ("train identity", (3, 3), (1, 1), False, False),
+            ("train 1x1", (3, 3), (2, 1), True, False),
+            ("train bn", (3, 3), (2, 1), True, True),
+            ("train bottleneck", (1, 3, 1), (1, 2, 1), True, True)):
+        cin = 8 if proj else 16
+        N, K = 2, 16
+        widths = [K] * len(ks)
         xt = fake(mode, N, cin, 8, 8)
-        w1, w2 = fake(mode, K, cin, 3, 3), fake(mode, K, K, 3, 3)
-        g1, beta1, g2, beta2 = (fake(mode, K, dtype=torch.float32) for _ in range(4))
+        w, chans = [], cin
+        for k, kout in zip(ks, widths):
+            w.append(fake(mode, kout, chans, k, k))
+            chans = kout
+        g = [fake(mode, kout, dtype=torch.float32) for kout in widths]
+        beta = [fake(mode, kout, dtype=torch.float32) for kout in widths]
+        bias = [fake(mode, kout) for kout in widths]
         w3 = fake(mode, K, cin, 1, 1) if proj else None
         b3 = fake(mode, K) if proj and not bn3 else None
         g3, beta3 = ((fake(mode, K, dtype=torch.float32), fake(mode, K, dtype=torch.float32))
                      if bn3 else (None, None))
-        trace(label + " forward", lambda *a, stride=stride: OPS.block_train(
-            *a, stride, 0, 1e-5, 1e-5, 1e-5)[0],
-            xt, w1, b, g1, beta1, w2, b, g2, beta2, w3, b3, g3, beta3)
-        act = fake(mode, N, K, P, P)
+        sts, eps = list(strides), [1e-5] * len(ks)
+        trace(label + " forward", lambda x, w, b, g, beta, w3, b3, g3, beta3, sts=sts,
+              eps=eps: OPS.block_train(x, w, b, g, beta, sts, eps, w3, b3, g3, beta3,
+                                       1e-5)[0],
+              xt, w, bias, g, beta, w3, b3, g3, beta3)
+        P = 8 // (strides[0] * strides[1] * (strides[2] if len(strides) > 2 else 1))
+        cs, h = [], 8
+        for st, kout in zip(strides, widths):
+            h //= st
+            cs.append(fake(mode, N, kout, h, h))
         c3 = fake(mode, N, K, P, P) if bn3 else fake(mode, 0, cl=False)
         mask = fake(mode, (N * K * P * P + 7) // 8, dtype=torch.uint8)
-        stats = fake(mode, 7, K, dtype=torch.float32)  # rows: mean, var of c1, c2, c3; count
-        trace(label + " backward", lambda *a, stride=stride, b3=b3 is not None: tuple(
-            t for t in OPS.block_train_backward(*a, True, True, b3, stride, 0, 1e-5, 1e-5,
-                                                1e-5) if t is not None),
-            act, xt, act, act, c3, mask, stats, w1, g1, beta1, w2, g2, w3, g3)
+        # One [mean; var; count] per BN: the stages', then the shortcut's.
+        stats = [fake(mode, 3, kout, dtype=torch.float32)
+                 for kout in widths + ([K] if bn3 else [])]
+        trace(label + " backward", lambda *a, sts=sts, eps=eps, n=len(ks),
+              b3=b3 is not None: tuple(
+                  t for t in OPS.block_train_backward(*a, [True] * n, b3, sts, eps, 1e-5)
+                  if t is not None),
+              fake(mode, N, K, P, P), xt, cs, c3, mask, stats, w, g, beta, w3, g3)
 
     # The BN ops of the unfused training path, the mutating bn_finalize included.
     c = fake(mode, 2, 16, 8, 8)

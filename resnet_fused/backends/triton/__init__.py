@@ -3,9 +3,9 @@
 Eval: one kernel per stage (eval_ops.py): relu(conv(y, W') + b') for every stage but
 the last, then relu(conv(y, W') + b' + shortcut) with a projection shortcut as a
 second GEMM into the same accumulator (two kernels for a basic block, three for a
-bottleneck). Training: basic blocks through train.py (the fused training path, one
-op block_train); a bottleneck, and a synchronized block whose BNs are not all
-synchronized over one process group, go the composite way
+bottleneck). Training: train.py (the fused training path, one op
+block_train for any chain of stages, basic or bottleneck); a synchronized block whose
+BNs are not all synchronized over one process group goes the composite way
 (CompositeBackend.forward_train: ATen convolutions around this backend's BN ops of
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
 `auto` routes such blocks to native or torch.
@@ -17,14 +17,12 @@ interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
-from ...spec import BOTTLENECK
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
@@ -32,7 +30,7 @@ from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
 from . import launcher
 # train defines block_train; imported here, never while tracing.
-from .train import block_group, train_block
+from .train import block_group, train_block, train_unsupported_reason
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
@@ -90,26 +88,13 @@ class TritonBackend(CompositeBackend):
     # forward_eval: CompositeBackend's stage walk over this namespace's eval ops.
 
     def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
-        if parts.kind == BOTTLENECK:
-            # ATen convolutions around this backend's BN ops until the fused training
-            # op takes a chain of stages.
-            return super().forward_train(parts, x, groups)
-        view = _basic_view(parts)
-        group = block_group(groups, view)
-        if group is None:
+        group = block_group(groups, parts)
+        if group is None or train_unsupported_reason(parts) is not None:
             # BNs synchronized over different groups (or some local): one collective
-            # per BN, which the fused block does not do; the composite path does.
+            # per BN, which the fused block does not do; the composite path does. A
+            # chain the training kernels lack (not 1x1/3x3 'same'): the same.
             return super().forward_train(parts, x, groups)
-        return train_block(view, x, group)
-
-
-def _basic_view(parts) -> SimpleNamespace:
-    """A basic block's parts under the names train.train_block reads (conv1, bn1,
-    conv2, bn2, conv3 = the projection conv, bn3 = its BN)."""
-    (s1, s2), sc = parts.stages, parts.shortcut
-    return SimpleNamespace(conv1=s1.conv, bn1=s1.bn, conv2=s2.conv, bn2=s2.bn,
-                           conv3=None if sc is None else sc.conv,
-                           bn3=None if sc is None else sc.bn)
+        return train_block(parts, x, group)
 
 
 __all__ = ["TritonBackend"]

@@ -1,5 +1,7 @@
 """Training forward + backward of the whole residual block on the fused Triton path
-(README.md, Design, "Data flow": training).
+(README.md, Design, "Data flow": training), for any chain of stages: the basic block
+(3x3, 3x3) and the bottleneck (1x1, 3x3, 1x1; the stride on the 3x3 (v1.5) or on the
+first 1x1 (v1)) are the same op.
 
 The differentiable unit is ONE functional op, `resnet_fused_triton::block_train`, with
 registered autograd whose backward is `resnet_fused_triton::block_train_backward`.
@@ -7,67 +9,87 @@ torch.library forbids register_autograd on ops that mutate their inputs, so the 
 statistics are updated AFTER the unit, by the mutating `bn_finalize` op fed with the
 batch statistics the unit returns (its invstd/scale/shift outputs are unused).
 
-Both ops' schemas are in resnet_fused/schemas.py, their fakes and block_train's
-autograd in the op layer (resnet_fused/ops.py), and they are defined here with
-ops.define_op. The op boundary is flat tensors; on the Python side their arguments
-and results are ops.py's named tuples (BlockTrainArgs, BlockTrainOut,
-BlockTrainBackwardArgs, BlockTrainGrads), whose fields are the schema's names.
+Both ops' schemas are in resnet_fused/schemas.py (per-stage arguments are lists), their
+fakes and block_train's autograd in the op layer (resnet_fused/ops.py). On the Python
+side their arguments and results are ops.py's named tuples (BlockTrainArgs,
+BlockTrainOut, BlockTrainBackwardArgs, BlockTrainGrads), whose fields are the schema's
+names.
 
-Forward (5 kernels + 3 tiny ones; BN'd projection +2, D2L projection +0):
-  c1, (m1, v1) = conv(x, w1) + b1        stats in the conv epilogue (conv.py)
-  finalize1 -> scale1, shift1            tiny, no running-stat update
-  c2, (m2, v2) = conv(relu(scale1*c1 + shift1), w2) + b2
-                                         bn1 + ReLU in conv2's input prologue, padding
-                                         zero after the transform; stats epilogue
-  finalize2 -> scale2, shift2            tiny
-  identity:   out, mask = relu(bn2(c2) + x)              one elementwise pass, 1-bit mask
-  BN'd proj:  c3, (m3, v3) = conv(x, w3) + b3; finalize3;
-              out, mask = relu(bn2(c2) + bn3(c3))        one elementwise pass
-  D2L proj:   out, mask = relu(conv(x, w3) + b3 + scale2*c2 + shift2)
-                                         the final pass IS the projection GEMM's
-                                         epilogue (BN-transformed residual + ReLU +
-                                         mask): the shortcut is never written
+Forward, S stages (conv.py, bn.py):
+  c_0, (m_0, v_0) = conv(x, w_0) + b_0             stats in the conv epilogue
+  finalize_0 -> scale_0, shift_0                   tiny, no running-stat update
+  c_i, (m_i, v_i) = conv(relu(scale_{i-1}*c_{i-1} + shift_{i-1}), w_i) + b_i
+                                                   BN_{i-1} + ReLU in the input prologue,
+                                                   padding zero after the transform
+  finalize_i                                       tiny
+  the join, last = S-1:
+  identity:   out, mask = relu(bn_last(c_last) + x)          one elementwise pass, 1-bit mask
+  BN'd proj:  c_sc, (m, v) = conv(x, w_sc) + b_sc; finalize;
+              out, mask = relu(bn_last(c_last) + bn_sc(c_sc)) one elementwise pass
+  D2L proj:   out, mask = relu(conv(x, w_sc) + b_sc + scale_last*c_last + shift_last)
+                                                   the final pass IS the projection GEMM's
+                                                   epilogue: the shortcut is never written
 
 Backward (block_train_backward; conv_bwd.py, bn.py):
-  BN2 reductions  sum(g), sum(g*xhat2), g = grad_out*mask       one read of grad_out, c2
-                  [+ BN3's sum(g*xhat3) on c3 in the same pass]
-  dZ1 = dgrad(G2, w2) * [y1 > 0]         G2 = bn2-backward-apply(g, c2) built in the
-                                         prologue; dReLU recomputed from c1; BN1
-                                         reductions in the epilogue
-  dW2 = wgrad(G2, y1)                    both operands rebuilt in the prologue
-  [dW3 = wgrad(G3, x)]                   G3 = g or bn3-backward-apply(g, c3)
-  dW1 = wgrad(G1, x)                     G1 = bn1-backward-apply(dZ1, c1) in the prologue
-  dX  = dgrad(G1, w1) + g | + dgrad(G3, w3)
-                                         identity: g = grad_out*mask added in the
-                                         epilogue; projection: a second GEMM into the
-                                         same accumulator (never written out)
+  BN_last reductions  sum(g), sum(g*xhat), g = grad_out*mask   one read of grad_out, c_last
+                      [+ the shortcut BN's sum(g*xhat) on c_sc in the same pass]
+  for i = S-1 .. 1:
+    dZ_{i-1} = dgrad(G_i, w_i) * [y_{i-1} > 0]    G_i = BN_i-backward-apply built in the
+                                                   loader, never materialised; dReLU
+                                                   recomputed from c_{i-1}; BN_{i-1}
+                                                   reductions in the epilogue
+    dW_i = wgrad(G_i, y_{i-1})                     both operands rebuilt in the loaders
+  [dW_sc = wgrad(G_sc, x)]                         G_sc = g or the shortcut BN's apply
+  dW_0 = wgrad(G_0, x)
+  dX   = dgrad(G_0, w_0) + g | + dgrad(G_sc, w_sc)
+      identity: g = grad_out*mask added in the epilogue; projection with stage 0 of the
+      output's shape and stride (basic block): a second GEMM into the same accumulator;
+      otherwise (bottleneck: stage 0 has the inner width) dgrad(G_sc, w_sc) is written
+      once and added in dgrad(G_0, w_0)'s epilogue.
+
+Kernels (GEMMs; each also has one or two tiny per-channel launches):
+  basic block       forward 2 GEMMs + 1 elementwise pass (identity, BN'd projection
+                    +1 GEMM) or 3 GEMMs (D2L projection); backward 1 reduction pass +
+                    4 GEMMs (projection +1 wgrad; the dgrad is fused)
+  bottleneck        forward 3 GEMMs + 1 elementwise pass (projection +1 GEMM); backward
+                    1 reduction pass + 6 GEMMs (projection +2: its wgrad and dgrad)
+Passes over activation-sized memory, per stage: forward one read of its input (BN+ReLU
+applied on load) and one write of c_i, statistics from the epilogue; eager adds a
+statistics read and a read+write for BN+ReLU per stage, and a read+write for the add.
+Backward per stage: the dgrad and the wgrad each read G_i's operands (g or dZ, and c_i)
+and c_{i-1}; the dgrad writes dZ_{i-1} once. Eager also writes and re-reads every BN's
+input gradient and runs its two reduction/apply passes. The bottleneck projection's
+extra dX write+read is the accumulation eager does anyway. No path makes more passes.
 
 Synchronized BN (nn.SyncBatchNorm children, resnet_fused/distributed.py; `group` names
 the process group, "" for none): each conv's epilogue statistics are combined across
 the group (one all-reduce per BN) before the finalize that the next kernel's prologue
-or the final pass reads; in backward the BN2 (+BN3) reductions are all-reduced (one
-collective) before their coefficients feed conv2's dgrad, and the BN1 reductions of
-that dgrad's epilogue (one more) before conv1's wgrad/dgrad prologues. The op takes one
-group for the whole block: a block whose BNs are synchronized over different groups
-(or only some of them) is not taken (block_group returns None), and the backend runs
-it the composite way (backends/triton/__init__.py).
+or the final pass reads; in backward the BN_last (+ shortcut BN) reductions are
+all-reduced (one collective) before their coefficients feed the last stage's dgrad,
+and each stage's BN reductions from a dgrad epilogue (one more per stage) before the
+next loaders read them. The op takes one group for the whole block: a block whose BNs
+are synchronized over different groups (or only some of them) is not taken
+(block_group returns None), and the backend runs it the composite way.
 
-Saved for backward: x, c1, c2 (c3 only for a BN'd projection), the 1-bit mask and a
-[7, C] fp32 tensor of batch means/variances and the (global) count. Nothing of y1,
-bn2(c2), the shortcut or out is kept. Backward temporaries: dZ1 (c1-sized) plus fp32
+Saved for backward: x, every c_i (c_sc only with a shortcut BN), the 1-bit mask and the
+per-BN [3, C] fp32 statistics. Nothing of y_i, bn(c_last), the shortcut or out is kept.
+Backward temporaries: one dZ per stage (c-sized, freed as the chain goes down) plus fp32
 weight-gradient buffers.
 
+Covered: 1x1 and 3x3 kernels with 'same' padding, any stride, groups 1 and dilation 1
+(train_unsupported_reason says what else is not, so the backend can decline).
 No host synchronisation anywhere: every data-dependent value stays on the device.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from ... import distributed
-from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, conv_out_hw, like_format,
+from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, like_format,
                     momentum_arg)
+from ...spec import Parts
 from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
 from .conv import Epilogue, Prologue, ResidualAdd, conv2d_nhwc
 from .conv_bwd import (GradOperand, GradResidual, ReluBnEpilogue, SecondDgrad, conv_dgrad,
@@ -76,61 +98,111 @@ from .launcher import NS, define_triton_op
 
 _CL = torch.channels_last
 _OPS = getattr(torch.ops, NS)
+_KERNELS = (1, 3)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+class _Bn(NamedTuple):
+    """One BN's batch statistics and the coefficients derived from them."""
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    count: Union[int, torch.Tensor]   # values per channel; the group's (device) when synced
+
+
+def _pad(w: torch.Tensor) -> int:
+    return w.shape[-1] // 2          # 'same' padding of a 1x1 or 3x3 kernel
+
+
+def _sc_stride(stride) -> int:
+    """The shortcut's stride: the product of the stages' (it maps x to the output)."""
+    s = 1
+    for t in stride:
+        s *= t
+    return s
+
+
+def _check_lists(w, b, g, beta, stride, eps) -> None:
+    n = len(w)
+    if n < 1 or any(len(t) != n for t in (b, g, beta, stride, eps)):
+        raise ValueError(f"block_train: w, b, g, beta, stride and eps need one entry per "
+                         f"stage, got lengths {[len(t) for t in (w, b, g, beta, stride, eps)]}")
+    if len({t is None for t in b}) != 1:
+        # Autograd tracks a list argument only when it holds tensors only.
+        raise ValueError("block_train: b must be all tensors or all None (pass zeros for a "
+                         "stage without a bias)")
+
+
 # =========================================================================== forward
-def _block_train(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                 g1: torch.Tensor, beta1: torch.Tensor,
-                 w2: torch.Tensor, b2: Optional[torch.Tensor],
-                 g2: torch.Tensor, beta2: torch.Tensor,
-                 w3: Optional[torch.Tensor], b3: Optional[torch.Tensor],
-                 g3: Optional[torch.Tensor], beta3: Optional[torch.Tensor],
-                 stride: int, pad3: int, eps1: float, eps2: float, eps3: float,
-                 group: str = ""
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor, torch.Tensor]:
-    """block_train (schemas.py): BlockTrainOut(out, c1, c2, c3, mask, stats) as a tuple."""
-    P, Q = conv_out_hw(x.shape[2], x.shape[3], 3, 3, stride, 1)
-    count = n = x.shape[0] * P * Q  # values per channel of each BN: this rank's, the group's
-    c1, _, m1, v1 = conv2d_nhwc(x, w1, stride, 1, epilogue=Epilogue(b1), stats=True)
+def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group):
+    """c = conv(prev (prologue applied on load), w) + b with its BN's statistics from the
+    epilogue (combined over the group) and the finalized coefficients."""
+    c, _, m, v = conv2d_nhwc(prev, w, stride, _pad(w), prologue=prologue,
+                             epilogue=Epilogue(b), stats=True)
+    n = c.shape[0] * c.shape[2] * c.shape[3]
     if group:
-        m1, v1, n = distributed.combine_stats(m1, v1, count, group)
-    _, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
-    c2, _, m2, v2 = conv2d_nhwc(c1, w2, 1, 1, prologue=Prologue(sc1, sh1, relu=True),
-                                epilogue=Epilogue(b2), stats=True)
-    if group:
-        m2, v2, _ = distributed.combine_stats(m2, v2, count, group)
-    inv2, sc2, sh2 = finalize_impl(m2, v2, g2, beta2, eps2)
-    m3 = v3 = torch.zeros_like(m2)
-    c3 = _empty(x)
-    if w3 is None:
-        out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=x)
-    elif g3 is None and c2.shape[1] % 8 == 0:
+        m, v, n = distributed.combine_stats(m, v, n, group)
+    inv, sc, sh = finalize_impl(m, v, gamma, beta, eps)
+    return c, _Bn(m, v, inv, sc, sh, n)
+
+
+def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, group):
+    """out, mask = relu(bn_last(c) + shortcut) in one pass; also c_sc and the shortcut
+    BN's statistics (None without one)."""
+    if w_sc is None:
+        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=x)
+        return out, mask, _empty(x), None
+    if g_sc is None and c.shape[1] % 8 == 0:
         # D2L projection (no BN): the final pass is the projection GEMM's epilogue,
-        # relu(conv(x, w3) + b3 + scale2*c2 + shift2) with the mask, so the shortcut is
+        # relu(conv(x, w_sc) + b_sc + scale*c + shift) with the mask, so the shortcut is
         # never written out and re-read.
-        out, mask, _, _ = conv2d_nhwc(x, w3, stride, pad3,
-                                      residual=ResidualAdd(c2, sc2, sh2),
-                                      epilogue=Epilogue(b3, relu=True, mask=True))
-    elif g3 is None:
+        out, mask, _, _ = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc),
+                                      residual=ResidualAdd(c, bn.scale, bn.shift),
+                                      epilogue=Epilogue(b_sc, relu=True, mask=True))
+        return out, mask, _empty(x), None
+    if g_sc is None:
         # Channel counts that are not a multiple of 8 would split a mask byte across
         # two tiles: the shortcut goes through memory and the elementwise pass.
-        sc = conv2d_nhwc(x, w3, stride, pad3, epilogue=Epilogue(b3)).out
-        out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=sc)
-    else:
-        c3, _, m3, v3 = conv2d_nhwc(x, w3, stride, pad3, epilogue=Epilogue(b3), stats=True)
-        if group:
-            m3, v3, _ = distributed.combine_stats(m3, v3, count, group)
-        inv3, _, _ = finalize_impl(m3, v3, g3, beta3, eps3)
-        out, mask = bn_act_impl(c2, m2, inv2, g2, beta2, residual=c3,
-                                res_bn=(m3, inv3, g3, beta3))
-    n_row = torch.full_like(m1, n) if not group else n.to(m1.dtype).expand_as(m1)
-    stats = torch.stack([m1, v1, m2, v2, m3, v3, n_row])
-    return tuple(BlockTrainOut(out=out, c1=c1, c2=c2, c3=c3, mask=mask, stats=stats))
+        sc = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), epilogue=Epilogue(b_sc)).out
+        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=sc)
+        return out, mask, _empty(x), None
+    c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group)
+    out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=c_sc,
+                            res_bn=(st.mean, st.invstd, g_sc, beta_sc))
+    return out, mask, c_sc, st
+
+
+def _stat_rows(st: _Bn) -> torch.Tensor:
+    """[mean; var; count] ([3, C] fp32), block_train's per-BN statistics."""
+    n = (torch.full_like(st.mean, st.count) if not isinstance(st.count, torch.Tensor)
+         else st.count.to(st.mean.dtype).expand_as(st.mean))
+    return torch.stack([st.mean, st.var, n])
+
+
+def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.Tensor]],
+                 g: list[torch.Tensor], beta: list[torch.Tensor], stride: list[int],
+                 eps: list[float], w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
+                 g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
+                 eps_sc: float, group: str = ""
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
+                            list[torch.Tensor]]:
+    """block_train (schemas.py): BlockTrainOut(out, c, c_sc, mask, stats) as a tuple."""
+    _check_lists(w, b, g, beta, stride, eps)
+    cs, bns, prev, prologue = [], [], x, None
+    for i in range(len(w)):
+        c, st = _stage(prev, w[i], b[i], stride[i], prologue, g[i], beta[i], eps[i], group)
+        cs.append(c)
+        bns.append(st)
+        prev, prologue = c, Prologue(st.scale, st.shift, relu=True)
+    out, mask, c_sc, st_sc = _join(x, cs[-1], bns[-1], g[-1], beta[-1], w_sc, b_sc, g_sc,
+                                   beta_sc, _sc_stride(stride), eps_sc, group)
+    stats = [_stat_rows(st) for st in bns + ([st_sc] if st_sc is not None else [])]
+    return tuple(BlockTrainOut(out=out, c=cs, c_sc=c_sc, mask=mask, stats=stats))
 
 
 # =========================================================================== backward
@@ -141,71 +213,93 @@ def _global_coef(a, mean, invstd, sum_g, sum_gx, count):
     return torch.stack([a, -a * invstd * sum_gx / count, -a * sum_g / count, mean])
 
 
-def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Tensor,
-                          c2: torch.Tensor, c3: torch.Tensor, mask: torch.Tensor,
-                          stats: torch.Tensor,
-                          w1: torch.Tensor, g1: torch.Tensor, beta1: torch.Tensor,
-                          w2: torch.Tensor, g2: torch.Tensor,
-                          w3: Optional[torch.Tensor], g3: Optional[torch.Tensor],
-                          has_b1: bool, has_b2: bool, has_b3: bool,
-                          stride: int, pad3: int, eps1: float, eps2: float, eps3: float,
-                          group: str = ""
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor]:
-    """block_train_backward (schemas.py): BlockTrainGrads (dx, dw1, ..., dbeta3) as a
-    tuple; the gradients of absent parameters are empty [0] tensors."""
-    N, _, H, W = x.shape
-    _, K, P, Q = c2.shape
-    M = N * P * Q
-    m1, v1, m2, v2, m3, v3, n = stats.unbind(0)
-    n = n[0]  # the values per channel (the group's, when synchronized)
-    inv1, sc1, sh1 = finalize_impl(m1, v1, g1, beta1, eps1)
-    inv2, _, _ = finalize_impl(m2, v2, g2, g2, eps2)
-    ss1 = torch.stack([sc1, sh1])
+def _saved_bn(stats: torch.Tensor, c: torch.Tensor, gamma, beta, eps, group) -> _Bn:
+    """A BN's _Bn from block_train's [mean; var; count] rows of its input c."""
+    m, v, n = stats.unbind(0)
+    inv, sc, sh = finalize_impl(m, v, gamma, beta, eps)
+    count = n[0] if group else c.shape[0] * c.shape[2] * c.shape[3]
+    return _Bn(m, v, inv, sc, sh, count)
 
-    # BN2 backward reductions -> G2 = a*g + b*(c2 - m2) + d, never materialised. A BN'd
-    # projection's bn3 sees the same g: its reductions ride in the same pass.
-    bn3 = w3 is not None and g3 is not None
-    if bn3:
-        inv3, _, _ = finalize_impl(m3, v3, g3, g3, eps3)
-        (coef2, dg2, dbeta2), (coef3, dg3, dbeta3) = bn_backward_coef(
-            grad_out, mask, c2, m2, inv2, g2, second=(c3, m3, inv3, g3))
+
+def _last_bn_grads(grad_out, mask, c, bn: _Bn, gamma, c_sc, bn_sc, g_sc, group):
+    """(coef, dg, dbeta) of the last BN and of the shortcut BN (Nones without one): their
+    reductions in one pass over grad_out and the mask, one all-reduce when synced."""
+    if g_sc is not None:
+        last, sc = bn_backward_coef(grad_out, mask, c, bn.mean, bn.invstd, gamma,
+                                    second=(c_sc, bn_sc.mean, bn_sc.invstd, g_sc))
     else:
-        coef2, dg2, dbeta2 = bn_backward_coef(grad_out, mask, c2, m2, inv2, g2)
+        last, sc = bn_backward_coef(grad_out, mask, c, bn.mean, bn.invstd, gamma), None
     if group:
-        # One all-reduce for BN2's and BN3's sums; dg/dbeta stay local (DDP reduces them).
-        local = [dbeta2, dg2] + ([dbeta3, dg3] if bn3 else [])
+        # One all-reduce for both BNs' sums; dg/dbeta stay local (DDP reduces them).
+        local = [last[2], last[1]] + ([sc[2], sc[1]] if sc is not None else [])
         total = distributed.all_reduce_sum(torch.stack(local), group)
-        coef2 = _global_coef(coef2[0], m2, inv2, total[0], total[1], n)
-        if bn3:
-            coef3 = _global_coef(coef3[0], m3, inv3, total[2], total[3], n)
-    G2 = GradOperand(grad_out, mask=mask, c=c2, coef=coef2)
-    dz1, red1 = conv_dgrad(G2, w2, (P, Q), 1, 1,
-                           relu_bn=ReluBnEpilogue(c1, ss1, torch.stack([m1, inv1])))
-    dw2, db2 = conv_wgrad(G2, c1, w2.shape, 1, 1, x_bnrelu=ss1, need_db=has_b2)
+        last = (_global_coef(last[0][0], bn.mean, bn.invstd, total[0], total[1], bn.count),
+                ) + tuple(last[1:])
+        if sc is not None:
+            sc = (_global_coef(sc[0][0], bn_sc.mean, bn_sc.invstd, total[2], total[3],
+                               bn_sc.count),) + tuple(sc[1:])
+    return last, (sc if sc is not None else (None, None, None))
+
+
+def _stage_grads(G, w, stride, has_b, c_prev, bn: _Bn, gamma, group):
+    """Down one stage: from G (the gradient operand of conv(y_prev, w)'s output), dw, db,
+    and the previous BN's dg, dbeta and gradient operand (y_prev = relu(bn(c_prev)))."""
+    ss = torch.stack([bn.scale, bn.shift])
+    dz, red = conv_dgrad(G, w, tuple(c_prev.shape[2:]), stride, _pad(w),
+                         relu_bn=ReluBnEpilogue(c_prev, ss, torch.stack([bn.mean, bn.invstd])))
+    dw, db = conv_wgrad(G, c_prev, w.shape, stride, _pad(w), x_bnrelu=ss, need_db=has_b)
     if group:
-        total1 = distributed.all_reduce_sum(red1, group)
-        coef1 = _global_coef(g1.to(torch.float32) * inv1, m1, inv1, total1[0], total1[1], n)
-        dg1, dbeta1 = red1[1].clone(), red1[0].clone()  # outputs may not alias
+        total = distributed.all_reduce_sum(red, group)
+        coef = _global_coef(gamma.to(torch.float32) * bn.invstd, bn.mean, bn.invstd,
+                            total[0], total[1], bn.count)
+        dg, dbeta = red[1].clone(), red[0].clone()  # outputs may not alias
     else:
-        coef1, dg1, dbeta1 = bn_coef(red1, m1, inv1, g1, M)
+        coef, dg, dbeta = bn_coef(red, bn.mean, bn.invstd, gamma, bn.count)
+    return GradOperand(dz, c=c_prev, coef=coef), dw, db, dg, dbeta
 
-    if g3 is None:
-        dg3 = dbeta3 = None
-    dw3 = db3 = res = sec = None
-    if w3 is None:
-        res = GradResidual(grad_out, mask)                  # identity: g = grad_out*mask
-    else:
-        G3 = GradOperand(grad_out, mask) if g3 is None else GradOperand(grad_out, mask, c3, coef3)
-        dw3, db3 = conv_wgrad(G3, x, w3.shape, stride, pad3, need_db=has_b3)
-        # The shortcut's data gradient: a second GEMM into conv1's dgrad accumulator.
-        sec = SecondDgrad(G3, w3, pad3)
 
-    G1 = GradOperand(dz1, c=c1, coef=coef1)
-    dw1, db1 = conv_wgrad(G1, x, w1.shape, stride, 1, need_db=has_b1)
-    dx = conv_dgrad(G1, w1, (H, W), stride, 1, residual=res, second=sec).dx
+def _shortcut_grads(G0, grad_out, mask, x, w_sc, c_sc, coef_sc, s_sc, has_b_sc):
+    """dw_sc, db_sc and how dx gets the shortcut's gradient: (residual, second)."""
+    if w_sc is None:
+        return None, None, GradResidual(grad_out, mask), None  # identity: g = grad_out*mask
+    G = GradOperand(grad_out, mask) if coef_sc is None else GradOperand(grad_out, mask, c_sc,
+                                                                        coef_sc)
+    dw, db = conv_wgrad(G, x, w_sc.shape, s_sc, _pad(w_sc), need_db=has_b_sc)
+    if G.g.shape == G0.g.shape:
+        # Same output as stage 0 (basic block): a second GEMM into conv 0's accumulator.
+        return dw, db, None, SecondDgrad(G, w_sc, _pad(w_sc))
+    dx_sc = conv_dgrad(G, w_sc, tuple(x.shape[2:]), s_sc, _pad(w_sc)).dx
+    return dw, db, GradResidual(dx_sc), None
+
+
+def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch.Tensor],
+                          c_sc: torch.Tensor, mask: torch.Tensor, stats: list[torch.Tensor],
+                          w: list[torch.Tensor], g: list[torch.Tensor],
+                          beta: list[torch.Tensor], w_sc: Optional[torch.Tensor],
+                          g_sc: Optional[torch.Tensor], has_b: list[bool], has_b_sc: bool,
+                          stride: list[int], eps: list[float], eps_sc: float, group: str = ""
+                          ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                     list[torch.Tensor], list[torch.Tensor], torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    """block_train_backward (schemas.py): BlockTrainGrads as a tuple; the gradients of
+    absent parameters are empty [0] tensors."""
+    S = len(w)
+    bns = [_saved_bn(stats[i], c[i], g[i], beta[i], eps[i], group) for i in range(S)]
+    has_bn_sc = w_sc is not None and g_sc is not None
+    bn_sc = _saved_bn(stats[S], c_sc, g_sc, g_sc, eps_sc, group) if has_bn_sc else None
+    (coef, dg_l, dbeta_l), (coef_sc, dg_sc, dbeta_sc) = _last_bn_grads(
+        grad_out, mask, c[-1], bns[-1], g[-1], c_sc, bn_sc, g_sc if has_bn_sc else None, group)
+    G = GradOperand(grad_out, mask=mask, c=c[-1], coef=coef)
+    dw, db, dg, dbeta = [None] * S, [None] * S, [None] * S, [None] * S
+    dg[-1], dbeta[-1] = dg_l, dbeta_l
+    for i in range(S - 1, 0, -1):
+        G, dw[i], db[i], dg[i - 1], dbeta[i - 1] = _stage_grads(
+            G, w[i], stride[i], has_b[i], c[i - 1], bns[i - 1], g[i - 1], group)
+    dw_sc, db_sc, res, sec = _shortcut_grads(G, grad_out, mask, x, w_sc, c_sc, coef_sc,
+                                             _sc_stride(stride), has_b_sc)
+    dw[0], db[0] = conv_wgrad(G, x, w[0].shape, stride[0], _pad(w[0]), need_db=has_b[0])
+    dx = conv_dgrad(G, w[0], tuple(x.shape[2:]), stride[0], _pad(w[0]), residual=res,
+                    second=sec).dx
 
     def wt(t, like):       # weight-shaped gradient in the parameter's dtype and layout
         return _empty(x) if t is None else t.to(like.dtype).contiguous()
@@ -214,9 +308,10 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c1: torch.Ten
         return _empty(x) if t is None or like is None else t.to(like.dtype)
 
     return tuple(BlockTrainGrads(
-        dx=dx, dw1=wt(dw1, w1), db1=vec(db1, w1), dg1=vec(dg1, g1), dbeta1=vec(dbeta1, beta1),
-        dw2=wt(dw2, w2), db2=vec(db2, w2), dg2=vec(dg2, g2), dbeta2=vec(dbeta2, g2),
-        dw3=wt(dw3, w3), db3=vec(db3, w3), dg3=vec(dg3, g3), dbeta3=vec(dbeta3, g3)))
+        dx=dx, dw=[wt(t, wi) for t, wi in zip(dw, w)], db=[vec(t, wi) for t, wi in zip(db, w)],
+        dg=[vec(t, gi) for t, gi in zip(dg, g)], dbeta=[vec(t, bi) for t, bi in zip(dbeta, beta)],
+        dw_sc=wt(dw_sc, w_sc), db_sc=vec(db_sc, w_sc), dg_sc=vec(dg_sc, g_sc),
+        dbeta_sc=vec(dbeta_sc, g_sc)))
 
 
 # The op layer (resnet_fused/ops.py) holds their fakes and block_train's autograd
@@ -226,100 +321,140 @@ define_triton_op("block_train_backward", _block_train_backward)
 
 
 # =========================================================================== entry
-def _check_conv(conv, name, kernel_sizes, stride, in_ch, out_ch):
-    k = conv.kernel_size[0]
-    if (conv.kernel_size[0] != conv.kernel_size[1] or k not in kernel_sizes
-            or tuple(conv.stride) != (stride, stride) or tuple(conv.padding) != (k // 2, k // 2)
-            or tuple(conv.dilation) != (1, 1) or conv.groups != 1):
-        raise ValueError(
-            f"triton train_block: {name} must be a {' or '.join(f'{s}x{s}' for s in kernel_sizes)}"
-            f" convolution with stride {stride}, 'same' padding, no dilation or groups; got "
-            f"kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, padding "
-            f"{tuple(conv.padding)}, dilation {tuple(conv.dilation)}, groups {conv.groups}")
-    if conv.in_channels != in_ch or conv.out_channels != out_ch:
-        raise ValueError(f"triton train_block: {name} maps {conv.in_channels}->"
-                         f"{conv.out_channels} channels, expected {in_ch}->{out_ch}")
+def _named_convs(parts: Parts):
+    """(name for messages, StageParts) of every conv of the block, main path first."""
+    out = [(f"stage {i} conv", st) for i, st in enumerate(parts.stages)]
+    return out + ([("shortcut conv", parts.shortcut)] if parts.shortcut is not None else [])
 
 
-def _update_running(bn, mean, var, count) -> None:
+def train_unsupported_reason(parts: Parts) -> Optional[str]:
+    """Why block_train cannot compute the block (None when it can): its kernels are
+    dense 1x1 / 3x3 convolutions with 'same' padding; the backend declines the rest
+    (grouped or dilated convolutions: ResNeXt, dilated backbones) so auto routes on."""
+    for name, st in _named_convs(parts):
+        conv = st.conv
+        k = tuple(conv.kernel_size)
+        if conv.groups != 1:
+            return f"the triton training kernels have no grouped convolution ({name}: groups={conv.groups})"
+        if tuple(conv.dilation) != (1, 1):
+            return (f"the triton training kernels have no dilated convolution ({name}: "
+                    f"dilation={tuple(conv.dilation)})")
+        if k[0] != k[1] or k[0] not in _KERNELS:
+            return f"the triton training kernels are 1x1 or 3x3 ({name}: kernel {k})"
+        if tuple(conv.padding) != (k[0] // 2, k[0] // 2) or conv.padding_mode != "zeros":
+            return (f"the triton training kernels take 'same' zero padding ({name}: padding "
+                    f"{tuple(conv.padding)}, {conv.padding_mode!r})")
+        if conv.stride[0] != conv.stride[1]:
+            return f"the triton training kernels take one stride for both axes ({name}: {tuple(conv.stride)})"
+    return None
+
+
+def _check_chain(parts: Parts, cin: int) -> None:
+    """The main path is a chain conv -> BN -> ReLU (no ReLU after the last) whose
+    channels line up; every BN has its conv's channels."""
+    last = len(parts.stages) - 1
+    for i, st in enumerate(parts.stages):
+        if st.conv.in_channels != cin:
+            raise ValueError(f"triton train_block: stage {i} conv takes {st.conv.in_channels} "
+                             f"channels, its input has {cin}")
+        cin = st.conv.out_channels
+        if st.bn is None or st.relu != (i < last):
+            raise ValueError(f"triton train_block: stage {i} must be conv -> BN"
+                             f"{' -> ReLU' if i < last else ' (no ReLU: the join adds it)'}")
+    for name, st in _named_convs(parts):
+        if st.bn is not None and st.bn.num_features != st.conv.out_channels:
+            raise ValueError(f"triton train_block: the BN after {name} has {st.bn.num_features}"
+                             f" features, the conv {st.conv.out_channels} channels")
+
+
+def _check_parts(parts: Parts, x: torch.Tensor) -> None:
+    """ValueError naming what block_train cannot compute for this block and input."""
+    reason = train_unsupported_reason(parts)
+    if reason is not None:
+        raise ValueError(f"triton train_block: {reason}")
+    N, cin, H, W = x.shape
+    _check_chain(parts, cin)
+    s = _sc_stride([st.conv.stride[0] for st in parts.stages])
+    kout = parts.stages[-1].conv.out_channels
+    sc = parts.shortcut
+    if sc is None and (s != 1 or cin != kout):
+        raise ValueError(f"triton train_block: an identity shortcut needs stride 1 and equal "
+                         f"channels, got stride {s} and {cin}->{kout} channels")
+    if sc is not None and (sc.conv.stride[0] != s or sc.conv.in_channels != cin
+                           or sc.conv.out_channels != kout or sc.relu):
+        raise ValueError(f"triton train_block: the shortcut conv must map {cin}->{kout} "
+                         f"channels with stride {s} (the stages' product) and no ReLU; got "
+                         f"{sc.conv.in_channels}->{sc.conv.out_channels}, stride "
+                         f"{tuple(sc.conv.stride)}")
+    h, w_ = H, W
+    for i, st in enumerate(parts.stages):
+        h, w_ = (h - 1) // st.conv.stride[0] + 1, (w_ - 1) // st.conv.stride[0] + 1
+        if N * h * w_ <= 1:
+            raise ValueError(f"triton train_block: batch statistics need more than one value "
+                             f"per channel, got N*P*Q = {N * h * w_} at stage {i} (input "
+                             f"{tuple(x.shape)})")
+
+
+def _update_running(bn, stats: torch.Tensor, count) -> None:
     """bn's running statistics from the batch statistics block_train returned."""
     if isinstance(count, torch.Tensor):  # the group's count, a device tensor
-        distributed.finalize_global(mean, var, count, bn)
+        distributed.finalize_global(stats[0], stats[1], count, bn)
         return
-    _OPS.bn_finalize(mean, var, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
-                     bn.running_var, bn.num_batches_tracked, momentum_arg(bn), float(bn.eps),
-                     count)
+    _OPS.bn_finalize(stats[0], stats[1], bn.weight.detach(), bn.bias.detach(),
+                     bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     momentum_arg(bn), float(bn.eps), count)
 
 
-def block_group(groups, block) -> Optional[str]:
+def block_group(groups, parts: Parts) -> Optional[str]:
     """The process group name block_train takes for a block whose BNs are synchronized
-    over `groups` (resnet_fused/distributed.py): "" for none, the one group's name when
-    every BN of the block is synchronized over the same group, None when it cannot take
-    the block (a mix of groups, or of local and synchronized BNs)."""
+    over `groups` (resnet_fused/distributed.py; one per BN of parts.bns(), in order): ""
+    for none, the one group's name when every BN of the block is synchronized over the
+    same group, None when it cannot take the block (a mix of groups, or of local and
+    synchronized BNs)."""
     if groups is None:
         return ""
-    bns = (block.bn1, block.bn2, getattr(block, "bn3", None))
-    mine = [g for g, bn in zip(groups, bns) if bn is not None]
+    mine = list(groups)[:len(parts.bns())]
     if any(g is None for g in mine) or len({g.group_name for g in mine}) != 1:
         return None
     return mine[0].group_name
 
 
-def train_block(block, x: torch.Tensor, group: str = "") -> torch.Tensor:
-    """Training forward of the block (batch statistics), differentiable in x and every
-    parameter; updates the running statistics of bn1, bn2 (and bn3) as nn.BatchNorm2d.
-    x: NCHW or channels_last contiguous; the output has x's memory format.
-    group: the name of the process group every BN of the block is synchronized over
-    ("" for none; block_group)."""
-    conv1, conv2, conv3 = block.conv1, block.conv2, getattr(block, "conv3", None)
-    bn1, bn2, bn3 = block.bn1, block.bn2, getattr(block, "bn3", None)
-    N, Cin, H, W = x.shape
-    s = conv1.stride[0]
-    K = conv1.out_channels
-    _check_conv(conv1, "conv1", (3,), s, Cin, K)
-    _check_conv(conv2, "conv2", (3,), 1, K, K)
-    if conv3 is not None:
-        _check_conv(conv3, "conv3", (1, 3), s, Cin, K)
-    elif s != 1 or Cin != K:
-        raise ValueError(f"triton train_block: an identity shortcut needs stride 1 and equal "
-                         f"channels, got stride {s} and {Cin}->{K} channels")
-    if bn3 is not None and conv3 is None:
-        raise ValueError("triton train_block: bn3 without a projection conv3")
-    for name, bn in (("bn1", bn1), ("bn2", bn2), ("bn3", bn3)):
-        if bn is not None and bn.num_features != K:
-            raise ValueError(f"triton train_block: {name} has {bn.num_features} features, the "
-                             f"block {K} channels")
-    P, Q = conv_out_hw(H, W, 3, 3, s, 1)
-    if N * P * Q <= 1:
-        raise ValueError(f"triton train_block: batch statistics need more than one value per "
-                         f"channel, got N*P*Q = {N * P * Q} (input {tuple(x.shape)})")
-
+def _op_args(parts: Parts, x: torch.Tensor, group: str) -> BlockTrainArgs:
     dt = x.dtype
-    xc = x.contiguous(memory_format=_CL)
 
-    def cw(conv):   # conv weights/bias in the activation dtype (a no-op when they are)
-        return conv.weight.to(dt), (conv.bias.to(dt) if conv.bias is not None else None)
+    def cast(t):     # conv weights/bias in the activation dtype (a no-op when they are)
+        return None if t is None else t.to(dt)
 
-    w1, b1 = cw(conv1)
-    w2, b2 = cw(conv2)
-    w3 = b3 = g3 = beta3 = None
-    pad3 = 0
-    if conv3 is not None:
-        w3, b3 = cw(conv3)
-        pad3 = conv3.padding[0]
-        if bn3 is not None:
-            g3, beta3 = bn3.weight, bn3.bias
-    o = BlockTrainOut(*_OPS.block_train(*BlockTrainArgs(
-        x=xc, w1=w1, b1=b1, g1=bn1.weight, beta1=bn1.bias, w2=w2, b2=b2, g2=bn2.weight,
-        beta2=bn2.bias, w3=w3, b3=b3, g3=g3, beta3=beta3, stride=s, pad3=pad3,
-        eps1=float(bn1.eps), eps2=float(bn2.eps),
-        eps3=float(bn3.eps) if bn3 is not None else 1e-5, group=group)))
-    count = o.stats[6, 0] if group else N * P * Q
-    _update_running(bn1, o.stats[0], o.stats[1], count)
-    _update_running(bn2, o.stats[2], o.stats[3], count)
-    if bn3 is not None:
-        _update_running(bn3, o.stats[4], o.stats[5], count)
+    convs = [st.conv for st in parts.stages]
+    b = [cast(cv.bias) for cv in convs]
+    if len({t is None for t in b}) != 1:    # the op takes all biases or none
+        b = [t if t is not None else cv.weight.new_zeros(cv.out_channels, dtype=dt)
+             for t, cv in zip(b, convs)]
+    sc = parts.shortcut
+    sc_bn = sc.bn if sc is not None else None
+    return BlockTrainArgs(
+        x=x.contiguous(memory_format=_CL), w=[cast(cv.weight) for cv in convs], b=b,
+        g=[st.bn.weight for st in parts.stages], beta=[st.bn.bias for st in parts.stages],
+        stride=[cv.stride[0] for cv in convs], eps=[float(st.bn.eps) for st in parts.stages],
+        w_sc=cast(sc.conv.weight) if sc is not None else None,
+        b_sc=cast(sc.conv.bias) if sc is not None else None,
+        g_sc=sc_bn.weight if sc_bn is not None else None,
+        beta_sc=sc_bn.bias if sc_bn is not None else None,
+        eps_sc=float(sc_bn.eps) if sc_bn is not None else 1e-5, group=group)
+
+
+def train_block(parts: Parts, x: torch.Tensor, group: str = "") -> torch.Tensor:
+    """Training forward of the block `parts` (spec.Parts) with batch statistics,
+    differentiable in x and every parameter; updates the running statistics of every
+    BN as nn.BatchNorm2d. x: NCHW or channels_last contiguous; the output has x's memory
+    format. group: the name of the process group every BN of the block is synchronized
+    over ("" for none; block_group)."""
+    _check_parts(parts, x)
+    o = BlockTrainOut(*_OPS.block_train(*_op_args(parts, x, group)))
+    cs = list(o.c) + ([o.c_sc] if len(o.stats) > len(o.c) else [])
+    for bn, st, c in zip(parts.bns(), o.stats, cs):
+        _update_running(bn, st, st[2, 0] if group else c.shape[0] * c.shape[2] * c.shape[3])
     return like_format(o.out, x)
 
 
-__all__ = ["block_group", "train_block"]
+__all__ = ["block_group", "train_block", "train_unsupported_reason"]

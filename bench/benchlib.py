@@ -13,7 +13,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -25,7 +25,9 @@ from torch.nn import functional as F
 @dataclass(frozen=True)
 class BlockShape:
     """One residual block configuration: input channels, output channels, input
-    height = width, stride of conv1 (and of the projection), batch."""
+    height = width, the block's stride, batch; for a bottleneck also the width of its
+    3x3 (torchvision's `planes * base_width / 64 * groups`) and its groups. The stride
+    sits on conv1 of a basic block and on the 3x3 of a bottleneck (ResNet v1.5)."""
 
     name: str
     cin: int
@@ -33,23 +35,31 @@ class BlockShape:
     hw: int
     stride: int
     batch: int
+    kind: str = "basic"      # "basic" or "bottleneck"
+    width: int = 0           # bottleneck: channels of the 1x1 -> 3x3 -> 1x1 middle
+    groups: int = 1          # bottleneck: groups of the 3x3 (ResNeXt)
 
     @property
     def proj(self) -> bool:
-        # The D2L network uses a 1x1 projection exactly where shape or channels change.
+        # Both networks project exactly where shape or channels change.
         return self.cin != self.cout or self.stride != 1
 
     @property
     def hw_out(self) -> int:
+        # 3x3 / padding 1 and 1x1 / padding 0 give the same size at one stride.
         return (self.hw + 2 - 3) // self.stride + 1
 
     @property
     def key(self) -> str:
-        """The shape key make_preference.py writes: cin-cout-h-w-stride (input H, W)."""
-        return f"{self.cin}-{self.cout}-{self.hw}-{self.hw}-{self.stride}"
+        """The shape key make_preference.py writes: cin-cout-h-w-stride (input H, W),
+        prefixed with the bottleneck's width and groups for a bottleneck."""
+        base = f"{self.cin}-{self.cout}-{self.hw}-{self.hw}-{self.stride}"
+        if self.kind == "bottleneck":
+            return f"bottleneck-{self.width}x{self.groups}-{base}"
+        return base
 
     def with_batch(self, n: int) -> "BlockShape":
-        return BlockShape(self.name, self.cin, self.cout, self.hw, self.stride, n)
+        return replace(self, batch=n)
 
 
 # The five ResNet-18 stage shapes at a 224x224 input (the anchors' shapes).
@@ -85,53 +95,102 @@ CPU_NUMERICS = [BlockShape("s3_128x28", 16, 16, 10, 1, 4),
 CPU_NUMERICS_TRITON = [BlockShape("s3_128x28", 8, 8, 6, 1, 2),
                        BlockShape("s3_down_64to128", 8, 16, 6, 2, 2)]
 
+# ResNet-50 v1.5 at a 224x224 input: each stage's downsampling (first) block and one
+# identity block, at the batch of the MLPerf / NVIDIA training recipes.
+def _r50(name, cin, cout, hw, stride, width, batch=256):
+    return BlockShape(name, cin, cout, hw, stride, batch, "bottleneck", width)
+
+
+R50_GPU_STAGES = [
+    _r50("r50_l1_down", 64, 256, 56, 1, 64), _r50("r50_l1", 256, 256, 56, 1, 64),
+    _r50("r50_l2_down", 256, 512, 56, 2, 128), _r50("r50_l2", 512, 512, 28, 1, 128),
+    _r50("r50_l3_down", 512, 1024, 28, 2, 256), _r50("r50_l3", 1024, 1024, 14, 1, 256),
+    _r50("r50_l4_down", 1024, 2048, 14, 2, 512), _r50("r50_l4", 2048, 2048, 7, 1, 512),
+]
+# CPU: the same structure (expansion 4, a strided downsampling block) at small sizes.
+R50_CPU_STAGES = [
+    _r50("r50_l1_down", 16, 64, 14, 1, 16, batch=4), _r50("r50_l1", 64, 64, 14, 1, 16, batch=4),
+    _r50("r50_l2_down", 64, 128, 14, 2, 32, batch=4),
+]
+# run.py --quick on a GPU (bench/device.sh): the memory-bound first stage, a strided
+# downsampling block and the two compute-bound stages.
+R50_GPU_QUICK = ("r50_l1", "r50_l2_down", "r50_l3", "r50_l4")
+R50_SHAPE_ALIASES = {"l1d": "r50_l1_down", "l1": "r50_l1", "l2d": "r50_l2_down",
+                     "l2": "r50_l2", "l3d": "r50_l3_down", "l3": "r50_l3",
+                     "l4d": "r50_l4_down", "l4": "r50_l4"}
+
 SHAPE_ALIASES = {"s2": "s2_64x56", "s3d": "s3_down_64to128", "s3": "s3_128x28",
                  "s4": "s4_256x14", "s5": "s5_512x7"}
 
 
-def select_shapes(stages: list[BlockShape], spec: Optional[str]) -> list[BlockShape]:
-    """Shapes named in a comma list (s2,s3d,s3,s4,s5 or full names); all when spec is None."""
+def select_shapes(stages: list[BlockShape], spec: Optional[str],
+                  aliases: Optional[dict] = None, flag: str = "--shapes") -> list[BlockShape]:
+    """Shapes named in a comma list (aliases such as s2,s3d,s3,s4,s5, or full names); all
+    when spec is None."""
     if not spec:
         return list(stages)
+    aliases = SHAPE_ALIASES if aliases is None else aliases
     by_name = {s.name: s for s in stages}
     out = []
     for word in spec.split(","):
         word = word.strip()
-        name = SHAPE_ALIASES.get(word, word)
+        name = aliases.get(word, word)
         if name not in by_name:
-            raise SystemExit(f"--shapes: unknown shape {word!r}; choose from "
-                             f"{', '.join(list(SHAPE_ALIASES) + list(by_name))}")
+            raise SystemExit(f"{flag}: unknown shape {word!r}; choose from "
+                             f"{', '.join(list(aliases) + list(by_name))}")
         out.append(by_name[name])
     return out
 
 
 # ----------------------------------------------------------------------------- cost model
 def block_flops(s: BlockShape, training: bool = False) -> float:
-    """Convolution FLOPs of one block: 2*N*Hout*Wout*Cout*Cin*R*S per conv. Training
-    (forward + backward: data and weight gradients) counts 3x the forward."""
+    """Convolution FLOPs of one block: 2*N*Hout*Wout*Cout*Cin*R*S/groups per conv.
+    Training (forward + backward: data and weight gradients) counts 3x the forward."""
     ho = s.hw_out
-    per_pixel = s.cout * (s.cin * 9 + s.cout * 9 + (s.cin if s.proj else 0))
-    f = 2.0 * s.batch * ho * ho * per_pixel
+    if s.kind == "bottleneck":
+        w = s.width
+        f = 2.0 * s.batch * (s.hw * s.hw * s.cin * w                       # 1x1 in
+                             + ho * ho * (9 * w * w // s.groups + w * s.cout  # 3x3, 1x1
+                                          + (s.cin * s.cout if s.proj else 0)))
+    else:
+        per_pixel = s.cout * (s.cin * 9 + s.cout * 9 + (s.cin if s.proj else 0))
+        f = 2.0 * s.batch * ho * ho * per_pixel
     return 3.0 * f if training else f
 
 
-def resnet18_flops(n: int, hw: int = 224, in_ch: int = 1, classes: int = 10,
-                   training: bool = False) -> float:
-    """Convolution + linear FLOPs of the D2L ResNet-18 at an hw x hw input."""
-    def conv(cin, cout, k, h_out):
-        return 2.0 * n * h_out * h_out * cout * cin * k * k
-    h = (hw + 6 - 7) // 2 + 1
-    f = conv(in_ch, 64, 7, h)
-    h = (h + 2 - 3) // 2 + 1  # max-pool
-    cin = 64
-    for cout, first in ((64, True), (128, False), (256, False), (512, False)):
-        for i in range(2):
-            stride = 2 if (i == 0 and not first) else 1
-            s = BlockShape("", cin, cout, h, stride, n)
-            f += block_flops(s)
-            h, cin = s.hw_out, cout
-    f += 2.0 * n * 512 * classes
-    return 3.0 * f if training else f
+def eval_bytes(s: BlockShape, elt: int = 2) -> float:
+    """Bytes the fused eval path moves (one read or write of each tensor, weights aside):
+    basic, two kernels: x, y1 written and read, x again, out; bottleneck, three: x, y1
+    and y2 written and read, x again (identity or projection input), out."""
+    hi, ho = s.hw * s.hw, s.hw_out * s.hw_out
+    if s.kind == "bottleneck":
+        elems = s.cin * hi + 2 * s.width * hi + 2 * s.width * ho + s.cin * hi + s.cout * ho
+    else:
+        elems = s.cin * hi + 2 * s.cout * ho + s.cin * hi + s.cout * ho
+    return float(elt * s.batch * elems)
+
+
+def model_flops(model: nn.Module, x_shape, training: bool = False) -> float:
+    """Convolution + linear FLOPs of one forward of `model` on an input of x_shape,
+    counted with hooks on a copy run on the meta device (no arithmetic, no memory)."""
+    import copy
+
+    m = copy.deepcopy(model).to("meta").eval()
+    total = [0.0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Conv2d):
+            kh, kw = mod.kernel_size
+            total[0] += 2.0 * out.numel() * mod.in_channels // mod.groups * kh * kw
+        else:
+            total[0] += 2.0 * out.numel() * mod.in_features
+    hs = [mod.register_forward_hook(hook) for mod in m.modules()
+          if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        m(torch.empty(x_shape, device="meta"))
+    for h in hs:
+        h.remove()
+    return 3.0 * total[0] if training else total[0]
 
 
 # Dense bf16/fp16 tensor-core rates (TFLOP/s) used when the peak is not measured.
@@ -250,10 +309,26 @@ def randomize_bn(m: nn.Module, seed: Optional[int] = None):
 
 
 def make_block(s: BlockShape, seed: int = 0) -> nn.Module:
-    """The D2L block, as the user writes it, in fp32 on the CPU."""
+    """The block as its users write it, in fp32 on the CPU: the D2L Residual, or
+    torchvision's Bottleneck (ResNet-50 v1.5: the stride on the 3x3; downsample =
+    conv1x1 + BN where shape or channels change). BN weights and statistics random."""
+    torch.manual_seed(seed)
+    if s.kind == "bottleneck":
+        try:
+            from torchvision.models.resnet import Bottleneck
+        except ImportError as e:
+            raise RuntimeError("the ResNet-50 shapes need torchvision (the README's install "
+                               f"command brings it): {e}") from e
+        ds = None
+        if s.proj:
+            ds = nn.Sequential(nn.Conv2d(s.cin, s.cout, 1, stride=s.stride, bias=False),
+                               nn.BatchNorm2d(s.cout))
+        planes = s.cout // Bottleneck.expansion
+        blk = Bottleneck(s.cin, planes, stride=s.stride, downsample=ds, groups=s.groups,
+                         base_width=64 * s.width // (planes * s.groups))
+        return randomize_bn(blk, seed)
     from resnet_fused import Residual
 
-    torch.manual_seed(seed)
     blk = Residual(s.cin, s.cout, use_1x1conv=s.proj, strides=s.stride)
     return randomize_bn(blk, seed)
 
@@ -276,27 +351,39 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
         return package_fold(conv, bn)
 
 
+def _folded(conv, bn, dtype, mf):
+    w, b = fold_conv_bn(conv, bn)
+    return w.to(dtype).contiguous(memory_format=mf), b.to(dtype)
+
+
 def cudnn_fused_eval(blk: nn.Module, dtype: torch.dtype, channels_last: bool):
-    """The anchors' cuDNN baseline: BN folded, conv1+bias+ReLU and conv2+bias+shortcut+ReLU
-    as cuDNN's fused ops (ATen cudnn_convolution_relu / cudnn_convolution_add_relu); the
-    projection (folded bias included) runs as its own convolution. CUDA only."""
-    w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)
-    w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
+    """The anchors' cuDNN baseline: BN folded, every conv but the last as cuDNN's fused
+    conv+bias+ReLU, the last as conv+bias+shortcut+ReLU (ATen cudnn_convolution_relu /
+    cudnn_convolution_add_relu); a projection (folded bias included) runs as its own
+    convolution. The D2L block (conv1, conv2; conv3 = projection) or torchvision's
+    Bottleneck (conv1..conv3 with bn1..bn3; downsample = conv + BN). CUDA only."""
     mf = torch.channels_last if channels_last else torch.contiguous_format
-    w1, w2 = (w.to(dtype).contiguous(memory_format=mf) for w in (w1, w2))
-    b1, b2 = b1.to(dtype), b2.to(dtype)
-    w3 = b3 = None
-    if blk.conv3 is not None:
-        w3, b3 = fold_conv_bn(blk.conv3, getattr(blk, "bn3", None))
-        w3, b3 = w3.to(dtype).contiguous(memory_format=mf), b3.to(dtype)
-    s1 = blk.conv1.stride
-    s3 = blk.conv3.stride if blk.conv3 is not None else None
-    p3 = blk.conv3.padding if blk.conv3 is not None else None
+    bottleneck = hasattr(blk, "bn3")
+    main = ((blk.conv1, blk.bn1), (blk.conv2, blk.bn2)) + (
+        ((blk.conv3, blk.bn3),) if bottleneck else ())
+    if bottleneck:
+        proj = (blk.downsample[0], blk.downsample[1]) if blk.downsample is not None else None
+    else:
+        proj = (blk.conv3, None) if blk.conv3 is not None else None
+    stages = [(_folded(c, b, dtype, mf), c) for c, b in main]
+    pw = _folded(proj[0], proj[1], dtype, mf) if proj is not None else None
+    pc = proj[0] if proj is not None else None
+
+    def geo(c):
+        return c.stride, c.padding, c.dilation, c.groups
 
     def run(x):
-        y = torch.cudnn_convolution_relu(x, w1, b1, s1, (1, 1), (1, 1), 1)
-        z = F.conv2d(x, w3, b3, s3, p3) if w3 is not None else x
-        return torch.cudnn_convolution_add_relu(y, w2, z, 1.0, b2, (1, 1), (1, 1), (1, 1), 1)
+        y = x
+        for (w, b), c in stages[:-1]:
+            y = torch.cudnn_convolution_relu(y, w, b, *geo(c))
+        z = F.conv2d(x, pw[0], pw[1], pc.stride, pc.padding) if pw is not None else x
+        (w, b), c = stages[-1]
+        return torch.cudnn_convolution_add_relu(y, w, z, 1.0, b, *geo(c))
     return run
 
 

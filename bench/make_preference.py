@@ -45,7 +45,7 @@ def winners(rows: list[dict], batch: int | None = None) -> list[dict]:
     CUDA runs; rows whose output check flagged a mismatch do not compete."""
     groups: dict = {}
     for r in rows:
-        if (r.get("device") != "cuda" or r.get("section") not in ("block", "sweep")
+        if (r.get("device") != "cuda" or r.get("section") not in ("block", "bottleneck", "sweep")
                 or r.get("metric") != "time" or r.get("status") != "OK"
                 or not str(r.get("provider", "")).startswith("fused_")
                 or "MISMATCH" in str(r.get("note", ""))):

@@ -69,8 +69,10 @@ def _timing(rows, section):
     for r in rows:
         if r.get("section") != section or r.get("metric") != "time" or r.get("status") != "OK":
             continue
-        out.setdefault(r["mode"], OrderedDict()).setdefault(str(r["x_value"]), {})[
-            r["provider"]] = r
+        # Networks: one row per network and batch (ResNet-18 and ResNet-50 may share a
+        # batch on the CPU).
+        x = f"{r['kernel']} n={r['x_value']}" if section == "net" else str(r["x_value"])
+        out.setdefault(r["mode"], OrderedDict()).setdefault(x, {})[r["provider"]] = r
     return out
 
 
@@ -210,14 +212,15 @@ def net_table(rows) -> str:
     data = _timing(rows, "net")
     if not data:
         return ""
-    out = ["\n#### Whole D2L ResNet-18 (images/s)\n",
-           "| mode | provider | dtype | batch | input | ms | images/s | vs eager | vs eager fp32 "
-           "| vs compile |", "|" + "---|" * 10]
+    out = ["\n#### Whole networks: the D2L ResNet-18 and torchvision's ResNet-50 (images/s)\n",
+           "| mode | network | provider | dtype | batch | input | ms | images/s | vs eager "
+           "| vs eager fp32 | vs compile |", "|" + "---|" * 11]
     for mode, by_x in data.items():
         for x, d in by_x.items():
             for p in _ordered(d):
                 r = d[p]
-                out.append(f"| {mode} | {LABEL.get(p, p)} | {r['dtype']} {r['layout']} | "
+                out.append(f"| {mode} | {r['kernel']} | {LABEL.get(p, p)} | "
+                           f"{r['dtype']} {r['layout']} | "
                            f"{r['batch']} | {r['shape']} | {_f(r['p50'])} | {_f(r.get('img_s'))} | "
                            + " | ".join(f"{_f(r.get(k))}x" if _num(r.get(k)) else "-" for k in
                                         ("speedup_vs_eager", "speedup_vs_fp32",
@@ -229,6 +232,9 @@ def markdown(rows, env, skips=()) -> str:
     parts = [f"### Benchmark results\n\n{header(env)}\n",
              timing_table(rows, "block", "Residual block at the ResNet-18 stage shapes "
                           "(cin-cout-h-w-stride, batch " + _batch(rows) + ")", "shape"),
+             timing_table(rows, "bottleneck", "Bottleneck block at the ResNet-50 stage shapes "
+                          "(bottleneck-width x groups-cin-cout-h-w-stride, batch "
+                          + _batch(rows, "bottleneck") + ")", "shape"),
              timing_table(rows, "sweep", "Batch sweep", "batch"),
              overhead_table(rows), net_table(rows), kernels_table(rows), numerics_table(rows)]
     if skips:
@@ -236,8 +242,8 @@ def markdown(rows, env, skips=()) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def _batch(rows) -> str:
-    bs = sorted({str(r.get("batch")) for r in rows if r.get("section") == "block"})
+def _batch(rows, section="block") -> str:
+    bs = sorted({str(r.get("batch")) for r in rows if r.get("section") == section})
     return "/".join(bs) or "?"
 
 
@@ -249,7 +255,7 @@ def plot_speedup(rows, env, path) -> bool:
     import matplotlib.pyplot as plt
 
     panels = []
-    for section in ("block", "net"):
+    for section in ("block", "bottleneck", "net"):
         for mode, by_x in _timing(rows, section).items():
             panels.append((section, mode, by_x))
     if not panels:
@@ -270,9 +276,8 @@ def plot_speedup(rows, env, path) -> bool:
                    width, color=colour[p])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(xs)))
-        ax.set_xticklabels(xs if section == "block" else [f"ResNet-18 n={x}" for x in xs],
-                           rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{'block' if section == 'block' else 'network'}, {mode}", fontsize=10)
+        ax.set_xticklabels(xs, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{'network' if section == 'net' else section}, {mode}", fontsize=10)
         ax.set_ylabel("speedup over eager (same dtype)")
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour[p]) for p in every]
@@ -310,11 +315,11 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
             if r["status"] != "PASS":
                 lines.append(f"  {r['status']}: {r['provider']} {r['dtype']} {r['mode']} "
                              f"{r['shape']} {r['quantity']}: {r.get('note', '')[:160]}")
-    for section in ("block", "sweep", "net"):
+    for section in ("block", "bottleneck", "sweep", "net"):
         data = _timing(rows, section)
         if not data:
             continue
-        lines.append(f"{section:<6}{'mode':<6}{'x':<17}{'eager':>9}{'compile':>9}{'cudnn':>9}"
+        lines.append(f"{section[:6]:<6}{'mode':<6}{'x':<31}{'eager':>9}{'compile':>9}{'cudnn':>9}"
                      f"   {'best fused':<21}{'vs eager':>9}{'vs comp':>9}")
         for mode, by_x in data.items():
             for x, d in by_x.items():
@@ -323,7 +328,7 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
                 bs = f"{best[1][6:]} {best[0]:.4f}" if best else "-"
                 r = d[best[1]] if best else {}
                 lines.append(
-                    f"{'':<6}{mode:<6}{x:<17}"
+                    f"{'':<6}{mode:<6}{x:<31}"
                     + "".join(f"{float(v['p50']):9.4f}" if v else f"{'-':>9}"
                               for v in (eager, d.get("compile"), d.get("cudnn_fused")))
                     + f"   {bs:<21}"
@@ -333,7 +338,7 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
         if section == "net":
             for mode, by_x in data.items():
                 for x, d in by_x.items():
-                    lines.append(f"      resnet18 {mode} n={x} img/s: " + ", ".join(
+                    lines.append(f"      {x} {mode} img/s: " + ", ".join(
                         f"{p} {float(r['img_s']):.0f}" for p, r in
                         ((p, d[p]) for p in _ordered(d)) if _num(r.get("img_s"))))
     for mode, provs in overhead_rows(rows).items():

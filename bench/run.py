@@ -10,10 +10,13 @@ Sections, in order (timing first, most telling first, so a --budget-s cut loses 
                forward+backward; providers: eager as written (fp32 NCHW), eager in the
                bench dtype (channels_last), cuDNN fused ops with folded BN (eval),
                FusedResidual per backend, torch.compile (in a second pass over the shapes).
+  1b. bottleneck  the ResNet-50 v1.5 stage blocks (torchvision's Bottleneck; each
+               stage's downsampling and identity block, batch 256), the same providers.
   2. overhead  host time per call at a tiny block, where kernels cost next to nothing:
                one op, the plain block, each backend's ops called directly, FusedResidual,
                and the module's own cost (bench/overhead.py; us per call, CPU too).
-  3. net       the whole D2L ResNet-18 (224x224, batch 128), eval and training step.
+  3. net       whole networks, eval and training step: torchvision's ResNet-50 (224x224,
+               batch 256) and the D2L ResNet-18 (224x224, batch 128), in img/s.
   4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
   5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
   6. numerics  every FusedResidual backend, dtype and mode against float64 on two small
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="fewer repeats; CPU: fewer shapes, no sweep, no compile")
     p.add_argument("--shapes", help="comma list of stage shapes: s2,s3d,s3,s4,s5 (default all)")
+    p.add_argument("--r50-shapes", help="comma list of ResNet-50 bottleneck shapes: "
+                   "l1d,l1,l2d,l2,l3d,l3,l4d,l4 (default all)")
     p.add_argument("--modes", default="eval,train", help="eval,train (default both)")
     p.add_argument("--backends", help="FusedResidual backends, comma list among "
                    "torch,native,triton (default: every available one)")
@@ -92,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-net", action="store_true")
+    p.add_argument("--no-bottleneck", action="store_true",
+                   help="leave out the ResNet-50 bottleneck blocks (section and network)")
     p.add_argument("--no-overhead", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
@@ -731,21 +738,39 @@ def _speedups(rows: dict):
             r["speedup_vs_compile"] = comp["p50"] / r["p50"]
 
 
-def block_section(backends, dtype):
-    stages = bl.GPU_STAGES if ON_GPU else bl.CPU_STAGES
-    if not ON_GPU and ARGS.quick and not ARGS.shapes:
-        stages = stages[:2]  # one identity and one projection block
-    shapes = bl.select_shapes(stages, ARGS.shapes)
-    if ARGS.batch:
-        shapes = [s.with_batch(ARGS.batch) for s in shapes]
-    R.say(f"== block: {len(shapes)} shapes x {', '.join(modes())}, "
+def _stage_shapes(gpu_stages, cpu_stages, spec, aliases, flag, gpu_quick=None):
+    stages = gpu_stages if ON_GPU else cpu_stages
+    if not ON_GPU and ARGS.quick and not spec:
+        stages = stages[:2]  # one projection and one identity block
+    if ON_GPU and ARGS.quick and not spec and gpu_quick:
+        stages = [s for s in stages if s.name in gpu_quick]
+    shapes = bl.select_shapes(stages, spec, aliases, flag)
+    return [s.with_batch(ARGS.batch) for s in shapes] if ARGS.batch else shapes
+
+
+def _time_stages(shapes, backends, dtype, section, what):
+    R.say(f"== {section}: {what}, {len(shapes)} shapes x {', '.join(modes())}, "
           f"{bl.dtype_name(dtype)}{' channels_last' if layout_cl(dtype) else ''}")
     refs = {}
     for part in ("main", "compile"):
         for mode in modes():
             for s in shapes:
-                time_block(s, mode, backends, dtype, "block", "shape", s.key,
+                time_block(s, mode, backends, dtype, section, "shape", s.key,
                            f"{s.name} n={s.batch}", part=part, refs=refs)
+
+
+def block_section(backends, dtype):
+    shapes = _stage_shapes(bl.GPU_STAGES, bl.CPU_STAGES, ARGS.shapes, bl.SHAPE_ALIASES,
+                           "--shapes")
+    _time_stages(shapes, backends, dtype, "block", "ResNet-18 basic blocks")
+
+
+def bottleneck_section(backends, dtype):
+    """The ResNet-50 v1.5 stage blocks (each stage's downsampling and identity block),
+    torchvision's Bottleneck, against the same providers as the basic blocks."""
+    shapes = _stage_shapes(bl.R50_GPU_STAGES, bl.R50_CPU_STAGES, ARGS.r50_shapes,
+                           bl.R50_SHAPE_ALIASES, "--r50-shapes", bl.R50_GPU_QUICK)
+    _time_stages(shapes, backends, dtype, "bottleneck", "ResNet-50 bottleneck blocks")
 
 
 def sweep_section(backends, dtype):
@@ -876,81 +901,104 @@ def _build_net(prov, base, dt, cl, train):
     return m
 
 
-def _net_inputs(n, hw, dt, cl, train):
+def _net_inputs(n, ch, hw, dt, cl, train):
     g = torch.Generator().manual_seed(3)
-    xs = [bl.to_layout(torch.randn(n, 1, hw, hw, generator=g), DEVICE, dt, cl)
-          for _ in range(bl.n_input_sets(n * hw * hw * 4, DEVICE))]
+    xs = [bl.to_layout(torch.randn(n, ch, hw, hw, generator=g), DEVICE, dt, cl)
+          for _ in range(bl.n_input_sets(n * ch * hw * hw * 4, DEVICE))]
     return [x.requires_grad_(True) for x in xs] if train else xs
 
 
-def net_section(backends, dtype):
-    n = ARGS.batch or (128 if ON_GPU else 2)
+def _nets():
+    """(name, model, input channels, batch, size): with torchvision its ResNet-50 (3
+    channels, batch 256; first, the network most users train) and the D2L ResNet-18 (1
+    channel, batch 128), BN randomised."""
     hw = 224 if ON_GPU else 64
-    R.say(f"== net: D2L ResNet-18, batch {n}, 1x{hw}x{hw}")
     torch.manual_seed(11)
-    base = bl.randomize_bn(resnet18(in_channels=1, num_classes=10), seed=11)
+    out = [("resnet18", bl.randomize_bn(resnet18(in_channels=1, num_classes=10), seed=11),
+            1, ARGS.batch or (128 if ON_GPU else 2), hw)]
+    if ARGS.no_bottleneck:
+        return out
+    try:
+        import torchvision
+    except ImportError as e:
+        R.skip("net resnet50", f"needs torchvision ({e})")
+        return out
+    torch.manual_seed(12)
+    r50 = bl.randomize_bn(torchvision.models.resnet50(), seed=12)
+    return [("resnet50", r50, 3, ARGS.batch or (256 if ON_GPU else 2), hw)] + out
+
+
+def _time_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
+    """Build one network provider, check its first output, time it: (p50, p20, p80,
+    check, notes)."""
+    note = []
+    t_build = time.time()
+    m = _build_net(prov, base, dt, pcl, train)
+    xs = _net_inputs(n, ch, hw, dt, pcl, train)
+    rot = bl.Rotating(xs)
+    params = list(m.parameters())
+    if train:
+        def fn(m=m):
+            m(rot.next()).float().sum().backward()
+        out = m(xs[0])
+        out.float().sum().backward()
+    else:
+        def fn(m=m):
+            with torch.no_grad():
+                m(rot.next())
+        with freezing(prov == "compile"), torch.no_grad():
+            out = m(xs[0])
+    bl.sync(DEVICE)
+    if prov == "compile":
+        note.append(f"compile {time.time() - t_build:.1f} s")
+    check = _check_output(out, ref_out, 1e-1, what, note)
+    with freezing(prov == "compile"):
+        p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
+                                   grad_to_none=(params + xs) if train else None)
+    return p50, p20, p80, check, note
+
+
+def net_section(backends, dtype):
     cl = layout_cl(dtype)
-    for mode in modes():
-        train = mode == "train"
-        flops = bl.resnet18_flops(n, hw, training=train)
-        plist = _provider_list(mode, backends, dtype, "net")
-        rows = {}
-        ref_out = {}
-        for prov, dt, pcl in plist:
-            if R.over_budget():
-                R.skip(f"net {mode} {prov}", BUDGET_SKIP)
-                continue
-            common = dict(section="net", kernel="resnet18", provider=prov, mode=mode,
-                          metric="time", unit="ms", x_name="batch", x_value=n,
-                          dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
-                          shape=f"1x{hw}x{hw}", batch=n)
-            note = []
-            try:
-                t_build = time.time()
-                m = _build_net(prov, base, dt, pcl, train)
-                xs = _net_inputs(n, hw, dt, pcl, train)
-                rot = bl.Rotating(xs)
-                params = [p for p in m.parameters()]
-                if train:
-                    def fn(m=m):
-                        m(rot.next()).float().sum().backward()
-                    out = m(xs[0])
-                    out.float().sum().backward()
-                else:
-                    def fn(m=m):
-                        with torch.no_grad():
-                            m(rot.next())
-                    with freezing(prov == "compile"), torch.no_grad():
-                        out = m(xs[0])
-                bl.sync(DEVICE)
-                if prov == "compile":
-                    note.append(f"compile {time.time() - t_build:.1f} s")
-                check = _check_output(out, ref_out, 1e-1, f"net {mode} {prov}", note)
-                with freezing(prov == "compile"):
-                    p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
-                                               grad_to_none=(params + xs) if train else None)
-            except Exception as e:  # noqa: BLE001
-                R.say(f"  ! net {mode} {prov}: {err_text(e)}")
-                R.errors.append(f"net {mode} {prov}: {err_text(e)}")
-                R.row(**common, status="ERROR", note=err_text(e))
-                if os.environ.get("BENCH_TRACEBACK"):
-                    traceback.print_exc()
-                continue
-            finally:
-                if prov == "compile":
-                    torch._dynamo.reset()
-            tflops = flops / p50 / 1e9
-            peak = bl.peak_for_dtype(R.peak, dt)
-            rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, img_s=n / p50 * 1e3,
-                               tflops=tflops, of_peak=(tflops / peak) if peak else None,
-                               check_rel=check, status="OK", note="; ".join(note))
-            R.say(f"  resnet18 {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
-                  f"{n / p50 * 1e3:10.0f} img/s" + (f"  ({'; '.join(note)})" if note else ""))
-            del m
-        _speedups(rows)
-        if ON_GPU:
-            torch.cuda.empty_cache()
-        R.checkpoint()
+    for name, base, ch, n, hw in _nets():
+        R.say(f"== net: {name}, batch {n}, {ch}x{hw}x{hw}")
+        for mode in modes():
+            train = mode == "train"
+            flops = bl.model_flops(base, (n, ch, hw, hw), training=train)
+            rows, ref_out = {}, {}
+            for prov, dt, pcl in _provider_list(mode, backends, dtype, "net"):
+                what = f"net {name} {mode} {prov}"
+                if R.over_budget():
+                    R.skip(what, BUDGET_SKIP)
+                    continue
+                common = dict(section="net", kernel=name, provider=prov, mode=mode,
+                              metric="time", unit="ms", x_name="batch", x_value=n,
+                              dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
+                              shape=f"{ch}x{hw}x{hw}", batch=n)
+                try:
+                    p50, p20, p80, check, note = _time_net(prov, base, dt, pcl, train, n, ch,
+                                                           hw, ref_out, what)
+                except Exception as e:  # noqa: BLE001
+                    R.say(f"  ! {what}: {err_text(e)}")
+                    R.errors.append(f"{what}: {err_text(e)}")
+                    R.row(**common, status="ERROR", note=err_text(e))
+                    if os.environ.get("BENCH_TRACEBACK"):
+                        traceback.print_exc()
+                    continue
+                finally:
+                    if prov == "compile":
+                        torch._dynamo.reset()
+                tflops = flops / p50 / 1e9
+                peak = bl.peak_for_dtype(R.peak, dt)
+                rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, img_s=n / p50 * 1e3,
+                                   tflops=tflops, of_peak=(tflops / peak) if peak else None,
+                                   check_rel=check, status="OK", note="; ".join(note))
+                R.say(f"  {name} {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
+                      f"{n / p50 * 1e3:10.0f} img/s" + (f"  ({'; '.join(note)})" if note else ""))
+            _speedups(rows)
+            if ON_GPU:
+                torch.cuda.empty_cache()
+            R.checkpoint()
 
 
 # ============================================================================ output
@@ -1070,6 +1118,9 @@ def run_sections():
         # sections stop at the budget less the numerics' share.
         block_section(backends, dtype)
         R.checkpoint(md=True)
+        if not ARGS.no_bottleneck:
+            bottleneck_section(backends, dtype)
+            R.checkpoint(md=True)
         if not ARGS.no_overhead:
             overhead_section(backends, dtype)
             R.checkpoint(md=True)

@@ -31,7 +31,7 @@ def _argv(out, *extra):
     return ["--device", "cpu", "--quick", "--shapes", "s2", "--batch", "2", "--modes", "eval",
             "--providers", "eager_fp32,fused", "--backends", "torch", "--no-net",
             "--no-sweep", "--no-kernels", "--no-plot", "--numerics-dtypes", "fp32",
-            "--out", str(out), *extra]
+            "--no-bottleneck", "--out", str(out), *extra]
 
 
 def _csv_rows(folder):
@@ -63,6 +63,30 @@ def test_rows_are_on_disk_as_they_are_made(run, tmp_path, monkeypatch):
     # timing first, numerics after it
     sections = [r["section"] for r in rows]
     assert sections.index("numerics") > max(i for i, s in enumerate(sections) if s == "block")
+
+
+def test_bottleneck_section_and_resnet50(run, tmp_path):
+    """The ResNet-50 rows: a downsampling bottleneck block in eval and training, and the
+    whole torchvision ResNet-50, each fused provider checked against eager as written."""
+    pytest.importorskip("torchvision")
+    argv = [a for a in _argv(tmp_path, "--r50-shapes", "l1d", "--no-numerics")
+            if a not in ("--no-bottleneck", "--no-net")]
+    argv[argv.index("--modes") + 1] = "eval,train"
+    argv[argv.index("--shapes") + 1] = "s2"
+    assert run.main(argv) == 0
+    rows = _csv_rows(tmp_path)
+    bott = [r for r in rows if r["section"] == "bottleneck"]
+    assert {(r["mode"], r["provider"]) for r in bott} == {
+        (m, p) for m in ("eval", "train") for p in ("eager_fp32", "fused_torch")}, bott
+    assert all(r["status"] == "OK" and r["shape"].startswith("bottleneck-16x1-16-64")
+               for r in bott)
+    fused = [r for r in bott if r["provider"] == "fused_torch"]
+    assert all(float(r["check_rel"]) < 1e-4 for r in fused), fused  # fp32: same function
+    nets = {(r["kernel"], r["mode"], r["provider"]): r for r in rows if r["section"] == "net"}
+    for mode in ("eval", "train"):
+        r = nets[("resnet50", mode, "fused_torch")]
+        assert r["status"] == "OK" and float(r["check_rel"]) < 1e-3, r
+        assert ("resnet18", mode, "fused_torch") in nets
 
 
 def test_budget_holds_in_every_section(run, tmp_path):

@@ -959,7 +959,6 @@ def _time_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
 
 
 def net_section(backends, dtype):
-    cl = layout_cl(dtype)
     for name, base, ch, n, hw in _nets():
         R.say(f"== net: {name}, batch {n}, {ch}x{hw}x{hw}")
         for mode in modes():

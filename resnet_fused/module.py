@@ -11,7 +11,6 @@ Converting whole models: conversion.py (fuse_model).
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

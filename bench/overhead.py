@@ -100,11 +100,12 @@ def providers(mode: str, backends: list, device: torch.device, dtype: torch.dtyp
     for b in backends:
         fused = FusedResidual.from_residual(copy.deepcopy(plain), backend=b).train(train)
         backend = registry.get(b, device)
+        parts = fused.parts()
         if train:
-            fns[f"ops_{b}"] = lambda f=fused, be=backend: be.forward_train(f, x)
+            fns[f"ops_{b}"] = lambda p=parts, be=backend: be.forward_train(p, x)
         else:
-            fb = folded(fused, x.dtype, memory_format_of(x))
-            fns[f"ops_{b}"] = lambda f=fused, be=backend, fb=fb: be.forward_eval(f, fb, x)
+            fb = folded(fused, parts, x.dtype, memory_format_of(x))
+            fns[f"ops_{b}"] = lambda p=parts, be=backend, fb=fb: be.forward_eval(p, fb, x)
         fns[f"fused_{b}"] = lambda f=fused: f(x)
     return fns
 
@@ -116,8 +117,8 @@ def _alone(fns: dict, backends: list, device, repeats: int, calls: int) -> dict:
 
     stubbed = [registry.get(b, device) for b in backends]
     for be in stubbed:
-        be.forward_eval = lambda block, folded, x: x
-        be.forward_train = lambda block, x, groups=None: x
+        be.forward_eval = lambda parts, folded, x: x
+        be.forward_train = lambda parts, x, groups=None: x
     try:
         alone = {"one_op_alone": fns["one_op"]}
         alone.update({f"module_alone_{b}": fns[f"fused_{b}"] for b in backends})

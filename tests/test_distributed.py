@@ -159,7 +159,7 @@ def test_triton_runs_a_block_with_mixed_groups_the_composite_way(one_rank_group,
     assert backend.ops is torch.ops.resnet_fused_triton
     x = torch.randn(3, 4, 5, 5)
     xs = [x.clone().requires_grad_() for _ in range(2)] + [x.double().requires_grad_()]
-    outs = [backend.forward_train(fused, xs[0], groups=(dist.group.WORLD, None, None)),
+    outs = [backend.forward_train(fused.parts(), xs[0], groups=(dist.group.WORLD, None, None)),
             plain(xs[1]), ref(xs[2])]
     assert_within("out", *outs)
     g = torch.randn_like(outs[2])

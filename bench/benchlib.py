@@ -51,12 +51,15 @@ class BlockShape:
 
     @property
     def key(self) -> str:
-        """The shape key make_preference.py writes: cin-cout-h-w-stride (input H, W),
-        prefixed with the bottleneck's width and groups for a bottleneck."""
-        base = f"{self.cin}-{self.cout}-{self.hw}-{self.hw}-{self.stride}"
+        """The shape key make_preference.py writes, the package's own format
+        (resnet_fused.backends.preference.block_shape_key): cin-cout-h-w-stride (input
+        H, W), b-cin-width-cout-h-w-stride[-gG] for a bottleneck."""
+        from resnet_fused.backends.preference import bottleneck_key, shape_key
+
+        x_shape = (self.batch, self.cin, self.hw, self.hw)
         if self.kind == "bottleneck":
-            return f"bottleneck-{self.width}x{self.groups}-{base}"
-        return base
+            return bottleneck_key(x_shape, self.width, self.cout, self.stride, self.groups)
+        return shape_key(x_shape, self.cout, self.stride)
 
     def with_batch(self, n: int) -> "BlockShape":
         return replace(self, batch=n)

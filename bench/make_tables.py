@@ -233,7 +233,7 @@ def markdown(rows, env, skips=()) -> str:
              timing_table(rows, "block", "Residual block at the ResNet-18 stage shapes "
                           "(cin-cout-h-w-stride, batch " + _batch(rows) + ")", "shape"),
              timing_table(rows, "bottleneck", "Bottleneck block at the ResNet-50 stage shapes "
-                          "(bottleneck-width x groups-cin-cout-h-w-stride, batch "
+                          "(b-cin-width-cout-h-w-stride, batch "
                           + _batch(rows, "bottleneck") + ")", "shape"),
              timing_table(rows, "sweep", "Batch sweep", "batch"),
              overhead_table(rows), net_table(rows), kernels_table(rows), numerics_table(rows)]
@@ -319,7 +319,7 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
         data = _timing(rows, section)
         if not data:
             continue
-        lines.append(f"{section[:6]:<6}{'mode':<6}{'x':<31}{'eager':>9}{'compile':>9}{'cudnn':>9}"
+        lines.append(f"{section[:6]:<6}{'mode':<6}{'x':<24}{'eager':>9}{'compile':>9}{'cudnn':>9}"
                      f"   {'best fused':<21}{'vs eager':>9}{'vs comp':>9}")
         for mode, by_x in data.items():
             for x, d in by_x.items():
@@ -328,7 +328,7 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
                 bs = f"{best[1][6:]} {best[0]:.4f}" if best else "-"
                 r = d[best[1]] if best else {}
                 lines.append(
-                    f"{'':<6}{mode:<6}{x:<31}"
+                    f"{'':<6}{mode:<6}{x:<24}"
                     + "".join(f"{float(v['p50']):9.4f}" if v else f"{'-':>9}"
                               for v in (eager, d.get("compile"), d.get("cudnn_fused")))
                     + f"   {bs:<21}"

@@ -78,7 +78,7 @@ def test_bottleneck_section_and_resnet50(run, tmp_path):
     bott = [r for r in rows if r["section"] == "bottleneck"]
     assert {(r["mode"], r["provider"]) for r in bott} == {
         (m, p) for m in ("eval", "train") for p in ("eager_fp32", "fused_torch")}, bott
-    assert all(r["status"] == "OK" and r["shape"].startswith("bottleneck-16x1-16-64")
+    assert all(r["status"] == "OK" and r["shape"] == "b-16-16-64-14-14-1"
                for r in bott)
     fused = [r for r in bott if r["provider"] == "fused_torch"]
     assert all(float(r["check_rel"]) < 1e-4 for r in fused), fused  # fp32: same function

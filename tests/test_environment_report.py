@@ -20,7 +20,7 @@ def test_report_names_versions_backends_and_auto_picks():
     out = _run()
     for word in ("resnet_fused 0.1.0", "torch ", "triton ", "cuDNN", "driver", "gpu",
                  "extension", "backends", "auto on cpu", "s2", "s3d", "s3 ", "s4", "s5",
-                 "512-512-7-7-1"):
+                 "512-512-7-7-1", "r50 l1.0", "b-256-128-512-56-56-2"):
         assert word in out, f"{word!r} missing from:\n{out}"
     for name in ("torch", "native", "triton"):
         assert f"cpu     {name}" in out
@@ -36,7 +36,9 @@ def test_report_says_why_a_backend_is_unavailable():
 def test_report_as_json():
     info = json.loads(_run("--json"))
     assert info["torch"] and set(info["backends"]["cpu"]) == {"torch", "native", "triton"}
-    assert {r["stage"] for r in info["auto"]["cpu"]} == {"s2", "s3d", "s3", "s4", "s5"}
+    basic = {"s2", "s3d", "s3", "s4", "s5"}
+    r50 = {f"r50 l{i}{sfx}" for i in range(1, 5) for sfx in ("", ".0")}
+    assert {r["stage"] for r in info["auto"]["cpu"]} == basic | r50
     assert all(r["backend"] in ("torch", "native", "triton") for r in info["auto"]["cpu"])
 
 

@@ -171,3 +171,21 @@ def test_on_cuda_every_backend_and_dtype():
     report = check_model(net, example().cuda(), steps=2)
     assert report.ok, report.table()
     assert {r.dtype for r in report.rows} == {"float32", "float16", "bfloat16"}
+
+
+def _resnet50():
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    return randomize_bn(tvm.resnet50(num_classes=10))
+
+
+def test_resnet50_passes_on_every_cpu_backend():
+    """torchvision's ResNet-50 (16 bottleneck blocks), every backend that runs on the CPU,
+    eval and training: the issue's acceptance check, as a user would run it."""
+    backends = _cpu_backends() + (["triton"] if "triton" in available_backends("cpu") else [])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    report = check_model(_resnet50(), x, backends=backends, steps=1,
+                         require_all_converted=True)
+    assert report.ok, report.table()
+    assert {r.backend for r in report.rows} == set(backends)
+    assert "16 residual block(s) fused" in report.table()

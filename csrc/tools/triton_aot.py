@@ -152,12 +152,40 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt):
     y1 = eval_ops.conv_bias_relu(x, w1, fb, stride, 1)
     eval_ops.conv_bias_shortcut_relu(y1, w2, fb, x, w3, 1, stride, pad3)
 
-    out, c1, c2, c3, mask, stats = train._block_train(
-        x, w1, b1, g1, beta1, w2, b2, g2, beta2, w3, b3, g3, beta3, stride, pad3,
-        1e-5, 1e-5, 1e-5)
-    train._block_train_backward(_t(tuple(out.shape), dt), x, c1, c2, c3, mask, stats,
-                                w1, g1, beta1, w2, g2, w3, g3, bias, bias, bias,
-                                stride, pad3, 1e-5, 1e-5, 1e-5)
+    _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt)
+
+
+def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
+    """The fused training forward and backward of one chain of stages (train.py)."""
+    from resnet_fused.backends.triton import train
+
+    g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
+    beta = [torch.zeros(wi.shape[0], dtype=pdt) for wi in w]
+    eps = [1e-5] * len(w)
+    out, c, c_sc, mask, stats = train._block_train(x, w, b, g, beta, strides, eps, w_sc,
+                                                   b_sc, g_sc, beta_sc, 1e-5)
+    train._block_train_backward(_t(tuple(out.shape), x.dtype), x, c, c_sc, mask, stats, w, g,
+                                beta, w_sc, g_sc, [t is not None for t in b],
+                                b_sc is not None, strides, eps, 1e-5)
+
+
+# ResNet-50 bottleneck blocks (input channels, width, input size, stride): layer1's
+# first (projection, stride 1) and later (identity) blocks, layer2's first (stride 2).
+BOTTLENECKS = [(64, 64, 56, 1), (256, 64, 56, 1), (256, 128, 56, 2)]
+
+
+def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt):
+    """The fused training op on a torchvision bottleneck (no conv biases, BN'd 1x1
+    projection when the shape changes); v1: the stride on the first 1x1."""
+    out = 4 * width
+    x = _t((BATCH, cin, hw, hw), dt)
+    w = [_t((width, cin, 1, 1), dt), _t((width, width, 3, 3), dt), _t((out, width, 1, 1), dt)]
+    strides = [stride, 1, 1] if v1 else [1, stride, 1]
+    proj = cin != out or stride != 1
+    w_sc = _t((out, cin, 1, 1), dt) if proj else None
+    g_sc, beta_sc = ((torch.ones(out, dtype=pdt), torch.zeros(out, dtype=pdt)) if proj
+                     else (None, None))
+    _train_launches(x, w, [None] * 3, strides, w_sc, None, g_sc, beta_sc, pdt)
 
 
 def _tma_launches(cin, k, hw, stride, kind, dt):
@@ -253,6 +281,11 @@ def collect(full: bool = False) -> list:
                             _block_launches(cin, k, hw, stride, kind, dt, pdt)
                         label[0] = f"{plabel} tma {kind} {cin}->{k}@{hw}/{stride}"
                         _tma_launches(cin, k, hw, stride, kind, dt)
+                for cin, width, hw, stride in BOTTLENECKS:
+                    for v1 in ((False, True) if stride != 1 else (False,)):
+                        label[0] = (f"{plabel} bottleneck{' v1' if v1 else ''} "
+                                    f"{cin}->{width}->{4 * width}@{hw}/{stride}")
+                        _bottleneck_launches(cin, width, hw, stride, v1, dt, torch.float32)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):

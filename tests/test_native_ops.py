@@ -344,7 +344,7 @@ def test_bad_inputs_raise_clear_errors(device):
         ops.bn_finalize(mean, invstd, w, b, rm, rv[:2], nbt, 0.1, 1e-5, 18)
     with pytest.raises(RuntimeError, match=r"bn_finalize: num_batches_tracked must be a one-element int64"):
         ops.bn_finalize(mean, invstd, w, b, rm, rv, nbt.float(), 0.1, 1e-5, 18)
-    with pytest.raises(RuntimeError, match=r"conv_bias_relu: weight expects 5 input channels but x has 4"):
+    with pytest.raises(RuntimeError, match=r"conv_bias_relu: weight expects 5 input channels \(5 per group, 1 groups\).* but x has 4"):
         ops.conv_bias_relu(c, torch.randn(3, 5, 3, 3, device=device), torch.randn(3, device=device), 1, 1)
     with pytest.raises(RuntimeError, match=r"conv_bias_relu: bias must be a 1-D tensor of C_out = 3"):
         ops.conv_bias_relu(c, torch.randn(3, 4, 3, 3, device=device), torch.randn(2, device=device), 1, 1)

@@ -331,7 +331,9 @@ def _block_train_setup(ctx, inputs, output):
     flat, ctx.tensor_lens = _flat(known[n] for n in ctx.tensor_names)
     ctx.save_for_backward(*flat)
     ctx.scalars = {n: known[n] for n in wanted if n not in _BWD_TENSORS}
-    ctx.slots = [_grad_slot(v) for v in a]
+    # One gradient slot per input the op was called with: torch < 2.14 hands the autograd
+    # only the arguments given (a defaulted `group` is absent), and checks the count.
+    ctx.slots = [_grad_slot(v) for v in inputs]
 
 
 def _make_block_train_backward(ns: str):
@@ -343,9 +345,11 @@ def _make_block_train_backward(ns: str):
         grads = BlockTrainGrads(*op(*BlockTrainBackwardArgs(grad_out=grad_out, **saved,
                                                              **ctx.scalars)))._asdict()
         # The gradient of each input: d<name> (a list for a list input), else None.
-        return tuple(None if slot is None else (list(grads["d" + n]) if slot == "list"
-                                                else grads["d" + n])
-                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
+        out = tuple(None if slot is None else (list(grads["d" + n]) if slot == "list"
+                                               else grads["d" + n])
+                    for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
+        # Exactly one entry per input the op received (torch checks the structure).
+        return out[:len(ctx.needs_input_grad)]
 
     return backward
 

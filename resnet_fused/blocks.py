@@ -1,13 +1,8 @@
-"""Which blocks the fused pipeline computes: a block's BlockSpec by its module names
-(the stand-in until conversion's dataflow matcher serves every caller) and the checks
-of a resolved block (spec.Parts) against what every fused path computes. Shared by
-FusedResidual (module.py), the plain computation (reference.py) and conversion
-(conversion.py); imports neither of them.
-
-By name, without importing torchvision or timm: D2L's Residual (conv1, bn1, conv2,
-bn2, conv3 or None), its 3x3-projection variant, torchvision's BasicBlock and
-Bottleneck and timm's (conv1, bn1, conv2, bn2 [, conv3, bn3], downsample = None or
-Sequential(Conv2d, BatchNorm2d)).
+"""The checks of a resolved block (spec.Parts) against what every fused path computes:
+convolution geometry, BatchNorm options, channels and strides that meet at the add.
+matching.py decides which modules form the block (from its dataflow); this decides
+whether the fused kernels compute them as given. Shared by FusedResidual (module.py) and
+conversion; imports neither.
 """
 from __future__ import annotations
 
@@ -23,75 +18,6 @@ class ConversionError(ValueError):
 # nn.SyncBatchNorm (convert_sync_batchnorm, before or after fuse_model): the block
 # normalises over its process group (resnet_fused/distributed.py).
 BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_MAIN = ("conv1", "bn1", "conv2", "bn2")
-# Children a timm or torchvision block may hold besides the spec's modules, which
-# compute nothing (drop_block, aa) or the ReLUs the spec places: anything else there
-# (an SE module, a drop path) changes the function, and the block is not converted.
-_PASSIVE = (nn.ReLU, nn.Identity)
-
-
-def _child(block: nn.Module, name: str):
-    return block._modules.get(name, getattr(block, name, None))
-
-
-def looks_residual(m: nn.Module) -> bool:
-    """Has the four submodules every residual block has (whether they fit or not)."""
-    return all(_child(m, n) is not None for n in _MAIN)
-
-
-def _downsample_stage(block: nn.Module):
-    """The Stage of a torchvision/timm downsample, or None for the identity."""
-    ds = _child(block, "downsample")
-    if ds is None:
-        return None
-    if (isinstance(ds, nn.Sequential) and len(ds) == 2
-            and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], BN_TYPES)):
-        names = list(ds._modules)
-        return S.Stage(f"downsample.{names[0]}", f"downsample.{names[1]}")
-    raise ConversionError(f"downsample is {type(ds).__name__}, expected "
-                          "Sequential(Conv2d, BatchNorm2d)")
-
-
-def _check_extra_children(block: nn.Module, spec: S.BlockSpec) -> None:
-    used = {p.split(".")[0] for p in spec.module_paths()} | {"downsample"}
-    for name, child in block._modules.items():
-        if name not in used and child is not None and not isinstance(child, _PASSIVE):
-            raise ConversionError(f"has a {name} submodule ({type(child).__name__}) that "
-                                  "the fused block does not compute")
-
-
-def spec_from_names(block: nn.Module) -> S.BlockSpec:
-    """The BlockSpec of `block` read off its child names, or ConversionError naming
-    what does not match. A FusedResidual answers with its own spec."""
-    own = block.__dict__.get("_spec")
-    if isinstance(own, S.BlockSpec):
-        return own
-    missing = [n for n in _MAIN if _child(block, n) is None]
-    if missing:
-        raise ConversionError(f"no {', '.join(missing)} submodule(s): not a residual block")
-    has_ds = "downsample" in block._modules or hasattr(block, "downsample")
-    if _child(block, "bn3") is not None:
-        if _child(block, "conv3") is None:
-            raise ConversionError("has bn3 but no conv3")
-        sc = _downsample_stage(block)
-        spec = S.BlockSpec(S.BOTTLENECK, S.BOTTLENECK_STAGES, sc)
-    elif has_ds:
-        if _child(block, "conv3") is not None:
-            raise ConversionError("has conv3 and downsample but no bn3: neither a basic "
-                                  "nor a bottleneck block")
-        sc = _downsample_stage(block)
-        spec = S.TV_BASIC_PROJECTION if sc == S.TV_BASIC_PROJECTION.shortcut else (
-            S.TV_BASIC_IDENTITY if sc is None else S.BlockSpec(S.BASIC, S.D2L_IDENTITY.stages, sc))
-    else:
-        spec = S.D2L_PROJECTION if _child(block, "conv3") is not None else S.D2L_IDENTITY
-    _check_extra_children(block, spec)
-    return spec
-
-
-def spec_of(block: nn.Module) -> S.BlockSpec:
-    """The one place conversion asks for a block's spec (the name-based stand-in; the
-    dataflow matcher replaces it)."""
-    return spec_from_names(block)
 
 
 # --------------------------------------------------------------------------- checks

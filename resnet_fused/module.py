@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from . import backends, distributed, spec
-from .blocks import block_stride, check_parts, spec_of
+from .blocks import ConversionError, block_stride, check_parts
 from .fold import block_tensors, folded
+from .matching import spec_of
 from .plan import MIXED, PLAN_CACHE_SIZE, TRAIN, check_input, make_plan
 from .reference import plain_parts_forward
 
@@ -72,10 +73,11 @@ class FusedResidual(nn.Module):
 
     @classmethod
     def from_residual(cls, block: nn.Module, backend: str = "auto") -> "FusedResidual":
-        """A FusedResidual computing `block` (D2L Residual, its 3x3-projection variant,
-        torchvision's BasicBlock or Bottleneck, timm's). It shares `block`'s parameters
-        and buffers (the same tensors); deepcopy the block first for an independent
-        copy. Raises ConversionError saying why when the block does not fit."""
+        """A FusedResidual computing what `block` computes (its forward is traced and
+        matched: matching.py; D2L's Residual, torchvision's and timm's BasicBlock and
+        Bottleneck among others). It shares `block`'s parameters and buffers (the same
+        tensors); deepcopy the block first for an independent copy. Raises
+        ConversionError naming the part that does not fit."""
         block_spec = spec_of(block)
         check_parts(block_spec, spec.resolve(block, block_spec))
         self = cls.__new__(cls)
@@ -92,6 +94,12 @@ class FusedResidual(nn.Module):
         # The block's own flag only: self.train() would also reset the submodules, and a
         # BN deliberately left in eval (frozen BN) must stay so.
         self.training = block.training
+        if list(self.state_dict()) != list(block.state_dict()):
+            # matching.py checked every parameter and buffer; this also covers a
+            # module's extra state, so a checkpoint never loses an entry.
+            lost = set(block.state_dict()) - set(self.state_dict())
+            raise ConversionError(f"its state_dict entries {sorted(lost)} would not be "
+                                  "kept by the fused block")
         return self
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import spec_from_names
+from .matching import spec_of
 from .spec import Parts, resolve
 
 
@@ -96,11 +96,10 @@ def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
 
 
 def plain_block_forward(block: nn.Module, x: torch.Tensor, spec=None) -> torch.Tensor:
-    """The plain computation of any supported block (D2L Residual, its 3x3-projection
-    variant, torchvision's BasicBlock or Bottleneck, timm's, or a FusedResidual's
-    modules), by its spec (default: the block's own, or read off its names). The
-    reference of the tests, and FusedResidual's own path where no fused path
-    applies."""
+    """The plain computation of any block fuse_model converts (D2L Residual,
+    torchvision's BasicBlock or Bottleneck, timm's, or a FusedResidual's modules), by
+    its spec (default: the block's own, or what its traced dataflow computes). The
+    reference of the tests, and FusedResidual's own path where no fused path applies."""
     if spec is None:
-        spec = spec_from_names(block)
+        spec = spec_of(block)
     return plain_parts_forward(resolve(block, spec), x)

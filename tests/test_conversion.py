@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from blockcheck import randomize_bn
 from resnet_fused import ConversionError, FusedResidual, Residual, fuse_model, resnet18
@@ -102,6 +103,11 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)
         self.downsample = None
 
+    def forward(self, x):  # written unlike torchvision's: functional ReLUs, torch.add
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y)).relu_()
+        return F.relu(torch.add(self.bn3(self.conv3(y)), x), inplace=True)
+
 
 def _dilated():
     b = Residual(4, 4)
@@ -186,7 +192,7 @@ def test_grouped_and_dilated_blocks_convert_and_compute_the_plain_block(make):
             torch.testing.assert_close(fused(x), plain(x))
 
 
-def test_a_bottleneck_by_name_converts():
+def test_a_hand_written_bottleneck_converts():
     fused = FusedResidual.from_residual(Bottleneck(), backend="torch")
     assert fused._spec.kind == "bottleneck"
     assert list(fused.state_dict()) == list(Bottleneck().state_dict())

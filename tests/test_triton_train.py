@@ -19,7 +19,7 @@ from resnet_fused import FusedResidual  # noqa: E402
 from resnet_fused.reference import Residual, plain_block_forward  # noqa: E402
 from resnet_fused.backends.triton import bn as tbn  # noqa: E402
 from resnet_fused.backends.triton.train import train_block  # noqa: E402
-from resnet_fused.blocks import spec_of  # noqa: E402
+from resnet_fused.matching import spec_of  # noqa: E402
 from resnet_fused.spec import resolve  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import backends as _backends
-from ..conversion import fuse_model, unconverted
+from ..conversion import fuse_model, left_unconverted
 from ..module import FusedResidual
 from ..reference import plain_block_forward
 from .report import ModelReport, Row
@@ -62,9 +62,8 @@ def _count_fused(model: nn.Module) -> int:
 
 
 def _unconverted(model: nn.Module) -> list[str]:
-    """Names of submodules that look like residual blocks but are not FusedResidual."""
-    return [name or "(the model itself)" for name, m in model.named_modules()
-            if not isinstance(m, _PlainBlock) and unconverted(m)]
+    """Names of the residual blocks fuse_model would try that are not FusedResidual."""
+    return left_unconverted(model, skip=(_PlainBlock,))
 
 
 def _prepare(model, fused):

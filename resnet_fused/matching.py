@@ -1,0 +1,355 @@
+"""What a block computes, read off its traced dataflow (README.md, "What converts").
+
+`spec_of(block)` traces the block's forward with torch.fx (every submodule a leaf
+except plain nn.Sequential, which is traced through: torchvision's and timm's
+`downsample`) and accepts the block only when its graph is exactly one of the
+computations the fused block performs:
+
+    out = relu(stage_k(... stage_1(x)) + shortcut(x))
+    stage    = conv -> BN -> ReLU (every stage but the last: conv -> BN)
+    shortcut = x | conv(x) | BN(conv(x))
+
+with two stages (basic block) or three (bottleneck). ReLU may be written as nn.ReLU
+(in place or not, one module reused), F.relu, torch.relu, torch.relu_ or .relu_();
+the add as +, +=, torch.add or .add_ (alpha 1). Modules that compute nothing fall away
+(nn.Identity, dropout with p=0, a drop path of rate 0). Everything else, and every
+parameter or buffer of the block that the fused block would not use, raises
+ConversionError naming the node that does not fit; so does a forward that torch.fx
+cannot trace or that branches on `self.training` (one trace must hold in both modes).
+"""
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from . import spec as S
+from .blocks import BN_TYPES, ConversionError
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_INPLACE_FUNCS = {operator.iadd, torch.relu_, F.relu_}
+_KNOWN_SPECS = (S.D2L_IDENTITY, S.D2L_PROJECTION, S.TV_BASIC_PROJECTION,
+                S.TV_BOTTLENECK_IDENTITY, S.TV_BOTTLENECK_PROJECTION)
+
+
+# --------------------------------------------------------------------------- tracing
+class _Proxy(fx.Proxy):
+    # fx's Proxy has no __iadd__, so `y += x` would trace as `y = y + x` and a write
+    # into the block's input would go unseen; record it as the in-place add it is.
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) is not nn.Sequential
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _TrainingBranch(Exception):
+    pass
+
+
+class _TrainingProbe:
+    """Stands in for block.training while tracing: a forward that branches on it
+    computes differently in training and eval, which one trace cannot show."""
+
+    def __bool__(self):
+        raise _TrainingBranch
+
+
+def _trace(block: nn.Module) -> fx.Graph:
+    training = block.__dict__.get("training", True)
+    block.__dict__["training"] = _TrainingProbe()
+    try:
+        return _Tracer().trace(block)
+    except _TrainingBranch:
+        raise ConversionError("its forward branches on self.training (it computes "
+                              "differently in training and eval), which a fused block "
+                              "does not") from None
+    except Exception as e:  # noqa: BLE001: whatever stops the trace, the block stays
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConversionError(f"its forward cannot be traced by torch.fx "
+                              f"({type(e).__name__}: {first}), so what it computes is "
+                              "unknown") from None
+    finally:
+        block.__dict__["training"] = training
+
+
+# --------------------------------------------------------------------------- nodes
+class _Op(NamedTuple):
+    kind: str                 # "input", "conv", "bn", "relu", "add", "identity", "other"
+    inputs: tuple             # the tensor operands (fx Nodes)
+    inplace: bool = False     # writes into inputs[0]
+
+
+def _is_identity(m: nn.Module) -> bool:
+    if type(m) is nn.Identity:
+        return True
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p == 0
+    # timm's DropPath (timm.layers.DropPath), named rather than imported: rate 0 (or
+    # None) returns its input in both modes.
+    return type(m).__name__ == "DropPath" and not getattr(m, "drop_prob", 1)
+
+
+def _module_op(m: nn.Module, args: tuple, kwargs: dict) -> str:
+    if kwargs or len(args) != 1:
+        return "other"
+    if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+        return "conv"
+    if type(m) in BN_TYPES:
+        return "bn"
+    if isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward:
+        return "relu"
+    return "identity" if _is_identity(m) else "other"
+
+
+def _classify(block: nn.Module, n: fx.Node) -> _Op:
+    args, kwargs = n.args, dict(n.kwargs)
+    if n.op == "placeholder":
+        return _Op("input", ())
+    if n.op == "call_module":
+        m = block.get_submodule(n.target)
+        kind = _module_op(m, args, kwargs)
+        inplace = kind == "relu" and m.inplace
+        return _Op(kind, args if kind != "other" else _nodes(args, kwargs), inplace)
+    relu_call = (n.op == "call_function" and n.target in _RELUS) or (
+        n.op == "call_method" and n.target in ("relu", "relu_"))
+    if relu_call:
+        inplace = kwargs.pop("inplace", False)
+        if len(args) == 2 and n.op == "call_function" and isinstance(args[1], bool):
+            args, inplace = args[:1], args[1]
+        if len(args) == 1 and not kwargs and isinstance(args[0], fx.Node):
+            inplace = bool(inplace) or n.target in _INPLACE_FUNCS or n.target == "relu_"
+            return _Op("relu", args, inplace)
+    add_call = (n.op == "call_function" and n.target in _ADDS) or (
+        n.op == "call_method" and n.target in ("add", "add_"))
+    if add_call and kwargs.pop("alpha", 1) == 1 and not kwargs and len(args) == 2 \
+            and all(isinstance(a, fx.Node) for a in args):
+        return _Op("add", args, n.target in (operator.iadd, "add_"))
+    return _Op("other", _nodes(args, kwargs))
+
+
+def _nodes(args, kwargs) -> tuple:
+    out = []
+    fx.node.map_arg((args, kwargs), out.append)
+    return tuple(out)
+
+
+def _describe(block: nn.Module, n: fx.Node) -> str:
+    """The node as the user wrote it: "`se` (SEModule)", "`mul`", "`.flatten()`"."""
+    if n.op == "call_module":
+        return f"`{n.target}` ({type(block.get_submodule(n.target)).__name__})"
+    if n.op == "call_function":
+        return f"`{getattr(n.target, '__name__', str(n.target))}`"
+    if n.op == "call_method":
+        return f"`.{n.target}()`"
+    if n.op == "get_attr":
+        return f"the attribute `{n.target}`"
+    return f"`{n.name}`"
+
+
+class _Graph:
+    """The traced graph with its identity modules dropped, each node classified."""
+
+    def __init__(self, block: nn.Module, graph: fx.Graph):
+        self.block = block
+        for n in list(graph.nodes):
+            if n.op == "call_module" and _classify(block, n).kind == "identity":
+                n.replace_all_uses_with(n.args[0])
+                graph.erase_node(n)
+        self.nodes = list(graph.nodes)
+        self.ops = {n: _classify(block, n) for n in self.nodes if n.op != "output"}
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        used = [n for n in inputs if n.users]
+        if len(used) != 1 or used[0] is not inputs[0]:
+            names = ", ".join(f"`{n.target}`" for n in used[1:] or inputs[1:])
+            raise ConversionError(f"its forward uses {names} besides the input (a fused "
+                                  "block takes one tensor)")
+        self.input = inputs[0]
+        self.output = next(n for n in self.nodes if n.op == "output")
+
+    def kind(self, n) -> str:
+        return self.ops[n].kind if n in self.ops else "other"
+
+    def label(self, n) -> str:
+        kind = self.kind(n)
+        if n is self.input:
+            return "the block's input"
+        if kind in ("conv", "bn"):
+            return str(n.target)
+        if kind == "relu":
+            return f"the ReLU after {self.label(self.ops[n].inputs[0])}"
+        if kind == "add":
+            return "the add"
+        if n is self.output:
+            return "the output"
+        return _describe(self.block, n)
+
+    def misfit(self, n, consumer) -> ConversionError:
+        """`n`, found where the fused block has nothing or something else."""
+        if n is self.input:
+            return ConversionError(f"{self.label(consumer)} takes the block's input "
+                                   "directly (each path of a fused block starts with a "
+                                   "convolution)")
+        ins = self.ops[n].inputs if n in self.ops else ()
+        where = (f"between {self.label(ins[0])} and {self.label(consumer)}" if ins
+                 else f"before {self.label(consumer)}")
+        return ConversionError(f"{_describe(self.block, n)} {where} is not part of a "
+                               "fused block")
+
+
+# --------------------------------------------------------------------------- matching
+class _Chain(NamedTuple):
+    stages: tuple       # tuple[S.Stage, ...] from the input on
+    nodes: tuple        # every node of the chain (relu, bn, conv), the input excluded
+
+
+def _chain(g: _Graph, n, consumer) -> _Chain:
+    """The conv -> BN? -> ReLU? stages from the block's input to `n`."""
+    stages, nodes = [], []
+    while n is not g.input:
+        relu = g.kind(n) == "relu"
+        if relu:
+            nodes.append(n)
+            consumer, n = n, g.ops[n].inputs[0]
+        bn = None
+        if g.kind(n) == "bn":
+            bn, consumer = n, n
+            nodes.append(n)
+            n = g.ops[n].inputs[0]
+        if g.kind(n) != "conv":
+            raise g.misfit(n, consumer)
+        nodes.append(n)
+        stages.append(S.Stage(n.target, bn.target if bn is not None else None, relu))
+        consumer, n = n, g.ops[n].inputs[0]
+    return _Chain(tuple(reversed(stages)), tuple(nodes))
+
+
+def _join(g: _Graph):
+    """(final ReLU, add) at the output, or ConversionError."""
+    out = g.output.args[0]
+    if not isinstance(out, fx.Node):
+        raise ConversionError(f"its forward returns {type(out).__name__}, not one tensor")
+    if g.kind(out) == "add":
+        raise ConversionError("no ReLU after the add (a fused block computes "
+                              "relu(main path + shortcut))")
+    if g.kind(out) != "relu":
+        raise g.misfit(out, g.output)
+    add = g.ops[out].inputs[0]
+    if g.kind(add) != "add":
+        raise g.misfit(add, out)
+    return out, add
+
+
+def _split(g: _Graph, add) -> tuple:
+    """(main chain, shortcut chain) of the add's two operands."""
+    chains, errors = [], []
+    for operand in g.ops[add].inputs:
+        try:
+            chains.append(_chain(g, operand, add))
+        except ConversionError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    main, short = sorted(chains, key=lambda c: len(c.stages), reverse=True)
+    if len(main.stages) not in (2, 3):
+        raise ConversionError(f"its main path has {len(main.stages)} conv stage(s) (a "
+                              "fused block has 2 or 3: basic or bottleneck)")
+    if len(short.stages) > 1 or any(st.relu for st in short.stages):
+        raise ConversionError(
+            f"its shortcut ({' -> '.join(g.label(n) for n in reversed(short.nodes))}) is "
+            "not the input, a convolution or a convolution and a BatchNorm")
+    return main, short
+
+
+def _check_all_matched(g: _Graph, matched: set) -> None:
+    for n in g.nodes:
+        if n.op not in ("placeholder", "output") and n not in matched:
+            raise ConversionError(f"{_describe(g.block, n)} is computed in its forward but "
+                                  "is not part of a fused block")
+
+
+def _check_used_once(g: _Graph, chains) -> None:
+    seen = {}
+    for c in chains:
+        for n in c.nodes:
+            if g.kind(n) in ("conv", "bn"):
+                m = g.block.get_submodule(n.target)
+                seen.setdefault(id(m), []).append(str(n.target))
+    for names in seen.values():
+        if len(names) > 1:
+            raise ConversionError(f"`{names[0]}` is applied {len(names)} times"
+                                  + (f" (also as `{names[1]}`)" if names[1] != names[0] else "")
+                                  + ": a fused block applies each convolution and "
+                                  "BatchNorm once")
+
+
+def _check_inplace(g: _Graph, matched: set) -> None:
+    for n in matched:
+        op = g.ops.get(n)
+        if op is None or not op.inplace:
+            continue
+        target = op.inputs[0]
+        if target is g.input:
+            raise ConversionError(f"{_describe(g.block, n)} writes into the block's input, "
+                                  "which a fused block leaves as it is")
+        if len(target.users) != 1:
+            raise ConversionError(f"{_describe(g.block, n)} overwrites {g.label(target)}, "
+                                  "which its forward uses again")
+
+
+def _check_state(block: nn.Module, spec: S.BlockSpec) -> None:
+    """Every parameter and buffer belongs to a module the spec names (under the name it
+    is reached by): anything else would be unused, or dropped from the state_dict."""
+    owners = set(spec.module_paths())
+    tensors = list(block.named_parameters(remove_duplicate=False)) + list(
+        block.named_buffers(remove_duplicate=False))
+    for name, _ in tensors:
+        owner, _, leaf = name.rpartition(".")
+        if owner not in owners:
+            what = (f"`{owner}` ({type(block.get_submodule(owner)).__name__})" if owner
+                    else "the block itself")
+            raise ConversionError(f"{what} holds `{leaf}`, which the fused block would "
+                                  "not use (its checkpoint would lose it)")
+
+
+def _check_hooks(block: nn.Module, spec: S.BlockSpec) -> None:
+    for path in ("",) + spec.module_paths():
+        m = block.get_submodule(path)
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None)):
+            raise ConversionError(f"{f'`{path}`' if path else 'the block'} has a module hook, "
+                                  "which a fused block would not call")
+
+
+def match(block: nn.Module) -> S.BlockSpec:
+    """The BlockSpec of what `block` computes, or ConversionError naming the first node
+    (module, function or method) that does not fit."""
+    g = _Graph(block, _trace(block))
+    final_relu, add = _join(g)
+    main, short = _split(g, add)
+    matched = {final_relu, add, *main.nodes, *short.nodes}
+    _check_all_matched(g, matched)
+    _check_used_once(g, (main, short))
+    _check_inplace(g, matched)
+    kind = S.BASIC if len(main.stages) == 2 else S.BOTTLENECK
+    spec = S.BlockSpec(kind, main.stages, short.stages[0] if short.stages else None)
+    spec = next((k for k in _KNOWN_SPECS if k == spec), spec)
+    _check_state(block, spec)
+    _check_hooks(block, spec)
+    return spec
+
+
+def spec_of(block: nn.Module) -> S.BlockSpec:
+    """The spec of a block: a FusedResidual's own, else what its dataflow computes."""
+    own = block.__dict__.get("_spec")
+    return own if isinstance(own, S.BlockSpec) else match(block)
+

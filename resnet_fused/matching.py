@@ -32,6 +32,9 @@ from .blocks import BN_TYPES, ConversionError
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _INPLACE_FUNCS = {operator.iadd, torch.relu_, F.relu_}
+# How the user wrote an operator: `y += x` is recorded as operator.iadd.
+_OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.imul: "*=",
+              operator.sub: "-", operator.truediv: "/", operator.neg: "-x"}
 _KNOWN_SPECS = (S.D2L_IDENTITY, S.D2L_PROJECTION, S.TV_BASIC_PROJECTION,
                 S.TV_BOTTLENECK_IDENTITY, S.TV_BOTTLENECK_PROJECTION)
 
@@ -148,7 +151,7 @@ def _describe(block: nn.Module, n: fx.Node) -> str:
     if n.op == "call_module":
         return f"`{n.target}` ({type(block.get_submodule(n.target)).__name__})"
     if n.op == "call_function":
-        return f"`{getattr(n.target, '__name__', str(n.target))}`"
+        return f"`{_OPERATORS.get(n.target) or getattr(n.target, '__name__', n.target)}`"
     if n.op == "call_method":
         return f"`.{n.target}()`"
     if n.op == "get_attr":
@@ -200,10 +203,16 @@ class _Graph:
                                    "directly (each path of a fused block starts with a "
                                    "convolution)")
         ins = self.ops[n].inputs if n in self.ops else ()
-        where = (f"between {self.label(ins[0])} and {self.label(consumer)}" if ins
+        # "between bn2 and the add": name the tensor it changes, not a constant or
+        # attribute it is combined with (those are named as the operand of an add).
+        data = [i for i in ins if i.op != "get_attr"] or list(ins)
+        where = (f"between {self.label(data[0])} and {self.label(consumer)}" if data
                  else f"before {self.label(consumer)}")
-        return ConversionError(f"{_describe(self.block, n)} {where} is not part of a "
-                               "fused block")
+        what = _describe(self.block, n)
+        if self.kind(n) == "add":
+            other = next((i for i in ins if i is not data[0]), ins[-1])
+            what = f"an add of {self.label(other)}"
+        return ConversionError(f"{what} {where} is not part of a fused block")
 
 
 # --------------------------------------------------------------------------- matching

@@ -167,3 +167,14 @@ def test_make_preference_picks_the_fastest_gpu_backend(tmp_path):
     (tmp_path / "cpu.json").write_text(json.dumps({"rows": [rows[-1]]}))
     assert mp.main([str(tmp_path / "cpu.json"), "--out", str(tmp_path / "x.json")]) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_conversion_benchmark_rows(capsys):
+    """bench/conversion.py prints a p50/p20/p80 row per model and phase (no timing is
+    judged: it is a benchmark row, not a timed test)."""
+    conversion = _load_bench_module("conversion")
+    assert conversion.main(["--models", "d2l_resnet18", "--repeats", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("d2l_resnet18")]
+    assert [r[1] for r in rows] == ["copy", "fuse_model", "inplace"]
+    assert all(r[2] == "8" and float(r[3]) > 0 for r in rows)

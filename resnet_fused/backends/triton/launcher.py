@@ -31,6 +31,26 @@ from ...ops import define_op
 from ...schemas import NAMESPACES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _language_interpreted() -> bool:
+    """Whether triton.language's own jit helpers (tl.cdiv, tl.sum, ...) are bound to the
+    interpreter. Triton decides that once, when triton.language is first imported,
+    reading TRITON_INTERPRET then; torch._dynamo imports it (so torch.compile and
+    `import resnet_fused` do). Kernels defined under the interpreter that call helpers
+    bound to the compiler fail with "Cannot call @triton.jit'd outside of the scope of a
+    kernel"."""
+    import triton.language.standard as std
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without an interpreter binds nothing to one
+        return False
+    return isinstance(std.cdiv, InterpretedFunction)
+
+
+# Kernels run under the interpreter only when both they and Triton's helpers were bound
+# to it (TritonBackend.unavailable_reason names the case where they differ).
+LANGUAGE_INTERPRETED = _language_interpreted()
 NS = NAMESPACES["triton"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the activations this backend takes
 
@@ -116,5 +136,5 @@ def declare_kernels(namespace: str, modules) -> int:
     return added
 
 
-__all__ = ["DTYPES", "INTERPRET", "NS", "declare_kernels", "define_triton_op", "launch",
+__all__ = ["DTYPES", "INTERPRET", "LANGUAGE_INTERPRETED", "NS", "declare_kernels", "define_triton_op", "launch",
            "tracing"]

@@ -18,8 +18,11 @@ Environment (flash-attention style):
 CUDA sources are compiled whenever torch is a CUDA build (torch.version.cuda) and
 nvcc is found, whether or not a GPU is present: the build needs no GPU.
 """
+from __future__ import annotations
+
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -47,33 +50,51 @@ def _gencode_flags(archs):
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
-def cuda_home_from_nvcc(environ=os.environ, which=shutil.which):
+def cuda_home_from_nvcc(environ=os.environ, which=shutil.which, run=subprocess.run):
     """(toolkit root, problem) when neither CUDA_HOME nor CUDA_PATH is set and `nvcc` is
-    on PATH: the folder above bin/ of nvcc's real path. torch guesses the folder above
+    on PATH: the toolkit of the nvcc that actually runs. torch guesses the folder above
     the bin/ that PATH names, so a symlink or wrapper outside the toolkit
     (/usr/local/bin/nvcc -> /opt/cuda/bin/nvcc) made it take /usr/local and fail on
-    missing CUDA headers. problem: why neither folder is a toolkit (no
+    missing CUDA headers. problem: why no candidate is a toolkit (no
     include/cuda_runtime.h), naming the variable to set. (None, None) when a variable is
-    set or no nvcc is on PATH: torch's own lookup applies."""
+    set or no nvcc is on PATH: torch's own lookup applies. run: subprocess.run (tests
+    pass a stand-in)."""
     if environ.get("CUDA_HOME") or environ.get("CUDA_PATH"):
         return None, None
     nvcc = which("nvcc")
     if nvcc is None:
         return None, None
     real = os.path.realpath(nvcc)
-    # The real file's toolkit first, then torch's own guess (a distribution's
-    # /usr/bin/nvcc wrapper with the headers in /usr/include).
-    roots = [os.path.dirname(os.path.dirname(p)) for p in (real, nvcc)]
+    # In order: the real file's toolkit (a symlink); the one nvcc itself runs from (a
+    # wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); the folder
+    # above PATH's bin/, torch's own guess (a distribution's /usr/bin/nvcc with the
+    # headers in /usr/include).
+    bins = [os.path.dirname(real), _nvcc_bin_dir(nvcc, run), os.path.dirname(nvcc)]
+    roots = list(dict.fromkeys(os.path.dirname(os.path.realpath(b)) for b in bins if b))
     for root in roots:
         if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
             return root, None
     shown = nvcc if real == nvcc else f"{nvcc} -> {real}"
-    looked = " nor ".join(dict.fromkeys(os.path.join(r, "include", "cuda_runtime.h")
-                                        for r in roots))
-    return None, (f"nvcc on PATH ({shown}) is not inside a CUDA toolkit: neither {looked} "
-                  "exists. Set CUDA_HOME to the toolkit's root (the folder holding bin/nvcc "
-                  "and include/cuda_runtime.h), or RESNET_FUSED_SKIP_CUDA=1 for the CPU "
+    looked = ", ".join(os.path.join(r, "include", "cuda_runtime.h") for r in roots)
+    return None, (f"nvcc on PATH ({shown}) is not inside a CUDA toolkit: no {looked}. Set "
+                  "CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and "
+                  "include/cuda_runtime.h), or RESNET_FUSED_SKIP_CUDA=1 for the CPU "
                   "kernels only")
+
+
+def _nvcc_bin_dir(nvcc: str, run) -> str | None:
+    """The bin/ folder of the nvcc that `nvcc` runs, from its dry run's `#$ _HERE_=`
+    line (nvcc prints the commands it would run, compiling nothing); None when it
+    does not say (not an nvcc, or it fails)."""
+    try:
+        res = run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                  capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (res.stdout + "\n" + res.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            return line[len("#$ _HERE_="):].strip() or None
+    return None
 
 
 def _extensions():

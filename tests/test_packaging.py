@@ -65,15 +65,20 @@ def _setup_module():
     return mod
 
 
+def _script(path, body):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
 def _toolkit(root):
-    """A stand-in CUDA toolkit: bin/nvcc and include/cuda_runtime.h."""
-    (root / "bin").mkdir(parents=True)
-    (root / "include").mkdir()
+    """A stand-in CUDA toolkit: include/cuda_runtime.h and a bin/nvcc whose dry run
+    names its own folder as nvcc's does (`#$ _HERE_=...` on stderr)."""
+    (root / "include").mkdir(parents=True)
     (root / "include" / "cuda_runtime.h").write_text("")
-    nvcc = root / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\n")
-    nvcc.chmod(0o755)
-    return nvcc
+    return _script(root / "bin" / "nvcc",
+                   'echo "#\\$ _HERE_=$(cd "$(dirname "$0")" && pwd)" >&2\n')
 
 
 def _which_in(folder):
@@ -102,6 +107,16 @@ def test_cuda_home_is_the_toolkit_behind_a_symlinked_nvcc(tmp_path):
     assert root == str(tmp_path / "opt" / "cuda-13.0")
 
 
+def test_cuda_home_is_the_toolkit_a_wrapper_script_runs(tmp_path):
+    """PATH's nvcc is a script outside the toolkit, `exec /opt/cuda-13.0/bin/nvcc "$@"`
+    (realpath cannot see through it): the toolkit is the one nvcc's dry run names."""
+    mod = _setup_module()
+    real = _toolkit(tmp_path / "opt" / "cuda-13.0")
+    wrapper = _script(tmp_path / "usr" / "local" / "bin" / "nvcc", f'exec {real} "$@"\n')
+    root, problem = mod.cuda_home_from_nvcc({}, _which_in(wrapper.parent))
+    assert (root, problem) == (str(tmp_path / "opt" / "cuda-13.0"), None)
+
+
 def test_cuda_home_keeps_a_wrapper_whose_own_folder_has_the_headers(tmp_path):
     """A distribution's /usr/bin/nvcc wrapper script with the headers in /usr/include."""
     mod = _setup_module()
@@ -112,10 +127,8 @@ def test_cuda_home_keeps_a_wrapper_whose_own_folder_has_the_headers(tmp_path):
 
 def test_nvcc_outside_any_toolkit_names_the_variable_to_set(tmp_path):
     mod = _setup_module()
-    (tmp_path / "wrap" / "bin").mkdir(parents=True)
-    wrapper = tmp_path / "wrap" / "bin" / "nvcc"
-    wrapper.write_text("#!/bin/sh\nexec /somewhere/nvcc \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = _script(tmp_path / "wrap" / "bin" / "nvcc",
+                      f'exec {tmp_path / "nowhere" / "nvcc"} "$@"\n')  # fails: says nothing
     root, problem = mod.cuda_home_from_nvcc({}, _which_in(wrapper.parent))
     assert root is None
     assert str(wrapper) in problem and "Set CUDA_HOME" in problem

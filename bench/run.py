@@ -51,6 +51,13 @@ sys.path.insert(0, HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # run from a checkout without `pip install -e .`
 
+import triton_interpret  # noqa: E402
+
+# Before torch: importing it (or resnet_fused) can import triton.language, which binds
+# Triton's own helpers to the interpreter only if TRITON_INTERPRET is on by then
+# (bench/triton_interpret.py). configure() corrects a wrong guess.
+_INTERP_SET_EARLY = __name__ == "__main__" and triton_interpret.early(sys.argv[1:])
+
 import torch  # noqa: E402
 
 
@@ -121,8 +128,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import tolerance  # noqa: E402  (the numerics rule of README.md, Design, shared with the tests)
 
 
-def configure(argv=None):
-    """Parse argv and set the module state (device, Triton interpreter, package)."""
+def configure(argv=None, may_reexec: bool = False):
+    """Parse argv and set the module state (device, Triton interpreter, package).
+    may_reexec: run as a script, so a TRITON_INTERPRET that does not fit the device can
+    be fixed by starting the script again (triton_interpret.settle)."""
     global ARGS, DEVICE, ON_GPU, TRITON_INTERP_SET_HERE
     global FusedResidual, fuse_model, resnet18, rf_backends
     ARGS = parse_args(argv)
@@ -132,12 +141,10 @@ def configure(argv=None):
     DEVICE = torch.device("cuda" if (ARGS.device == "cuda" or (ARGS.device == "auto" and
                                                              torch.cuda.is_available())) else "cpu")
     ON_GPU = DEVICE.type == "cuda"
-    # Without a GPU, Triton kernels can only run in its interpreter, which must be switched
-    # on before any kernel is defined (backends are imported lazily, after this).
-    TRITON_INTERP_SET_HERE = False
-    if not ON_GPU and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"
-        TRITON_INTERP_SET_HERE = True
+    # Without a GPU, Triton kernels can only run in its interpreter, which must be on
+    # before triton.language is imported (bench/triton_interpret.py).
+    TRITON_INTERP_SET_HERE = triton_interpret.settle(
+        ON_GPU, _INTERP_SET_EARLY or TRITON_INTERP_SET_HERE, may_reexec)
     try:
         import resnet_fused  # noqa: F401
         from resnet_fused import FusedResidual as _fr, fuse_model as _fm, resnet18 as _r18
@@ -1139,11 +1146,12 @@ def run_sections():
             R.skip("numerics", "no FusedResidual backend is available here")
 
 
-def main(argv=None) -> int:
+def main(argv=None, may_reexec: bool = False) -> int:
     """The whole run: rc 0, 1 when a row failed or errored, 3 on the hard timeout (from
-    the watchdog), 130 when interrupted (SIGINT, e.g. `timeout -s INT`)."""
+    the watchdog), 130 when interrupted (SIGINT, e.g. `timeout -s INT`). may_reexec: see
+    configure()."""
     global R
-    configure(argv)
+    configure(argv, may_reexec)
     threads = torch.get_num_threads()
     if not ON_GPU and ARGS.threads > 0:
         torch.set_num_threads(ARGS.threads)
@@ -1171,4 +1179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(may_reexec=True))

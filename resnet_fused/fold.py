@@ -19,7 +19,8 @@ values:
   alone, or `p.data = t`, they swap the tensor's storage (another data_ptr).
 Writes through `p.data` (`p.data.mul_(2)`) bypass the version counter and are not
 seen, as autograd does not see them either. Inference tensors (made under
-torch.inference_mode()) keep no version, so such blocks refold on every call.
+torch.inference_mode()) keep no version, so such blocks refold on every call. A fold
+made while a CUDA graph captures is not cached (graph_capture.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import graph_capture
 from .backends.base import FoldedBlock, FoldedConv
 
 
@@ -157,6 +159,11 @@ def folded(block, parts, dtype: torch.dtype,
         return cache.folded
     with torch.no_grad():
         result = fold_block(parts, dtype, memory_format)
+    if graph_capture.capturing(parts.stages[0].conv.weight):
+        # Folded into the graph's memory, computed only when it replays: not for eager
+        # calls after the capture (graph_capture.py). The graph refolds on each replay.
+        block.__dict__.pop("_fold_cache", None)
+        return result
     try:
         block.__dict__["_fold_cache"] = FoldCache(block, parts, dtype, memory_format, result)
     except RuntimeError:

@@ -77,11 +77,14 @@ def test_channel_stats(device, fmt, poison):
 # ------------------------------------------------------------------ bn_finalize
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_bn_finalize_running_stats(device, momentum, poison):
+@pytest.mark.parametrize("C", [5, 1100])
+def test_bn_finalize_running_stats(device, momentum, C, poison):
     """Three training steps of nn.BatchNorm2d vs channel_stats + bn_finalize, with
-    fp32 and half running buffers (a .half() module)."""
+    fp32 and half running buffers (a .half() module). C=1100: the finalize program
+    walks its channels in two chunks (1024 + 76), and with momentum=None each chunk
+    must use the same 1/num_batches_tracked, read before the one increment (on a GPU
+    the barrier before that store keeps a lagging warp from reading n+1)."""
     _skip_cuda(device)
-    C = 5
     for pdt in (torch.float32, torch.float16):
         ref = torch.nn.BatchNorm2d(C, momentum=momentum).double().to(device)
         plain = torch.nn.BatchNorm2d(C, momentum=momentum).to(device=device, dtype=pdt)

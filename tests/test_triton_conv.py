@@ -6,9 +6,13 @@ F.conv2d and elementwise ops in the tested dtype. Without a GPU these run in
 Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
 tiny; with a GPU the same cases run compiled, plus bfloat16.
 """
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+from triton.runtime import _allocation
 
 from conftest import DEVICES
 from tolerance import assert_within
@@ -451,6 +455,34 @@ def test_tma_path_bn_residual_mask(dtype, device):
     res = (c2.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
     assert_within("tma_bn_residual", out, torch.relu(F.conv2d(x, w) + res), ref)
     torch.testing.assert_close(mask, _pack_mask(out), rtol=0, atol=0)
+
+
+def test_tma_allocator_is_set_in_every_thread(monkeypatch):
+    """triton.set_allocator writes a ContextVar, so each thread that takes the descriptor
+    path needs its own call: once per thread, not once per process."""
+    calls = []
+    real = triton.set_allocator
+
+    def spy(alloc):
+        calls.append(threading.current_thread().name)
+        real(alloc)
+    monkeypatch.setattr(conv.triton, "set_allocator", spy)
+    seen = {}
+
+    def in_thread(name):
+        before = _allocation._allocator.get()
+        conv._ensure_tma_allocator()
+        conv._ensure_tma_allocator()  # the second call in a thread sets nothing
+        seen[name] = (before, _allocation._allocator.get())
+    for name in ("a", "b"):
+        t = threading.Thread(target=in_thread, args=(name,), name=name)
+        t.start()
+        t.join()
+    assert calls == ["a", "b"], calls
+    for name in ("a", "b"):
+        before, after = seen[name]
+        assert isinstance(before, _allocation.NullAllocator)  # a new thread has none
+        assert after is conv._tma_scratch
 
 
 @pytest.mark.parametrize("dtype,device", DTYPE_DEVICE)

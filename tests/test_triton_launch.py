@@ -4,6 +4,8 @@
 - Eager calls launch the kernel object itself; torch.library.wrap_triton only while
   tracing. Outside a triton_op body, wrap_triton's eager path builds a new autotuner
   for every call (and so re-benchmarks every config each time).
+- Every eager launch runs under a device guard for its tensors' CUDA device (Triton
+  launches on the current device otherwise), nothing for CPU tensors.
 - Every autotuned kernel's key names every constexpr but the tuned tile sizes and
   every argument its config pruning reads, so no variant reuses a config tuned (and
   pruned) for another.
@@ -12,7 +14,9 @@ Without a GPU the kernels run in Triton's interpreter; the GPU's routing is test
 setting the launcher's INTERPRET flag off, which launches the same interpreted kernel
 objects the way a GPU process would launch compiled ones.
 """
+import contextlib
 import inspect
+import types
 
 import pytest
 import torch
@@ -132,6 +136,82 @@ def test_interpreter_never_wraps_and_skips_shape_only_calls(monkeypatch):
     with FakeTensorMode() as mode:
         launcher.launch(Kernel(), (3,), mode.from_tensor(torch.zeros(2)))
     assert calls == [(1,)]
+
+
+# --------------------------------------------------------------------------- device
+def _on(device):
+    """Stands in for a tensor on `device` (no CUDA here): device_guard reads .device only."""
+    return types.SimpleNamespace(device=torch.device(device))
+
+
+def test_device_guard_is_the_tensors_cuda_device_and_nothing_on_cpu(monkeypatch):
+    g = launcher.device_guard([_on("cpu"), _on("cuda:1"), _on("cuda:1")])
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    assert launcher.device_guard([_on("cuda:0")]).idx == 0
+    monkeypatch.setattr(torch.cuda, "device", lambda d: pytest.fail("CUDA asked for CPU"))
+    assert isinstance(launcher.device_guard([_on("cpu"), _on("cpu")]),
+                      contextlib.nullcontext)
+    assert isinstance(launcher.device_guard([]), contextlib.nullcontext)
+    with pytest.raises(AssertionError, match="cuda:0 and cuda:1"):
+        launcher.device_guard([_on("cuda:0"), _on("cuda:1")])
+
+
+class _GuardSpy:
+    """launcher.device_guard, recording the tensors of each guard and whether a kernel
+    runs inside one."""
+
+    def __init__(self):
+        self.guards, self.inside = [], False
+
+    def __call__(self, tensors):
+        self.guards.append(list(tensors))
+        spy = self
+
+        @contextlib.contextmanager
+        def cm():
+            spy.inside = True
+            try:
+                yield
+            finally:
+                spy.inside = False
+        return cm()
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_every_eager_launch_runs_inside_its_tensors_device_guard(interpret, monkeypatch):
+    monkeypatch.setattr(launcher, "INTERPRET", interpret)
+    spy = _GuardSpy()
+    monkeypatch.setattr(launcher, "device_guard", spy)
+    monkeypatch.setattr(launcher, "wrap_triton", lambda k: type("W", (), {
+        "__getitem__": lambda s, grid: lambda *a, **kw: ran.append(("wrapped", spy.inside))})())
+    ran = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: ran.append(("direct", spy.inside))
+
+    a, b = torch.zeros(2), torch.ones(3)
+    launcher.launch(Kernel(), (1,), a, b, 4, out=a)
+    assert ran == [("direct", True)] and len(spy.guards) == 1
+    assert [t is a or t is b for t in spy.guards[0]] == [True, True]  # each tensor once
+    if not interpret:  # traced: the compiled code guards its kernels itself
+        ran.clear()
+        make_fx(lambda x: launcher.launch(Kernel(), (2,), x) or x)(a)
+        assert ran == [("wrapped", False)] and len(spy.guards) == 1
+
+
+def test_the_backends_launches_all_take_the_guard(monkeypatch):
+    """conv, dgrad, wgrad, the statistics passes and a BN op, for real (interpreter):
+    every launch passes through device_guard, which on CPU tensors is a null context."""
+    real, seen = launcher.device_guard, []
+
+    def spy(tensors):
+        g = real(tensors)
+        seen.append(type(g))
+        return g
+    monkeypatch.setattr(launcher, "device_guard", spy)
+    _run_every_launcher()
+    assert len(seen) >= 5 and set(seen) == {contextlib.nullcontext}, seen
 
 
 # --------------------------------------------------------------------------- keys

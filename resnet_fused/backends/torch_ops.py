@@ -13,11 +13,13 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from .. import graph_capture
 from ..ops import define_op, is_channels_last, stats_dtype
 from ..schemas import NAMESPACES
 
 NS = NAMESPACES["torch"]
-_BIT_WEIGHTS = {}
+_BIT_WEIGHTS = {}  # device -> the 8 bit weights of pack_mask (graph_capture.py: never
+# one made while a CUDA graph captures)
 
 
 def _physical_flat(t: torch.Tensor) -> torch.Tensor:
@@ -31,10 +33,12 @@ def pack_mask(positive: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    key = flat.device
-    if key not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[key] = (2 ** torch.arange(8, device=flat.device)).to(torch.uint8)
-    return (flat.view(-1, 8) * _BIT_WEIGHTS[key]).sum(1, dtype=torch.uint8)
+    weights = _BIT_WEIGHTS.get(flat.device)
+    if weights is None:
+        weights = (2 ** torch.arange(8, device=flat.device)).to(torch.uint8)
+        if not graph_capture.capturing(flat):  # made during a capture: the graph's alone
+            _BIT_WEIGHTS[flat.device] = weights
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
 def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

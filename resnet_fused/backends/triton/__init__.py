@@ -11,8 +11,9 @@ bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason),
 `auto` routes such blocks to native or torch.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
-interpreter when TRITON_INTERPRET=1 was set before resnet_fused was imported
-(kernels are bound to the interpreter when they are defined).
+interpreter when TRITON_INTERPRET=1 was set before anything imported triton.language
+(Triton binds its own helpers then, our kernels when they are defined; torch._dynamo,
+and so `import resnet_fused`, imports triton.language).
 """
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ from .train import block_group, train_block, train_unsupported_reason
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
 launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd))
 
-_CPU_HINT = ("Triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing "
-             "resnet_fused to use the interpreter")
+# Where to set TRITON_INTERPRET: before anything imports triton.language, which binds
+# Triton's own helpers once (launcher._language_interpreted); torch._dynamo imports it,
+# and `import resnet_fused` imports torch._dynamo.
+_WHERE = ("set it in the environment before Python starts (`TRITON_INTERPRET=1 python ...`), "
+          "or in os.environ before importing resnet_fused, torch._dynamo or triton")
+_CPU_HINT = "Triton needs a CUDA GPU; to use its interpreter on CPU, " + _WHERE
 
 
 class TritonBackend(CompositeBackend):
@@ -60,7 +65,13 @@ class TritonBackend(CompositeBackend):
                 return _CPU_HINT
             if not launcher.INTERPRET:
                 return ("TRITON_INTERPRET=1 was set after resnet_fused's Triton kernels were "
-                        "defined; set it before importing resnet_fused")
+                        "defined, so they are compiled for a GPU; " + _WHERE)
+            if not launcher.LANGUAGE_INTERPRETED:
+                return ("TRITON_INTERPRET=1 was set after triton.language was imported (torch "
+                        "imports it with torch._dynamo), so Triton's own helpers (tl.sum, "
+                        "tl.cdiv, ...) are compiled for a GPU and interpreted kernels would "
+                        "fail with \"Cannot call @triton.jit'd outside of the scope of a "
+                        "kernel\"; " + _WHERE)
             return None
         return f"Triton does not run on {device.type} devices; " + _CPU_HINT
 

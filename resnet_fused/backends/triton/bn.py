@@ -139,12 +139,13 @@ def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
                      UPDATE: tl.constexpr, BC: tl.constexpr):
     """invstd, scale, shift; with UPDATE the running statistics as nn.BatchNorm2d.
 
-    One program: num_batches_tracked is read, incremented and written once, and the
-    cumulative-average factor 1/num_batches_tracked is computed on the device (no
-    host sync). momentum < 0 stands for momentum=None."""
+    One program (every channel): num_batches_tracked is read once by every thread,
+    and written (incremented) only after a barrier, so no warp can read the new value:
+    the cumulative-average factor 1/num_batches_tracked is the same for every channel
+    and computed on the device (no host sync). The CUDA twin (csrc/cuda/bn_kernels.cu,
+    finalize) does the same with __syncthreads. momentum < 0 stands for momentum=None."""
     if UPDATE:
         t = tl.load(nbt_ptr) + 1
-        tl.store(nbt_ptr, t)
         f = tl.where(momentum >= 0.0, momentum, 1.0 / t.to(tl.float32))
         # Bessel's correction for the running (unbiased) variance. Arithmetic, not
         # .to(): torch 2.11's kernel analysis (torch.compile) passes scalar arguments as
@@ -169,6 +170,11 @@ def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
             rv = (1.0 - f) * rv + f * (var * bessel)
             tl.store(rm_ptr + rc, rm.to(rm_ptr.dtype.element_ty), mask=ok)
             tl.store(rv_ptr + rc, rv.to(rv_ptr.dtype.element_ty), mask=ok)
+    if UPDATE:
+        # Every thread of the program has loaded num_batches_tracked before it changes
+        # (without the barrier a lagging warp could read n+1 and use 1/(n+2)).
+        tl.debug_barrier()
+        tl.store(nbt_ptr, t)
 
 
 @triton.jit

@@ -43,6 +43,7 @@ logic is tested in the interpreter (which emulates descriptors) via _path="tma".
 """
 from __future__ import annotations
 
+import contextvars
 import os
 from typing import NamedTuple, Optional
 
@@ -447,17 +448,23 @@ def _conv_tma_kernel(
               HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN, BH * BW)
 
 
-_ALLOCATOR_SET = False
+def _tma_scratch(size: int, alignment: int, stream):
+    # On the current device, which launch() has set to the tensors' (launcher.device_guard).
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+# triton.set_allocator stores the allocator in a ContextVar: each thread (a new thread
+# starts from an empty context) needs its own call. This flag is a ContextVar too, so it
+# is set in exactly the contexts where the allocator is.
+_ALLOCATOR_SET = contextvars.ContextVar("resnet_fused_tma_allocator_set", default=False)
 
 
 def _ensure_tma_allocator():
-    """Device-side descriptors need scratch memory from a global allocator."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        def alloc(size: int, alignment: int, stream):
-            return torch.empty(size, device="cuda", dtype=torch.int8)
-        triton.set_allocator(alloc)
-        _ALLOCATOR_SET = True
+    """Device-side descriptors need scratch memory from Triton's allocator, set once per
+    context (thread); a repeated call costs one ContextVar lookup."""
+    if not _ALLOCATOR_SET.get():
+        triton.set_allocator(_tma_scratch)
+        _ALLOCATOR_SET.set(True)
 
 
 def _tma_eligible(x, w, stride, prologue, stats) -> bool:

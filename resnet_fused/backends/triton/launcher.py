@@ -19,6 +19,7 @@ outputs, which is all a fake needs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,6 +32,26 @@ from ...ops import define_op
 from ...schemas import NAMESPACES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _language_interpreted() -> bool:
+    """Whether triton.language's own jit helpers (tl.cdiv, tl.sum, ...) are bound to the
+    interpreter. Triton decides that once, when triton.language is first imported,
+    reading TRITON_INTERPRET then; torch._dynamo imports it (so torch.compile and
+    `import resnet_fused` do). Kernels defined under the interpreter that call helpers
+    bound to the compiler fail with "Cannot call @triton.jit'd outside of the scope of a
+    kernel"."""
+    import triton.language.standard as std
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without an interpreter binds nothing to one
+        return False
+    return isinstance(std.cdiv, InterpretedFunction)
+
+
+# Kernels run under the interpreter only when both they and Triton's helpers were bound
+# to it (TritonBackend.unavailable_reason names the case where they differ).
+LANGUAGE_INTERPRETED = _language_interpreted()
 NS = NAMESPACES["triton"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the activations this backend takes
 
@@ -64,16 +85,34 @@ def tracing(args, kwargs=None) -> bool:
                for a in _tensors(args, kwargs))
 
 
+def device_guard(tensors):
+    """torch.cuda.device(d) for the CUDA device d of the launch's tensors, a null context
+    when none is on CUDA (the interpreter's CPU tensors). An eager Triton launch runs on
+    torch.cuda.current_device(), not on its arguments' device, so without the guard a
+    block on cuda:1 called while cuda:0 is current launches on the wrong GPU (reading
+    another device's memory, or failing). Asks torch.cuda nothing for CPU tensors."""
+    dev = None
+    for t in tensors:
+        if t.device.type == "cuda":
+            assert dev is None or t.device == dev, (
+                f"one Triton launch with tensors on {dev} and {t.device}")
+            dev = t.device
+    return torch.cuda.device(dev) if dev is not None else contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), through wrap_triton only while tracing (see the
-    module docstring). kernel: a triton.jit function or a triton.autotune of one."""
+    module docstring), on its tensors' device (device_guard). Traced launches take no
+    guard here: the compiled code (Inductor) guards each kernel with its device itself.
+    kernel: a triton.jit function or a triton.autotune of one."""
+    tensors = _tensors(args, kwargs)
     if INTERPRET:
-        if any(_shape_only(a) for a in _tensors(args, kwargs)):
+        if any(_shape_only(a) for a in tensors):
             return None
-        return kernel[grid](*args, **kwargs)
-    if tracing(args, kwargs):
+    elif tracing(args, kwargs):
         return wrap_triton(kernel)[grid](*args, **kwargs)
-    return kernel[grid](*args, **kwargs)
+    with device_guard(tensors):
+        return kernel[grid](*args, **kwargs)
 
 
 def declare_kernels(namespace: str, modules) -> int:
@@ -116,5 +155,5 @@ def declare_kernels(namespace: str, modules) -> int:
     return added
 
 
-__all__ = ["DTYPES", "INTERPRET", "NS", "declare_kernels", "define_triton_op", "launch",
-           "tracing"]
+__all__ = ["DTYPES", "INTERPRET", "LANGUAGE_INTERPRETED", "NS", "declare_kernels",
+           "define_triton_op", "device_guard", "launch", "tracing"]

@@ -43,6 +43,10 @@ class _BasicBlock(nn.Module):
         self.downsample = nn.Sequential(nn.Conv2d(cin, k, 1, stride, bias=False),
                                         nn.BatchNorm2d(k))
 
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.downsample(x))
+
 
 # name -> (input channels, output channels, stride, builder)
 CONFIGS = {

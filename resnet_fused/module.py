@@ -30,7 +30,7 @@ class FusedResidual(nn.Module):
     """A ResNet residual block (basic or bottleneck) computed by fused kernels.
 
     Same constructor as D2L's Residual(input_channels, num_channels, use_1x1conv,
-    strides), plus `backend` ("auto", "torch", "native", "triton"). Training mode
+    strides), plus `backend` ("auto", "torch", "native", "triton", "eager"). Training mode
     uses batch statistics and updates the running statistics as nn.BatchNorm2d
     does; eval mode folds BN into the convolutions (cached). The output keeps the
     input's memory format (NCHW or channels_last). BN children that are

@@ -60,7 +60,7 @@ def _shape(kind):
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", "native", "eager"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_train_and_eval(kind, backend, channels_last):
     """Training: output, input and every parameter gradient, running statistics after
@@ -170,7 +170,7 @@ def test_compile_fullgraph_torch_backend(train):
         torch.testing.assert_close(fused.bn1.running_mean, plain.bn1.running_mean)
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", ["torch", "native", "eager"])
 def test_export_keeps_one_fused_op_per_stage(backend):
     torch.manual_seed(0)
     plain = tv_down_s2().eval()

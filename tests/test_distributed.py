@@ -23,6 +23,11 @@ CASES = [
     dict(backend="native", dtype="float64", block="proj1x1_s2", order="sync_then_fuse"),
     dict(backend="native", dtype="float32", block="basic_downsample", order="sync_then_fuse",
          channels_last=True),
+    # eager: PyTorch's kernels with the statistics synchronized (auto's CPU choice).
+    dict(backend="eager", dtype="float64", block="basic_downsample", order="sync_then_fuse",
+         momentum_none=True),
+    dict(backend="eager", dtype="float32", block="proj1x1_s2", order="fuse_then_sync",
+         channels_last=True),
     # Triton through its interpreter on CPU: float32 (its float16 is exercised on GPUs).
     dict(backend="triton", dtype="float32", block="proj1x1_s2", order="sync_then_fuse"),
     dict(backend="triton", dtype="float32", block="basic_downsample", order="fuse_then_sync",
@@ -33,7 +38,7 @@ CASES = [
 # torch.compile(fullgraph=True) traces the block with its collectives (no graph break).
 COMPILED = [dict(backend=b, dtype="float32", block=k, order="sync_then_fuse", compile=True)
             for b, k in (("torch", "identity"), ("native", "basic_downsample"),
-                         ("triton", "identity"))]
+                         ("triton", "identity"), ("eager", "basic_downsample"))]
 
 
 # A process group named at conversion: ranks 0 and 1 synchronise with each other, rank 2

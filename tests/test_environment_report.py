@@ -22,7 +22,7 @@ def test_report_names_versions_backends_and_auto_picks():
                  "extension", "backends", "auto on cpu", "s2", "s3d", "s3 ", "s4", "s5",
                  "512-512-7-7-1", "r50 l1.0", "b-256-128-512-56-56-2"):
         assert word in out, f"{word!r} missing from:\n{out}"
-    for name in ("torch", "native", "triton"):
+    for name in ("torch", "native", "triton", "eager"):
         assert f"cpu     {name}" in out
 
 
@@ -35,11 +35,12 @@ def test_report_says_why_a_backend_is_unavailable():
 
 def test_report_as_json():
     info = json.loads(_run("--json"))
-    assert info["torch"] and set(info["backends"]["cpu"]) == {"torch", "native", "triton"}
+    assert info["torch"] and set(info["backends"]["cpu"]) == {"torch", "native", "triton", "eager"}
     basic = {"s2", "s3d", "s3", "s4", "s5"}
     r50 = {f"r50 l{i}{sfx}" for i in range(1, 5) for sfx in ("", ".0")}
     assert {r["stage"] for r in info["auto"]["cpu"]} == basic | r50
-    assert all(r["backend"] in ("torch", "native", "triton") for r in info["auto"]["cpu"])
+    # On CPU auto computes with PyTorch's own kernels (training) and folded BN (eval).
+    assert all(r["backend"] == "eager" for r in info["auto"]["cpu"])
 
 
 def test_importing_the_user_modules_queries_no_cuda():

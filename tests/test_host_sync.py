@@ -16,7 +16,7 @@ import torch
 from blockcheck import make_input, randomize_bn
 from resnet_fused import FusedResidual, available_backends
 
-BACKENDS = [b for b in ("torch", "native") if b in available_backends("cpu")]
+BACKENDS = [b for b in ("torch", "native", "eager") if b in available_backends("cpu")]
 
 
 class _HostSyncSpy:

@@ -29,7 +29,7 @@ def example():
 
 
 def _cpu_backends():
-    return [b for b in ("torch", "native") if b in available_backends("cpu")]
+    return [b for b in ("torch", "native", "eager") if b in available_backends("cpu")]
 
 
 def test_passes_on_a_plain_model_converted_here():

@@ -229,7 +229,7 @@ def test_bn_modules_own_mode_decides_like_plain(frozen):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "eager"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_nan_propagates_like_plain(backend, train):
     """A NaN in the input must show in the output where the plain block's shows (ReLU

@@ -36,7 +36,7 @@ def test_cpu_order_and_missing_table(monkeypatch, tmp_path):
     monkeypatch.setattr(preference, "MEASURED_PATH", str(tmp_path / "absent.json"))
     preference.measured.cache_clear()
     assert preference.measured() == {}
-    assert preference.preferred_order(torch.device("cpu"), torch.float32, True) == ("torch",)
+    assert preference.preferred_order(torch.device("cpu"), torch.float32, True) == ("eager",)
     preference.measured.cache_clear()
 
 

@@ -104,7 +104,7 @@ def test_inference_tensors_changed_in_place_are_seen():
 
 # ------------------------------------------------------------------ torch.export
 def _cpu_backends():
-    return [b for b in ("torch", "native", "triton") if b in available_backends("cpu")]
+    return [b for b in ("torch", "native", "triton", "eager") if b in available_backends("cpu")]
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())

@@ -1,4 +1,4 @@
-"""Backend registry: "torch", "native", "triton", and the "auto" choice among them.
+"""Backend registry: "torch", "native", "triton", "eager", and the "auto" choice among them.
 
 Backends are imported lazily, on first use, so `import resnet_fused` never needs the
 extension, Triton or a GPU, and never queries CUDA.
@@ -13,7 +13,7 @@ import torch
 from .base import Backend
 from .preference import preferred_order
 
-NAMES = ("torch", "native", "triton")
+NAMES = ("torch", "native", "triton", "eager")
 CHOICES = ("auto",) + NAMES
 
 # name -> (module, class) imported on first use.
@@ -21,6 +21,7 @@ _WHERE = {
     "torch": ("resnet_fused.backends.composite", "TorchBackend"),
     "native": ("resnet_fused.backends.native", "NativeBackend"),
     "triton": ("resnet_fused.backends.triton", "TritonBackend"),
+    "eager": ("resnet_fused.backends.eager", "EagerBackend"),
 }
 _INSTANCES: dict[str, Backend] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -84,7 +85,8 @@ def choose(device: torch.device, dtype: torch.dtype, training: bool,
            shape_key: Optional[str] = None, parts=None) -> Backend:
     """The "auto" choice for this device, dtype, mode and block shape.
 
-    On CPU: the torch composite (ATen's CPU convolutions are the fast part there).
+    On CPU: the eager backend (PyTorch's own kernels in training, BN folded in eval:
+    nothing fused is faster there; resnet_fused/backends/eager.py).
     On CUDA: the first available backend of the measured preference order
     (resnet_fused/backends/preference.py; measured.json from benchmark results) that
     takes the dtype and, given `parts` (a spec.Parts), the block.

@@ -20,7 +20,9 @@ CUDA_DEFAULT = {
     "eval": ("native", "triton", "torch"),
     "train": ("native", "triton", "torch"),
 }
-CPU_ORDER = ("torch",)
+# On CPU nothing fused trains faster than PyTorch's own kernels, and folding BN is the
+# eval gain (eager.py; figures in bench/NOTES.md).
+CPU_ORDER = ("eager",)
 MEASURED_PATH = os.path.join(os.path.dirname(__file__), "measured.json")
 
 

@@ -1,0 +1,92 @@
+"""The eager backend: training as PyTorch computes the plain block, eval folded.
+
+Training: each stage's convolution and BatchNorm through PyTorch's own kernels (ATen's
+convolution and native batch_norm, which also updates the running statistics), its
+ReLU, then the shortcut, the add and the last ReLU, in place where torchvision's
+BasicBlock and Bottleneck write them in place. The result is the plain block's,
+operation for operation. On a CPU none of the fused training paths is faster: the
+composite of our schema ops (the torch backend) makes more passes than ATen's one-pass
+CPU batch_norm, writes and reads the 1-bit ReLU mask, and calls a custom op per step;
+the C++ CPU kernels (native) are loops, not oneDNN's vectorised ones. bench/NOTES.md
+has the figures. So `auto` takes this backend on CPU, and a CPU user never loses by
+converting.
+
+Eval: the torch backend's folded ops (conv_bias_relu, conv_bias_shortcut_relu): BN
+folded into the convolutions' weights and bias saves its passes over memory, which is
+faster than the plain block on CPU too, and torch.export keeps the ops in its graph.
+
+SyncBatchNorm: a BN whose group is given is synchronized through
+distributed.batch_norm_sync (one all-reduce of the statistics, one of the backward's
+sums), as the composite backends' shortcut BN is; without a group,
+distributed.batch_norm_local (a SyncBatchNorm with nothing to synchronise).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from .. import distributed
+from ..ops import stats_dtype
+from ..reference import conv_forward
+from .composite import TorchBackend
+from .torch_ops import finalize
+
+
+def _bn(c: torch.Tensor, bn, group) -> torch.Tensor:
+    if group is not None:
+        return distributed.batch_norm_sync(c, bn, group)
+    if bn.momentum is None:
+        return _bn_cumulative(c, bn)
+    return distributed.batch_norm_local(c, bn)
+
+
+def _bn_cumulative(c: torch.Tensor, bn) -> torch.Tensor:
+    """Training bn(c) with momentum=None (the cumulative moving average). nn.BatchNorm2d
+    computes its factor as 1 / float(num_batches_tracked), a host synchronisation per
+    BN (a stall on a GPU, refused while a CUDA graph captures); here the running
+    statistics are updated by the torch backend's finalize, which reads the factor on
+    the device, and the output and its gradient are ATen's batch_norm with batch
+    statistics. The price is one more read of c (the statistics), in this case only."""
+    cd = c.detach()
+    var, mean = torch.var_mean(cd.to(stats_dtype(cd)), dim=(0, 2, 3), correction=0)
+    finalize(mean, var, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+             bn.running_var, bn.num_batches_tracked, -1.0, float(bn.eps),
+             c.numel() // c.shape[1])
+    return F.batch_norm(c, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+class EagerBackend(TorchBackend):
+    """PyTorch's own kernels in training, the torch backend's folded ops in eval."""
+
+    name = "eager"
+
+    def unsupported_dtype_reason(self, dtype, device) -> Optional[str]:
+        if dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            return None
+        return f"the eager backend supports floating dtypes, not {dtype}"
+
+    def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
+        """The plain block's training forward (reference.plain_parts_forward) with the
+        BNs of `groups` synchronized. In place only on fresh results whose producer
+        keeps its input, not its output, for the backward (ATen's batch_norm,
+        distributed's _SyncBn, the add), so autograd is unaffected."""
+        n = len(parts.stages)
+        if groups is None:
+            groups = (None,) * (n + 1)
+        y = x
+        for i, st in enumerate(parts.stages):
+            y = conv_forward(st.conv, y)
+            if st.bn is not None:
+                y = _bn(y, st.bn, groups[i])
+            if st.relu:
+                y = y.relu_() if st.bn is not None else torch.relu(y)
+        sc = x
+        if parts.shortcut is not None:
+            sc = conv_forward(parts.shortcut.conv, x)
+            if parts.shortcut.bn is not None:
+                sc = _bn(sc, parts.shortcut.bn, groups[n] if len(groups) > n else None)
+        if parts.stages[-1].bn is not None:
+            return y.add_(sc).relu_()
+        return torch.relu(y + sc)

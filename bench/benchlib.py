@@ -269,6 +269,33 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return quantile_ms(samples)
 
 
+def time_interleaved(fns: list, *, quick: bool = False) -> list:
+    """CPU: (p50, p20, p80) in ms of each (fn, grad_to_none) of `fns`, sampled in
+    rounds: every round calls each fn once, starting one further along each time, so
+    a slow phase of the machine (another process, a frequency change) falls on every
+    provider alike, and their ratios are measured side by side. One warm-up call each
+    first; at least 3 rounds, then rounds until about the time budget time_fn gives one
+    provider times their number, at most 50."""
+    for fn, _ in fns:
+        fn()
+    budget_s = (0.15 if quick else 0.5) * len(fns)
+    samples: list[list[float]] = [[] for _ in fns]
+    t_end = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < 3 or (time.perf_counter() < t_end and rounds < 50):
+        for k in range(len(fns)):
+            i = (rounds + k) % len(fns)
+            fn, grads = fns[i]
+            if grads is not None:
+                for t in grads:
+                    t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return [quantile_ms(s) for s in samples]
+
+
 class Rotating:
     """Cycles through several distinct input sets so timed calls do not all hit one
     buffer (METHOD.md: rotate inputs that would fit in cache)."""

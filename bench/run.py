@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Callable, NamedTuple, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -628,10 +629,42 @@ def _check_output(out, ref_out: dict, limit: float, what: str, note: list) -> fl
     return check
 
 
-def _time_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str):
-    """Build one provider, check its first output against the shape's reference (the
-    first provider's) and time it: (p50, p20, p80, check_rel, notes). Raises what
-    building or running raised."""
+class Prepared(NamedTuple):
+    """A provider built, run once and checked, ready to time."""
+    fn: Callable[[], object]
+    grads: Optional[list]   # tensors whose .grad is reset before each timed call
+    compiled: bool
+    check: float            # relative L2 of its first output to the shape's reference
+    note: list
+
+
+def _time_prepared(prepared: list) -> list:
+    """(p50, p20, p80) per Prepared. CPU: interleaved rounds over all of them
+    (bl.time_interleaved), so a slow phase of a shared machine falls on the plain block
+    and the fused ones alike; what the CPU rows compare is measured side by side, not
+    one provider's half-second after another's. CUDA: one after another under
+    do_bench (device events, L2 flushed between calls). A compiled provider (its own
+    pass, Inductor's freezing on in eval) is timed alone."""
+    if ON_GPU or any(p.compiled for p in prepared):
+        out = []
+        for p in prepared:
+            with freezing(p.compiled):
+                out.append(bl.time_fn(p.fn, DEVICE, quick=ARGS.quick, grad_to_none=p.grads))
+        return out
+    return bl.time_interleaved([(p.fn, p.grads) for p in prepared], quick=ARGS.quick)
+
+
+def _auto_pick(m, x, train: bool) -> str:
+    """The backend FusedResidual(backend="auto") computes this block and input with."""
+    from resnet_fused.backends.preference import block_shape_key
+    parts = m.parts()
+    return rf_backends.choose(x.device, x.dtype, train, block_shape_key(x.shape, parts),
+                              parts).name
+
+
+def _prepare_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str):
+    """Build one provider and check its first output against the shape's reference
+    (the first provider's): a Prepared. Raises what building or running raised."""
     note = []
     t_build = time.time()
     m, params = _build(prov, base, dt, cl, train)
@@ -652,12 +685,11 @@ def _time_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str)
     bl.sync(DEVICE)
     if prov == "compile":
         note.append(f"compile {time.time() - t_build:.1f} s")
+    if prov.startswith("fused_") and _auto_pick(m, xs[0], train) == prov[len("fused_"):]:
+        note.append("auto's choice")
     # A fast provider must compute the same block (bf16 vs fp32 differs by ~3e-3).
     check = _check_output(out, ref_out, 5e-2, what, note)
-    with freezing(prov == "compile"):
-        p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
-                                   grad_to_none=(params + xs) if train else None)
-    return p50, p20, p80, check, note
+    return Prepared(fn, (params + xs) if train else None, prov == "compile", check, note)
 
 
 def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="all",
@@ -682,6 +714,7 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
     n_sets = bl.n_input_sets(nbytes, DEVICE)
     inputs = {}
     ref_out = refs.setdefault((section, mode, str(x_value)), {}) if refs is not None else {}
+    ready = []  # (provider, dtype, common row fields, Prepared)
     for prov, dt, cl in plist:
         if R.over_budget():
             R.skip(f"{label} {mode} {prov}", BUDGET_SKIP)
@@ -694,34 +727,47 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
                       metric="time", unit="ms", x_name=x_name, x_value=x_value,
                       dtype=bl.dtype_name(dt), layout="NHWC" if cl else "NCHW", shape=s.key,
                       batch=s.batch)
+        what = f"{label} {mode} {prov}"
         try:
-            p50, p20, p80, check, note = _time_provider(prov, base, dt, cl, train, xs, gys,
-                                                        ref_out, f"{label} {mode} {prov}")
+            ready.append((prov, dt, common, _prepare_provider(prov, base, dt, cl, train, xs,
+                                                              gys, ref_out, what)))
         except Exception as e:  # noqa: BLE001 - report and go on with the other providers
-            R.say(f"  ! {label} {mode} {prov}: {err_text(e)}")
-            R.errors.append(f"{label} {mode} {prov}: {err_text(e)}")
-            R.row(**common, status="ERROR", note=err_text(e))
-            if os.environ.get("BENCH_TRACEBACK"):
-                traceback.print_exc()
-            if ON_GPU:
-                torch.cuda.empty_cache()
-            continue
-        finally:
+            _error_row(what, common, e)
             if prov == "compile":
                 torch._dynamo.reset()
+    try:
+        times = _time_prepared([r[3] for r in ready]) if ready else []
+    except Exception as e:  # noqa: BLE001
+        for prov, _, common, _ in ready:
+            _error_row(f"{label} {mode} {prov}", common, e)
+        ready, times = [], []
+    finally:
+        if any(r[3].compiled for r in ready):
+            torch._dynamo.reset()
+    for (prov, dt, common, p), (p50, p20, p80) in zip(ready, times):
         tflops = flops / p50 / 1e9
         peak = bl.peak_for_dtype(R.peak, dt)
         R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
               of_peak=(tflops / peak) if peak else None,
               floor_ms=(flops / peak / 1e9) if peak else None,
-              check_rel=check, status="OK", note="; ".join(note))
+              check_rel=p.check, status="OK", note="; ".join(p.note))
         R.say(f"  {label:<22} {mode:<5} {prov:<13} {bl.dtype_name(dt)} "
               f"{p50:9.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s"
-              + (f"  ({'; '.join(note)})" if note else ""))
+              + (f"  ({'; '.join(p.note)})" if p.note else ""))
     _group_speedups(section, mode, x_value)
     if ON_GPU:
         torch.cuda.empty_cache()
     R.checkpoint()
+
+
+def _error_row(what: str, common: dict, e: BaseException):
+    R.say(f"  ! {what}: {err_text(e)}")
+    R.errors.append(f"{what}: {err_text(e)}")
+    R.row(**common, status="ERROR", note=err_text(e))
+    if os.environ.get("BENCH_TRACEBACK"):
+        traceback.print_exception(e)
+    if ON_GPU:
+        torch.cuda.empty_cache()
 
 
 def _group_speedups(section, mode, x_value):
@@ -850,6 +896,10 @@ def kernels_section(backends, dtype):
             continue
         if dtype_reason(b, dtype):
             continue
+        if b not in NAMESPACE:
+            R.skip(f"kernels {b}", "no ops of its own (eager: PyTorch's kernels in training, "
+                   "the torch backend's ops in eval)")
+            continue
         rf_backends.get(b, DEVICE)  # importing the backend registers its ops
         ns = getattr(torch.ops, NAMESPACE[b])
         for s in shapes:
@@ -935,9 +985,8 @@ def _nets():
     return [("resnet50", r50, 3, ARGS.batch or (256 if ON_GPU else 2), hw)] + out
 
 
-def _time_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
-    """Build one network provider, check its first output, time it: (p50, p20, p80,
-    check, notes)."""
+def _prepare_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
+    """Build one network provider and check its first output: a Prepared."""
     note = []
     t_build = time.time()
     m = _build_net(prov, base, dt, pcl, train)
@@ -959,10 +1008,7 @@ def _time_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
     if prov == "compile":
         note.append(f"compile {time.time() - t_build:.1f} s")
     check = _check_output(out, ref_out, 1e-1, what, note)
-    with freezing(prov == "compile"):
-        p50, p20, p80 = bl.time_fn(fn, DEVICE, quick=ARGS.quick,
-                                   grad_to_none=(params + xs) if train else None)
-    return p50, p20, p80, check, note
+    return Prepared(fn, (params + xs) if train else None, prov == "compile", check, note)
 
 
 def net_section(backends, dtype):
@@ -972,35 +1018,48 @@ def net_section(backends, dtype):
             train = mode == "train"
             flops = bl.model_flops(base, (n, ch, hw, hw), training=train)
             rows, ref_out = {}, {}
-            for prov, dt, pcl in _provider_list(mode, backends, dtype, "net"):
-                what = f"net {name} {mode} {prov}"
-                if R.over_budget():
-                    R.skip(what, BUDGET_SKIP)
-                    continue
-                common = dict(section="net", kernel=name, provider=prov, mode=mode,
-                              metric="time", unit="ms", x_name="batch", x_value=n,
-                              dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
-                              shape=f"{ch}x{hw}x{hw}", batch=n)
+            # Compiled networks are timed one at a time and dropped (a graph each);
+            # the others are built first and timed interleaved on CPU (_time_prepared).
+            plist = _provider_list(mode, backends, dtype, "net")
+            groups = [[p for p in plist if p[0] != "compile"]] + \
+                [[p] for p in plist if p[0] == "compile"]
+            for group in groups:
+                ready = []
+                for prov, dt, pcl in group:
+                    what = f"net {name} {mode} {prov}"
+                    if R.over_budget():
+                        R.skip(what, BUDGET_SKIP)
+                        continue
+                    common = dict(section="net", kernel=name, provider=prov, mode=mode,
+                                  metric="time", unit="ms", x_name="batch", x_value=n,
+                                  dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
+                                  shape=f"{ch}x{hw}x{hw}", batch=n)
+                    try:
+                        ready.append((prov, dt, common, _prepare_net(
+                            prov, base, dt, pcl, train, n, ch, hw, ref_out, what)))
+                    except Exception as e:  # noqa: BLE001
+                        _error_row(what, common, e)
                 try:
-                    p50, p20, p80, check, note = _time_net(prov, base, dt, pcl, train, n, ch,
-                                                           hw, ref_out, what)
+                    times = _time_prepared([r[3] for r in ready]) if ready else []
                 except Exception as e:  # noqa: BLE001
-                    R.say(f"  ! {what}: {err_text(e)}")
-                    R.errors.append(f"{what}: {err_text(e)}")
-                    R.row(**common, status="ERROR", note=err_text(e))
-                    if os.environ.get("BENCH_TRACEBACK"):
-                        traceback.print_exc()
-                    continue
+                    for prov, _, common, _ in ready:
+                        _error_row(f"net {name} {mode} {prov}", common, e)
+                    ready, times = [], []
                 finally:
-                    if prov == "compile":
+                    if any(r[3].compiled for r in ready) or any(p[0] == "compile"
+                                                                 for p in group):
                         torch._dynamo.reset()
-                tflops = flops / p50 / 1e9
-                peak = bl.peak_for_dtype(R.peak, dt)
-                rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80, img_s=n / p50 * 1e3,
-                                   tflops=tflops, of_peak=(tflops / peak) if peak else None,
-                                   check_rel=check, status="OK", note="; ".join(note))
-                R.say(f"  {name} {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
-                      f"{n / p50 * 1e3:10.0f} img/s" + (f"  ({'; '.join(note)})" if note else ""))
+                for (prov, dt, common, p), (p50, p20, p80) in zip(ready, times):
+                    tflops = flops / p50 / 1e9
+                    peak = bl.peak_for_dtype(R.peak, dt)
+                    rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80,
+                                       img_s=n / p50 * 1e3, tflops=tflops,
+                                       of_peak=(tflops / peak) if peak else None,
+                                       check_rel=p.check, status="OK",
+                                       note="; ".join(p.note))
+                    R.say(f"  {name} {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
+                          f"{n / p50 * 1e3:10.0f} img/s"
+                          + (f"  ({'; '.join(p.note)})" if p.note else ""))
             _speedups(rows)
             if ON_GPU:
                 torch.cuda.empty_cache()

@@ -11,9 +11,12 @@ the C++ CPU kernels (native) are loops, not oneDNN's vectorised ones. bench/NOTE
 has the figures. So `auto` takes this backend on CPU, and a CPU user never loses by
 converting.
 
-Eval: the torch backend's folded ops (conv_bias_relu, conv_bias_shortcut_relu): BN
-folded into the convolutions' weights and bias saves its passes over memory, which is
-faster than the plain block on CPU too, and torch.export keeps the ops in its graph.
+Eval: BN folded into the convolutions' weights and bias (fewer passes over memory
+than the plain block's conv, BN, ReLU), computed by the torch backend's functions
+called directly: through their custom ops each call costs ~45 us of dispatch on a
+CPU, which at ResNet-18 sizes ate the gain (bench/NOTES.md). While torch.export traces
+the block it takes the ops themselves, so an exported graph keeps one fused op per
+stage (serving.export checks that).
 
 SyncBatchNorm: a BN whose group is given is synchronized through
 distributed.batch_norm_sync (one all-reduce of the statistics, one of the backward's
@@ -31,6 +34,8 @@ from .. import distributed
 from ..ops import stats_dtype
 from ..reference import conv_forward
 from .composite import TorchBackend
+from . import torch_ops
+from .base import FoldedBlock
 from .torch_ops import finalize
 
 
@@ -90,3 +95,16 @@ class EagerBackend(TorchBackend):
         if parts.stages[-1].bn is not None:
             return y.add_(sc).relu_()
         return torch.relu(y + sc)
+
+    def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return super().forward_eval(parts, folded, x)
+        y = x
+        for f in folded.stages[:-1]:
+            y = torch_ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation,
+                                         f.groups)
+        last, sc = folded.stages[-1], folded.shortcut
+        return torch_ops.conv_bias_shortcut_relu(
+            y, last.w, last.b, x, None if sc is None else sc.w, last.padding,
+            0 if sc is None else sc.stride, 0 if sc is None else sc.padding,
+            last.dilation, last.groups)

@@ -155,10 +155,11 @@ def conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1):
 def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.Tensor],
                             padding, shortcut_stride, shortcut_padding, dilation=1, groups=1):
     out = F.conv2d(y, weight, bias, 1, padding, dilation, groups)
+    # In place on the fresh conv result (the add's backward needs neither operand).
     if shortcut_weight is not None:
-        out = out + F.conv2d(x, shortcut_weight, None, shortcut_stride, shortcut_padding)
+        out.add_(F.conv2d(x, shortcut_weight, None, shortcut_stride, shortcut_padding))
     else:
-        out = out + x
+        out.add_(x)
     return out.relu_()
 
 

@@ -181,9 +181,20 @@ def _resnet50():
     return net
 
 
-@pytest.mark.xfail(reason="open: at 4x3x64x64 the fused training gradients of some "
-                   "layer4 BN/conv parameters exceed the bound (e.g. layer4.1.bn1.bias 9.6e-3 "
-                   "vs the plain model's 6.2e-5, torch backend); not yet diagnosed", strict=False)
+# Diagnosed, not fixed: at 4x3x64x64 layer4's BNs see 16 values per channel and the
+# float64 comparison of its training gradients is ill-conditioned. The torch and native
+# backends' forward is as accurate as the plain model's (every block's output within
+# 1.02x of the plain error), yet their layer4 parameter gradients are ~1e-3 off while the
+# plain model's are ~6e-5; the plain PyTorch layer4.2 block fed the fused network's own
+# layer4.2 input (the float64 network's upstream gradient) shows the same 1e-3 errors,
+# and fed the plain network's input, 6e-5. So it is the input's last-bit differences,
+# not a fused kernel, that the rule "3x the plain model's error" flags here; the eager
+# backend, which reproduces the plain model's rounding, passes. Fixing it means a
+# plain-error baseline robust to such conditioning (bench/NOTES.md, check_model).
+@pytest.mark.xfail(reason="ill-conditioned float64 comparison of layer4's training gradients "
+                   "at 4x3x64x64: the plain block fed the fused network's equally accurate "
+                   "layer4 input has the same 1e-3 errors (see the comment above)",
+                   strict=False)
 def test_resnet50_passes_on_every_cpu_backend():
     """torchvision's ResNet-50 (16 bottleneck blocks) on the CPU backends, eval and
     training: the issue's acceptance check, as a user would run it. Triton's interpreter

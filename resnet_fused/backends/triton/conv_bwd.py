@@ -52,8 +52,11 @@ else:
     _DG = dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
     _WG = dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3)
     _WG_PROGRAMS = 512
-# fp32 without TF32 multiplies on the FMA units: smaller tiles, or ptxas spills.
-_DG_FMA = dict(_DG, BM=64, BN=64, BK=32, num_warps=8) if not INTERPRET else _DG
+# fp32 without TF32 multiplies on the FMA units: smaller tiles, or ptxas spills. dgrad's
+# K step is 16: at 32 its BN-backward prologue spilled 8 B/thread on triton 3.8 and
+# 16 B/thread on 3.6 (csrc/tools/triton_aot.py --full); at 16 neither spills, and an
+# FMA-bound loop loses nothing by a shorter step.
+_DG_FMA = dict(_DG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _DG
 _WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
 
 

@@ -36,7 +36,12 @@ from collections import namedtuple
 
 import torch
 
+from .compile_cache import key_compile_caches
 from .schemas import COMMON_OPS, SCHEMAS
+
+# Compiled graphs cached on disk name our ops, not their code: key them by it
+# (compile_cache.py), before any op is defined.
+key_compile_caches()
 
 _REGISTERED: set[tuple[str, str]] = set()
 

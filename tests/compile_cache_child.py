@@ -2,7 +2,7 @@
 TORCHINDUCTOR_CACHE_DIR: compiles one graph calling a torch-backend op four times (the
 second and fourth should be cache hits; the third, with another op-layer fingerprint in
 Inductor's config, a miss) and prints the hit/miss counts as JSON."""
-import json, os, sys
+import json
 import torch
 import resnet_fused  # noqa: F401  (keys the caches)
 from resnet_fused import compile_cache

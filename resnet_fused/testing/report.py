@@ -93,7 +93,8 @@ class ModelReport:
                                               zip(row, widths)).rstrip())
         lines.append("  (rule: fused error <= 2x (outputs, buffers) or 3x (gradients) the "
                      "plain model's error in the same dtype, against float64, plus a floor; "
-                     "'of bound' <= 1 passes)")
+                     "in training the plain error is its worst at the input and at copies "
+                     "perturbed by a few ulps; 'of bound' <= 1 passes)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -104,10 +104,15 @@ class CompositeBackend(Backend):
         residual = self.shortcut_train(parts, x, groups[n] if len(groups) > n else None)
         return self.bn_act_train(c, last.bn, residual, groups[n - 1])
 
+    def folded_ops(self):
+        """What forward_eval calls conv_bias_relu and conv_bias_shortcut_relu on: the
+        namespace's ops."""
+        return self.ops
+
     def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         """conv_bias_relu for every stage but the last, conv_bias_shortcut_relu for the
         last (the projection a second GEMM into its accumulator, or x added)."""
-        ops = self.ops
+        ops = self.folded_ops()
         y = x
         for f in folded.stages[:-1]:
             y = ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation, f.groups)

@@ -33,9 +33,8 @@ from torch.nn import functional as F
 from .. import distributed
 from ..ops import stats_dtype
 from ..reference import conv_forward
-from .composite import TorchBackend
 from . import torch_ops
-from .base import FoldedBlock
+from .composite import TorchBackend
 from .torch_ops import finalize
 
 
@@ -96,15 +95,7 @@ class EagerBackend(TorchBackend):
             return y.add_(sc).relu_()
         return torch.relu(y + sc)
 
-    def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_exporting():
-            return super().forward_eval(parts, folded, x)
-        y = x
-        for f in folded.stages[:-1]:
-            y = torch_ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation,
-                                         f.groups)
-        last, sc = folded.stages[-1], folded.shortcut
-        return torch_ops.conv_bias_shortcut_relu(
-            y, last.w, last.b, x, None if sc is None else sc.w, last.padding,
-            0 if sc is None else sc.stride, 0 if sc is None else sc.padding,
-            last.dilation, last.groups)
+    def folded_ops(self):
+        """The torch backend's functions themselves (no custom-op dispatch), but its ops
+        while torch.export traces, so an exported graph keeps one fused op per stage."""
+        return super().folded_ops() if torch.compiler.is_exporting() else torch_ops

@@ -662,6 +662,25 @@ def _auto_pick(m, x, train: bool) -> str:
                               parts).name
 
 
+def _time_ready(ready: list, what: str) -> list:
+    """Time the built providers of one shape and mode (ready: (provider, dtype, row
+    fields, Prepared)): [((provider, dtype, fields, Prepared), (p50, p20, p80))]. A
+    failure while timing is an error row for each of them; a compiled graph is dropped
+    after its timing."""
+    if not ready:
+        return []
+    try:
+        times = _time_prepared([r[3] for r in ready])
+    except Exception as e:  # noqa: BLE001 - report and go on with the next shape
+        for prov, _, common, _ in ready:
+            _error_row(f"{what} {prov}", common, e)
+        return []
+    finally:
+        if any(r[3].compiled for r in ready):
+            torch._dynamo.reset()
+    return list(zip(ready, times))
+
+
 def _prepare_provider(prov, base, dt, cl, train, xs, gys, ref_out: dict, what: str):
     """Build one provider and check its first output against the shape's reference
     (the first provider's): a Prepared. Raises what building or running raised."""
@@ -735,16 +754,7 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
             _error_row(what, common, e)
             if prov == "compile":
                 torch._dynamo.reset()
-    try:
-        times = _time_prepared([r[3] for r in ready]) if ready else []
-    except Exception as e:  # noqa: BLE001
-        for prov, _, common, _ in ready:
-            _error_row(f"{label} {mode} {prov}", common, e)
-        ready, times = [], []
-    finally:
-        if any(r[3].compiled for r in ready):
-            torch._dynamo.reset()
-    for (prov, dt, common, p), (p50, p20, p80) in zip(ready, times):
+    for (prov, dt, common, p), (p50, p20, p80) in _time_ready(ready, f"{label} {mode}"):
         tflops = flops / p50 / 1e9
         peak = bl.peak_for_dtype(R.peak, dt)
         R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
@@ -1039,17 +1049,10 @@ def net_section(backends, dtype):
                             prov, base, dt, pcl, train, n, ch, hw, ref_out, what)))
                     except Exception as e:  # noqa: BLE001
                         _error_row(what, common, e)
-                try:
-                    times = _time_prepared([r[3] for r in ready]) if ready else []
-                except Exception as e:  # noqa: BLE001
-                    for prov, _, common, _ in ready:
-                        _error_row(f"net {name} {mode} {prov}", common, e)
-                    ready, times = [], []
-                finally:
-                    if any(r[3].compiled for r in ready) or any(p[0] == "compile"
-                                                                 for p in group):
-                        torch._dynamo.reset()
-                for (prov, dt, common, p), (p50, p20, p80) in zip(ready, times):
+                if any(p[0] == "compile" for p in group) and not ready:
+                    torch._dynamo.reset()  # a compile that failed to build
+                for (prov, dt, common, p), (p50, p20, p80) in _time_ready(
+                        ready, f"net {name} {mode}"):
                     tflops = flops / p50 / 1e9
                     peak = bl.peak_for_dtype(R.peak, dt)
                     rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80,

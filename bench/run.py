@@ -74,7 +74,7 @@ def parse_args(argv=None):
                    "l1d,l1,l2d,l2,l3d,l3,l4d,l4 (default all)")
     p.add_argument("--modes", default="eval,train", help="eval,train (default both)")
     p.add_argument("--backends", help="FusedResidual backends, comma list among "
-                   "torch,native,triton (default: every available one)")
+                   "torch,native,triton,eager (default: every available one)")
     p.add_argument("--providers", default="eager_fp32,eager,compile,cudnn_fused,fused",
                    help="baselines and fused providers to time (default all)")
     p.add_argument("--dtype", help="dtype of the timed providers other than eager_fp32: "

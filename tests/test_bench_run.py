@@ -43,21 +43,28 @@ def test_import_does_no_work(run):
     assert run.ARGS is None and run.R is None  # nothing parsed or measured at import
 
 
+# On CPU a shape's providers are timed together, interleaved (bench/run.py's
+# _time_prepared through benchlib.time_interleaved): the timer the tests below stop.
+def _two_shapes(argv):
+    argv[argv.index("--shapes") + 1] = "s2,s3d"
+    return argv
+
+
 def test_rows_are_on_disk_as_they_are_made(run, tmp_path, monkeypatch):
     seen = []
-    real = run.bl.time_fn
+    real = run.bl.time_interleaved
 
-    def spy(fn, device, **kw):
+    def spy(fns, **kw):
         seen.append(len(_csv_rows(tmp_path)))  # what a kill at this moment would leave
-        return real(fn, device, **kw)
-    monkeypatch.setattr(run.bl, "time_fn", spy)
-    assert run.main(_argv(tmp_path)) == 0
-    assert seen == [0, 1], seen  # the second timing starts with the first row written
+        return real(fns, **kw)
+    monkeypatch.setattr(run.bl, "time_interleaved", spy)
+    assert run.main(_two_shapes(_argv(tmp_path))) == 0
+    assert seen == [0, 2], seen  # the second shape's timing starts with the first's rows written
     rows = _csv_rows(tmp_path)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == len(doc["rows"]) and (tmp_path / "results.md").is_file()
     timed = [r for r in rows if r["section"] == "block"]
-    assert [r["provider"] for r in timed] == ["eager_fp32", "fused_torch"]
+    assert [r["provider"] for r in timed] == ["eager_fp32", "fused_torch"] * 2
     # the rewrite at the end of the shape added the speedups the appended rows lacked
     assert all(float(r["speedup_vs_eager"]) > 0 for r in timed)
     # timing first, numerics after it
@@ -115,20 +122,20 @@ def test_numerics_keep_their_share_of_the_budget(run, tmp_path):
 
 
 def test_interrupt_leaves_the_results(run, tmp_path, monkeypatch):
-    real = run.bl.time_fn
+    real = run.bl.time_interleaved
     calls = []
 
-    def interrupted(fn, device, **kw):
+    def interrupted(fns, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # what `timeout -s INT` delivers
-        return real(fn, device, **kw)
-    monkeypatch.setattr(run.bl, "time_fn", interrupted)
-    assert run.main(_argv(tmp_path)) == 130
+        return real(fns, **kw)
+    monkeypatch.setattr(run.bl, "time_interleaved", interrupted)
+    assert run.main(_two_shapes(_argv(tmp_path))) == 130
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert [r["provider"] for r in doc["rows"]] == ["eager_fp32"]
+    assert [r["provider"] for r in doc["rows"]] == ["eager_fp32", "fused_torch"]
     assert doc["env"]["stopped"] == "interrupted (SIGINT)"
-    assert (tmp_path / "results.md").is_file() and len(_csv_rows(tmp_path)) == 1
+    assert (tmp_path / "results.md").is_file() and len(_csv_rows(tmp_path)) == 2
 
 
 def test_hard_timeout_writes_then_exits(run, tmp_path, monkeypatch, capsys):
@@ -142,13 +149,13 @@ def test_hard_timeout_writes_then_exits(run, tmp_path, monkeypatch, capsys):
         at_exit["doc"] = json.loads((tmp_path / "results.json").read_text())
         fired.set()
     monkeypatch.setattr(run, "_EXIT", fake_exit)
-    real = run.bl.time_fn
+    real = run.bl.time_interleaved
 
-    def stuck(fn, device, **kw):
+    def stuck(fns, **kw):
         if not fired.wait(20):  # a kernel that never returns, until the watchdog fires
             raise AssertionError("the watchdog did not fire")
-        return real(fn, device, **kw)
-    monkeypatch.setattr(run.bl, "time_fn", stuck)
+        return real(fns, **kw)
+    monkeypatch.setattr(run.bl, "time_interleaved", stuck)
     run.main(_argv(tmp_path, "--hard-timeout-s", "1", "--no-numerics"))
     assert at_exit["rc"] == run.HARD_EXIT_RC == 3
     assert at_exit["doc"]["env"]["stopped"].startswith("hard timeout after 1 s")

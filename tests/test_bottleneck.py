@@ -13,6 +13,7 @@ from torchvision.models.resnet import Bottleneck, conv1x1
 
 import resnet_fused.backends as backends_pkg
 from blockcheck import check_block, make_input, randomize_bn
+from tolerance import assert_within
 from resnet_fused import FusedResidual, fuse_model, serving
 from resnet_fused.backends.triton import TritonBackend
 
@@ -135,23 +136,48 @@ def test_state_dict_keys_and_tensors_are_the_source_blocks(kind):
                                       plain.state_dict(keep_vars=True).values()))
 
 
-def test_torchvision_resnet50_converts_every_block():
+def _same_network(model, blocks: int):
+    """fuse_model converts all `blocks` residual blocks of `model` (BN randomised), keeps
+    its state_dict keys, and computes the same function: eval (folded kernels) by the
+    rule against float64, a training step (auto on CPU: PyTorch's own kernels) bit for
+    bit, running statistics included."""
+    torch.manual_seed(0)
+    model = model.eval()
+    randomize_bn(model)
+    fused = fuse_model(copy.deepcopy(model))
+    assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == blocks
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, out_p, out_ref = fused(x), model(x), copy.deepcopy(model).double()(x.double())
+    assert_within("eval output", out, out_p, out_ref)
+    model.train(), fused.train()
+    out_p, out = model(x), fused(x)
+    assert torch.equal(out, out_p)
+    out_p.square().mean().backward()
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    state = fused.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name,blocks", [
+    ("resnet50", 16), ("resnet101", 33), ("wide_resnet50_2", 16), ("resnext50_32x4d", 16),
+    ("resnet50_dilated", 16)])
+def test_torchvision_bottleneck_networks_convert_and_compute_the_same(name, blocks):
     tvm = pytest.importorskip("torchvision.models")
-    for make in (tvm.resnet50, tvm.wide_resnet50_2, tvm.resnext50_32x4d,
-                 lambda: tvm.resnet50(replace_stride_with_dilation=[False, True, True])):
-        model = make()
-        fused = fuse_model(model)
-        assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == 16
-        assert list(fused.state_dict()) == list(model.state_dict())
+    if name == "resnet50_dilated":  # segmentation backbones: dilation in stages 3 and 4
+        model = tvm.resnet50(replace_stride_with_dilation=[False, True, True])
+    else:
+        model = getattr(tvm, name)()
+    _same_network(model, blocks)
 
 
-def test_timm_resnets_convert_every_block():
+@pytest.mark.parametrize("name,blocks", [("resnet26", 8), ("resnet50", 16)])
+def test_timm_bottleneck_networks_convert_and_compute_the_same(name, blocks):
     timm = pytest.importorskip("timm")
-    for name, n in (("resnet26", 8), ("resnet50", 16)):
-        model = timm.create_model(name)
-        fused = fuse_model(model)
-        assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == n
-        assert list(fused.state_dict()) == list(model.state_dict())
+    _same_network(timm.create_model(name), blocks)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

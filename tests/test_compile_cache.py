@@ -55,11 +55,19 @@ def test_the_fingerprint_follows_every_python_file_and_the_extension(tmp_path):
     shutil.rmtree(pkg)
 
 
-def test_the_users_entries_stay(monkeypatch):
-    monkeypatch.setattr(inductor_config, "unsafe_marked_cacheable_functions",
-                        {"torch.ops.mine.op": "v3"})
-    compile_cache.key_compile_caches()
-    assert inductor_config.unsafe_marked_cacheable_functions == {
-        "torch.ops.mine.op": "v3", compile_cache.KEY: compile_cache.fingerprint()}
-    compile_cache.key_compile_caches()  # idempotent
-    assert len(inductor_config.unsafe_marked_cacheable_functions) == 2
+def test_the_users_entries_stay():
+    # Saved and restored by hand: pytest's monkeypatch undoes a torch config module's
+    # attribute with delattr, which hides the entry from Inductor for the rest of the
+    # process ("... does not exist" in every later compile).
+    saved = inductor_config.unsafe_marked_cacheable_functions
+    try:
+        inductor_config.unsafe_marked_cacheable_functions = {"torch.ops.mine.op": "v3"}
+        compile_cache.key_compile_caches()
+        assert inductor_config.unsafe_marked_cacheable_functions == {
+            "torch.ops.mine.op": "v3", compile_cache.KEY: compile_cache.fingerprint()}
+        compile_cache.key_compile_caches()  # idempotent
+        assert len(inductor_config.unsafe_marked_cacheable_functions) == 2
+    finally:
+        inductor_config.unsafe_marked_cacheable_functions = saved
+    assert inductor_config.unsafe_marked_cacheable_functions[compile_cache.KEY] == \
+        compile_cache.fingerprint()

@@ -129,12 +129,13 @@ class _Run:
                 "ref": x.to(torch.float64).requires_grad_(grad)}
 
 
-def _forward_all(run: _Run, xs: dict, seed: int) -> dict:
-    """Each model's output; the RNG is reset before each so dropout-like layers draw
-    the same numbers in the three copies (where their kernels draw the same way)."""
+def _forward_all(run: _Run, xs: dict, seed: int, models=None) -> dict:
+    """Each model's output (models: (who, module) pairs, default run.models()); the RNG
+    is reset before each so dropout-like layers draw the same numbers in every copy
+    (where their kernels draw the same way)."""
     outs = {}
     devices = [xs["ref"].device] if xs["ref"].device.type == "cuda" else []
-    for who, m in run.models():
+    for who, m in models or run.models():
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             outs[who] = _as_tensor(m(xs[who]), who)
@@ -247,13 +248,9 @@ def _probe_errors(run: _Run, xin: torch.Tensor, g: torch.Tensor, seed: int,
         plain, ref = copy.deepcopy(run.plain), copy.deepcopy(run.ref)
         noise = torch.randn(xin.shape, generator=gen, dtype=torch.float64).to(xin.device)
         xs = run.inputs(xin.double() * (1 + eps * noise), grad=True)
-        outs = {}
-        for who, m in (("plain", plain), ("ref", ref)):
-            with torch.random.fork_rng(devices=[xs[who].device]
-                                       if xs[who].device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                outs[who] = _as_tensor(m(xs[who]), who)
-            outs[who].backward(g.to(device=outs[who].device, dtype=outs[who].dtype))
+        outs = _forward_all(run, xs, seed, (("plain", plain), ("ref", ref)))
+        for y in outs.values():
+            y.backward(g.to(device=y.device, dtype=y.dtype))
         out.setdefault("output", []).append(errors(outs["plain"], outs["ref"]))
         out.setdefault("grad input", []).append(errors(xs["plain"].grad, xs["ref"].grad))
         ref_p = dict(ref.named_parameters())

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from .backends.torch_ops import backward_apply, backward_reduce, finalize
 from .ops import like_format, momentum_arg, stats_dtype
@@ -227,12 +228,33 @@ def batch_norm_sync(x: torch.Tensor, bn: nn.Module, group) -> torch.Tensor:
 
 
 def batch_norm_local(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
-    """bn(x) with local statistics, also for an nn.SyncBatchNorm that has nothing to
-    synchronise (world size 1): its own forward refuses CPU tensors whenever a process
-    group exists, while the computation is plain BatchNorm's."""
-    if isinstance(bn, nn.SyncBatchNorm):
-        return nn.modules.batchnorm._BatchNorm.forward(bn, x)
-    return bn(x)
+    """Training bn(x) with local statistics, computed as nn.BatchNorm2d's forward does
+    (the counter, then ATen's batch_norm with the module's momentum), without the
+    module call: its hooks are refused at conversion (matching.py), so calling the
+    module only adds host work to every step. Also for an nn.SyncBatchNorm with nothing
+    to synchronise (world size 1), whose own forward refuses CPU tensors whenever a
+    process group exists. momentum=None: _batch_norm_cumulative."""
+    if bn.momentum is None:
+        return _batch_norm_cumulative(x, bn)
+    bn.num_batches_tracked.add_(1)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                        bn.momentum, bn.eps)
+
+
+def _batch_norm_cumulative(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """Training bn(x) with momentum=None (the cumulative moving average).
+    nn.BatchNorm2d computes its factor as 1 / float(num_batches_tracked), a host
+    synchronisation per BN (a stall on a GPU, refused while a CUDA graph captures);
+    here the running statistics are updated by the torch backend's finalize, which
+    reads the factor on the device, and the output and its gradient are ATen's
+    batch_norm with batch statistics. The price is one more read of x (the
+    statistics), in this case only."""
+    xd = x.detach()
+    var, mean = torch.var_mean(xd.to(stats_dtype(xd)), dim=(0, 2, 3), correction=0)
+    finalize(mean, var, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+             bn.running_var, bn.num_batches_tracked, -1.0, float(bn.eps),
+             x.numel() // x.shape[1])
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
 
 # --------------------------------------------------------------------------- DDP on CPU

@@ -71,9 +71,14 @@ def resnet18(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) with the weights in x's dtype (a no-op cast when they match; inside an
     autocast region FusedResidual runs the block in the autocast dtype)."""
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    return F.conv2d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding,
-                    conv.dilation, conv.groups)
+    w, b = conv.weight, conv.bias
+    # Compared first: a same-dtype .to() is still a dispatcher call (~1 us each), and
+    # this runs for every convolution of every training step on every backend.
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if b is not None and b.dtype != x.dtype:
+        b = b.to(x.dtype)
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:

@@ -21,44 +21,25 @@ stage (serving.export checks that).
 SyncBatchNorm: a BN whose group is given is synchronized through
 distributed.batch_norm_sync (one all-reduce of the statistics, one of the backward's
 sums), as the composite backends' shortcut BN is; without a group,
-distributed.batch_norm_local (a SyncBatchNorm with nothing to synchronise).
+distributed.batch_norm_local (nn.BatchNorm2d's computation without the module call; a
+SyncBatchNorm with nothing to synchronise; momentum=None without a host sync).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch.nn import functional as F
 
 from .. import distributed
-from ..ops import stats_dtype
 from ..reference import conv_forward
 from . import torch_ops
 from .composite import TorchBackend
-from .torch_ops import finalize
 
 
 def _bn(c: torch.Tensor, bn, group) -> torch.Tensor:
     if group is not None:
         return distributed.batch_norm_sync(c, bn, group)
-    if bn.momentum is None:
-        return _bn_cumulative(c, bn)
     return distributed.batch_norm_local(c, bn)
-
-
-def _bn_cumulative(c: torch.Tensor, bn) -> torch.Tensor:
-    """Training bn(c) with momentum=None (the cumulative moving average). nn.BatchNorm2d
-    computes its factor as 1 / float(num_batches_tracked), a host synchronisation per
-    BN (a stall on a GPU, refused while a CUDA graph captures); here the running
-    statistics are updated by the torch backend's finalize, which reads the factor on
-    the device, and the output and its gradient are ATen's batch_norm with batch
-    statistics. The price is one more read of c (the statistics), in this case only."""
-    cd = c.detach()
-    var, mean = torch.var_mean(cd.to(stats_dtype(cd)), dim=(0, 2, 3), correction=0)
-    finalize(mean, var, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
-             bn.running_var, bn.num_batches_tracked, -1.0, float(bn.eps),
-             c.numel() // c.shape[1])
-    return F.batch_norm(c, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
 
 class EagerBackend(TorchBackend):

@@ -105,10 +105,11 @@ class FusedResidual(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
-    # Derived state, kept in __dict__: "_plans" (plan.py, per input signature) and
-    # "_fold_cache" (fold.py). Neither is saved or copied (it holds tensors and backend
-    # objects); a copy plans and folds again on its first call.
-    _DERIVED = ("_plans", "_fold_cache")
+    # Derived state, kept in __dict__: "_plans" (plan.py, per input signature),
+    # "_fold_cache" (fold.py) and "_resolution" (_resolved()). None is saved or copied (it
+    # holds tensors, modules and backend objects); a copy plans, folds and resolves
+    # again on its first call.
+    _DERIVED = ("_plans", "_fold_cache", "_resolution")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -140,16 +141,19 @@ class FusedResidual(nn.Module):
     def _run(self, x: torch.Tensor, compiling: bool, autocast: bool) -> torch.Tensor:
         # The BatchNorm modules' own modes decide, as in the plain block: a model in
         # train() whose BNs were put in eval() (frozen-BN fine-tuning) normalises with
-        # running statistics. Read off the dicts: this runs on every call.
-        parts = self.parts()
-        bns = parts.bns()
-        modes = tuple(bn.training for bn in bns)
+        # running statistics. Read off the modules: this runs on every call.
+        if compiling:  # traced once per graph: resolved as written, nothing kept
+            parts = self.parts()
+            bns, sync = parts.bns(), True
+        else:
+            parts, bns, sync, _ = self._resolved()
+        modes = tuple([bn.training for bn in bns])
         plan = (make_plan(self, x, modes, autocast) if compiling
                 else self._plan(parts, x, modes, autocast))
         if plan.copy:
             x = x.contiguous(memory_format=plan.memory_format)
         if plan.mode == TRAIN:
-            groups = distributed.block_groups(bns, x.device, self._spec)
+            groups = distributed.block_groups(bns, x.device, self._spec) if sync else None
             return plan.backend.forward_train(parts, x, groups=groups)
         if plan.mode == MIXED:  # no fused path computes a mix of BN modes
             return plain_parts_forward(parts, x)
@@ -164,6 +168,36 @@ class FusedResidual(nn.Module):
             return plain_parts_forward(parts, x)
         return plan.backend.forward_eval(
             parts, folded(self, parts, x.dtype, plan.memory_format), x)
+
+    def _resolved(self) -> tuple:
+        """(parts, bns, sync, edges): parts() and its BNs, whether any is an
+        nn.SyncBatchNorm, and every (owner, name, child) step of the spec's module
+        paths. Kept, and re-checked on each call by identity along those steps, which
+        is what resolving does without building the tuples again: a CPU training step
+        pays several times the isolated cost of every line of Python before its
+        kernels (bench/NOTES.md), and this is most of the block's own. A replaced child
+        (a SyncBatchNorm conversion swaps the BNs under the same names) fails the
+        check and is resolved anew."""
+        r = self.__dict__.get("_resolution")
+        if r is not None:
+            for owner, name, child in r[3]:
+                if owner._modules.get(name) is not child:
+                    break
+            else:
+                return r
+        parts = self.parts()
+        bns = parts.bns()
+        edges = {}
+        for path in self._spec.module_paths():
+            owner = self
+            for name in path.split("."):
+                child = owner._modules[name]
+                edges[(id(owner), name)] = (owner, name, child)
+                owner = child
+        r = (parts, bns, any(isinstance(b, nn.SyncBatchNorm) for b in bns),
+             tuple(edges.values()))
+        self.__dict__["_resolution"] = r
+        return r
 
     def _plan(self, parts, x: torch.Tensor, modes: tuple, autocast: bool):
         """The plan of x's signature (plan.py): kept per signature, made on a miss."""

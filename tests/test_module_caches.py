@@ -213,3 +213,37 @@ def test_a_kept_plan_never_skips_a_check():
     with pytest.raises(RuntimeError, match="input is on cpu but the module's parameters "
                                            "are on meta"):
         fused(x)
+
+
+# A child replaced under its name after the first training call: at the top of the
+# block, inside the shortcut's Sequential, and the Sequential itself. The block resolves
+# its modules once and keeps them (module.py, _resolved); each swap must be seen.
+SWAPS = {
+    "bn2": lambda m: setattr(m, "bn2", copy.deepcopy(_BN16)),
+    "downsample.1": lambda m: m.downsample.__setitem__(1, copy.deepcopy(_BN16)),
+    "downsample": lambda m: setattr(m, "downsample", copy.deepcopy(_DOWNSAMPLE)),
+    "conv1": lambda m: setattr(m, "conv1", copy.deepcopy(_CONV1)),
+}
+torch.manual_seed(21)
+_BN16 = _new_bn(16)
+_DOWNSAMPLE = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _new_bn(16))
+_CONV1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+
+
+@pytest.mark.parametrize("swap", list(SWAPS))
+def test_training_sees_a_replaced_child(swap):
+    from torchvision.models.resnet import BasicBlock
+
+    from resnet_fused import fuse_model
+    torch.manual_seed(3)
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    plain = BasicBlock(8, 16, stride=2, downsample=ds).train()
+    randomize_bn(plain)
+    fused = fuse_model(copy.deepcopy(plain), backend="eager").train()
+    assert isinstance(fused, FusedResidual)
+    x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fused(x), plain(x))
+    for m in (plain, fused):
+        SWAPS[swap](m)
+    torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fused.state_dict(), plain.state_dict())

@@ -7,6 +7,7 @@ queries CUDA at import time.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import os
 import re
@@ -14,7 +15,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -269,20 +270,63 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return quantile_ms(samples)
 
 
-def time_interleaved(fns: list, *, quick: bool = False) -> list:
-    """CPU: (p50, p20, p80) in ms of each (fn, grad_to_none) of `fns`, sampled in
-    rounds: every round calls each fn once, starting one further along each time, so
-    a slow phase of the machine (another process, a frequency change) falls on every
-    provider alike, and their ratios are measured side by side. One warm-up call each
-    first; at least 3 rounds, then rounds until about the time budget time_fn gives one
-    provider times their number, at most 50."""
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_host_allocator() -> str:
+    """CPU timing: fix glibc malloc's thresholds for the rest of the process, and say
+    what was done ("" where nothing was: not glibc). By default glibc moves its mmap
+    threshold with the sizes freed so far, so whether a step's activations (MBs at the
+    CPU shapes) come from the heap or from fresh mmapped pages, faulted in on every
+    call, depends on what the process allocated before: measured here, the same
+    ResNet-18 training step ran at 30 ms or, in some processes, at 37-42 ms with 2-4
+    thousand page faults per step, for the plain model or the converted one alike,
+    which is a 0.73x or 1.3x row that says nothing about either (bench/NOTES.md). A
+    fixed 32 MiB mmap threshold (glibc's largest) and a trim threshold that keeps freed
+    memory make every provider's steady state the heap's, as jemalloc or tcmalloc
+    (PyTorch's CPU tuning guide) would."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return ""
+    if not (mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)):
+        return ""
+    return "glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB (fixed)"
+
+
+class Timing(NamedTuple):
+    """One provider's timing: (p50, p20, p80) in ms, and where it was timed in
+    interleaved rounds (time_interleaved), its calls in round order and which
+    interleaved run they belong to, to pair with the other providers' of that run
+    (paired_speedup); None when timed alone."""
+    p50: float
+    p20: float
+    p80: float
+    rounds: Optional[tuple] = None
+    group: Optional[int] = None
+
+
+_GROUPS = itertools.count(1)  # one number per time_interleaved call
+
+
+def time_interleaved(fns: list, *, quick: bool = False, min_rounds: int = 3) -> list:
+    """CPU: a Timing of each (fn, grad_to_none) of `fns`, sampled in rounds: every
+    round calls each fn once, starting one further along each time, so a slow phase of
+    the machine (another process, a frequency change) falls on every provider alike,
+    and their ratios are measured side by side (paired_speedup). One warm-up call each
+    first; at least min_rounds rounds, then rounds until about the time budget time_fn
+    gives one provider times their number, at most 200 (the fast shapes: more pairs,
+    the same seconds)."""
     for fn, _ in fns:
         fn()
     budget_s = (0.15 if quick else 0.5) * len(fns)
     samples: list[list[float]] = [[] for _ in fns]
     t_end = time.perf_counter() + budget_s
     rounds = 0
-    while rounds < 3 or (time.perf_counter() < t_end and rounds < 50):
+    while rounds < min_rounds or (time.perf_counter() < t_end and rounds < 200):
         for k in range(len(fns)):
             i = (rounds + k) % len(fns)
             fn, grads = fns[i]
@@ -293,7 +337,19 @@ def time_interleaved(fns: list, *, quick: bool = False) -> list:
             fn()
             samples[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    return [quantile_ms(s) for s in samples]
+    group = next(_GROUPS)
+    return [Timing(*quantile_ms(s), rounds=tuple(s), group=group) for s in samples]
+
+
+def paired_speedup(base: Timing, other: Timing) -> float:
+    """How many times faster `other` ran than `base`. Timed in the same interleaved
+    rounds: the median over rounds of base's call time over other's in that round,
+    each pair moments apart, so a slow phase of a shared machine (which moves both
+    medians by several per cent on a 2-core VM) cancels in the ratio. Otherwise the
+    ratio of the medians."""
+    if base.group is not None and base.group == other.group:
+        return statistics.median(x / y for x, y in zip(base.rounds, other.rounds))
+    return base.p50 / other.p50
 
 
 class Rotating:

@@ -259,6 +259,7 @@ class Run:
         self.budget_s = max(0.0, budget_s)
         self.numerics_reserve = self.budget_s * numerics_share
         self.stopped = ""  # why the run was cut short (interrupt, hard timeout)
+        self._timings: dict = {}  # id(row) -> its bl.Timing (timed_row)
 
     def elapsed(self) -> str:
         s = int(time.time() - self.t0)
@@ -292,6 +293,17 @@ class Run:
         if self.results is not None:
             self.results.append(r)
         return r
+
+    def timed_row(self, t: "bl.Timing", **kw) -> dict:
+        """A row of timing t (its p-columns); the Timing is kept for the speedups."""
+        r = self.row(**kw, p50=t.p50, p20=t.p20, p80=t.p80)
+        self._timings[id(r)] = t
+        return r
+
+    def timing_of(self, r: dict) -> "bl.Timing":
+        """The Timing of a row: the one timed_row kept, else its p-columns alone."""
+        t = self._timings.get(id(r))
+        return t if t is not None else bl.Timing(r["p50"], r["p20"], r["p80"])
 
     def checkpoint(self, md: bool = False):
         if self.results is not None:
@@ -638,20 +650,24 @@ class Prepared(NamedTuple):
     note: list
 
 
-def _time_prepared(prepared: list) -> list:
-    """(p50, p20, p80) per Prepared. CPU: interleaved rounds over all of them
+def _time_prepared(prepared: list, min_rounds: int = 3) -> list:
+    """A bl.Timing per Prepared. CPU: interleaved rounds over all of them
     (bl.time_interleaved), so a slow phase of a shared machine falls on the plain block
     and the fused ones alike; what the CPU rows compare is measured side by side, not
-    one provider's half-second after another's. CUDA: one after another under
+    one provider's half-second after another's, and their speedups are paired per
+    round (bl.paired_speedup, in _speedups). CUDA: one after another under
     do_bench (device events, L2 flushed between calls). A compiled provider (its own
-    pass, Inductor's freezing on in eval) is timed alone."""
+    pass, Inductor's freezing on in eval) is timed alone. min_rounds: the fewest
+    interleaved rounds (a network's step takes longer than the budget's share)."""
     if ON_GPU or any(p.compiled for p in prepared):
         out = []
         for p in prepared:
             with freezing(p.compiled):
-                out.append(bl.time_fn(p.fn, DEVICE, quick=ARGS.quick, grad_to_none=p.grads))
+                out.append(bl.Timing(*bl.time_fn(p.fn, DEVICE, quick=ARGS.quick,
+                                                 grad_to_none=p.grads)))
         return out
-    return bl.time_interleaved([(p.fn, p.grads) for p in prepared], quick=ARGS.quick)
+    return bl.time_interleaved([(p.fn, p.grads) for p in prepared], quick=ARGS.quick,
+                               min_rounds=min_rounds)
 
 
 def _auto_pick(m, x, train: bool) -> str:
@@ -662,15 +678,15 @@ def _auto_pick(m, x, train: bool) -> str:
                               parts).name
 
 
-def _time_ready(ready: list, what: str) -> list:
+def _time_ready(ready: list, what: str, min_rounds: int = 3) -> list:
     """Time the built providers of one shape and mode (ready: (provider, dtype, row
-    fields, Prepared)): [((provider, dtype, fields, Prepared), (p50, p20, p80))]. A
+    fields, Prepared)): [((provider, dtype, fields, Prepared), bl.Timing)]. A
     failure while timing is an error row for each of them; a compiled graph is dropped
-    after its timing."""
+    after its timing. min_rounds: _time_prepared's."""
     if not ready:
         return []
     try:
-        times = _time_prepared([r[3] for r in ready])
+        times = _time_prepared([r[3] for r in ready], min_rounds)
     except Exception as e:  # noqa: BLE001 - report and go on with the next shape
         for prov, _, common, _ in ready:
             _error_row(f"{what} {prov}", common, e)
@@ -754,13 +770,13 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
             _error_row(what, common, e)
             if prov == "compile":
                 torch._dynamo.reset()
-    for (prov, dt, common, p), (p50, p20, p80) in _time_ready(ready, f"{label} {mode}"):
+    for (prov, dt, common, p), t in _time_ready(ready, f"{label} {mode}"):
+        p50, p20, p80 = t.p50, t.p20, t.p80
         tflops = flops / p50 / 1e9
         peak = bl.peak_for_dtype(R.peak, dt)
-        R.row(**common, p50=p50, p20=p20, p80=p80, tflops=tflops,
-              of_peak=(tflops / peak) if peak else None,
-              floor_ms=(flops / peak / 1e9) if peak else None,
-              check_rel=p.check, status="OK", note="; ".join(p.note))
+        R.timed_row(t, **common, tflops=tflops, of_peak=(tflops / peak) if peak else None,
+                    floor_ms=(flops / peak / 1e9) if peak else None,
+                    check_rel=p.check, status="OK", note="; ".join(p.note))
         R.say(f"  {label:<22} {mode:<5} {prov:<13} {bl.dtype_name(dt)} "
               f"{p50:9.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s"
               + (f"  ({'; '.join(p.note)})" if p.note else ""))
@@ -789,16 +805,22 @@ def _group_speedups(section, mode, x_value):
 
 
 def _speedups(rows: dict):
+    """Each row's speedup over the baselines among `rows` ({provider: row}): paired per
+    round where both were timed in the same interleaved rounds (CPU), else the ratio of
+    their medians (bl.paired_speedup)."""
     eager = rows.get("eager", rows.get("eager_fp32"))
     fp32 = rows.get("eager_fp32")
     comp = rows.get("compile")
+
+    def speedup(base, r):
+        return bl.paired_speedup(R.timing_of(base), R.timing_of(r))
     for r in rows.values():
         if eager:
-            r["speedup_vs_eager"] = eager["p50"] / r["p50"]
+            r["speedup_vs_eager"] = speedup(eager, r)
         if fp32:
-            r["speedup_vs_fp32"] = fp32["p50"] / r["p50"]
+            r["speedup_vs_fp32"] = speedup(fp32, r)
         if comp:
-            r["speedup_vs_compile"] = comp["p50"] / r["p50"]
+            r["speedup_vs_compile"] = speedup(comp, r)
 
 
 def _stage_shapes(gpu_stages, cpu_stages, spec, aliases, flag, gpu_quick=None):
@@ -975,6 +997,13 @@ def _net_inputs(n, ch, hw, dt, cl, train):
     return [x.requires_grad_(True) for x in xs] if train else xs
 
 
+# CPU: the fewest interleaved rounds of a network's rows (a step there takes longer than
+# the budget gives each provider, so the 3 rounds of a block's floor would be all it
+# got): its paired speedup is then a median of 9 ratios, not 3, which is what holds its
+# spread on a shared 2-core machine below the 2-3% the rows compare. --quick: 3.
+NET_MIN_ROUNDS = 9
+
+
 def _nets():
     """(name, model, input channels, batch, size): with torchvision its ResNet-50 (3
     channels, batch 256; first, the network most users train) and the D2L ResNet-18 (1
@@ -1051,15 +1080,17 @@ def net_section(backends, dtype):
                         _error_row(what, common, e)
                 if any(p[0] == "compile" for p in group) and not ready:
                     torch._dynamo.reset()  # a compile that failed to build
-                for (prov, dt, common, p), (p50, p20, p80) in _time_ready(
-                        ready, f"net {name} {mode}"):
+                for (prov, dt, common, p), t in _time_ready(
+                        ready, f"net {name} {mode}",
+                        3 if ARGS.quick else NET_MIN_ROUNDS):
+                    p50 = t.p50
                     tflops = flops / p50 / 1e9
                     peak = bl.peak_for_dtype(R.peak, dt)
-                    rows[prov] = R.row(**common, p50=p50, p20=p20, p80=p80,
-                                       img_s=n / p50 * 1e3, tflops=tflops,
-                                       of_peak=(tflops / peak) if peak else None,
-                                       check_rel=p.check, status="OK",
-                                       note="; ".join(p.note))
+                    rows[prov] = R.timed_row(t, **common, img_s=n / p50 * 1e3,
+                                             tflops=tflops,
+                                             of_peak=(tflops / peak) if peak else None,
+                                             check_rel=p.check, status="OK",
+                                             note="; ".join(p.note))
                     R.say(f"  {name} {mode:<5} {prov:<13} {bl.dtype_name(dt)} {p50:9.3f} ms  "
                           f"{n / p50 * 1e3:10.0f} img/s"
                           + (f"  ({'; '.join(p.note)})" if p.note else ""))
@@ -1217,12 +1248,15 @@ def main(argv=None, may_reexec: bool = False) -> int:
     threads = torch.get_num_threads()
     if not ON_GPU and ARGS.threads > 0:
         torch.set_num_threads(ARGS.threads)
+    allocator = "" if ON_GPU else bl.steady_host_allocator()
     share = NUMERICS_SHARE if not (ARGS.no_numerics or ARGS.no_timing) else 0.0
     R = Run(ARGS.budget_s, numerics_share=share)
     R.results = Results(out_dir())
     R.results.start()
     ARGS.hard_timeout_s = hard_timeout_s(ARGS)
     R.env["hard_timeout_s"] = ARGS.hard_timeout_s
+    if allocator:
+        R.env["host_allocator"] = allocator
     dog = Watchdog(ARGS.hard_timeout_s, _hard_stop).start()
     try:
         run_sections()

@@ -189,3 +189,50 @@ def test_host_overhead_rows(run, tmp_path):
     assert run.main(argv + ["--no-overhead"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert not [r for r in doc["rows"] if r["section"] == "overhead"]
+
+
+def test_cpu_speedups_are_paired_per_round(run, tmp_path, monkeypatch):
+    """A CPU row's speedup is the median of per-round ratios (benchlib.paired_speedup),
+    not the ratio of two medians: a slow phase of the machine that hit one provider's
+    calls in some rounds and the other's in others cancels pair by pair."""
+    bl = run.bl
+    # Rounds where the two slow phases fall apart: the medians give 1.0, each pair 2.0.
+    base = bl.Timing(20.0, 10.0, 40.0, rounds=(10.0, 20.0, 40.0, 40.0, 20.0), group=7)
+    other = bl.Timing(20.0, 10.0, 20.0, rounds=(5.0, 10.0, 20.0, 20.0, 10.0), group=7)
+    assert bl.paired_speedup(base, other) == pytest.approx(2.0)
+    assert bl.paired_speedup(base, other._replace(group=8)) == pytest.approx(1.0)
+    assert bl.paired_speedup(base, bl.Timing(10.0, 5.0, 20.0)) == pytest.approx(2.0)
+
+    def fabricated(fns, **kw):  # the first provider (eager_fp32) as `base`, then `other`
+        assert len(fns) == 2
+        for fn, _ in fns:
+            fn()
+        g = next(bl._GROUPS)
+        return [base._replace(group=g), other._replace(group=g)]
+    monkeypatch.setattr(run.bl, "time_interleaved", fabricated)
+    assert run.main(_argv(tmp_path, "--no-numerics")) == 0
+    rows = {r["provider"]: r for r in _csv_rows(tmp_path) if r["section"] == "block"}
+    assert float(rows["fused_torch"]["speedup_vs_fp32"]) == pytest.approx(2.0)
+    assert float(rows["eager_fp32"]["speedup_vs_fp32"]) == pytest.approx(1.0)
+
+
+def test_interleaved_rounds_floor(run):
+    """min_rounds holds when the budget alone would stop earlier (a network's step on
+    CPU outlasts a provider's share of it); every provider gets one sample a round."""
+    calls = []
+    fns = [(lambda: (calls.append(0), time.sleep(0.05)), None),
+           (lambda: calls.append(1), None)]
+    t = run.bl.time_interleaved(fns, quick=True, min_rounds=9)  # budget: 0.3 s, 6 rounds
+    assert [len(x.rounds) for x in t] == [9, 9] and t[0].group == t[1].group
+    assert calls.count(0) == calls.count(1) == 10  # the warm-up call, then one a round
+
+
+def test_cpu_run_fixes_the_host_allocator(run, tmp_path):
+    """The CPU rows are timed with glibc malloc's thresholds fixed (benchlib's
+    steady_host_allocator), and the results say so."""
+    import platform
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        pytest.skip("glibc only")
+    assert run.main(_argv(tmp_path, "--no-numerics")) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "mmap threshold 32 MiB" in doc["env"]["host_allocator"]

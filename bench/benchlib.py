@@ -10,6 +10,7 @@ import datetime as _dt
 import itertools
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -313,29 +314,37 @@ _GROUPS = itertools.count(1)  # one number per time_interleaved call
 
 
 def time_interleaved(fns: list, *, quick: bool = False, min_rounds: int = 3) -> list:
-    """CPU: a Timing of each (fn, grad_to_none) of `fns`, sampled in rounds: every
-    round calls each fn once, starting one further along each time, so a slow phase of
-    the machine (another process, a frequency change) falls on every provider alike,
-    and their ratios are measured side by side (paired_speedup). One warm-up call each
-    first; at least min_rounds rounds, then rounds until about the time budget time_fn
-    gives one provider times their number, at most 200 (the fast shapes: more pairs,
-    the same seconds)."""
+    """CPU: a Timing of each (fn, grad_to_none) of `fns`, sampled in rounds, so a slow
+    phase of the machine (another process, a frequency change) falls on every provider
+    alike and their ratios are measured side by side (paired_speedup). In a round each
+    provider, in a shuffled order, is called twice and its second call timed: a timed
+    call follows one of its own, as a step follows a step in a training loop. A fixed
+    cyclic order would have each provider always follow the same other one, and a
+    provider that follows one running the same ATen kernels (the plain block after the
+    eager backend) finds their caches warm: a 3-4% bias measured here (NOTES.md). One
+    warm-up call each first; at least min_rounds rounds, then rounds until about the
+    time budget time_fn gives one provider times their number, at most 200 (the fast
+    shapes: more pairs, the same seconds)."""
     for fn, _ in fns:
         fn()
-    budget_s = (0.15 if quick else 0.5) * len(fns)
+    budget_s = (0.15 if quick else 0.5) * len(fns) * 2
     samples: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(len(fns)).shuffle  # seeded: the same orders run to run
     t_end = time.perf_counter() + budget_s
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() < t_end and rounds < 200):
-        for k in range(len(fns)):
-            i = (rounds + k) % len(fns)
+        shuffle(order)
+        for i in order:
             fn, grads = fns[i]
-            if grads is not None:
-                for t in grads:
-                    t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - t0) * 1e3)
+            for timed in (False, True):
+                if grads is not None:
+                    for t in grads:
+                        t.grad = None
+                t0 = time.perf_counter()
+                fn()
+                if timed:
+                    samples[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     group = next(_GROUPS)
     return [Timing(*quantile_ms(s), rounds=tuple(s), group=group) for s in samples]

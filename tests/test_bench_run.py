@@ -218,13 +218,15 @@ def test_cpu_speedups_are_paired_per_round(run, tmp_path, monkeypatch):
 
 def test_interleaved_rounds_floor(run):
     """min_rounds holds when the budget alone would stop earlier (a network's step on
-    CPU outlasts a provider's share of it); every provider gets one sample a round."""
+    CPU outlasts a provider's share of it); every provider gets one sample a round,
+    from the second of its two calls there."""
     calls = []
     fns = [(lambda: (calls.append(0), time.sleep(0.05)), None),
            (lambda: calls.append(1), None)]
-    t = run.bl.time_interleaved(fns, quick=True, min_rounds=9)  # budget: 0.3 s, 6 rounds
+    t = run.bl.time_interleaved(fns, quick=True, min_rounds=9)  # budget: 0.6 s, 6 rounds
     assert [len(x.rounds) for x in t] == [9, 9] and t[0].group == t[1].group
-    assert calls.count(0) == calls.count(1) == 10  # the warm-up call, then one a round
+    assert calls.count(0) == calls.count(1) == 19  # the warm-up call, then two a round
+    assert min(t[0].rounds) >= 50.0 > max(t[1].rounds)  # each sample is its own fn's
 
 
 def test_cpu_run_fixes_the_host_allocator(run, tmp_path):
@@ -236,3 +238,17 @@ def test_cpu_run_fixes_the_host_allocator(run, tmp_path):
     assert run.main(_argv(tmp_path, "--no-numerics")) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert "mmap threshold 32 MiB" in doc["env"]["host_allocator"]
+
+
+def test_interleaved_order_is_shuffled_and_paired(run):
+    """Each round calls every provider twice in a row (the timed call follows one of
+    its own) in a shuffled order: no provider always follows the same other one."""
+    calls = []
+    fns = [((lambda k=k: calls.append(k)), None) for k in range(3)]
+    run.bl.time_interleaved(fns, quick=True, min_rounds=20)
+    body = calls[3:]  # after the warm-up calls
+    pairs = [body[i:i + 2] for i in range(0, len(body), 2)]
+    assert all(a == b for a, b in pairs)
+    rounds = [tuple(p[0] for p in pairs[i:i + 3]) for i in range(0, len(pairs), 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len(set(rounds)) > 1

@@ -15,7 +15,7 @@ cd "$DEST"
 # Its own compile caches (see .ci/run): nothing shared with the newer stack's run.
 export TORCHINDUCTOR_CACHE_DIR="$DEST/.cache/inductor" TORCH_EXTENSIONS_DIR="$DEST/.cache/torch_extensions"
 python3 -m venv .venv
-.venv/bin/pip install -q torch==2.11.0 triton==3.6.0 torchvision==0.26.0 timm==1.0.31 "numpy<2.4" "setuptools==81.*" ninja
+.venv/bin/pip install -q torch==2.11.0 triton==3.6.0 torchvision==0.26.0 timm==1.0.31 transformers==5.23.0 "numpy<2.4" "setuptools==81.*" ninja
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} .venv/bin/pip install -q --no-build-isolation -e ".[test,bench]"
 .venv/bin/python -c "import torch, triton; print('oldest stack: torch', torch.__version__, 'triton', triton.__version__)"
 .venv/bin/python -m pytest -q tests

@@ -7,6 +7,7 @@ On converted torchvision ResNet-18 and ResNet-50 and timm ResNet-50 (eval, BN
 randomised), every output against the plain model by the package's rule.
 """
 import copy
+import io
 import warnings
 from collections import Counter
 
@@ -15,7 +16,8 @@ import torch
 from torch import fx, nn
 
 from blockcheck import randomize_bn
-from resnet_fused import FusedResidual, Residual, fuse_model
+from resnet_fused import FusedResidual, Residual, available_backends, fuse_model
+from resnet_fused.schemas import NAMESPACES
 from tolerance import assert_within
 
 tv_models = pytest.importorskip("torchvision.models")
@@ -95,6 +97,29 @@ def test_onnx_torchscript_exporter(case, tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own notice
         torch.onnx.export(case.fused, (case.x,), path, dynamo=False)
     _onnx_checked(case, path, "onnx (dynamo=False)")
+
+
+def test_onnx_dynamic_batch_d2l_blocks(tmp_path):
+    """D2L's blocks (conv biases, a projection without BN) with a dynamic batch: the
+    exported graph takes any batch size."""
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    plain = _d2l_net()
+    fused = fuse_model(copy.deepcopy(plain)).eval()
+    path = str(tmp_path / "m.onnx")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(fused, (torch.randn(2, 4, 9, 9),), path, verbose=False,
+                      dynamic_shapes=({0: batch},))
+    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
+    assert "BatchNormalization" not in ops and ops["Conv"] == 5, ops
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = torch.randn(n, 4, 9, 9)
+        out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            ref = copy.deepcopy(plain).double()(x.double())
+            assert_within(f"onnx batch {n}", out, plain(x), ref, factor=2)
 
 
 # ------------------------------------------------------------------ torch.fx
@@ -178,6 +203,13 @@ def test_jit_trace_passes_its_check_and_follows_the_weights(case):
         out = traced(case.x)
         assert torch.equal(out, case.fused(case.x))
     case.check("jit.trace", out)
+    # On CPU `auto` folds with ATen ops: the saved trace holds no op of ours.
+    assert not [k for k in kinds if k.startswith("resnet_fused")], kinds
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.load(buf)(case.x), out)
     # A recalibrated BN after tracing: the trace folds it anew, like the module.
     plain, plain64 = copy.deepcopy(case.plain), copy.deepcopy(case.plain64)
     fused_bn = case.fused.get_submodule(case.last_block).get_submodule("bn1")
@@ -191,6 +223,33 @@ def test_jit_trace_passes_its_check_and_follows_the_weights(case):
                           plain64(case.x.double()), factor=2)
     finally:
         fused_bn.running_var.copy_(saved)
+
+
+def _d2l_net():
+    plain = nn.Sequential(Residual(4, 8, use_1x1conv=True, strides=2), Residual(8, 8)).eval()
+    randomize_bn(plain)
+    return plain
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native", "triton", "eager")
+                                     if b in available_backends("cpu")])
+def test_jit_trace_each_backend(backend):
+    """Each backend's eval path traces with the check on; the composite backends'
+    traces call their ops (one per stage), which run when the trace is called."""
+    plain = _d2l_net()
+    fused = fuse_model(copy.deepcopy(plain), backend=backend).eval()
+    x = torch.randn(1, 4, 6, 6)  # small: Triton runs in its interpreter on a CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # jit's deprecation
+        traced = torch.jit.trace(fused, x)
+    ours = [n.kind() for n in traced.inlined_graph.nodes()
+            if n.kind().split("::")[0] in NAMESPACES.values()]
+    assert len(ours) == (0 if backend == "eager" else 4), ours
+    with torch.no_grad():
+        out = traced(x)
+        assert torch.equal(out, fused(x))
+        assert_within("jit.trace", out, plain(x), copy.deepcopy(plain).double()(x.double()))
 
 
 def test_jit_script_names_the_block_and_the_alternatives():

@@ -129,14 +129,13 @@ class FusedResidual(nn.Module):
                 return tracing.fx_call(self, x)
             check_input(self, x)
         compiling = torch.compiler.is_compiling()
-        # ONNX export and torch.jit.trace record what tracing.py says.
-        if compiling:
+        # ONNX export (torch.export or TorchScript tracing underneath) and
+        # torch.jit.trace record what tracing.py says.
+        if compiling or tracing.jit_tracing():
             if torch.onnx.is_in_onnx_export():
                 return tracing.onnx_forward(self, x)
-        elif tracing.jit_tracing():
-            if torch.onnx.is_in_onnx_export():
-                return tracing.onnx_forward(self, x)
-            return tracing.jit_forward(self, x)
+            if not compiling:
+                return tracing.jit_forward(self, x)
         return self._call(x, compiling)
 
     def __prepare_scriptable__(self):

@@ -41,14 +41,6 @@ from .reference import plain_parts_forward
 jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
 
-def onnx_exporting(compiling: bool) -> bool:
-    """Whether an ONNX exporter traces this call. compiling: torch.compiler.is_compiling()
-    (the dynamo exporter runs torch.export); the legacy exporter traces with
-    TorchScript. Checked only then: an eager call pays one C call, not the flag's
-    imports."""
-    return (compiling or jit_tracing()) and torch.onnx.is_in_onnx_export()
-
-
 def onnx_forward(block, x: torch.Tensor) -> torch.Tensor:
     """The block's plain computation, which ONNX exporters translate as they do the
     plain model's."""

@@ -20,16 +20,18 @@ from resnet_fused import FusedResidual, Residual, available_backends, fuse_model
 from resnet_fused.schemas import NAMESPACES
 from tolerance import assert_within
 
-tv_models = pytest.importorskip("torchvision.models")
+
+def _tv(name):
+    return lambda: getattr(pytest.importorskip("torchvision.models"), name)()
 
 
 def _timm_resnet50():
     return pytest.importorskip("timm").create_model("resnet50")
 
 
-MODELS = {
-    "torchvision resnet18": (tv_models.resnet18, "layer4.1"),
-    "torchvision resnet50": (tv_models.resnet50, "layer4.2"),
+MODELS = {  # name: (the plain model, its last block)
+    "torchvision resnet18": (_tv("resnet18"), "layer4.1"),
+    "torchvision resnet50": (_tv("resnet50"), "layer4.2"),
     "timm resnet50": (_timm_resnet50, "layer4.2"),
 }
 X_SHAPE = (2, 3, 32, 32)  # ResNet-50's last stage at 1x1: seconds per test
@@ -156,7 +158,8 @@ def test_feature_extraction(case):
     """torchvision's create_feature_extractor returns the blocks' outputs; for timm's
     model also timm's FX feature net (what features_only=True, feature_cls="fx"
     builds), made from the converted model."""
-    from torchvision.models.feature_extraction import create_feature_extractor
+    create_feature_extractor = pytest.importorskip(
+        "torchvision.models.feature_extraction").create_feature_extractor
     names = ["layer2", case.last_block]
     fe = create_feature_extractor(case.fused, {n: n for n in names})
     assert isinstance(fe.get_submodule(case.last_block), FusedResidual)

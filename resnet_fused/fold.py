@@ -32,6 +32,7 @@ from torch import nn
 
 from . import graph_capture
 from .backends.base import FoldedBlock, FoldedConv
+from .tracing import jit_tracing
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -150,9 +151,10 @@ def folded(block, parts, dtype: torch.dtype,
     refolded when what it was folded from changed.
 
     Under torch.compile the fold is traced every call instead, so the compiler can
-    constant-fold it (freezing) or fuse it.
+    constant-fold it (freezing) or fuse it; under torch.jit.trace too, so the trace
+    reads the parameters rather than holding a fold of them as constants.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or jit_tracing():  # (tracing.py: torch.jit.trace)
         return fold_block(parts, dtype, memory_format)
     cache = block.__dict__.get("_fold_cache")
     if cache is not None and cache.valid(dtype, memory_format):

@@ -12,9 +12,9 @@ Converting whole models: conversion.py (fuse_model).
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from . import backends, distributed, spec
+from . import backends, distributed, spec, tracing
 from .blocks import ConversionError, block_stride, check_parts
 from .fold import block_tensors, folded
 from .matching import spec_of
@@ -125,8 +125,26 @@ class FusedResidual(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
+            if isinstance(x, fx.Proxy):  # torch.fx: one call_module node (tracing.py)
+                return tracing.fx_call(self, x)
             check_input(self, x)
         compiling = torch.compiler.is_compiling()
+        # ONNX export (torch.export or TorchScript tracing underneath) and
+        # torch.jit.trace record what tracing.py says.
+        if compiling or tracing.jit_tracing():
+            if torch.onnx.is_in_onnx_export():
+                return tracing.onnx_forward(self, x)
+            if not compiling:
+                return tracing.jit_forward(self, x)
+        return self._call(x, compiling)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise tracing.script_error()
+
+    def _call(self, x: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """forward of a tensor; compiling: traced once per graph (torch.compile,
+        torch.export, torch.jit.trace), so nothing is kept."""
         if (compiling or _any_autocast()) and torch.is_autocast_enabled(x.device.type):
             # The block runs in the autocast dtype (convolutions autocast to it anyway;
             # BN statistics accumulate in float32 inside the ops). The output is in
@@ -158,13 +176,15 @@ class FusedResidual(nn.Module):
         if plan.mode == MIXED:  # no fused path computes a mix of BN modes
             return plain_parts_forward(parts, x)
         if torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
-                x.requires_grad or any(t.requires_grad for t in block_tensors(parts))):
+                x.requires_grad or any(t.requires_grad for t in block_tensors(parts))) and (
+                not torch.jit.is_tracing()):
             # Eval while autograd records (frozen-BN fine-tuning, saliency maps):
             # unfolded, so every gradient, BN's weight and bias included, has the plain
             # block's numerics (a bf16-folded weight would round the gradient of gamma).
             # Inference under torch.no_grad()/inference_mode() takes the folded kernels,
             # and so does torch.export, which traces with grad mode on: an exported eval
-            # model is served, and must keep the fused ops in its graph.
+            # model is served, and must keep the fused ops in its graph. So does
+            # torch.jit.trace, whose check re-traces under no_grad (tracing.py).
             return plain_parts_forward(parts, x)
         return plan.backend.forward_eval(
             parts, folded(self, parts, x.dtype, plan.memory_format), x)

@@ -209,3 +209,39 @@ def test_a_wrapper_branching_on_training_is_named():
     with pytest.raises(ConversionError, match=r"the forward of `b` \(Stage\) branches on "
                                               r"self.training"):
         FusedResidual.from_residual(DropPathInWrapper())
+
+
+# --------------------------------------------------------------------------- every backend
+def _timm_regnet_block():
+    from timm.models.regnet import Bottleneck
+    return Bottleneck(8, 16, stride=2, bottle_ratio=1.0, group_size=8, se_ratio=0)
+
+
+def _hf_bottleneck():
+    from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer
+    return ResNetBottleNeckLayer(8, 16, stride=2)
+
+
+def _hf_basic():
+    from transformers.models.resnet.modeling_resnet import ResNetBasicLayer
+    return ResNetBasicLayer(8, 8)
+
+
+def _tv_regnet_block():
+    from torchvision.models.regnet import ResBottleneckBlock
+    return ResBottleneckBlock(8, 16, stride=2, norm_layer=nn.BatchNorm2d,
+                              activation_layer=nn.ReLU, group_width=8, bottleneck_multiplier=1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "native"])
+@pytest.mark.parametrize("make", [_timm_regnet_block, _hf_bottleneck, _hf_basic,
+                                  _tv_regnet_block])
+@pytest.mark.parametrize("train", [True, False])
+def test_nested_blocks_on_every_cpu_backend(make, backend, train):
+    """The composite BN and the nested paths reach each backend as BNs and convs:
+    outputs, every gradient and the running statistics by the package's rule."""
+    from blockcheck import check_block
+    from resnet_fused import available_backends
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} is not available on this CPU")
+    check_block(make, backend=backend, dtype=torch.float32, train=train, shape=(2, 8, 8, 8))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional
 
 from torch import nn
 
@@ -49,14 +49,12 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
     if not inplace:
         model = copy.deepcopy(model)
     found = []
-
-    def on_block(f: Found):
-        found.append(f)
+    replaced = walk(model, backend, found.append, replace=True)
+    # Warned here, not while walking: stacklevel then names the caller's line.
+    for f in found:
         if f.reason is not None:
             warnings.warn(f"fuse_model: left {f.path or '(the model itself)'} "
-                          f"({type(f.module).__name__}) as it is: {f.reason}", stacklevel=4)
-
-    replaced = walk(model, backend, on_block, replace=True)
+                          f"({type(f.module).__name__}) as it is: {f.reason}", stacklevel=2)
     if not found:
         warnings.warn(f"fuse_model: found no residual block in {type(model).__name__} "
                       "(no module adds two tensors derived from its input with a "
@@ -66,7 +64,7 @@ def fuse_model(model: nn.Module, backend: str = "auto", inplace: bool = False) -
 
 def walk(model: nn.Module, backend: str, on_block: Callable[[Found], None],
          replace: bool = False, skip=()) -> Optional[FusedResidual]:
-    """Call on_block for every residual block of `model`, outermost first, converted or
+    """Call on_block for every residual block of `model`, in module order, converted or
     not. replace: put each FusedResidual in its parent (returns the model's own
     replacement when the model itself is a block). Modules of a type in `skip` are
     not entered."""

@@ -15,6 +15,7 @@ from torch import nn
 from resnet_fused import ConversionError, FusedResidual, fuse_model
 from resnet_fused.testing import check_model
 from test_conversion_zoo import _assert_same_function, randomize_bns
+from test_explain import GroupNormBlock
 
 tv = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -101,16 +102,6 @@ def test_check_model_passes(case):
 
 
 # --------------------------------------------------------------------------- never silent
-class GroupNormBlock(nn.Module):
-    def __init__(self, c=8):
-        super().__init__()
-        self.conv1, self.n1 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c)
-        self.conv2, self.n2 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c)
-
-    def forward(self, x):
-        return torch.relu(self.n2(self.conv2(torch.relu(self.n1(self.conv1(x))))) + x)
-
-
 class Wrapped(nn.Module):
     """A residual block two wrappers deep, with a LayerNorm-like norm: still found."""
 

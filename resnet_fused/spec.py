@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 
 from torch import nn
 
+from .leaves import composite_bn
+
 BASIC, BOTTLENECK = "basic", "bottleneck"
 
 
@@ -84,9 +86,11 @@ def get_path(block: nn.Module, path: str) -> nn.Module:
 
 
 def _resolve_stage(block: nn.Module, st: Stage) -> StageParts:
-    return StageParts(get_path(block, st.conv),
-                      get_path(block, st.bn) if st.bn is not None else None, st.relu,
-                      st.relu_in_bn)
+    bn = get_path(block, st.bn) if st.bn is not None else None
+    # Only while the module there still is the composite: a BN swapped in under the
+    # same name (a SyncBatchNorm conversion) does not apply the ReLU.
+    return StageParts(get_path(block, st.conv), bn, st.relu,
+                      st.relu_in_bn and composite_bn(bn) is not None)
 
 
 def resolve(block: nn.Module, spec: BlockSpec) -> Parts:

@@ -236,3 +236,22 @@ def test_nested_blocks_on_every_cpu_backend(make, backend, train):
     if backend not in available_backends("cpu"):
         pytest.skip(f"{backend} is not available on this CPU")
     check_block(make, backend=backend, dtype=torch.float32, train=train, shape=(2, 8, 8, 8))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_bn_swapped_in_for_a_composite_bn_still_gets_the_stage_relu(train):
+    """A plain BatchNorm2d put under a BatchNormAct2d's name after conversion (what a
+    BN conversion does) does not apply the ReLU: the block applies it."""
+    import copy
+    plain = randomize_bns(_timm_regnet_block().double())
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch")
+    bn = nn.BatchNorm2d(fused.conv1.bn.num_features).double()
+    bn.load_state_dict(fused.conv1.bn.state_dict())
+    fused.conv1.bn = bn
+    assert fused.parts().stages[0].relu_in_bn is False
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    for m in (plain, fused):
+        m.train(train)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)

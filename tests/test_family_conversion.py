@@ -255,3 +255,15 @@ def test_a_bn_swapped_in_for_a_composite_bn_still_gets_the_stage_relu(train):
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", [_hf_bottleneck, _hf_basic])
+@pytest.mark.parametrize("train", [True, False])
+def test_nested_dense_blocks_on_triton(make, train):
+    """Triton (its interpreter on CPU) reads the nested paths too; dense blocks only
+    (it declines grouped ones, which auto routes elsewhere)."""
+    from blockcheck import check_block
+    from resnet_fused import available_backends
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton is not available on this CPU")
+    check_block(make, backend="triton", dtype=torch.float32, train=train, shape=(2, 8, 6, 6))

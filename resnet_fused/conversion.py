@@ -3,7 +3,8 @@
 Which modules are residual blocks is decided by their own forward: a module whose
 forward adds two tensors derived from its input, with a convolution on one path
 (matching.residual_add), is one, whatever its norm, activation or wrapping. Whether
-it converts is matching.py's answer from its full dataflow. Never silent: every
+it converts is matching.py's answer from its full dataflow (asked first of a module
+the size of a block: a match is a residual block, so its detection trace is saved). Never silent: every
 residual block left as it is gets a warning naming the node that does not fit; so
 does a module whose forward torch.fx cannot trace and that holds two convolutions
 and no block found below it (whether it adds is unknown); a model in which no residual
@@ -78,6 +79,18 @@ def _is_plain_container(m: nn.Module) -> bool:
     return isinstance(m, _CONTAINERS) or type(m).forward is nn.Sequential.forward
 
 
+# The most convolutions a fused block holds: a bottleneck's three and its projection.
+_BLOCK_CONVS = 4
+
+
+def _convert(module: nn.Module, backend: str) -> tuple:
+    """(FusedResidual, None) or (None, the reason it does not convert)."""
+    try:
+        return FusedResidual.from_residual(module, backend=backend), None
+    except ConversionError as e:
+        return None, str(e)
+
+
 def _convs(m: nn.Module) -> int:
     return sum(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
 
@@ -89,22 +102,28 @@ def _visit(module, name, backend, on_block, replace, skip):
         return None, True
     if isinstance(module, skip) or not _convs(module):
         return None, False
-    untraceable, is_block = None, False
+    untraceable, is_block, reason = None, False, None
     if not _is_plain_container(module):
+        n_convs = _convs(module)
+        if n_convs <= _BLOCK_CONVS:
+            # A module the size of a block: the full match first, and a match is a
+            # residual block (it ends in relu(main + shortcut)); this saves the
+            # detection trace of every block that converts.
+            fused, reason = _convert(module, backend)
+            if fused is not None:
+                on_block(Found(name, module, fused, None))
+                return (fused if replace else None), True
         try:
             is_block = residual_add(module) is not None
         except Untraceable as e:
             is_block, untraceable = False, str(e)
-        if is_block or untraceable is not None:
-            try:
-                fused = FusedResidual.from_residual(module, backend=backend)
-            except ConversionError as e:
-                reason = str(e)
-            else:
+        if (is_block or untraceable is not None) and n_convs > _BLOCK_CONVS:
+            fused, reason = _convert(module, backend)
+            if fused is not None:
                 on_block(Found(name, module, fused, None))
                 return (fused if replace else None), True
-            if is_block:
-                on_block(Found(name, module, None, reason))
+        if is_block:
+            on_block(Found(name, module, None, reason))
     holds_blocks = False
     for child_name, child in list(module._modules.items()):
         if child is None:

@@ -4,6 +4,7 @@ few fused GPU kernels, behind a drop-in module.
     from resnet_fused import FusedResidual, Residual, fuse_model, resnet18
     blk = FusedResidual(64, 128, use_1x1conv=True, strides=2)  # same signature as Residual
     fast = fuse_model(model)                                    # every residual block replaced
+    print(explain(fast))                                        # what fused, what not and why
 
 Importing the package never needs the C++ extension, Triton or a GPU, and does not
 query CUDA; backends load on first use.
@@ -12,6 +13,7 @@ from . import backends
 from .backends import BackendUnavailable
 from .blocks import ConversionError
 from .conversion import fuse_model
+from .explain import explain
 from .module import FusedResidual
 from .reference import Residual, resnet18
 
@@ -24,6 +26,6 @@ def available_backends(device="cpu") -> list:
 
 
 __all__ = [
-    "FusedResidual", "Residual", "fuse_model", "resnet18", "available_backends",
+    "FusedResidual", "Residual", "fuse_model", "explain", "resnet18", "available_backends",
     "BackendUnavailable", "ConversionError", "backends", "__version__",
 ]

@@ -18,7 +18,7 @@ from . import backends, distributed, spec, tracing
 from .blocks import ConversionError, block_stride, check_parts
 from .fold import block_tensors, folded
 from .matching import spec_of
-from .plan import MIXED, PLAN_CACHE_SIZE, TRAIN, check_input, make_plan
+from .plan import EMPTY, MIXED, PLAN_CACHE_SIZE, TRAIN, check_input, make_plan
 from .reference import plain_parts_forward
 
 # One C call saying whether any autocast region is active, so the common call skips
@@ -90,6 +90,7 @@ class FusedResidual(nn.Module):
             if name in tops or child is None:
                 self._modules[name] = child
         self._spec = block_spec
+        self._source_class = type(block).__name__  # what explain() reports
         self.backend = backends.check_name(backend)
         # The block's own flag only: self.train() would also reset the submodules, and a
         # BN deliberately left in eval (frozen BN) must stay so.
@@ -173,7 +174,8 @@ class FusedResidual(nn.Module):
         if plan.mode == TRAIN:
             groups = distributed.block_groups(bns, x.device, self._spec) if sync else None
             return plan.backend.forward_train(parts, x, groups=groups)
-        if plan.mode == MIXED:  # no fused path computes a mix of BN modes
+        if plan.mode in (MIXED, EMPTY):  # no fused path computes a mix of BN modes;
+            # an empty batch computes nothing, as the plain block does
             return plain_parts_forward(parts, x)
         if torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
                 x.requires_grad or any(t.requires_grad for t in block_tensors(parts))) and (

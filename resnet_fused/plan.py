@@ -28,6 +28,10 @@ from .ops import memory_format_of
 PLAN_CACHE_SIZE = 16
 
 TRAIN, EVAL, MIXED = "train", "eval", "mixed"
+# An empty batch (N = 0; detection code feeds them): the plain computation, which
+# returns the empty output and does to the BN modules what nn.BatchNorm2d does with
+# one (in training: num_batches_tracked counts it, the running statistics stay).
+EMPTY = "empty"
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class Plan:
     backend: Backend
     memory_format: torch.memory_format
     copy: bool   # x is not yet contiguous in memory_format: one .contiguous() per call
-    mode: str    # TRAIN, EVAL, or MIXED (some BNs train, some not: the plain path)
+    mode: str    # TRAIN, EVAL, MIXED (some BNs train, some not) or EMPTY (N = 0):
+                 # the last two take the plain path
 
 
 def check_input(block, x, *, dtype: bool = True) -> None:
@@ -58,7 +63,7 @@ def check_input(block, x, *, dtype: bool = True) -> None:
     if x.device != w.device:
         raise RuntimeError(f"FusedResidual: input is on {x.device} but the module's "
                            f"parameters are on {w.device}; move one with .to()")
-    if min(x.shape) == 0:
+    if min(x.shape[1:]) == 0:  # an empty batch (N = 0) is served: Plan.mode EMPTY
         raise ValueError(f"FusedResidual: input of shape {tuple(x.shape)} is empty")
     if dtype and x.dtype != w.dtype:
         raise TypeError(f"FusedResidual: input dtype {x.dtype} does not match the "
@@ -96,6 +101,8 @@ def make_plan(block, x: torch.Tensor, modes: tuple, autocast: bool = False,
     # Resolved (and the dtype checked) on every path, so a backend that cannot take
     # this input says so even where the plain path would serve it.
     backend = _backend_for(block, parts, x, mode == TRAIN)
+    if x.shape[0] == 0:
+        mode = EMPTY
     if mode == TRAIN:
         n, _, h, w = x.shape
         s = block_stride(parts)

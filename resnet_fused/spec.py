@@ -8,7 +8,7 @@ A block is a chain of stages on the main path, each `conv -> BN -> ReLU?`, a sho
                   first two (ResNet v1 puts the stride on the first 1x1 instead)
 
 A BlockSpec names the block's modules by their attribute paths inside the block
-("conv1", "downsample.0"), so the fused module holds the user's modules under the
+("conv1", "downsample.0", at any depth: "layer.0.convolution", "f.a.0"), so the fused module holds the user's modules under the
 user's names and checkpoints load unchanged. Convolution geometry (kernel, stride,
 padding, groups, dilation) is read off the modules themselves, never copied here.
 
@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 
 from torch import nn
 
+from .leaves import composite_bn
+
 BASIC, BOTTLENECK = "basic", "bottleneck"
 
 
@@ -34,6 +36,10 @@ class Stage:
     conv: str               # "conv1", "downsample.0"
     bn: Optional[str]       # "bn1", "downsample.1"; None: no BN (D2L's projection)
     relu: bool = False      # ReLU after the BN (main path: every stage but the last)
+    # The ReLU is applied by the BN module's own forward (a composite BN, leaves.py:
+    # timm's BatchNormAct2d): calling that module computes BN then ReLU; its BN
+    # parameters are still read as a BatchNorm's.
+    relu_in_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class StageParts(NamedTuple):
     conv: nn.Conv2d
     bn: Optional[nn.BatchNorm2d]
     relu: bool
+    relu_in_bn: bool = False   # calling `bn` applies the ReLU too (Stage.relu_in_bn)
 
 
 class Parts(NamedTuple):
@@ -79,8 +86,11 @@ def get_path(block: nn.Module, path: str) -> nn.Module:
 
 
 def _resolve_stage(block: nn.Module, st: Stage) -> StageParts:
-    return StageParts(get_path(block, st.conv),
-                      get_path(block, st.bn) if st.bn is not None else None, st.relu)
+    bn = get_path(block, st.bn) if st.bn is not None else None
+    # Only while the module there still is the composite: a BN swapped in under the
+    # same name (a SyncBatchNorm conversion) does not apply the ReLU.
+    return StageParts(get_path(block, st.conv), bn, st.relu,
+                      st.relu_in_bn and composite_bn(bn) is not None)
 
 
 def resolve(block: nn.Module, spec: BlockSpec) -> Parts:

@@ -18,7 +18,7 @@ def blk():
     ((8, 9, 9), "4-D input"),
     ((2, 8, 9, 9, 1), "4-D input"),
     ((2, 6, 9, 9), "expects 8 input channels"),
-    ((0, 8, 9, 9), "empty"),
+    ((2, 8, 0, 9), "empty"),  # an empty batch (N = 0) is served: test_empty_batch.py
 ])
 def test_bad_shapes(blk, shape, match):
     with pytest.raises(ValueError, match=match):

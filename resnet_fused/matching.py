@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from . import spec as S
-from .blocks import BN_TYPES, ConversionError
+from .blocks import ConversionError, is_bn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -107,7 +107,7 @@ def _module_op(m: nn.Module, args: tuple, kwargs: dict) -> str:
         return "other"
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
         return "conv"
-    if type(m) in BN_TYPES:
+    if is_bn(m):  # nn.BatchNorm2d, nn.SyncBatchNorm or a frozen BN (blocks.py)
         return "bn"
     if isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward:
         return "relu"

@@ -17,6 +17,7 @@ then the op layer's autograd for the differentiable ops (AUTOGRAD). The C++ exte
 defines its ops in TORCH_LIBRARY (csrc/schemas.h) and calls `register_op_layer` for
 the fakes and autograd. The autograd, per op:
     bn_act                  -> <ns>::bn_act_backward (training BN + residual + ReLU)
+    bn_frozen_act           -> <ns>::bn_frozen_act_backward (frozen BN: running stats)
     conv_bias_relu          -> dReLU, then ATen's convolution_backward
     conv_bias_shortcut_relu -> dReLU, then convolution_backward of both GEMMs
     block_train             -> <ns>::block_train_backward
@@ -153,6 +154,14 @@ def _fake_bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad
     return torch.empty_like(c), torch.empty_like(mean), torch.empty_like(mean), grad_res
 
 
+def _fake_bn_frozen_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad,
+                                  param_grads):
+    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
+    grad_w = torch.empty_like(mean) if param_grads else mean.new_empty((0,))
+    grad_b = torch.empty_like(mean) if param_grads else mean.new_empty((0,))
+    return torch.empty_like(c), grad_w, grad_b, grad_res
+
+
 def _conv_out(x, weight, stride, padding, dilation=1):
     n, _, h, w = x.shape
     ho, wo = conv_out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
@@ -211,6 +220,8 @@ FAKES = {
     "bn_finalize": _fake_bn_finalize,
     "bn_act": _fake_bn_act,
     "bn_act_backward": _fake_bn_act_backward,
+    "bn_frozen_act": _fake_bn_act,
+    "bn_frozen_act_backward": _fake_bn_frozen_act_backward,
     "conv_bias_relu": _fake_conv_bias_relu,
     "conv_bias_shortcut_relu": _fake_conv_bias_shortcut_relu,
     "block_train": _fake_block_train,
@@ -237,6 +248,22 @@ def _make_bn_act_backward(ns: str):
         grad_c, grad_w, grad_b, grad_res = op(grad_out, mask, c, mean, invstd, weight, need_res)
         return (grad_c, None, None, grad_w.to(ctx.param_dtypes[0]),
                 grad_b.to(ctx.param_dtypes[1]), grad_res if need_res else None)
+
+    return backward
+
+
+def _make_bn_frozen_act_backward(ns: str):
+    def backward(ctx, grad_out, _grad_mask):
+        c, mean, invstd, weight, mask = ctx.saved_tensors
+        need_res = ctx.has_residual and ctx.needs_input_grad[5]
+        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_out = like_format(grad_out.to(c.dtype), c)
+        op = getattr(getattr(torch.ops, ns), "bn_frozen_act_backward")
+        grad_c, grad_w, grad_b, grad_res = op(grad_out, mask, c, mean, invstd, weight,
+                                              need_res, need_w or need_b)
+        return (grad_c, None, None, grad_w.to(ctx.param_dtypes[0]) if need_w else None,
+                grad_b.to(ctx.param_dtypes[1]) if need_b else None,
+                grad_res if need_res else None)
 
     return backward
 
@@ -367,6 +394,7 @@ def op_name(ns: str, name: str) -> str:
 # op -> (namespace -> its backward function, its setup_context).
 AUTOGRAD = {
     "bn_act": (_make_bn_act_backward, _bn_act_setup),
+    "bn_frozen_act": (_make_bn_frozen_act_backward, _bn_act_setup),
     "conv_bias_relu": (lambda ns: _conv_bias_relu_backward, _conv_bias_relu_setup),
     "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
                                 _conv_bias_shortcut_relu_setup),

@@ -65,6 +65,25 @@ SCHEMAS = {
         "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
         "Tensor grad_bias, Tensor grad_residual)"
     ),
+    # Frozen BatchNorm (running statistics, in training too: torchvision's
+    # FrozenBatchNorm2d, or an nn.BatchNorm2d in eval while autograd records) + optional
+    # residual + ReLU: bn_act's computation, with mean = running_mean and
+    # invstd = rsqrt(running_var + eps), on the contract that they are constants, so
+    # its gradient has no path through them (bn_frozen_act_backward).
+    "bn_frozen_act": (
+        "bn_frozen_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor? residual) -> (Tensor out, Tensor mask)"
+    ),
+    # Backward of bn_frozen_act, one pass (two with param_grads):
+    #   g = grad_out * mask;  grad_c = weight * invstd * g
+    #   grad_residual = g (c's dtype) when residual_grad, else an empty tensor of shape [0]
+    #   param_grads: grad_weight = sum(g * xhat), grad_bias = sum(g) (float32, float64 for
+    #   float64 c), xhat = (c - mean) * invstd; else both empty tensors of shape [0].
+    "bn_frozen_act_backward": (
+        "bn_frozen_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, "
+        "Tensor invstd, Tensor weight, bool residual_grad, bool param_grads) -> "
+        "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)"
+    ),
     # Eval stage (every stage of the main path but the last):
     # relu(conv2d(x, weight, stride, padding, dilation, groups) + bias). BN already folded.
     "conv_bias_relu": (

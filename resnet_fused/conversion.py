@@ -13,7 +13,7 @@ import warnings
 from torch import nn
 
 from . import backends
-from .blocks import ConversionError
+from .blocks import ConversionError, is_frozen_bn
 from .module import FusedResidual
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -72,13 +72,14 @@ def _layers(module: nn.Module):
 
 def is_candidate(m: nn.Module) -> bool:
     """m might be a residual block: not a container or FusedResidual, and holding two
-    convolutions and two BatchNorms (whether it converts is matching.py's answer)."""
+    convolutions and two BatchNorms, frozen ones included (whether it converts is
+    matching.py's answer)."""
     if isinstance(m, _CONTAINERS + (FusedResidual,)):
         return False
     convs = bns = 0
     for child in _layers(m):
         convs += isinstance(child, nn.Conv2d)
-        bns += isinstance(child, nn.modules.batchnorm._BatchNorm)
+        bns += isinstance(child, nn.modules.batchnorm._BatchNorm) or is_frozen_bn(child)
     return convs >= 2 and bns >= 2
 
 

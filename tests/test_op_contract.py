@@ -144,6 +144,16 @@ def _cases(name, device):
             mask = REF.bn_act(c, mean, invstd, w, b, None)[1]
             out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=mean, invstd=invstd,
                          weight=w, residual_grad=fmt == CL))
+        elif name == "bn_frozen_act":  # running statistics: any mean, invstd
+            rm, ri = _t(5, device=device), _t(5, device=device, lo=0.5)
+            out.append(A(c=c, mean=rm, invstd=ri, weight=w, bias=b, residual=act(2, 5, 3, 3)))
+            out.append(A(c=c, mean=rm, invstd=ri, weight=w, bias=b, residual=None))
+        elif name == "bn_frozen_act_backward":
+            rm, ri = _t(5, device=device), _t(5, device=device, lo=0.5)
+            mask = REF.bn_frozen_act(c, rm, ri, w, b, None)[1]
+            for param_grads in (True, False):
+                out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=rm, invstd=ri,
+                             weight=w, residual_grad=fmt == CL, param_grads=param_grads))
         elif name == "conv_bias_relu":
             out.append(A(x=act(2, 5, 6, 5), weight=_t(4, 5, 3, 3, device=device, scale=0.3),
                          bias=_t(4, device=device), stride=2, padding=1))
@@ -161,6 +171,7 @@ def _cases(name, device):
 # Inputs an op is differentiable in (opcheck's autograd checks get them requiring grad).
 _DIFFERENTIABLE = {
     "bn_act": ("c", "weight", "bias", "residual"),
+    "bn_frozen_act": ("c", "weight", "bias", "residual"),
     "conv_bias_relu": ("x", "weight", "bias"),
     "conv_bias_shortcut_relu": ("y", "weight", "bias", "x", "shortcut_weight"),
 }

@@ -341,13 +341,13 @@ def _unflat(flat, lens) -> list:
 
 
 def _grad_slot(v):
-    """How block_train's autograd returns an input's gradient: "tensor", "list" (a list
-    of tensors: a list of gradients) or None (not differentiable: no gradient; autograd
-    tracks a list input only when it holds tensors only)."""
+    """How block_train's autograd returns an input's gradient: "tensor", the list's
+    length (a list of tensors: a list of gradients) or None (not differentiable: no
+    gradient; autograd tracks a list input only when it holds tensors only)."""
     if isinstance(v, torch.Tensor):
         return "tensor"
     if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
-        return "list"
+        return len(v)
     return None
 
 
@@ -357,7 +357,7 @@ def _block_train_setup(ctx, inputs, output):
     # What block_train_backward takes besides grad_out, found by name among
     # block_train's arguments and outputs; has_b / has_b_sc say which conv biases exist.
     known = {**a._asdict(), **o._asdict(), "has_b": [t is not None for t in a.b],
-             "has_b_sc": a.b_sc is not None}
+             "has_b_sc": a.b_sc is not None, "frozen": a.running is not None}
     wanted = BlockTrainBackwardArgs._fields[1:]
     ctx.tensor_names = [n for n in wanted if n in _BWD_TENSORS]
     flat, ctx.tensor_lens = _flat(known[n] for n in ctx.tensor_names)
@@ -377,8 +377,10 @@ def _make_block_train_backward(ns: str):
         grads = BlockTrainGrads(*op(*BlockTrainBackwardArgs(grad_out=grad_out, **saved,
                                                              **ctx.scalars)))._asdict()
         # The gradient of each input: d<name> (a list for a list input), else None.
-        out = tuple(None if slot is None else (list(grads["d" + n]) if slot == "list"
-                                               else grads["d" + n])
+        # `running` (a frozen block's statistics: constants) has none: a list of Nones.
+        out = tuple(None if slot is None else (
+                    grads["d" + n] if slot == "tensor" else list(grads["d" + n])
+                    if "d" + n in grads else [None] * slot)
                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
         # Exactly one entry per input the op received (torch checks the structure).
         return out[:len(ctx.needs_input_grad)]

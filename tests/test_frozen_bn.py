@@ -220,3 +220,39 @@ def test_check_model_frozen_resnet18():
     randomize_bn(model)
     report = check_model(model, torch.randn(2, 3, 32, 32), backends=["torch"], steps=1)
     assert report.ok, str(report)
+
+
+def test_compile_fullgraph_frozen_training_step():
+    """torch.compile(fullgraph=True) traces the frozen path (the frozen ops and their
+    autograd) and computes what eager does."""
+    torch.manual_seed(0)
+    make, shape, _ = BLOCKS["bottleneck_s2"]
+    plain = make(True)
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").train()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(shape)
+    xc, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_p = compiled(xc), plain.train()(xp)
+    torch.testing.assert_close(out_c, out_p, rtol=1e-4, atol=1e-4)
+    out_c.square().sum().backward()
+    out_p.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xp.grad, rtol=1e-4, atol=1e-4)
+    for (n, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
+def test_triton_frozen_training_runs_the_fused_block(monkeypatch):
+    """The triton backend's frozen step is the fused training op (block_train with the
+    running statistics), not the composite path."""
+    import resnet_fused.backends.triton as tb
+    calls = []
+    real = tb.train_block
+    monkeypatch.setattr(tb, "train_block",
+                        lambda *a, **k: calls.append(k.get("frozen")) or real(*a, **k))
+    make, shape, _ = BLOCKS["basic_s2"]
+    plain = make(True)
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(plain, backend="triton").train()
+    fused(torch.randn(shape, requires_grad=True)).sum().backward()
+    assert calls == [True]

@@ -87,16 +87,12 @@ def is_bn(m: nn.Module) -> bool:
     return type(m) in BN_TYPES or is_frozen_bn(m)
 
 
-def is_frozen(bn) -> bool:
-    """Of a BN that passed the checks (check_parts): frozen, i.e. it always normalises
-    with its running statistics. A type test, cheap on every call and traceable by
-    torch.compile; the frozen kinds were recognised by is_frozen_bn at conversion."""
-    return type(bn) not in BN_TYPES
-
-
 def bn_training(bn) -> bool:
-    """Whether `bn` normalises with batch statistics now: its own mode, and never for a
-    frozen BN (FrozenBatchNorm2d.training follows the model, its forward does not)."""
+    """Whether `bn`, a BN that passed the checks (check_parts), normalises with batch
+    statistics now: its own mode, and never for a frozen BN (FrozenBatchNorm2d.training
+    follows the model, its forward does not). A type test, cheap on every call and
+    traceable by torch.compile: the frozen kinds were recognised (is_frozen_bn) when
+    the block was checked."""
     return bn.training and type(bn) in BN_TYPES
 
 

@@ -417,6 +417,11 @@ def test_block_ops_frozen_against_float64_plain_block(device, kind):
     ops = _ops("triton", device)
     a = _block_args(kind, device)
     running = _running_of(a, device)
+    if kind == "identity":  # schema, fake and autograd registration with `running`
+        torch.library.opcheck(ops.block_train.default,
+                              tuple(_leaves(a)._replace(running=running)),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_autograd_registration"))
     runs = {}
     for label, args in (("got", a), ("plain", a), ("ref", _double_block(a))):
         leaves = _leaves(args)

@@ -189,7 +189,7 @@ def _frozen_network(name, blocks):
     assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == blocks
     assert list(fused.state_dict()) == list(model.state_dict())
     ref = copy.deepcopy(model).double()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     model.eval(), fused.eval(), ref.eval()
     with torch.no_grad():
         assert_within("eval output", fused(x), model(x), ref(x.double()))
@@ -218,7 +218,7 @@ def test_check_model_frozen_resnet18():
     torch.manual_seed(0)
     model = tvm.resnet18(norm_layer=FrozenBatchNorm2d)
     randomize_bn(model)
-    report = check_model(model, torch.randn(2, 3, 32, 32), backends=["torch"], steps=1)
+    report = check_model(model, torch.randn(2, 3, 16, 16), backends=["torch"], steps=1)
     assert report.ok, str(report)
 
 

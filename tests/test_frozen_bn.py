@@ -74,6 +74,13 @@ def test_train_step(backend, block, kind):
     _check(block, kind, backend, train=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "eager"])
+def test_train_step_channels_last(backend):
+    make, shape, _ = BLOCKS["bottleneck_s2"]
+    check_block(lambda: make(True), backend=backend, train=True, shape=shape,
+                channels_last=True)
+
+
 @pytest.mark.parametrize("block", list(BLOCKS))
 @pytest.mark.parametrize("backend", ["torch", "native", "eager"])
 def test_eval(backend, block):

@@ -81,6 +81,17 @@ def test_train_step_channels_last(backend):
                 channels_last=True)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_train_step_bfloat16(backend, kind):
+    # bf16 gradients at a few hundred elements are dominated by single ReLU-mask flips
+    # (an output the plain block rounds to exactly 0 and the fused one, summing in fp32,
+    # to +1e-3); at a few thousand the comparison with the plain block is meaningful.
+    make = BLOCKS["basic_s2"][0]
+    check_block(lambda: make(kind == "frozen"), backend=backend, dtype=torch.bfloat16,
+                train=True, shape=(8, 4, 16, 16), bn_eval=kind == "bn_eval")
+
+
 @pytest.mark.parametrize("block", list(BLOCKS))
 @pytest.mark.parametrize("backend", ["torch", "native", "eager"])
 def test_eval(backend, block):

@@ -300,7 +300,8 @@ def collect(full: bool = False) -> list:
                         label[0] = f"{plabel} frozen {kind} {cin}->{k}@{hw}/{stride}"
                         _block_launches(cin, k, hw, stride, kind, dt, torch.float32, True)
                 for cin, width, hw, stride in BOTTLENECKS:
-                    label[0] = f"{plabel} frozen bottleneck {cin}->{width}->{4 * width}@{hw}/{stride}"
+                    label[0] = (f"{plabel} frozen bottleneck "
+                                f"{cin}->{width}->{4 * width}@{hw}/{stride}")
                     _bottleneck_launches(cin, width, hw, stride, False, dt, torch.float32, True)
                 if prec != "ieee":
                     for pdt in pdts:

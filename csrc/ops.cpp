@@ -221,10 +221,10 @@ void scale_shift(const Tensor& mean, const Tensor& invstd, const Tensor& weight,
   }
 }
 
-std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
-                                      const Tensor& weight, const Tensor& bias,
-                                      const std::optional<Tensor>& residual) {
-  const char* op = "bn_act";
+// bn_act's kernel, for bn_act and bn_frozen_act (`op` names the caller in errors).
+std::tuple<Tensor, Tensor> bn_act_cpu_impl(const char* op, const Tensor& c, const Tensor& mean,
+                                           const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                                           const std::optional<Tensor>& residual) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(c.device().is_cpu(), op, ": expected a CPU tensor, got ", c.device());
   check_stats_args(op, c, l, mean, invstd, weight);
@@ -260,6 +260,12 @@ std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const
     });
   });
   return {out, mask};
+}
+
+std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                       const Tensor& weight, const Tensor& bias,
+                                       const std::optional<Tensor>& residual) {
+  return bn_act_cpu_impl("bn_act", c, mean, invstd, weight, bias, residual);
 }
 
 // ---------------------------------------------------------------- bn_act_backward
@@ -343,7 +349,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
 std::tuple<Tensor, Tensor> bn_frozen_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
                                              const Tensor& weight, const Tensor& bias,
                                              const std::optional<Tensor>& residual) {
-  return bn_act_cpu(c, mean, invstd, weight, bias, residual);
+  return bn_act_cpu_impl("bn_frozen_act", c, mean, invstd, weight, bias, residual);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_frozen_act_backward_cpu(

@@ -794,10 +794,10 @@ __global__ void __launch_bounds__(kThreads) bn_act_scalar_kernel(
 // The vector kernels' layout condition; it implies numel % 8 == 0 (no partial group).
 bool vec_layout_ok(const Layout& l) { return l.nhwc ? l.C % 8 == 0 : l.HW() % 8 == 0; }
 
-std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
-                                       const Tensor& weight, const Tensor& bias,
-                                       const std::optional<Tensor>& residual) {
-  const char* op = "bn_act";
+// bn_act's kernel, for bn_act and bn_frozen_act (`op` names the caller in errors).
+std::tuple<Tensor, Tensor> bn_act_cuda_impl(const char* op, const Tensor& c, const Tensor& mean,
+                                            const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                                            const std::optional<Tensor>& residual) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_stats_args(op, c, l, mean, invstd, weight);
@@ -833,6 +833,12 @@ std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, cons
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, mask};
+}
+
+std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                       const Tensor& weight, const Tensor& bias,
+                                       const std::optional<Tensor>& residual) {
+  return bn_act_cuda_impl("bn_act", c, mean, invstd, weight, bias, residual);
 }
 
 // ============================================================ bn_act_backward
@@ -1011,7 +1017,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
 std::tuple<Tensor, Tensor> bn_frozen_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
                                               const Tensor& weight, const Tensor& bias,
                                               const std::optional<Tensor>& residual) {
-  return bn_act_cuda(c, mean, invstd, weight, bias, residual);
+  return bn_act_cuda_impl("bn_frozen_act", c, mean, invstd, weight, bias, residual);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_frozen_act_backward_cuda(

@@ -221,10 +221,10 @@ void scale_shift(const Tensor& mean, const Tensor& invstd, const Tensor& weight,
   }
 }
 
-std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
-                                      const Tensor& weight, const Tensor& bias,
-                                      const std::optional<Tensor>& residual) {
-  const char* op = "bn_act";
+// bn_act's kernel, for bn_act and bn_frozen_act (`op` names the caller in errors).
+std::tuple<Tensor, Tensor> bn_act_cpu_impl(const char* op, const Tensor& c, const Tensor& mean,
+                                           const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                                           const std::optional<Tensor>& residual) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(c.device().is_cpu(), op, ": expected a CPU tensor, got ", c.device());
   check_stats_args(op, c, l, mean, invstd, weight);
@@ -262,11 +262,19 @@ std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const
   return {out, mask};
 }
 
+std::tuple<Tensor, Tensor> bn_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                       const Tensor& weight, const Tensor& bias,
+                                       const std::optional<Tensor>& residual) {
+  return bn_act_cpu_impl("bn_act", c, mean, invstd, weight, bias, residual);
+}
+
 // ---------------------------------------------------------------- bn_act_backward
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
-    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
-    const Tensor& invstd, const Tensor& weight, bool residual_grad) {
-  const char* op = "bn_act_backward";
+// Both backwards: bn_act's (frozen = false: batch statistics, the gradient through
+// mean and invstd included) and bn_frozen_act's (frozen = true: running statistics,
+// grad_c = w*invstd*g; pass 1 only when param_grads asks for sum(g), sum(g*xhat)).
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_cpu(
+    const char* op, const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad, bool frozen, bool param_grads) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(c.device().is_cpu(), op, ": expected a CPU tensor, got ", c.device());
   check_like(op, "grad_out", grad_out, "c", c, l);
@@ -277,7 +285,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
   const int64_t numel = c.numel(), M = l.N * l.HW();
   Tensor grad_c = at::empty_like(c);
   Tensor grad_res = residual_grad ? at::empty_like(c) : at::empty({0}, c.options());
-  Tensor gw = at::empty({l.C}, c.options().dtype(sdt)), gb = at::empty({l.C}, c.options().dtype(sdt));
+  const int64_t nparam = param_grads ? l.C : 0;
+  Tensor gw = at::empty({nparam}, c.options().dtype(sdt)), gb = at::empty({nparam}, c.options().dtype(sdt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pdy = grad_out.const_data_ptr<scalar_t>();
@@ -288,20 +297,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
                  *w = w64.const_data_ptr<double>();
     auto bit = [&](int64_t i) { return (pm[i >> 3] >> (i & 7)) & 1; };
     // Pass 1: sum(g) and sum(g * xhat) per channel.
-    std::vector<double> sg, sgx;
-    channel_sums(l, sg, sgx, [&](int64_t i, int64_t ch, double& a, double& b) {
-      if (bit(i)) {
-        const double g = static_cast<double>(pdy[i]);
-        a += g;
-        b += g * (static_cast<double>(pc[i]) - m[ch]) * is[ch];
-      }
-    });
+    std::vector<double> sg(l.C, 0.0), sgx(l.C, 0.0);
+    if (param_grads) {
+      channel_sums(l, sg, sgx, [&](int64_t i, int64_t ch, double& a, double& b) {
+        if (bit(i)) {
+          const double g = static_cast<double>(pdy[i]);
+          a += g;
+          b += g * (static_cast<double>(pc[i]) - m[ch]) * is[ch];
+        }
+      });
+    }
     // Pass 2: grad_c = w*invstd*(g - sum_g/M - xhat*sum_gx/M) = A*(g - mb) - B*(c - mean).
     std::vector<acc_t> A(l.C), mb(l.C), B(l.C), mu(l.C);
     for (int64_t ch = 0; ch < l.C; ++ch) {
       A[ch] = static_cast<acc_t>(w[ch] * is[ch]);
-      mb[ch] = static_cast<acc_t>(sg[ch] / M);
-      B[ch] = static_cast<acc_t>(w[ch] * is[ch] * is[ch] * sgx[ch] / M);
+      mb[ch] = frozen ? acc_t(0) : static_cast<acc_t>(sg[ch] / M);
+      B[ch] = frozen ? acc_t(0) : static_cast<acc_t>(w[ch] * is[ch] * is[ch] * sgx[ch] / M);
       mu[ch] = static_cast<acc_t>(m[ch]);
     }
     scalar_t* pgc = grad_c.data_ptr<scalar_t>();
@@ -316,13 +327,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
       }
     });
     AT_DISPATCH_FLOATING_TYPES(sdt, "bn_act_backward_cpu_out", [&] {
-      for (int64_t ch = 0; ch < l.C; ++ch) {
+      for (int64_t ch = 0; ch < nparam; ++ch) {
         gb.data_ptr<scalar_t>()[ch] = static_cast<scalar_t>(sg[ch]);
         gw.data_ptr<scalar_t>()[ch] = static_cast<scalar_t>(sgx[ch]);
       }
     });
   });
   return {grad_c, gw, gb, grad_res};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
+    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad) {
+  return bn_backward_cpu("bn_act_backward", grad_out, mask, c, mean, invstd, weight, residual_grad,
+                         /*frozen=*/false, /*param_grads=*/true);
+}
+
+// ---------------------------------------------------------------- frozen BN
+// bn_frozen_act is bn_act's computation (mean/invstd the running statistics): the same
+// kernel; only the autograd contract, and so the backward, differ.
+std::tuple<Tensor, Tensor> bn_frozen_act_cpu(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                             const Tensor& weight, const Tensor& bias,
+                                             const std::optional<Tensor>& residual) {
+  return bn_act_cpu_impl("bn_frozen_act", c, mean, invstd, weight, bias, residual);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_frozen_act_backward_cpu(
+    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad, bool param_grads) {
+  return bn_backward_cpu("bn_frozen_act_backward", grad_out, mask, c, mean, invstd, weight,
+                         residual_grad, /*frozen=*/true, param_grads);
 }
 
 // ---------------------------------------------------------------- eval convolutions
@@ -355,6 +389,8 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_finalize", &bn_finalize_cpu);
   m.impl("bn_act", &bn_act_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);
+  m.impl("bn_frozen_act", &bn_frozen_act_cpu);
+  m.impl("bn_frozen_act_backward", &bn_frozen_act_backward_cpu);
   m.impl("conv_bias_relu", &conv_bias_relu_cpu);
   m.impl("conv_bias_shortcut_relu", &conv_bias_shortcut_relu_cpu);
 }

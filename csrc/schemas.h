@@ -9,7 +9,7 @@
 
 namespace resnet_fused {
 
-// The BatchNorm training ops (CPU kernels in ops.cpp, CUDA kernels in cuda/bn_kernels.cu).
+// The BatchNorm ops, training and frozen (CPU kernels in ops.cpp, CUDA kernels in cuda/bn_kernels.cu).
 inline void define_bn_schemas(torch::Library& m) {
   m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("bn_finalize(Tensor mean, Tensor var, Tensor weight, Tensor bias, "
@@ -20,6 +20,11 @@ inline void define_bn_schemas(torch::Library& m) {
   m.def("bn_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor invstd, "
         "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
         "Tensor grad_bias, Tensor grad_residual)");
+  m.def("bn_frozen_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor? residual) -> (Tensor out, Tensor mask)");
+  m.def("bn_frozen_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, "
+        "Tensor invstd, Tensor weight, bool residual_grad, bool param_grads) -> "
+        "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }
 
 // The eval ops (CPU kernels in ops.cpp, cuDNN in cuda/conv_cudnn.cpp).

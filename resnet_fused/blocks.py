@@ -6,6 +6,9 @@ conversion; imports neither.
 """
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from . import spec as S
@@ -19,6 +22,80 @@ class ConversionError(ValueError):
 # nn.SyncBatchNorm (convert_sync_batchnorm, before or after fuse_model): the block
 # normalises over its process group (resnet_fused/distributed.py).
 BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+# The eps of a frozen BN that keeps none as an attribute (transformers' *FrozenBatchNorm2d
+# write 1e-5 into their forward); the probe below confirms it.
+FROZEN_EPS = 1e-5
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def bn_eps(bn) -> float:
+    """The eps a BN (any of is_bn's kinds) normalises with."""
+    eps = getattr(bn, "eps", None)
+    return FROZEN_EPS if eps is None else float(eps)
+
+
+def _frozen_probe(m: nn.Module) -> bool:
+    """Whether m's forward, in training and in eval, is x * scale + shift with
+    scale = weight * rsqrt(running_var + eps), shift = bias - running_mean * scale: run
+    on a float64 copy (the module itself is not touched) with random inputs, which an
+    affine map from batch statistics (or any other computation) would not match."""
+    try:
+        probe = copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
+        b = probe._buffers
+        c = b["weight"].numel()
+        scale = b["weight"] * torch.rsqrt(b["running_var"] + bn_eps(m))
+        shift = b["bias"] - b["running_mean"] * scale
+        if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, c, 3, 2, generator=gen, dtype=torch.float64) * 3 + 1
+        want = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        with torch.no_grad():
+            for training in (True, False):
+                probe.train(training)
+                got = probe(x)
+                if not (isinstance(got, torch.Tensor) and got.shape == x.shape
+                        and torch.allclose(got, want, rtol=1e-9, atol=1e-9)):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001: whatever its forward does, it is not a frozen BN
+        return False
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    """A frozen BatchNorm: torchvision's FrozenBatchNorm2d, transformers' frozen BN
+    classes, or any module alike, recognised by what it holds and computes, not by its
+    name: no parameters and no children, the buffers weight, bias, running_mean and
+    running_var (one value per channel; nothing else but num_batches_tracked), and a
+    forward that is the affine map of the running statistics in training and in eval
+    alike (_frozen_probe). Its weight and bias are buffers: they never train."""
+    if type(m) in BN_TYPES or m._parameters or m._modules:
+        return False
+    bufs = {k: v for k, v in m._buffers.items() if v is not None}
+    bufs.pop("num_batches_tracked", None)
+    if set(bufs) != set(_FROZEN_BUFFERS):
+        return False
+    c = bufs["weight"].shape
+    if len(c) != 1 or any(t.shape != c or not t.is_floating_point() for t in bufs.values()):
+        return False
+    return _frozen_probe(m)
+
+
+def is_bn(m: nn.Module) -> bool:
+    """A BatchNorm the fused block computes: nn.BatchNorm2d, nn.SyncBatchNorm, a
+    composite BN (leaves.py: timm's BatchNormAct2d) or a frozen BN (is_frozen_bn)."""
+    return type(m) in BN_TYPES or composite_bn(m) is not None or is_frozen_bn(m)
+
+
+def bn_training(bn) -> bool:
+    """Whether `bn`, a BN that passed the checks (check_parts), normalises with batch
+    statistics now: its own mode, and never for a frozen BN (FrozenBatchNorm2d.training
+    follows the model, its forward does not). A type test, cheap on every call and
+    traceable by torch.compile: the frozen kinds were recognised (is_frozen_bn) when
+    the block was checked, and none of them is a torch BatchNorm, while every kind
+    that trains is one (BN_TYPES and the composite BNs, nn.BatchNorm2d subclasses)."""
+    return bn.training and isinstance(bn, nn.modules.batchnorm._BatchNorm)
 
 
 # --------------------------------------------------------------------------- checks
@@ -50,7 +127,11 @@ def _bn_error(name, bn, channels):
     # affine=False and track_running_stats=False are refused here, once: no fused path
     # (and no fold) has a branch for a BN without weight/bias or running statistics.
     if type(bn) not in BN_TYPES and composite_bn(bn) is None:
-        return f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d or nn.SyncBatchNorm"
+        if not is_frozen_bn(bn):
+            return (f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d, "
+                    "nn.SyncBatchNorm, timm's BatchNormAct2d or a frozen BatchNorm (torchvision's FrozenBatchNorm2d)")
+        n = bn._buffers["weight"].numel()
+        return None if n == channels else f"{name} has {n} features, expected {channels}"
     if bn.num_features != channels:
         return f"{name} has {bn.num_features} features, expected {channels}"
     if not bn.affine:

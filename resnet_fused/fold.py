@@ -33,6 +33,7 @@ from torch import nn
 from . import graph_capture
 from .backends.base import FoldedBlock, FoldedConv
 from .tracing import jit_tracing
+from .blocks import bn_eps
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -47,7 +48,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
     b = conv.bias.to(acc) if conv.bias is not None else w.new_zeros(w.shape[0])
     if bn is None:
         return w, b
-    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn_eps(bn))
     return w * scale.view(-1, 1, 1, 1), (b - bn.running_mean.to(acc)) * scale + bn.bias.to(acc)
 
 
@@ -101,10 +102,17 @@ def _path_slots(block, path: str) -> list:
     return slots
 
 
+def _holder(m: nn.Module, name: str) -> dict:
+    """The dict of m that holds `name`: _parameters (nn.BatchNorm2d's weight and bias),
+    else _buffers (a frozen BN's)."""
+    return m._parameters if name in m._parameters else m._buffers
+
+
 def _slots(block, parts) -> list:
     """(dict, key) of every object the fold reads: the submodules along each path the
     spec names, each conv's weight and bias, each BN's weight, bias, running
-    statistics and eps."""
+    statistics and eps (a frozen BN holds weight and bias as buffers, and may keep no
+    eps: blocks.bn_eps)."""
     slots = []
     for path in block._spec.module_paths():
         slots += [sl for sl in _path_slots(block, path) if sl not in slots]
@@ -112,7 +120,7 @@ def _slots(block, parts) -> list:
         slots += [(st.conv._parameters, "weight"), (st.conv._parameters, "bias")]
         if st.bn is not None:
             bn = st.bn
-            slots += [(bn._parameters, "weight"), (bn._parameters, "bias"),
+            slots += [(_holder(bn, "weight"), "weight"), (_holder(bn, "bias"), "bias"),
                       (bn._buffers, "running_mean"), (bn._buffers, "running_var"),
                       (bn.__dict__, "eps")]
     return slots

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from . import spec as S
 from . import blocks
-from .blocks import ConversionError
+from .blocks import ConversionError, is_bn
 from .leaves import composite_bn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -64,7 +64,7 @@ def _is_norm(m: nn.Module) -> bool:
     """A normalisation layer of any kind (BN, GroupNorm, LayerNorm, a frozen BN...)."""
     return (isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
                            nn.LocalResponseNorm))
-            or type(m) in blocks.BN_TYPES or "Norm" in type(m).__name__)
+            or blocks.is_bn(m) or "Norm" in type(m).__name__)
 
 
 def _traced_into(m: nn.Module) -> bool:
@@ -160,7 +160,7 @@ def _module_op(m: nn.Module, args: tuple, kwargs: dict) -> str:
         return "other"
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
         return "conv"
-    if type(m) in blocks.BN_TYPES or composite_bn(m) is not None:
+    if is_bn(m):  # BatchNorm2d, SyncBatchNorm, a composite or a frozen BN (blocks.py)
         return "bn"
     if isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward:
         return "relu"

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from . import backends, distributed, spec, tracing
-from .blocks import ConversionError, block_stride, check_parts
+from .blocks import ConversionError, block_stride, bn_training, check_parts
 from .fold import block_tensors, folded
 from .matching import spec_of
 from .plan import EMPTY, MIXED, PLAN_CACHE_SIZE, TRAIN, check_input, make_plan
@@ -166,7 +166,8 @@ class FusedResidual(nn.Module):
             bns, sync = parts.bns(), True
         else:
             parts, bns, sync, _ = self._resolved()
-        modes = tuple([bn.training for bn in bns])
+        # A frozen BN (torchvision's FrozenBatchNorm2d) never trains, whatever its flag.
+        modes = tuple([bn_training(bn) for bn in bns])
         plan = (make_plan(self, x, modes, autocast) if compiling
                 else self._plan(parts, x, modes, autocast))
         if plan.copy:
@@ -180,14 +181,15 @@ class FusedResidual(nn.Module):
         if torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
                 x.requires_grad or any(t.requires_grad for t in block_tensors(parts))) and (
                 not torch.jit.is_tracing()):
-            # Eval while autograd records (frozen-BN fine-tuning, saliency maps):
-            # unfolded, so every gradient, BN's weight and bias included, has the plain
-            # block's numerics (a bf16-folded weight would round the gradient of gamma).
+            # Every BN on its running statistics while autograd records (frozen-BN
+            # fine-tuning, saliency maps): the frozen path, unfolded, so every gradient,
+            # BN's weight and bias included, is computed from the unrounded parameters
+            # (a bf16-folded weight would round the gradient of gamma).
             # Inference under torch.no_grad()/inference_mode() takes the folded kernels,
             # and so does torch.export, which traces with grad mode on: an exported eval
             # model is served, and must keep the fused ops in its graph. So does
             # torch.jit.trace, whose check re-traces under no_grad (tracing.py).
-            return plain_parts_forward(parts, x)
+            return plan.backend.forward_frozen(parts, x)
         return plan.backend.forward_eval(
             parts, folded(self, parts, x.dtype, plan.memory_format), x)
 

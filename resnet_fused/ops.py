@@ -17,6 +17,7 @@ then the op layer's autograd for the differentiable ops (AUTOGRAD). The C++ exte
 defines its ops in TORCH_LIBRARY (csrc/schemas.h) and calls `register_op_layer` for
 the fakes and autograd. The autograd, per op:
     bn_act                  -> <ns>::bn_act_backward (training BN + residual + ReLU)
+    bn_frozen_act           -> <ns>::bn_frozen_act_backward (frozen BN: running stats)
     conv_bias_relu          -> dReLU, then ATen's convolution_backward
     conv_bias_shortcut_relu -> dReLU, then convolution_backward of both GEMMs
     block_train             -> <ns>::block_train_backward
@@ -153,6 +154,14 @@ def _fake_bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad
     return torch.empty_like(c), torch.empty_like(mean), torch.empty_like(mean), grad_res
 
 
+def _fake_bn_frozen_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad,
+                                  param_grads):
+    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
+    grad_w = torch.empty_like(mean) if param_grads else mean.new_empty((0,))
+    grad_b = torch.empty_like(mean) if param_grads else mean.new_empty((0,))
+    return torch.empty_like(c), grad_w, grad_b, grad_res
+
+
 def _conv_out(x, weight, stride, padding, dilation=1):
     n, _, h, w = x.shape
     ho, wo = conv_out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
@@ -211,6 +220,8 @@ FAKES = {
     "bn_finalize": _fake_bn_finalize,
     "bn_act": _fake_bn_act,
     "bn_act_backward": _fake_bn_act_backward,
+    "bn_frozen_act": _fake_bn_act,
+    "bn_frozen_act_backward": _fake_bn_frozen_act_backward,
     "conv_bias_relu": _fake_conv_bias_relu,
     "conv_bias_shortcut_relu": _fake_conv_bias_shortcut_relu,
     "block_train": _fake_block_train,
@@ -237,6 +248,22 @@ def _make_bn_act_backward(ns: str):
         grad_c, grad_w, grad_b, grad_res = op(grad_out, mask, c, mean, invstd, weight, need_res)
         return (grad_c, None, None, grad_w.to(ctx.param_dtypes[0]),
                 grad_b.to(ctx.param_dtypes[1]), grad_res if need_res else None)
+
+    return backward
+
+
+def _make_bn_frozen_act_backward(ns: str):
+    def backward(ctx, grad_out, _grad_mask):
+        c, mean, invstd, weight, mask = ctx.saved_tensors
+        need_res = ctx.has_residual and ctx.needs_input_grad[5]
+        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_out = like_format(grad_out.to(c.dtype), c)
+        op = getattr(getattr(torch.ops, ns), "bn_frozen_act_backward")
+        grad_c, grad_w, grad_b, grad_res = op(grad_out, mask, c, mean, invstd, weight,
+                                              need_res, need_w or need_b)
+        return (grad_c, None, None, grad_w.to(ctx.param_dtypes[0]) if need_w else None,
+                grad_b.to(ctx.param_dtypes[1]) if need_b else None,
+                grad_res if need_res else None)
 
     return backward
 
@@ -314,13 +341,13 @@ def _unflat(flat, lens) -> list:
 
 
 def _grad_slot(v):
-    """How block_train's autograd returns an input's gradient: "tensor", "list" (a list
-    of tensors: a list of gradients) or None (not differentiable: no gradient; autograd
-    tracks a list input only when it holds tensors only)."""
+    """How block_train's autograd returns an input's gradient: "tensor", the list's
+    length (a list of tensors: a list of gradients) or None (not differentiable: no
+    gradient; autograd tracks a list input only when it holds tensors only)."""
     if isinstance(v, torch.Tensor):
         return "tensor"
     if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
-        return "list"
+        return len(v)
     return None
 
 
@@ -330,7 +357,7 @@ def _block_train_setup(ctx, inputs, output):
     # What block_train_backward takes besides grad_out, found by name among
     # block_train's arguments and outputs; has_b / has_b_sc say which conv biases exist.
     known = {**a._asdict(), **o._asdict(), "has_b": [t is not None for t in a.b],
-             "has_b_sc": a.b_sc is not None}
+             "has_b_sc": a.b_sc is not None, "frozen": a.running is not None}
     wanted = BlockTrainBackwardArgs._fields[1:]
     ctx.tensor_names = [n for n in wanted if n in _BWD_TENSORS]
     flat, ctx.tensor_lens = _flat(known[n] for n in ctx.tensor_names)
@@ -350,8 +377,10 @@ def _make_block_train_backward(ns: str):
         grads = BlockTrainGrads(*op(*BlockTrainBackwardArgs(grad_out=grad_out, **saved,
                                                              **ctx.scalars)))._asdict()
         # The gradient of each input: d<name> (a list for a list input), else None.
-        out = tuple(None if slot is None else (list(grads["d" + n]) if slot == "list"
-                                               else grads["d" + n])
+        # `running` (a frozen block's statistics: constants) has none: a list of Nones.
+        out = tuple(None if slot is None else (
+                    grads["d" + n] if slot == "tensor" else list(grads["d" + n])
+                    if "d" + n in grads else [None] * slot)
                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
         # Exactly one entry per input the op received (torch checks the structure).
         return out[:len(ctx.needs_input_grad)]
@@ -367,6 +396,7 @@ def op_name(ns: str, name: str) -> str:
 # op -> (namespace -> its backward function, its setup_context).
 AUTOGRAD = {
     "bn_act": (_make_bn_act_backward, _bn_act_setup),
+    "bn_frozen_act": (_make_bn_frozen_act_backward, _bn_act_setup),
     "conv_bias_relu": (lambda ns: _conv_bias_relu_backward, _conv_bias_relu_setup),
     "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
                                 _conv_bias_shortcut_relu_setup),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .blocks import bn_eps
 from .matching import spec_of
 from .spec import Parts, resolve
 
@@ -79,6 +80,22 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if b is not None and b.dtype != x.dtype:
         b = b.to(x.dtype)
     return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def frozen_stats(bn: nn.Module, c: torch.Tensor) -> tuple:
+    """(running_mean, rsqrt(running_var + eps)) of a BN normalising with its running
+    statistics, in c's statistics dtype (float32; float64 for float64 c): the mean and
+    invstd the frozen ops take. Constants: no gradient flows into the statistics."""
+    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    rm, rv = bn.running_mean.detach(), bn.running_var.detach()
+    return rm.to(acc), torch.rsqrt(rv.to(acc) + bn_eps(bn))
+
+
+def frozen_batch_norm(c: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """bn(c) with its running statistics (ATen's batch_norm in inference mode):
+    differentiable in c and in the BN's weight/bias where they are parameters."""
+    return F.batch_norm(c, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                        bn_eps(bn))
 
 
 def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,25 @@ SCHEMAS = {
         "Tensor weight, bool residual_grad) -> (Tensor grad_c, Tensor grad_weight, "
         "Tensor grad_bias, Tensor grad_residual)"
     ),
+    # Frozen BatchNorm (running statistics, in training too: torchvision's
+    # FrozenBatchNorm2d, or an nn.BatchNorm2d in eval while autograd records) + optional
+    # residual + ReLU: bn_act's computation, with mean = running_mean and
+    # invstd = rsqrt(running_var + eps), on the contract that they are constants, so
+    # its gradient has no path through them (bn_frozen_act_backward).
+    "bn_frozen_act": (
+        "bn_frozen_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor? residual) -> (Tensor out, Tensor mask)"
+    ),
+    # Backward of bn_frozen_act, one pass (two with param_grads):
+    #   g = grad_out * mask;  grad_c = weight * invstd * g
+    #   grad_residual = g (c's dtype) when residual_grad, else an empty tensor of shape [0]
+    #   param_grads: grad_weight = sum(g * xhat), grad_bias = sum(g) (float32, float64 for
+    #   float64 c), xhat = (c - mean) * invstd; else both empty tensors of shape [0].
+    "bn_frozen_act_backward": (
+        "bn_frozen_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, "
+        "Tensor invstd, Tensor weight, bool residual_grad, bool param_grads) -> "
+        "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)"
+    ),
     # Eval stage (every stage of the main path but the last):
     # relu(conv2d(x, weight, stride, padding, dilation, groups) + bias). BN already folded.
     "conv_bias_relu": (
@@ -92,6 +111,11 @@ SCHEMAS = {
     # The shortcut: w_sc None for the identity; else conv(x, w_sc) + b_sc with stride
     # prod(stride) and 'same' padding, and g_sc / beta_sc / eps_sc its BN (None: none).
     # group: the process group name of a synchronized block ("" for none).
+    # running: None (batch statistics), or a frozen block (every BN normalising with its
+    # running statistics: FrozenBatchNorm2d, or BNs in eval while autograd records): one
+    # [2, C] float32 tensor per BN (the stages', then the shortcut BN's), its running
+    # mean and running variance, which then stand for the batch statistics everywhere
+    # (stats returns them); group must be "".
     # x and the activations returned are channels_last-contiguous.
     # Returns out, and for the backward and the running statistics: c (every stage's
     # conv output before its BN), c_sc (the shortcut BN's input; an empty [0] tensor
@@ -102,19 +126,21 @@ SCHEMAS = {
     "block_train": (
         "block_train(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
         "int[] stride, float[] eps, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, "
-        "Tensor? beta_sc, float eps_sc, str group=\"\") -> (Tensor out, Tensor[] c, "
-        "Tensor c_sc, Tensor mask, Tensor[] stats)"
+        "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None) -> "
+        "(Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, Tensor[] stats)"
     ),
     # Gradients of block_train's out with respect to its tensor inputs (d<input name>;
     # a list for a list input), from what it saved; has_b / has_b_sc say which conv
     # biases exist. The gradients of absent parameters are empty [0] tensors.
+    # frozen: block_train ran with `running` (the statistics are constants: no
+    # gradient through them).
     "block_train_backward": (
         "block_train_backward(Tensor grad_out, Tensor x, Tensor[] c, Tensor c_sc, "
         "Tensor mask, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, Tensor? w_sc, "
         "Tensor? g_sc, bool[] has_b, bool has_b_sc, int[] stride, float[] eps, "
-        "float eps_sc, str group=\"\") -> (Tensor dx, Tensor[] dw, Tensor[] db, "
-        "Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, Tensor dg_sc, "
-        "Tensor dbeta_sc)"
+        "float eps_sc, str group=\"\", bool frozen=False) -> (Tensor dx, Tensor[] dw, "
+        "Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
+        "Tensor dg_sc, Tensor dbeta_sc)"
     ),
 }
 

@@ -18,6 +18,8 @@ import copy
 import torch
 
 from resnet_fused import FusedResidual
+from resnet_fused.blocks import bn_training, is_frozen_bn
+from resnet_fused.spec import get_path
 from tolerance import assert_near_zero, assert_within
 
 
@@ -30,10 +32,11 @@ def make_input(shape, dtype, channels_last, device="cpu", requires_grad=True):
 
 
 def randomize_bn(block: torch.nn.Module) -> None:
-    """Non-trivial BN parameters and running statistics (never the init's 1/0)."""
+    """Non-trivial BN parameters and running statistics (never the init's 1/0), frozen
+    BNs (torchvision's FrozenBatchNorm2d: buffers) included."""
     with torch.no_grad():
         for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.BatchNorm2d) or is_frozen_bn(m):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -41,17 +44,21 @@ def randomize_bn(block: torch.nn.Module) -> None:
 
 
 def _zero_grad_params(fused) -> set:
-    """Names of the conv biases that feed a BatchNorm (their true gradient is 0 in
-    training mode: BN subtracts the batch mean), read off the block's spec."""
+    """Names of the conv biases that feed a training BatchNorm (their true gradient is
+    0 there: BN subtracts the batch mean), read off the block's spec."""
     spec = fused._spec
     sts = spec.stages + ((spec.shortcut,) if spec.shortcut is not None else ())
-    names = {f"{st.conv}.bias" for st in sts if st.bn is not None}
+    names = {f"{st.conv}.bias" for st in sts
+             if st.bn is not None and bn_training(get_path(fused, st.bn))}
     return {n for n, _ in fused.named_parameters() if n in names}
 
 
 def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,
                 channels_last=False, shape=(2, 8, 9, 9), steps=1, device="cpu",
-                grads=True):
+                grads=True, bn_eval=False):
+    """bn_eval: every nn.BatchNorm2d in eval after the blocks are set to `train`
+    (frozen-BN fine-tuning); a block whose BNs all run on their running statistics
+    must then leave every buffer exactly as it was."""
     torch.manual_seed(1234)
     plain64 = make_plain().to(device=device, dtype=torch.float64)
     randomize_bn(plain64)
@@ -59,6 +66,12 @@ def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,
     fused = FusedResidual.from_residual(copy.deepcopy(plain64).to(dtype), backend=backend)
     for m in (plain64, plain_lp, fused):
         m.train(train)
+        if bn_eval:
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    bn.eval()
+    frozen = not any(bn_training(bn) for bn in fused.parts().bns())
+    before = {n: b.clone() for n, b in fused.named_buffers()}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for step in range(steps):
         x = make_input(shape, dtype, channels_last, device, requires_grad=grads)
@@ -88,6 +101,9 @@ def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,
                               factor=3, dtype=dtype)
             for m in (fused, plain_lp, plain64):
                 m.zero_grad(set_to_none=True)
+    if frozen:  # running statistics (and counters) untouched
+        for name, b in fused.named_buffers():
+            assert torch.equal(b, before[name]), f"buffer {name} changed"
     ref_buffers = dict(plain64.named_buffers())
     lp_buffers = dict(plain_lp.named_buffers())
     for name, b in fused.named_buffers():

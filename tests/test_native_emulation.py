@@ -170,6 +170,43 @@ def test_emulated_kernels_match_cpu_kernels(emu, sms, dtype, shape, channels_las
         check_equal("grad_residual", got[3], want[3])
 
 
+FROZEN_MATRIX = [(dt, *case) for dt in (torch.float32, torch.bfloat16)
+                 for case in (CASES[0], CASES[2], CASES[5], CASES[6])]
+
+
+@pytest.mark.parametrize("dtype,shape,channels_last,what", FROZEN_MATRIX,
+                         ids=[f"{IDS[m[0]]}-{m[3]}" for m in FROZEN_MATRIX])
+def test_emulated_frozen_kernels_match_cpu_kernels(emu, sms, dtype, shape, channels_last, what):
+    """bn_frozen_act (bn_act's kernels on running statistics) and its backward (the
+    apply kernels with zero sums; the reduction only for param_grads)."""
+    c = view_in_buffer(shape, dtype, channels_last, offset=0)
+    C = shape[1]
+    mean = torch.randn(C, dtype=torch.float64).float()
+    invstd = (torch.rand(C, dtype=torch.float64) + 0.5).float()
+    w, b = params(C)
+    r = view_in_buffer(shape, dtype, channels_last, offset=0)
+    for res in (None, r):
+        poison_allocator(c.numel() * 8)
+        out_e, mask_e = emu.bn_frozen_act(c, mean, invstd, w, b, res)
+        out_r, mask_r = ref.bn_frozen_act(c, mean, invstd, w, b, res)
+        check_equal("bn_frozen_act out", out_e, out_r)
+        check_equal("bn_frozen_act mask", mask_e, mask_r)
+    dy = view_in_buffer(shape, dtype, channels_last, offset=0)
+    gtol = 1e-6 if dtype == torch.float32 else 1e-2
+    for residual_grad, param_grads in ((False, True), (True, False)):
+        poison_allocator(c.numel() * 8)
+        got = emu.bn_frozen_act_backward(dy, mask_r, c, mean, invstd, w, residual_grad,
+                                         param_grads)
+        want = ref.bn_frozen_act_backward(dy, mask_r, c, mean, invstd, w, residual_grad,
+                                          param_grads)
+        close("grad_c", got[0], want[0], gtol)
+        for name, g, wt in (("grad_weight", got[1], want[1]), ("grad_bias", got[2], want[2])):
+            assert g.shape == wt.shape == ((C,) if param_grads else (0,)), name
+            if param_grads:
+                close(name, g, wt, 2e-5)
+        check_equal("grad_residual", got[3], want[3])
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("offset", [1, 3, 8], ids=["off1", "off3", "off8-aligned"])
 def test_views_with_storage_offset(emu, sms, channels_last, offset):

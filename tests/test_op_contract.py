@@ -144,6 +144,16 @@ def _cases(name, device):
             mask = REF.bn_act(c, mean, invstd, w, b, None)[1]
             out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=mean, invstd=invstd,
                          weight=w, residual_grad=fmt == CL))
+        elif name == "bn_frozen_act":  # running statistics: any mean, invstd
+            rm, ri = _t(5, device=device), _t(5, device=device, lo=0.5)
+            out.append(A(c=c, mean=rm, invstd=ri, weight=w, bias=b, residual=act(2, 5, 3, 3)))
+            out.append(A(c=c, mean=rm, invstd=ri, weight=w, bias=b, residual=None))
+        elif name == "bn_frozen_act_backward":
+            rm, ri = _t(5, device=device), _t(5, device=device, lo=0.5)
+            mask = REF.bn_frozen_act(c, rm, ri, w, b, None)[1]
+            for param_grads in (True, False):
+                out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=rm, invstd=ri,
+                             weight=w, residual_grad=fmt == CL, param_grads=param_grads))
         elif name == "conv_bias_relu":
             out.append(A(x=act(2, 5, 6, 5), weight=_t(4, 5, 3, 3, device=device, scale=0.3),
                          bias=_t(4, device=device), stride=2, padding=1))
@@ -161,6 +171,7 @@ def _cases(name, device):
 # Inputs an op is differentiable in (opcheck's autograd checks get them requiring grad).
 _DIFFERENTIABLE = {
     "bn_act": ("c", "weight", "bias", "residual"),
+    "bn_frozen_act": ("c", "weight", "bias", "residual"),
     "conv_bias_relu": ("x", "weight", "bias"),
     "conv_bias_shortcut_relu": ("y", "weight", "bias", "x", "shortcut_weight"),
 }
@@ -361,3 +372,69 @@ def test_block_ops_against_float64_plain_block(device, kind):
     assert torch.equal(got[3].mask, torch_ops.pack_mask(got[0] > 0))
     for (n, gg), (_, gp), (_, gr) in zip(*(_leaf_grads(r[2]) for r in (got, plain, ref))):
         assert_within(f"{kind} grad {n}", gg, gp, gr, factor=3)
+
+
+def _running_of(a, device):
+    """block_train's `running` for a frozen block: per BN (stages, then the shortcut's),
+    [running mean; running variance] in float32."""
+    ks = [w.shape[0] for w in a.w] + ([a.w_sc.shape[0]] if a.g_sc is not None else [])
+    gen = torch.Generator().manual_seed(2)
+    return [torch.stack([torch.randn(k, generator=gen, dtype=torch.float64),
+                         torch.rand(k, generator=gen, dtype=torch.float64) + 0.5]
+                        ).float().to(device) for k in ks]
+
+
+def _plain_frozen_block(a, running):
+    """The plain block with every BN on its running statistics (F.batch_norm in
+    inference mode)."""
+    bns = iter(running)
+
+    def bn(c, g, beta, eps):
+        r = next(bns).to(c.dtype)
+        return F.batch_norm(c, r[0], r[1], g, beta, False, 0.0, eps)
+
+    y = a.x
+    for i, w in enumerate(a.w):
+        y = bn(F.conv2d(y, w, a.b[i], a.stride[i], w.shape[-1] // 2), a.g[i], a.beta[i],
+               a.eps[i])
+        if i < len(a.w) - 1:
+            y = F.relu(y)
+    s = 1
+    for st in a.stride:
+        s *= st
+    sc = a.x if a.w_sc is None else F.conv2d(a.x, a.w_sc, a.b_sc, s, a.w_sc.shape[-1] // 2)
+    if a.g_sc is not None:
+        sc = bn(sc, a.g_sc, a.beta_sc, a.eps_sc)
+    return F.relu(y + sc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_block_ops_frozen_against_float64_plain_block(device, kind):
+    """block_train with `running` (every BN frozen): its output, its stats (the running
+    statistics themselves) and the gradient of every tensor input through
+    block_train_backward(frozen=True), against the plain frozen block in float64."""
+    ops = _ops("triton", device)
+    a = _block_args(kind, device)
+    running = _running_of(a, device)
+    if kind == "identity":  # schema, fake and autograd registration with `running`
+        torch.library.opcheck(ops.block_train.default,
+                              tuple(_leaves(a)._replace(running=running)),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_autograd_registration"))
+    runs = {}
+    for label, args in (("got", a), ("plain", a), ("ref", _double_block(a))):
+        leaves = _leaves(args)
+        if label == "got":
+            o = op_layer.BlockTrainOut(*ops.block_train(*leaves._replace(running=running)))
+            out = o.out
+            assert all(torch.equal(s[:2], r) for s, r in zip(o.stats, running))
+        else:
+            out = _plain_frozen_block(leaves, running)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out.backward(g.to(device=device, dtype=out.dtype))
+        runs[label] = (out, leaves)
+    got, plain, ref = runs["got"], runs["plain"], runs["ref"]
+    assert_within(f"{kind} frozen out", got[0], plain[0], ref[0])
+    for (n, gg), (_, gp), (_, gr) in zip(*(_leaf_grads(r[1]) for r in (got, plain, ref))):
+        assert_within(f"{kind} frozen grad {n}", gg, gp, gr, factor=3)

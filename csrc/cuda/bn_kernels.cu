@@ -1,4 +1,5 @@
-// CUDA kernels of the BatchNorm ops: channel_stats, bn_finalize, bn_act, bn_act_backward.
+// CUDA kernels of the BatchNorm ops: channel_stats, bn_finalize, bn_act, bn_act_backward
+// (and bn_frozen_act / bn_frozen_act_backward on the same kernels).
 //
 // Layout handling: activations are NCHW- or channels_last-contiguous (physical
 // offset i; channel (i / HW) % C or i % C). Elementwise kernels work on groups of
@@ -793,10 +794,10 @@ __global__ void __launch_bounds__(kThreads) bn_act_scalar_kernel(
 // The vector kernels' layout condition; it implies numel % 8 == 0 (no partial group).
 bool vec_layout_ok(const Layout& l) { return l.nhwc ? l.C % 8 == 0 : l.HW() % 8 == 0; }
 
-std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
-                                       const Tensor& weight, const Tensor& bias,
-                                       const std::optional<Tensor>& residual) {
-  const char* op = "bn_act";
+// bn_act's kernel, for bn_act and bn_frozen_act (`op` names the caller in errors).
+std::tuple<Tensor, Tensor> bn_act_cuda_impl(const char* op, const Tensor& c, const Tensor& mean,
+                                            const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                                            const std::optional<Tensor>& residual) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_stats_args(op, c, l, mean, invstd, weight);
@@ -832,6 +833,12 @@ std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, cons
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, mask};
+}
+
+std::tuple<Tensor, Tensor> bn_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                       const Tensor& weight, const Tensor& bias,
+                                       const std::optional<Tensor>& residual) {
+  return bn_act_cuda_impl("bn_act", c, mean, invstd, weight, bias, residual);
 }
 
 // ============================================================ bn_act_backward
@@ -939,10 +946,11 @@ __global__ void __launch_bounds__(kThreads) bn_act_backward_scalar_kernel(
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
-    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
-    const Tensor& invstd, const Tensor& weight, bool residual_grad) {
-  const char* op = "bn_act_backward";
+// Both backwards: bn_act's (frozen = false) and bn_frozen_act's (frozen = true: the
+// apply kernels run with zero sums, so grad_c = w*invstd*g; pass 1 only for param_grads).
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_cuda(
+    const char* op, const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad, bool frozen, bool param_grads) {
   const Layout l = check_activation(op, "c", c);
   TORCH_CHECK(RF_IS_DEVICE(c), op, ": expected a CUDA tensor, got ", c.device());
   check_like(op, "grad_out", grad_out, "c", c, l);
@@ -954,7 +962,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
   const int64_t numel = c.numel(), M = l.N * l.HW();
   Tensor grad_c = at::empty_like(c);
   Tensor grad_res = residual_grad ? at::empty_like(c) : at::empty({0}, c.options());
-  Tensor gw = at::empty({l.C}, c.options().dtype(sdt)), gb = at::empty({l.C}, c.options().dtype(sdt));
+  const int64_t nparam = param_grads ? l.C : 0;
+  Tensor gw = at::empty({nparam}, c.options().dtype(sdt)), gb = at::empty({nparam}, c.options().dtype(sdt));
+  // What the apply pass subtracts: the batch sums, or nothing for a frozen BN.
+  const Tensor zero = frozen ? at::zeros({l.C}, c.options().dtype(sdt)) : Tensor();
+  const Tensor& sum_g = frozen ? zero : gb;
+  const Tensor& sum_gx = frozen ? zero : gw;
   const Tensor w = weight.to(sdt);
   const bool aligned = aligned16(c.const_data_ptr()) && aligned16(grad_out.const_data_ptr()) &&
                        aligned16(grad_c.data_ptr()) && (!residual_grad || aligned16(grad_res.data_ptr()));
@@ -962,10 +975,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bn_act_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     // Pass 1: gb = sum(g), gw = sum(g * xhat) per channel.
-    channel_reduce<scalar_t, A, kBwd>(l, c.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
-                                      mask.const_data_ptr<uint8_t>(), mean.const_data_ptr<A>(),
-                                      invstd.const_data_ptr<A>(), aligned, gb.data_ptr<A>(),
-                                      gw.data_ptr<A>(), c.options().dtype(sdt));
+    if (param_grads)
+      channel_reduce<scalar_t, A, kBwd>(l, c.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+                                        mask.const_data_ptr<uint8_t>(), mean.const_data_ptr<A>(),
+                                        invstd.const_data_ptr<A>(), aligned, gb.data_ptr<A>(),
+                                        gw.data_ptr<A>(), c.options().dtype(sdt));
     // Pass 2: elementwise.
     const bool vec = aligned && vec_layout_ok(l);
     const int64_t blocks = elementwise_blocks(mask_bytes(numel), l);
@@ -976,18 +990,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
                                   : bn_act_backward_vec_kernel<scalar_t, A, false>;
       RF_LAUNCH(kernel, grid, block, stream, grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
                 c.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
-                w.const_data_ptr<A>(), gb.const_data_ptr<A>(), gw.const_data_ptr<A>(),
+                w.const_data_ptr<A>(), sum_g.const_data_ptr<A>(), sum_gx.const_data_ptr<A>(),
                 grad_c.data_ptr<scalar_t>(), pgr, numel / 8, l.C, l.HW(), l.nhwc, M);
     } else {
       auto kernel = bn_act_backward_scalar_kernel<scalar_t, A>;
       RF_LAUNCH(kernel, grid, block, stream, grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
                 c.const_data_ptr<scalar_t>(), mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
-                w.const_data_ptr<A>(), gb.const_data_ptr<A>(), gw.const_data_ptr<A>(),
+                w.const_data_ptr<A>(), sum_g.const_data_ptr<A>(), sum_gx.const_data_ptr<A>(),
                 grad_c.data_ptr<scalar_t>(), pgr, numel, l.C, l.HW(), l.nhwc, M);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_c, gw, gb, grad_res};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
+    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad) {
+  return bn_backward_cuda("bn_act_backward", grad_out, mask, c, mean, invstd, weight, residual_grad,
+                          /*frozen=*/false, /*param_grads=*/true);
+}
+
+// ============================================================ frozen BN
+// bn_frozen_act: bn_act's kernels (mean/invstd are the running statistics); its
+// backward: the apply kernels above with zero sums.
+std::tuple<Tensor, Tensor> bn_frozen_act_cuda(const Tensor& c, const Tensor& mean, const Tensor& invstd,
+                                              const Tensor& weight, const Tensor& bias,
+                                              const std::optional<Tensor>& residual) {
+  return bn_act_cuda_impl("bn_frozen_act", c, mean, invstd, weight, bias, residual);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_frozen_act_backward_cuda(
+    const Tensor& grad_out, const Tensor& mask, const Tensor& c, const Tensor& mean,
+    const Tensor& invstd, const Tensor& weight, bool residual_grad, bool param_grads) {
+  return bn_backward_cuda("bn_frozen_act_backward", grad_out, mask, c, mean, invstd, weight,
+                          residual_grad, /*frozen=*/true, param_grads);
 }
 
 }  // namespace
@@ -998,6 +1035,8 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bn_finalize", &bn_finalize_cuda);
   m.impl("bn_act", &bn_act_cuda);
   m.impl("bn_act_backward", &bn_act_backward_cuda);
+  m.impl("bn_frozen_act", &bn_frozen_act_cuda);
+  m.impl("bn_frozen_act_backward", &bn_frozen_act_backward_cuda);
 }
 #endif
 

@@ -46,5 +46,7 @@ TORCH_LIBRARY_IMPL(resnet_fused_emu, CPU, m) {
   m.impl("bn_finalize", &resnet_fused::bn_finalize_cuda);
   m.impl("bn_act", &resnet_fused::bn_act_cuda);
   m.impl("bn_act_backward", &resnet_fused::bn_act_backward_cuda);
+  m.impl("bn_frozen_act", &resnet_fused::bn_frozen_act_cuda);
+  m.impl("bn_frozen_act_backward", &resnet_fused::bn_frozen_act_backward_cuda);
   m.impl("vec8_copy", &resnet_fused::vec8_copy);
 }

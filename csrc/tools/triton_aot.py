@@ -127,7 +127,7 @@ def _t(shape, dtype, cl=True):
     return t.contiguous(memory_format=torch.channels_last) if cl and len(shape) == 4 else t
 
 
-def _block_launches(cin, k, hw, stride, kind, dt, pdt):
+def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     """Eval (K1, K2) and the fused training forward and backward of one block."""
     from resnet_fused.backends.triton import eval_ops, train
 
@@ -152,21 +152,26 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt):
     y1 = eval_ops.conv_bias_relu(x, w1, fb, stride, 1)
     eval_ops.conv_bias_shortcut_relu(y1, w2, fb, x, w3, 1, stride, pad3)
 
-    _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt)
+    _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
-def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
-    """The fused training forward and backward of one chain of stages (train.py)."""
+def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False):
+    """The fused training forward and backward of one chain of stages (train.py);
+    frozen: every BN on its running statistics (block_train's `running`)."""
     from resnet_fused.backends.triton import train
 
     g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
     beta = [torch.zeros(wi.shape[0], dtype=pdt) for wi in w]
     eps = [1e-5] * len(w)
+    running = None
+    if frozen:
+        ks = [wi.shape[0] for wi in w] + ([w_sc.shape[0]] if g_sc is not None else [])
+        running = [torch.ones((2, k), dtype=torch.float32) for k in ks]
     out, c, c_sc, mask, stats = train._block_train(x, w, b, g, beta, strides, eps, w_sc,
-                                                   b_sc, g_sc, beta_sc, 1e-5)
+                                                   b_sc, g_sc, beta_sc, 1e-5, "", running)
     train._block_train_backward(_t(tuple(out.shape), x.dtype), x, c, c_sc, mask, stats, w, g,
                                 beta, w_sc, g_sc, [t is not None for t in b],
-                                b_sc is not None, strides, eps, 1e-5)
+                                b_sc is not None, strides, eps, 1e-5, "", frozen)
 
 
 # ResNet-50 bottleneck blocks (input channels, width, input size, stride): layer1's
@@ -174,7 +179,7 @@ def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
 BOTTLENECKS = [(64, 64, 56, 1), (256, 64, 56, 1), (256, 128, 56, 2)]
 
 
-def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt):
+def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt, frozen=False):
     """The fused training op on a torchvision bottleneck (no conv biases, BN'd 1x1
     projection when the shape changes); v1: the stride on the first 1x1."""
     out = 4 * width
@@ -185,7 +190,7 @@ def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt):
     w_sc = _t((out, cin, 1, 1), dt) if proj else None
     g_sc, beta_sc = ((torch.ones(out, dtype=pdt), torch.zeros(out, dtype=pdt)) if proj
                      else (None, None))
-    _train_launches(x, w, [None] * 3, strides, w_sc, None, g_sc, beta_sc, pdt)
+    _train_launches(x, w, [None] * 3, strides, w_sc, None, g_sc, beta_sc, pdt, frozen)
 
 
 def _tma_launches(cin, k, hw, stride, kind, dt):
@@ -286,6 +291,18 @@ def collect(full: bool = False) -> list:
                         label[0] = (f"{plabel} bottleneck{' v1' if v1 else ''} "
                                     f"{cin}->{width}->{4 * width}@{hw}/{stride}")
                         _bottleneck_launches(cin, width, hw, stride, v1, dt, torch.float32)
+                # Frozen BN (every BN on its running statistics): after the others, so
+                # the variants only it launches keep its label (--filter frozen).
+                for cin, k, hw, stride in stages:
+                    for kind in KINDS:
+                        if (kind == "identity") != (cin == k and stride == 1):
+                            continue
+                        label[0] = f"{plabel} frozen {kind} {cin}->{k}@{hw}/{stride}"
+                        _block_launches(cin, k, hw, stride, kind, dt, torch.float32, True)
+                for cin, width, hw, stride in BOTTLENECKS:
+                    label[0] = (f"{plabel} frozen bottleneck "
+                                f"{cin}->{width}->{4 * width}@{hw}/{stride}")
+                    _bottleneck_launches(cin, width, hw, stride, False, dt, torch.float32, True)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):
@@ -533,7 +550,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="compile processes")
     ap.add_argument("--first-config", action="store_true",
                     help="only the first config autotuning keeps (faster)")
-    ap.add_argument("--filter", default="", help="only kernels whose name contains this")
+    ap.add_argument("--filter", default="", help="only kernels whose name (or scenario "
+                    "label: 'frozen') contains this")
     ap.add_argument("--quick", action="store_true",
                     help="the representative subset the default test compiles")
     ap.add_argument("--json", default="", help="also write the results here")
@@ -543,7 +561,7 @@ def main(argv=None) -> int:
         jobs = representative_jobs()
     else:
         jobs = jobs_of(collect(a.full), all_configs=not a.first_config)
-    jobs = [j for j in jobs if a.filter in j.fn.__name__]
+    jobs = [j for j in jobs if a.filter in j.fn.__name__ or a.filter in j.label]
     print(f"triton {triton.__version__}, torch {torch.__version__}, sm_{a.arch}: "
           f"{len(jobs)} variants", flush=True)
     results = _compile_all(jobs, a.arch, a.jobs)

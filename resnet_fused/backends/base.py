@@ -11,6 +11,13 @@ A backend computes the whole block in one of two modes:
   block with synchronized BNs, a group (not None) meaning that BN's statistics and
   backward reductions are all-reduced over it (resnet_fused/distributed.py).
 
+- forward_frozen(parts, x): every BN normalises with its running statistics while
+  autograd records (frozen-BN fine-tuning: torchvision's FrozenBatchNorm2d, or
+  nn.BatchNorm2d in eval inside a model in train()): per stage relu(conv * s + t)
+  with s, t from the running statistics, no statistics pass and no running update;
+  differentiable with respect to x, every conv parameter and the weight/bias of a BN
+  that has them as parameters.
+
 `parts` is the block resolved by its spec (spec.Parts): its stages in order, each
 (conv: nn.Conv2d, bn: BatchNorm or None, relu: bool), and the shortcut (None: the
 identity; else conv and an optional BN), the modules themselves (read their weight,
@@ -67,6 +74,9 @@ class Backend:
         raise NotImplementedError
 
     def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -10,6 +10,11 @@ bottleneck):
 Training:  each stage c = conv(y); stats -> finalize (running stats) -> y = bn_act(c),
            the last one's bn_act adding the shortcut (its BN in training mode) as the
            residual before the ReLU
+Frozen:    every BN with its running statistics (FrozenBatchNorm2d, or BNs in eval while
+           autograd records): each stage c = conv(y); y = bn_frozen_act(c) (no
+           statistics pass, no finalize), the last one adding the shortcut (its BN
+           frozen too, through ATen's batch_norm) before the ReLU; the backward
+           applies the mask and the scale in one pass per stage
 Eval:      y = conv_bias_relu(y) for every stage but the last, then
            conv_bias_shortcut_relu(y, x) on folded weights.
 
@@ -26,7 +31,7 @@ from torch import nn
 
 from .. import distributed
 from ..ops import like_format, momentum_arg
-from ..reference import conv_forward
+from ..reference import conv_forward, frozen_batch_norm, frozen_stats
 from ..schemas import NAMESPACES
 from .base import Backend, FoldedBlock
 from .torch_ops import backward_apply, backward_reduce
@@ -103,6 +108,30 @@ class CompositeBackend(Backend):
         c = conv_forward(last.conv, y)
         residual = self.shortcut_train(parts, x, groups[n] if len(groups) > n else None)
         return self.bn_act_train(c, last.bn, residual, groups[n - 1])
+
+    def bn_act_frozen(self, c: torch.Tensor, bn,
+                      residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """relu(c * s + t [+ residual]) with s, t of bn's running statistics."""
+        mean, invstd = frozen_stats(bn, c)
+        if residual is not None:
+            residual = like_format(residual, c)
+        out, _ = self.ops.bn_frozen_act(c, mean, invstd, bn.weight, bn.bias, residual)
+        return out
+
+    def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
+        """Each stage: its conv, then bn_act_frozen; the last stage's takes the shortcut
+        (conv and frozen BN: ATen's, off the main path) as its residual."""
+        y = x
+        for st in parts.stages[:-1]:
+            y = self.bn_act_frozen(conv_forward(st.conv, y), st.bn, None)
+        last = parts.stages[-1]
+        c = conv_forward(last.conv, y)
+        residual = x
+        if parts.shortcut is not None:
+            residual = conv_forward(parts.shortcut.conv, x)
+            if parts.shortcut.bn is not None:
+                residual = frozen_batch_norm(residual, parts.shortcut.bn)
+        return self.bn_act_frozen(c, last.bn, residual)
 
     def folded_ops(self):
         """What forward_eval calls conv_bias_relu and conv_bias_shortcut_relu on: the

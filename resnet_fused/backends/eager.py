@@ -12,6 +12,9 @@ has the figures. So `auto` takes this backend on CPU: a converted block trains a
 fast as the plain one (the module resolves its children once and calls no module
 per BN, so its own host work is a few microseconds).
 
+Frozen BN (training with every BN on its running statistics): ATen's convolution and
+batch_norm in inference mode per stage, the ReLUs, the add.
+
 Eval: BN folded into the convolutions' weights and bias (fewer passes over memory
 than the plain block's conv, BN, ReLU), computed by the torch backend's functions
 called directly: through their custom ops each call costs ~45 us of dispatch on a
@@ -32,7 +35,7 @@ from typing import Optional
 import torch
 
 from .. import distributed
-from ..reference import conv_forward
+from ..reference import conv_forward, frozen_batch_norm
 from . import torch_ops
 from .composite import TorchBackend
 
@@ -76,6 +79,22 @@ class EagerBackend(TorchBackend):
         if parts.stages[-1].bn is not None:
             return y.add_(sc).relu_()
         return torch.relu(y + sc)
+
+    def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
+        """The plain block with every BN frozen, through PyTorch's own kernels: ATen's
+        convolution and batch_norm with the running statistics (inference mode), the
+        ReLUs and the add in place on fresh results, as forward_train."""
+        y = x
+        for st in parts.stages:
+            y = frozen_batch_norm(conv_forward(st.conv, y), st.bn)
+            if st.relu:
+                y = y.relu_()
+        sc = x
+        if parts.shortcut is not None:
+            sc = conv_forward(parts.shortcut.conv, x)
+            if parts.shortcut.bn is not None:
+                sc = frozen_batch_norm(sc, parts.shortcut.bn)
+        return y.add_(sc).relu_()
 
     def folded_ops(self):
         """The torch backend's functions themselves (no custom-op dispatch), but its ops

@@ -148,6 +148,20 @@ def bn_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad):
     return grad_c, grad_weight, grad_bias, grad_res
 
 
+def bn_frozen_act(c, mean, invstd, weight, bias, residual: Optional[torch.Tensor]):
+    return bn_act(c, mean, invstd, weight, bias, residual)
+
+
+def bn_frozen_act_backward(grad_out, mask, c, mean, invstd, weight, residual_grad,
+                           param_grads):
+    g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
+    zero = mean.new_zeros(mean.shape)  # no statistics terms: mean and invstd are constants
+    grad_c, grad_res = _apply(g, xhat, c, invstd, weight, zero, zero, residual_grad)
+    if param_grads:
+        return grad_c, (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3)), grad_res
+    return grad_c, mean.new_empty((0,)), mean.new_empty((0,)), grad_res
+
+
 def conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups).relu_()
 
@@ -163,7 +177,7 @@ def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.
     return out.relu_()
 
 
-for _fn in (channel_stats, bn_finalize, bn_act, bn_act_backward, conv_bias_relu,
-            conv_bias_shortcut_relu):
+for _fn in (channel_stats, bn_finalize, bn_act, bn_act_backward, bn_frozen_act,
+            bn_frozen_act_backward, conv_bias_relu, conv_bias_shortcut_relu):
     define_op(NS, _fn.__name__, _fn)
 ops = getattr(torch.ops, NS)

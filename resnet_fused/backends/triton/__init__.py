@@ -4,7 +4,8 @@ Eval: one kernel per stage (eval_ops.py): relu(conv(y, W') + b') for every stage
 the last, then relu(conv(y, W') + b' + shortcut) with a projection shortcut as a
 second GEMM into the same accumulator (two kernels for a basic block, three for a
 bottleneck). Training: train.py (the fused training path, one op
-block_train for any chain of stages, basic or bottleneck); a synchronized block whose
+block_train for any chain of stages, basic or bottleneck, and with every BN frozen:
+forward_frozen); a synchronized block whose
 BNs are not all synchronized over one process group goes the composite way
 (CompositeBackend.forward_train: ATen convolutions around this backend's BN ops of
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
@@ -106,6 +107,15 @@ class TritonBackend(CompositeBackend):
             # chain the training kernels lack (not 1x1/3x3 'same'): the same.
             return super().forward_train(parts, x, groups)
         return train_block(parts, x, group)
+
+    def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
+        """The fused training block with every BN frozen (block_train's `running`):
+        running statistics in the prologues and the join, no statistics in the
+        epilogues, no update; the backward without the statistics terms. A chain the
+        training kernels lack goes the composite way (bn_frozen_act)."""
+        if train_unsupported_reason(parts) is not None:
+            return super().forward_frozen(parts, x)
+        return train_block(parts, x, frozen=True)
 
 
 __all__ = ["TritonBackend"]

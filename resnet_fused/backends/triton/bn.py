@@ -1,4 +1,4 @@
-"""BatchNorm (training statistics) in Triton: the four BN ops of resnet_fused/schemas.py
+"""BatchNorm (training statistics, and frozen) in Triton: the BN ops of resnet_fused/schemas.py
 under the namespace `resnet_fused_triton`, and the per-channel helpers the fused block
 (train.py, conv_bwd.py) calls inside its own ops.
 
@@ -8,6 +8,8 @@ Ops (schemas exactly as resnet_fused/schemas.py):
     bn_act(c, mean, invstd, w, b, residual?) -> (out, mask)  one elementwise pass + packed mask
     bn_act_backward(grad_out, mask, c, mean, invstd, w, residual_grad)
         -> (grad_c, grad_w, grad_b, grad_res)                 reduce pass + apply pass
+    bn_frozen_act / bn_frozen_act_backward                    the same kernels, the
+        backward's statistics terms zero (frozen BN), its reduce pass only for w/b grads
 
 Activations may be NCHW- or channels_last-contiguous: every kernel indexes a channel as
 (n, c, hw) with the tensor's own strides, and the mask follows the *physical* offset.
@@ -531,8 +533,53 @@ def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor
     return grad_c, gw, gb, grad_res
 
 
+def _bn_frozen_act(c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                   weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    # bn_act's kernel: the frozen BN differs in its backward only.
+    return _bn_act(c, mean, invstd, weight, bias, residual)
+
+
+def _bn_frozen_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor,
+                            mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                            residual_grad: bool, param_grads: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The apply kernel of bn_act_backward with the statistics terms of its coefficients
+    zero (grad_c = w*invstd*g); the reduce pass only for the BN's weight/bias gradients."""
+    op = "bn_frozen_act_backward"
+    _check_act(c, op, "c")
+    _check_like(grad_out, c, op, "grad_out", "c")
+    C = c.shape[1]
+    nbytes = mask_numel(c)
+    if mask.dtype != torch.uint8 or mask.shape != (nbytes,) or mask.device != c.device:
+        raise ValueError(f"{NS}::{op}: mask must be uint8 of shape ({nbytes},) on {c.device}, "
+                         f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    _check_vec(mean, C, op, "mean", c.device, fp32=True)
+    _check_vec(invstd, C, op, "invstd", c.device, fp32=True)
+    _check_vec(weight, C, op, "weight", c.device)
+    if param_grads:
+        coef, gw, gb = bn_backward_coef(grad_out, mask, c, mean, invstd, weight)
+        coef[1:3].zero_()
+    else:
+        zero = torch.zeros_like(mean)
+        coef = torch.stack([weight.to(torch.float32) * invstd, zero, zero, mean])
+        gw = gb = None
+    grad_c = torch.empty_like(c)
+    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
+    total = c.numel()
+    block = 8 * _EW_BYTES
+    launch(_bn_bwd_apply_kernel, (triton.cdiv(total, block),), grad_out, mask, c, coef,
+           grad_c, grad_res if residual_grad else grad_c, total, C, c.stride(1),
+           RES_GRAD=bool(residual_grad), BLOCK=block)
+    if gw is None:
+        gw, gb = mean.new_empty((0,)), mean.new_empty((0,))
+    return grad_c, gw, gb, grad_res
+
+
 for _name, _fn in (("channel_stats", _channel_stats), ("bn_finalize", _bn_finalize),
-                   ("bn_act", _bn_act), ("bn_act_backward", _bn_act_backward)):
+                   ("bn_act", _bn_act), ("bn_act_backward", _bn_act_backward),
+                   ("bn_frozen_act", _bn_frozen_act),
+                   ("bn_frozen_act_backward", _bn_frozen_act_backward)):
     define_triton_op(_name, _fn)
 
 __all__ = ["chan_merge", "channel_stats_impl", "finalize_impl", "bn_act_impl", "bn_coef",

@@ -89,6 +89,7 @@ import torch
 from ... import distributed
 from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, like_format,
                     momentum_arg)
+from ...blocks import bn_eps
 from ...spec import Parts
 from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
 from .conv import Epilogue, Prologue, ResidualAdd, conv2d_nhwc
@@ -139,19 +140,24 @@ def _check_lists(w, b, g, beta, stride, eps) -> None:
 
 
 # =========================================================================== forward
-def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group):
+def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group, running=None):
     """c = conv(prev (prologue applied on load), w) + b with its BN's statistics from the
-    epilogue (combined over the group) and the finalized coefficients."""
+    epilogue (combined over the group) and the finalized coefficients; a frozen BN
+    (running: its [2, C] running mean and variance) takes those instead, and the
+    epilogue computes no statistics."""
     c, _, m, v = conv2d_nhwc(prev, w, stride, _pad(w), prologue=prologue,
-                             epilogue=Epilogue(b), stats=True)
+                             epilogue=Epilogue(b), stats=running is None)
     n = c.shape[0] * c.shape[2] * c.shape[3]
-    if group:
+    if running is not None:
+        m, v = running[0], running[1]
+    elif group:
         m, v, n = distributed.combine_stats(m, v, n, group)
     inv, sc, sh = finalize_impl(m, v, gamma, beta, eps)
     return c, _Bn(m, v, inv, sc, sh, n)
 
 
-def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, group):
+def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, group,
+          running_sc=None):
     """out, mask = relu(bn_last(c) + shortcut) in one pass; also c_sc and the shortcut
     BN's statistics (None without one)."""
     if w_sc is None:
@@ -171,7 +177,7 @@ def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, g
         sc = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), epilogue=Epilogue(b_sc)).out
         out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=sc)
         return out, mask, _empty(x), None
-    c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group)
+    c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group, running_sc)
     out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=c_sc,
                             res_bn=(st.mean, st.invstd, g_sc, beta_sc))
     return out, mask, c_sc, st
@@ -188,19 +194,26 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
                  g: list[torch.Tensor], beta: list[torch.Tensor], stride: list[int],
                  eps: list[float], w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
                  g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
-                 eps_sc: float, group: str = ""
+                 eps_sc: float, group: str = "", running: Optional[list[torch.Tensor]] = None
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
                             list[torch.Tensor]]:
     """block_train (schemas.py): BlockTrainOut(out, c, c_sc, mask, stats) as a tuple."""
     _check_lists(w, b, g, beta, stride, eps)
+    nbn = len(w) + (w_sc is not None and g_sc is not None)
+    if running is not None and (len(running) != nbn or group):
+        raise ValueError(f"block_train: running needs one [2, C] tensor per BN ({nbn}), got "
+                         f"{len(running)}, and no group (got {group!r})")
+    run = list(running) if running is not None else [None] * nbn
     cs, bns, prev, prologue = [], [], x, None
     for i in range(len(w)):
-        c, st = _stage(prev, w[i], b[i], stride[i], prologue, g[i], beta[i], eps[i], group)
+        c, st = _stage(prev, w[i], b[i], stride[i], prologue, g[i], beta[i], eps[i], group,
+                       run[i])
         cs.append(c)
         bns.append(st)
         prev, prologue = c, Prologue(st.scale, st.shift, relu=True)
     out, mask, c_sc, st_sc = _join(x, cs[-1], bns[-1], g[-1], beta[-1], w_sc, b_sc, g_sc,
-                                   beta_sc, _sc_stride(stride), eps_sc, group)
+                                   beta_sc, _sc_stride(stride), eps_sc, group,
+                                   run[-1] if nbn > len(w) else None)
     stats = [_stat_rows(st) for st in bns + ([st_sc] if st_sc is not None else [])]
     return tuple(BlockTrainOut(out=out, c=cs, c_sc=c_sc, mask=mask, stats=stats))
 
@@ -241,7 +254,13 @@ def _last_bn_grads(grad_out, mask, c, bn: _Bn, gamma, c_sc, bn_sc, g_sc, group):
     return last, (sc if sc is not None else (None, None, None))
 
 
-def _stage_grads(G, w, stride, has_b, c_prev, bn: _Bn, gamma, group):
+def _frozen_coef(coef: torch.Tensor) -> torch.Tensor:
+    """A frozen BN's apply coefficients: a*g alone (no statistics terms b, d)."""
+    return torch.stack([coef[0], torch.zeros_like(coef[0]), torch.zeros_like(coef[0]),
+                        coef[3]])
+
+
+def _stage_grads(G, w, stride, has_b, c_prev, bn: _Bn, gamma, group, frozen=False):
     """Down one stage: from G (the gradient operand of conv(y_prev, w)'s output), dw, db,
     and the previous BN's dg, dbeta and gradient operand (y_prev = relu(bn(c_prev)))."""
     ss = torch.stack([bn.scale, bn.shift])
@@ -255,6 +274,8 @@ def _stage_grads(G, w, stride, has_b, c_prev, bn: _Bn, gamma, group):
         dg, dbeta = red[1].clone(), red[0].clone()  # outputs may not alias
     else:
         coef, dg, dbeta = bn_coef(red, bn.mean, bn.invstd, gamma, bn.count)
+    if frozen:
+        coef = _frozen_coef(coef)
     return GradOperand(dz, c=c_prev, coef=coef), dw, db, dg, dbeta
 
 
@@ -277,7 +298,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
                           w: list[torch.Tensor], g: list[torch.Tensor],
                           beta: list[torch.Tensor], w_sc: Optional[torch.Tensor],
                           g_sc: Optional[torch.Tensor], has_b: list[bool], has_b_sc: bool,
-                          stride: list[int], eps: list[float], eps_sc: float, group: str = ""
+                          stride: list[int], eps: list[float], eps_sc: float, group: str = "",
+                          frozen: bool = False
                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                      list[torch.Tensor], list[torch.Tensor], torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,12 +311,15 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
     bn_sc = _saved_bn(stats[S], c_sc, g_sc, g_sc, eps_sc, group) if has_bn_sc else None
     (coef, dg_l, dbeta_l), (coef_sc, dg_sc, dbeta_sc) = _last_bn_grads(
         grad_out, mask, c[-1], bns[-1], g[-1], c_sc, bn_sc, g_sc if has_bn_sc else None, group)
+    if frozen:  # constants: the gradient has no path through the statistics
+        coef = _frozen_coef(coef)
+        coef_sc = _frozen_coef(coef_sc) if coef_sc is not None else None
     G = GradOperand(grad_out, mask=mask, c=c[-1], coef=coef)
     dw, db, dg, dbeta = [None] * S, [None] * S, [None] * S, [None] * S
     dg[-1], dbeta[-1] = dg_l, dbeta_l
     for i in range(S - 1, 0, -1):
         G, dw[i], db[i], dg[i - 1], dbeta[i - 1] = _stage_grads(
-            G, w[i], stride[i], has_b[i], c[i - 1], bns[i - 1], g[i - 1], group)
+            G, w[i], stride[i], has_b[i], c[i - 1], bns[i - 1], g[i - 1], group, frozen)
     dw_sc, db_sc, res, sec = _shortcut_grads(G, grad_out, mask, x, w_sc, c_sc, coef_sc,
                                              _sc_stride(stride), has_b_sc)
     dw[0], db[0] = conv_wgrad(G, x, w[0].shape, stride[0], _pad(w[0]), need_db=has_b[0])
@@ -362,12 +387,13 @@ def _check_chain(parts: Parts, cin: int) -> None:
             raise ValueError(f"triton train_block: stage {i} must be conv -> BN"
                              f"{' -> ReLU' if i < last else ' (no ReLU: the join adds it)'}")
     for name, st in _named_convs(parts):
-        if st.bn is not None and st.bn.num_features != st.conv.out_channels:
-            raise ValueError(f"triton train_block: the BN after {name} has {st.bn.num_features}"
+        n = st.bn.running_mean.numel() if st.bn is not None else None  # frozen BNs too
+        if n is not None and n != st.conv.out_channels:
+            raise ValueError(f"triton train_block: the BN after {name} has {n}"
                              f" features, the conv {st.conv.out_channels} channels")
 
 
-def _check_parts(parts: Parts, x: torch.Tensor) -> None:
+def _check_parts(parts: Parts, x: torch.Tensor, frozen: bool = False) -> None:
     """ValueError naming what block_train cannot compute for this block and input."""
     reason = train_unsupported_reason(parts)
     if reason is not None:
@@ -387,7 +413,7 @@ def _check_parts(parts: Parts, x: torch.Tensor) -> None:
                          f"{sc.conv.in_channels}->{sc.conv.out_channels}, stride "
                          f"{tuple(sc.conv.stride)}")
     h, w_ = H, W
-    for i, st in enumerate(parts.stages):
+    for i, st in enumerate(parts.stages if not frozen else ()):
         h, w_ = (h - 1) // st.conv.stride[0] + 1, (w_ - 1) // st.conv.stride[0] + 1
         if N * h * w_ <= 1:
             raise ValueError(f"triton train_block: batch statistics need more than one value "
@@ -419,7 +445,13 @@ def block_group(groups, parts: Parts) -> Optional[str]:
     return mine[0].group_name
 
 
-def _op_args(parts: Parts, x: torch.Tensor, group: str) -> BlockTrainArgs:
+def _running(bn) -> torch.Tensor:
+    """A frozen BN's [2, C] float32 running mean and variance (block_train's `running`)."""
+    return torch.stack([bn.running_mean.detach().to(torch.float32),
+                        bn.running_var.detach().to(torch.float32)])
+
+
+def _op_args(parts: Parts, x: torch.Tensor, group: str, frozen: bool = False) -> BlockTrainArgs:
     dt = x.dtype
 
     def cast(t):     # conv weights/bias in the activation dtype (a no-op when they are)
@@ -435,22 +467,27 @@ def _op_args(parts: Parts, x: torch.Tensor, group: str) -> BlockTrainArgs:
     return BlockTrainArgs(
         x=x.contiguous(memory_format=_CL), w=[cast(cv.weight) for cv in convs], b=b,
         g=[st.bn.weight for st in parts.stages], beta=[st.bn.bias for st in parts.stages],
-        stride=[cv.stride[0] for cv in convs], eps=[float(st.bn.eps) for st in parts.stages],
+        stride=[cv.stride[0] for cv in convs], eps=[bn_eps(st.bn) for st in parts.stages],
         w_sc=cast(sc.conv.weight) if sc is not None else None,
         b_sc=cast(sc.conv.bias) if sc is not None else None,
         g_sc=sc_bn.weight if sc_bn is not None else None,
         beta_sc=sc_bn.bias if sc_bn is not None else None,
-        eps_sc=float(sc_bn.eps) if sc_bn is not None else 1e-5, group=group)
+        eps_sc=bn_eps(sc_bn) if sc_bn is not None else 1e-5, group=group,
+        running=[_running(bn) for bn in parts.bns()] if frozen else None)
 
 
-def train_block(parts: Parts, x: torch.Tensor, group: str = "") -> torch.Tensor:
+def train_block(parts: Parts, x: torch.Tensor, group: str = "",
+                frozen: bool = False) -> torch.Tensor:
     """Training forward of the block `parts` (spec.Parts) with batch statistics,
     differentiable in x and every parameter; updates the running statistics of every
     BN as nn.BatchNorm2d. x: NCHW or channels_last contiguous; the output has x's memory
     format. group: the name of the process group every BN of the block is synchronized
-    over ("" for none; block_group)."""
-    _check_parts(parts, x)
-    o = BlockTrainOut(*_OPS.block_train(*_op_args(parts, x, group)))
+    over ("" for none; block_group). frozen: every BN normalises with its running
+    statistics instead (no statistics, no update; backend.forward_frozen)."""
+    _check_parts(parts, x, frozen)
+    o = BlockTrainOut(*_OPS.block_train(*_op_args(parts, x, group, frozen)))
+    if frozen:
+        return like_format(o.out, x)
     cs = list(o.c) + ([o.c_sc] if len(o.stats) > len(o.c) else [])
     for bn, st, c in zip(parts.bns(), o.stats, cs):
         _update_running(bn, st, st[2, 0] if group else c.shape[0] * c.shape[2] * c.shape[3])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import spec as S
+from .leaves import composite_bn
 
 
 class ConversionError(ValueError):
@@ -80,7 +81,7 @@ def _gate_errors(spec: S.BlockSpec, parts: S.Parts) -> list:
 def _bn_error(name, bn, channels):
     # affine=False and track_running_stats=False are refused here, once: no fused path
     # (and no fold) has a branch for a BN without weight/bias or running statistics.
-    if type(bn) not in BN_TYPES:
+    if type(bn) not in BN_TYPES and composite_bn(bn) is None:
         return f"{name} is {type(bn).__name__}, expected nn.BatchNorm2d or nn.SyncBatchNorm"
     if bn.num_features != channels:
         return f"{name} has {bn.num_features} features, expected {channels}"

@@ -1,21 +1,32 @@
 """What a block computes, read off its traced dataflow (README.md, "What converts").
 
-`spec_of(block)` traces the block's forward with torch.fx (every submodule a leaf
-except plain nn.Sequential, which is traced through: torchvision's and timm's
-`downsample`) and accepts the block only when its graph is exactly one of the
-computations the fused block performs:
+`spec_of(block)` traces the block's forward with torch.fx through any nesting of
+modules (torchvision's Conv2dNormActivation and BottleneckTransform, transformers'
+ResNetConvLayer and ResNetShortCut, timm's ConvNormAct, plain nn.Sequential): every
+module is traced into except the leaves whose computation is known or irrelevant (the
+convolutions, the BN types and composite BNs (leaves.py), activations, identity-like
+modules, torch.nn's own modules, and any module holding no normalisation layer: an
+SE gate or a drop path stays one node, named as the user wrote it). A module traced
+into must not branch on its `training` flag either. The block is accepted only when
+its graph is exactly one of the computations the fused block performs:
 
     out = relu(stage_k(... stage_1(x)) + shortcut(x))
     stage    = conv -> BN -> ReLU (every stage but the last: conv -> BN)
     shortcut = x | conv(x) | BN(conv(x))
 
 with two stages (basic block) or three (bottleneck). ReLU may be written as nn.ReLU
-(in place or not, one module reused), F.relu, torch.relu, torch.relu_ or .relu_();
-the add as +, +=, torch.add or .add_ (alpha 1). Modules that compute nothing fall away
-(nn.Identity, dropout with p=0, a drop path of rate 0). Everything else, and every
-parameter or buffer of the block that the fused block would not use, raises
-ConversionError naming the node that does not fit; so does a forward that torch.fx
-cannot trace or that branches on `self.training` (one trace must hold in both modes).
+(in place or not, one module reused), F.relu, torch.relu, torch.relu_ or .relu_(), or
+be a composite BN's own activation; the add as +, +=, torch.add or .add_ (alpha 1).
+Modules that compute nothing fall away (nn.Identity, dropout with p=0, a drop path of
+rate 0). Everything else, and every parameter or buffer of the block that the fused
+block would not use, raises ConversionError naming the node that does not fit; so does
+a forward that torch.fx cannot trace or that branches on `self.training` (one trace
+must hold in both modes). The spec names each module by its path inside the block
+("layer.0.convolution"), so state_dict keys stay.
+
+`residual_add(module)` answers the question before it: does this module's own forward
+add two tensors derived from its input with a convolution on one path (a residual
+block, whether or not it converts)? conversion.py asks it of every module.
 """
 from __future__ import annotations
 
@@ -27,7 +38,9 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from . import spec as S
-from .blocks import BN_TYPES, ConversionError
+from . import blocks
+from .blocks import ConversionError
+from .leaves import composite_bn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -47,12 +60,38 @@ class _Proxy(fx.Proxy):
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A normalisation layer of any kind (BN, GroupNorm, LayerNorm, a frozen BN...)."""
+    return (isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                           nn.LocalResponseNorm))
+            or type(m) in blocks.BN_TYPES or "Norm" in type(m).__name__)
+
+
+def _traced_into(m: nn.Module) -> bool:
+    """Whether tracing goes inside `m` (else `m` is one node of the graph): plain
+    nn.Sequential always; otherwise a module that is not a known leaf nor one of
+    torch.nn's own and that holds a normalisation layer, so may hold part of a stage."""
+    if type(m) is nn.Sequential:
+        return True
+    if not m._modules or _module_op(m, (None,), {}) != "other" or (
+            type(m).__module__.startswith("torch.nn.")):
+        return False
+    return any(_is_norm(c) for c in m.modules() if c is not m)
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) is not nn.Sequential
+        return not _traced_into(m)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+
+class _ShallowTracer(fx.Tracer):
+    """Every child a leaf: the graph of the module's own forward."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
 
 
 class _TrainingBranch(Exception):
@@ -60,29 +99,43 @@ class _TrainingBranch(Exception):
 
 
 class _TrainingProbe:
-    """Stands in for block.training while tracing: a forward that branches on it
-    computes differently in training and eval, which one trace cannot show."""
+    """Stands in for `training` of the block and of each module traced into: a forward
+    that branches on it computes differently in training and eval, which one trace
+    cannot show."""
+
+    def __init__(self, path: str, module: nn.Module):
+        self.where = f"`{path}` ({type(module).__name__})" if path else "its forward"
 
     def __bool__(self):
-        raise _TrainingBranch
+        raise _TrainingBranch(self.where)
 
 
 def _trace(block: nn.Module) -> fx.Graph:
-    training = block.__dict__.get("training", True)
-    block.__dict__["training"] = _TrainingProbe()
+    probed = {}
+    for path, m in block.named_modules():
+        if (m is block or _traced_into(m)) and id(m) not in probed:
+            probed[id(m)] = (m, m.__dict__.get("training", True))
+            m.__dict__["training"] = _TrainingProbe(path, m)
     try:
         return _Tracer().trace(block)
-    except _TrainingBranch:
-        raise ConversionError("its forward branches on self.training (it computes "
+    except _TrainingBranch as e:
+        where = e.args[0]
+        where = where if where == "its forward" else f"the forward of {where}"
+        raise ConversionError(f"{where} branches on self.training (it computes "
                               "differently in training and eval), which a fused block "
                               "does not") from None
     except Exception as e:  # noqa: BLE001: whatever stops the trace, the block stays
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConversionError(f"its forward cannot be traced by torch.fx "
-                              f"({type(e).__name__}: {first}), so what it computes is "
+                              f"({_first_line(e)}), so what it computes is "
                               "unknown") from None
     finally:
-        block.__dict__["training"] = training
+        for m, training in probed.values():
+            m.__dict__["training"] = training
+
+
+def _first_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
 
 
 # --------------------------------------------------------------------------- nodes
@@ -107,7 +160,7 @@ def _module_op(m: nn.Module, args: tuple, kwargs: dict) -> str:
         return "other"
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
         return "conv"
-    if type(m) in BN_TYPES:
+    if type(m) in blocks.BN_TYPES or composite_bn(m) is not None:
         return "bn"
     if isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward:
         return "relu"
@@ -147,9 +200,14 @@ def _nodes(args, kwargs) -> tuple:
 
 
 def _describe(block: nn.Module, n: fx.Node) -> str:
-    """The node as the user wrote it: "`se` (SEModule)", "`mul`", "`.flatten()`"."""
+    """The node as the user wrote it: "`se` (SEModule)", "`mul`", "`.flatten()`"; an
+    operation inside a module traced into is named by that module."""
     if n.op == "call_module":
         return f"`{n.target}` ({type(block.get_submodule(n.target)).__name__})"
+    stack = n.meta.get("nn_module_stack") or {}
+    if stack and n.op in ("call_function", "call_method"):
+        path, cls = list(stack.values())[-1]
+        return f"`{path}` ({getattr(cls, '__name__', cls)})"
     if n.op == "call_function":
         return f"`{_OPERATORS.get(n.target) or getattr(n.target, '__name__', n.target)}`"
     if n.op == "call_method":
@@ -159,11 +217,32 @@ def _describe(block: nn.Module, n: fx.Node) -> str:
     return f"`{n.name}`"
 
 
+def _expand_composites(block: nn.Module, graph: fx.Graph) -> None:
+    """Each call of a composite BN (leaves.py) becomes its BN node followed by calls of
+    the children it applies after BatchNorm (`bn.drop`, `bn.act`), marked as its own
+    (meta "in_bn": the BN's path), so they are classified and matched as written."""
+    for n in list(graph.nodes):
+        if n.op != "call_module":
+            continue
+        after = composite_bn(block.get_submodule(n.target))
+        if after is None:
+            continue
+        users = list(n.users)
+        prev = n
+        for child in after:
+            with graph.inserting_after(prev):
+                prev = graph.call_module(f"{n.target}.{child}", (prev,))
+            prev.meta.update(n.meta, in_bn=n.target)
+        for u in users:
+            u.replace_input_with(n, prev)
+
+
 class _Graph:
     """The traced graph with its identity modules dropped, each node classified."""
 
     def __init__(self, block: nn.Module, graph: fx.Graph):
         self.block = block
+        _expand_composites(block, graph)
         for n in list(graph.nodes):
             if n.op == "call_module" and _classify(block, n).kind == "identity":
                 n.replace_all_uses_with(n.args[0])
@@ -229,6 +308,7 @@ def _chain(g: _Graph, n, consumer) -> _Chain:
         if relu:
             nodes.append(n)
             consumer, n = n, g.ops[n].inputs[0]
+        relu_node = consumer if relu else None
         bn = None
         if g.kind(n) == "bn":
             bn, consumer = n, n
@@ -237,7 +317,11 @@ def _chain(g: _Graph, n, consumer) -> _Chain:
         if g.kind(n) != "conv":
             raise g.misfit(n, consumer)
         nodes.append(n)
-        stages.append(S.Stage(n.target, bn.target if bn is not None else None, relu))
+        # A composite BN's own activation (leaves.py): calling the BN applies it.
+        in_bn = (relu and bn is not None
+                 and relu_node.meta.get("in_bn") == bn.target)
+        stages.append(S.Stage(n.target, bn.target if bn is not None else None, relu,
+                              in_bn))
         consumer, n = n, g.ops[n].inputs[0]
     return _Chain(tuple(reversed(stages)), tuple(nodes))
 
@@ -330,9 +414,10 @@ def _check_state(block: nn.Module, spec: S.BlockSpec) -> None:
                                   "not use (its checkpoint would lose it)")
 
 
-def _check_hooks(block: nn.Module, spec: S.BlockSpec) -> None:
-    for path in ("",) + spec.module_paths():
-        m = block.get_submodule(path)
+def _check_hooks(block: nn.Module) -> None:
+    # Every module of the block: the fused block calls none of them as a module (the
+    # wrappers traced into, a composite BN's act, the dropped identities included).
+    for path, m in block.named_modules():
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or getattr(m, "_backward_pre_hooks", None)):
             raise ConversionError(f"{f'`{path}`' if path else 'the block'} has a module hook, "
@@ -353,7 +438,7 @@ def match(block: nn.Module) -> S.BlockSpec:
     spec = S.BlockSpec(kind, main.stages, short.stages[0] if short.stages else None)
     spec = next((k for k in _KNOWN_SPECS if k == spec), spec)
     _check_state(block, spec)
-    _check_hooks(block, spec)
+    _check_hooks(block)
     return spec
 
 
@@ -362,3 +447,46 @@ def spec_of(block: nn.Module) -> S.BlockSpec:
     own = block.__dict__.get("_spec")
     return own if isinstance(own, S.BlockSpec) else match(block)
 
+
+
+# --------------------------------------------------------------------------- detection
+def _holds_conv(m: nn.Module) -> bool:
+    return any(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
+
+
+class Untraceable(Exception):
+    """A module's own forward cannot be traced: whether it adds is unknown."""
+
+
+def residual_add(module: nn.Module):
+    """The node of `module`'s own forward (its children as opaque calls) that adds two
+    tensors both derived from its input, with a convolution on at least one of the two
+    paths: a residual add. None when there is none; Untraceable (with torch.fx's
+    reason) when the forward cannot be traced."""
+    try:
+        graph = _ShallowTracer().trace(module)
+    except Exception as e:  # noqa: BLE001: any failure: unknown
+        raise Untraceable(_first_line(e)) from None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if not inputs:
+        return None
+    x = inputs[0]
+    # For each node: (derived from x, a convolution on the way from x).
+    seen = {}
+    for n in graph.nodes:
+        args = _nodes(n.args, n.kwargs)
+        from_x = n is x or any(seen.get(a, (False, False))[0] for a in args)
+        conv = any(seen.get(a, (False, False))[1] for a in args)
+        if n.op == "call_module" and _holds_conv(module.get_submodule(n.target)):
+            conv = True
+        if n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.conv1d,
+                                                    F.conv3d):
+            conv = True
+        seen[n] = (from_x, conv and from_x)
+        add = (n.op == "call_function" and n.target in _ADDS) or (
+            n.op == "call_method" and n.target in ("add", "add_"))
+        ops = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        if add and len(ops) == 2 and all(seen[a][0] for a in ops) and any(
+                seen[a][1] for a in ops):
+            return n
+    return None

@@ -91,7 +91,7 @@ def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
         y = conv_forward(st.conv, y)
         if st.bn is not None:
             y = st.bn(y)
-        if st.relu:
+        if st.relu and not st.relu_in_bn:  # a composite BN applied it already
             y = F.relu(y)
         for gate in parts.stage_gates(i):
             y = gate.module(y)

@@ -18,7 +18,7 @@ pooled shortcuts"):
     shortcut pool an nn.AvgPool2d before the shortcut's 1x1 convolution (ResNet-D)
 
 A BlockSpec names the block's modules by their attribute paths inside the block
-("conv1", "downsample.0"), so the fused module holds the user's modules under the
+("conv1", "downsample.0", at any depth: "layer.0.convolution", "f.a.0"), so the fused module holds the user's modules under the
 user's names and checkpoints load unchanged. Convolution geometry (kernel, stride,
 padding, groups, dilation) is read off the modules themselves, never copied here.
 
@@ -45,6 +45,10 @@ class Stage:
     conv: str               # "conv1", "downsample.0"
     bn: Optional[str]       # "bn1", "downsample.1"; None: no BN (D2L's projection)
     relu: bool = False      # ReLU after the BN (main path: every stage but the last)
+    # The ReLU is applied by the BN module's own forward (a composite BN, leaves.py:
+    # timm's BatchNormAct2d): calling that module computes BN then ReLU; its BN
+    # parameters are still read as a BatchNorm's.
+    relu_in_bn: bool = False
     pool: Optional[str] = None  # the shortcut only: an nn.AvgPool2d before its conv
 
 
@@ -78,6 +82,7 @@ class StageParts(NamedTuple):
     conv: nn.Conv2d
     bn: Optional[nn.BatchNorm2d]
     relu: bool
+    relu_in_bn: bool = False   # calling `bn` applies the ReLU too (Stage.relu_in_bn)
     pool: Optional[nn.AvgPool2d] = None   # the shortcut's, before its conv
 
 
@@ -119,6 +124,7 @@ def get_path(block: nn.Module, path: str) -> nn.Module:
 def _resolve_stage(block: nn.Module, st: Stage) -> StageParts:
     return StageParts(get_path(block, st.conv),
                       get_path(block, st.bn) if st.bn is not None else None, st.relu,
+                      st.relu_in_bn,
                       get_path(block, st.pool) if st.pool is not None else None)
 
 

@@ -152,6 +152,9 @@ def _trace_channel_gate(m: nn.Module) -> fx.GraphModule:
 _FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+_NOT_GATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _called(m: nn.Module, fn: fx.GraphModule) -> tuple:
     return tuple((n.target, m.get_submodule(n.target)) for n in fn.graph.nodes
                  if n.op == "call_module")
@@ -168,7 +171,14 @@ def channel_gate_fn(m: nn.Module) -> fx.GraphModule:
                 return fn
         except AttributeError:
             pass
-    fn = _trace_channel_gate(m)
+    if m in _NOT_GATES:
+        raise NotAGate(_NOT_GATES[m])
+    try:
+        fn = _trace_channel_gate(m)
+    except NotAGate as e:
+        # matching asks of every module of a block that is not a known leaf: once
+        _NOT_GATES[m] = str(e)
+        raise
     _FNS[m] = (fn, _called(m, fn))
     return fn
 

@@ -1,0 +1,145 @@
+"""Gated branches and pooled shortcuts (README.md, Design, "Gates and pooled
+shortcuts"): single timm bottlenecks with an SE or ECA channel gate, a drop path, and
+ResNet-D's avg-pool shortcut, through FusedResidual on each backend that computes them,
+against the float64 plain block by the tolerance rule (tests/blockcheck.py; BN
+randomised), training (2 steps: output, every gradient, running statistics) and eval,
+NCHW and channels_last. Backends without kernels for them decline such blocks.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused.backends as backends_pkg
+from blockcheck import check_block, randomize_bn
+from resnet_fused import FusedResidual, fuse_model
+from tolerance import assert_within
+
+tr = pytest.importorskip("timm.models.resnet")
+layers = pytest.importorskip("timm.layers")
+
+
+def _down_avg(cin, cout, stride):
+    """timm's avg_down shortcut (resnet*d): AvgPool2d(2, s, ceil_mode, no pad count)."""
+    return nn.Sequential(nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+def _down(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def _block(attn=None, drop=0.0, avg=False, stride=2):
+    def make():
+        cin = 8 if stride == 2 else 16
+        ds = (_down_avg if avg else _down)(cin, 16, stride) if (stride == 2 or avg) else None
+        return tr.Bottleneck(cin, 4, stride=stride, downsample=ds, attn_layer=attn,
+                             drop_path=layers.DropPath(drop) if drop else None)
+    return make
+
+
+BLOCKS = {
+    "se": _block(layers.SEModule),
+    "eca_identity": _block(layers.EcaModule, stride=1),
+    "drop_path": _block(drop=0.3),
+    "avg_down": _block(avg=True),
+    "se_drop_avg": _block(layers.SEModule, 0.2, avg=True),
+}
+
+
+def _shape(kind):
+    # 7x7 with stride 2: ceil_mode windows of 1 tap on the last row and column
+    return (3, 16 if kind == "eca_identity" else 8, 7, 7)
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_train_and_eval(kind, backend, channels_last):
+    check_block(BLOCKS[kind], backend=backend, train=True, channels_last=channels_last,
+                shape=_shape(kind), steps=2, reseed=True)
+    check_block(BLOCKS[kind], backend=backend, train=False, channels_last=channels_last,
+                shape=_shape(kind), grads=False)
+
+
+@pytest.mark.parametrize("kind", ["se", "drop_path"])
+def test_float16(kind):
+    check_block(BLOCKS[kind], backend="torch", dtype=torch.float16, train=True,
+                shape=_shape(kind), steps=1, reseed=True)
+    check_block(BLOCKS[kind], backend="torch", dtype=torch.float16, train=False,
+                shape=_shape(kind), grads=False)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("kind", ["se", "drop_path", "avg_down"])
+def test_backends_without_kernels_decline(kind, backend, monkeypatch):
+    """native and triton have no gate or pool kernels yet: they say so, an explicit
+    choice raises with it, and auto takes a backend that computes the block."""
+    block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
+    be = backends_pkg._load(backend)
+    if be is None:
+        pytest.skip(f"{backend} is not importable here")
+    reason = be.unsupported_block_reason(block.parts(), True)
+    assert reason and "no kernels" in reason
+    block.backend = backend
+    with pytest.raises(ValueError, match=f"backend='{backend}'.*no kernels"):
+        block(torch.randn(_shape(kind)))
+    monkeypatch.setattr(backends_pkg, "preferred_order", lambda *a: (backend, "torch"))
+    assert backends_pkg.choose(torch.device("cpu"), torch.float32, True, None,
+                               block.parts()).name == "torch"
+
+
+# --------------------------------------------------------------------------- networks
+def _timm(name, **kw):
+    timm = pytest.importorskip("timm")
+    return lambda: timm.create_model(name, **kw)
+
+
+def _tv(name):
+    tvm = pytest.importorskip("torchvision.models")
+    return lambda: getattr(tvm, name)()
+
+
+NETWORKS = {   # name -> (model, residual blocks)
+    "seresnet50": (_timm("seresnet50"), 16),
+    "seresnext26d_32x4d": (_timm("seresnext26d_32x4d"), 8),
+    "ecaresnet50d": (_timm("ecaresnet50d"), 16),
+    "resnet50_drop_path": (_timm("resnet50", drop_path_rate=0.1), 16),
+    "resnet50d": (_timm("resnet50d"), 16),
+    "regnet_y_400mf": (_tv("regnet_y_400mf"), 16),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_networks_convert_every_block_and_compute_the_same(name):
+    """fuse_model converts every residual block (no warning), keeps the state_dict keys,
+    and computes the same function: eval (folded kernels, auto) by the rule against
+    float64; a seeded training step (auto on CPU: the eager backend) bit for bit as
+    the plain model: output, every parameter gradient, running statistics."""
+    make, blocks = NETWORKS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    randomize_bn(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = fuse_model(copy.deepcopy(model))
+    assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == blocks
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, out_p, out_ref = fused(x), model(x), copy.deepcopy(model).double()(x.double())
+    assert_within("eval output", out, out_p, out_ref)
+    model.train(), fused.train()
+    torch.manual_seed(7)
+    out_p = model(x)
+    torch.manual_seed(7)
+    out = fused(x)
+    assert torch.equal(out, out_p)
+    out_p.square().mean().backward()
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    state = fused.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -183,9 +183,22 @@ def channel_gate_fn(m: nn.Module) -> fx.GraphModule:
     return fn
 
 
+def call_gate(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """m(t) in t's dtype. Under autocast FusedResidual runs the block in the autocast
+    dtype with autocast off (module.py); the plain block's gate would have run its
+    convolutions autocast, so a gate whose parameters are in another dtype than t runs
+    with autocast back on, in t's dtype."""
+    p = next(m.parameters(), None)
+    if p is None or p.dtype == t.dtype or not t.is_floating_point():
+        return m(t)
+    with torch.autocast(t.device.type, dtype=t.dtype):
+        out = m(t)
+    return out.to(t.dtype)
+
+
 def channel_gate(fn: nn.Module, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """f(pooled) as (N, C, 1, 1) in like's dtype; `pooled` is the (N, C) or
     (N, C, 1, 1) mean over H and W of the gated tensor."""
     n, c = like.shape[:2]
-    g = fn(pooled.reshape(n, c, 1, 1).to(like.dtype))
+    g = call_gate(fn, pooled.reshape(n, c, 1, 1).to(like.dtype))
     return g.reshape(n, c, 1, 1) if g.shape != (n, c, 1, 1) else g

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .gates import call_gate
 from .matching import spec_of
 from .spec import Parts, resolve
 
@@ -94,7 +95,7 @@ def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
         if st.relu and not st.relu_in_bn:  # a composite BN applied it already
             y = F.relu(y)
         for gate in parts.stage_gates(i):
-            y = gate.module(y)
+            y = call_gate(gate.module, y)
     sc = x
     if parts.shortcut is not None:
         if parts.shortcut.pool is not None:

@@ -178,3 +178,24 @@ def test_replaced_gate_submodule_is_used():
         fc2 = nn.Conv2d(plain.se.fc2.in_channels, plain.se.fc2.out_channels, 1)
         plain.se.fc2, fused.se.fc2 = fc2, copy.deepcopy(fc2)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast(backend, train):
+    """Under autocast the block runs in the autocast dtype with autocast off; the gate's
+    own modules (fp32 parameters) run with it back on, as in the plain block: no dtype
+    error, the plain block's output within bf16 rounding."""
+    torch.manual_seed(0)
+    plain = BLOCKS["se_drop_avg"]()
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend=backend).train(train)
+    plain.train(train)
+    x = torch.randn(_shape("se_drop_avg"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        torch.manual_seed(1)
+        out = fused(x)
+        torch.manual_seed(1)
+        ref = plain(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

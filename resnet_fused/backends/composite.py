@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..gates import channel_gate, sample_gate
+from ..gates import call_gate, channel_gate, sample_gate
 from ..ops import like_format, momentum_arg, stats_dtype
 from ..reference import conv_forward
 from ..spec import CHANNEL
@@ -181,7 +181,7 @@ def inner_gates(parts, i: int, y: torch.Tensor) -> torch.Tensor:
     inside the chain, torchvision RegNet's SE before its last 1x1: the user's module
     on the stage's output)."""
     for gate in parts.stage_gates(i):
-        y = gate.module(y)
+        y = call_gate(gate.module, y)
     return y
 
 

@@ -199,3 +199,21 @@ def test_autocast(backend, train):
         ref = plain(x)
     assert out.dtype == ref.dtype == torch.bfloat16
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("kind,last_op", [("se_drop_avg", "gate_shortcut_relu"),
+                                          ("avg_down", "conv_bias_shortcut_relu")])
+def test_export_keeps_one_fused_op_per_stage(kind, last_op):
+    """torch.export of a gated / pooled-shortcut block in eval: one op per stage, the
+    gated join last (the gate's f and the pool run as ATen ops around them)."""
+    from resnet_fused import serving
+    torch.manual_seed(0)
+    plain = BLOCKS[kind]().eval()
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").eval()
+    x = torch.randn(_shape(kind))
+    ep = serving.export(fused, (x,))
+    assert [o.split(".")[1] for o in serving.fused_ops(ep)] == [
+        "conv_bias_relu", "conv_bias_relu", last_op]
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), plain(x), rtol=1e-4, atol=1e-5)

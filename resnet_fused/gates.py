@@ -201,4 +201,11 @@ def channel_gate(fn: nn.Module, pooled: torch.Tensor, like: torch.Tensor) -> tor
     (N, C, 1, 1) mean over H and W of the gated tensor."""
     n, c = like.shape[:2]
     g = call_gate(fn, pooled.reshape(n, c, 1, 1).to(like.dtype))
-    return g.reshape(n, c, 1, 1) if g.shape != (n, c, 1, 1) else g
+    if g.dim() != 4 or g.shape[2:] != (1, 1) or g.shape[0] not in (1, n) \
+            or g.shape[1] not in (1, c):
+        # x * g would broadcast g over H and W some other way than per (n, c): not the
+        # gate the fused ops multiply by, so say so rather than compute something else
+        raise RuntimeError(f"FusedResidual: the channel gate returned a gate of shape "
+                           f"{tuple(g.shape)} for a branch of shape {tuple(like.shape)}; "
+                           f"a channel gate must give (N, C, 1, 1) (or 1 in N or C)")
+    return g

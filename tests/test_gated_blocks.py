@@ -40,8 +40,18 @@ def _block(attn=None, drop=0.0, avg=False, stride=2):
     return make
 
 
+def _torchvision_gates():
+    """torchvision's own gate modules in timm's block: SqueezeExcitation as `se`,
+    StochasticDepth("row") as `drop_path`."""
+    from torchvision.ops import SqueezeExcitation, StochasticDepth
+    b = _block()()
+    b.se, b.drop_path = SqueezeExcitation(16, 4), StochasticDepth(0.3, "row")
+    return b
+
+
 BLOCKS = {
     "se": _block(layers.SEModule),
+    "tv_se_stochastic_depth": _torchvision_gates,
     "eca_identity": _block(layers.EcaModule, stride=1),
     "drop_path": _block(drop=0.3),
     "avg_down": _block(avg=True),
@@ -217,3 +227,20 @@ def test_export_keeps_one_fused_op_per_stage(kind, last_op):
         "conv_bias_relu", "conv_bias_relu", last_op]
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_check_model_skips_backends_that_decline_the_blocks():
+    """check_model on a model of gated blocks: the backends that compute them pass by
+    the rule (a drop path included: reseeded before each copy's forward), the ones
+    without gate kernels are listed as skipped with their reason, not failed."""
+    from resnet_fused.testing import check_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BLOCKS["se_drop_avg"](),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    randomize_bn(model)
+    report = check_model(model, torch.randn(4, 3, 9, 9), steps=1)
+    assert report.ok, str(report)
+    ran = {r.backend for r in report.rows}
+    assert {"torch", "eager"} <= ran and "native" not in ran
+    assert any(s[0] == "native" and "no kernels for gated branches" in s[-1]
+               for s in report.skipped), report.skipped

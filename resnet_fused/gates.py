@@ -147,9 +147,13 @@ def _trace_channel_gate(m: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(m, f, class_name="ChannelGateFn")
 
 
-# gate module -> (f, the submodules f calls, by target): f is traced once per module and
-# traced again when one of those submodules was replaced.
-_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# f is kept on the gate module itself, in its __dict__ under this name (not a submodule:
+# state_dict, parameters() and .to() do not see it; deepcopy and pickle carry it with
+# the submodules it calls), with the submodules it calls by target: traced once per
+# module, again when one of those was replaced. A plain attribute, not a table keyed by
+# module: torch.compile traces this lookup on every graph, and a weak-keyed table's
+# guards broke when other entries were collected between tracing and guard building.
+_ATTR = "_resnet_fused_gate_fn"
 
 
 _NOT_GATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -163,7 +167,7 @@ def _called(m: nn.Module, fn: fx.GraphModule) -> tuple:
 def channel_gate_fn(m: nn.Module) -> fx.GraphModule:
     """`f` of the channel gate `m` (x * f(mean_hw(x))), to run on the pooled
     (N, C, 1, 1) tensor; NotAGate when m does not compute that."""
-    hit = _FNS.get(m)
+    hit = m.__dict__.get(_ATTR)
     if hit is not None:
         fn, called = hit
         try:
@@ -179,7 +183,7 @@ def channel_gate_fn(m: nn.Module) -> fx.GraphModule:
         # matching asks of every module of a block that is not a known leaf: once
         _NOT_GATES[m] = str(e)
         raise
-    _FNS[m] = (fn, _called(m, fn))
+    m.__dict__[_ATTR] = (fn, _called(m, fn))
     return fn
 
 

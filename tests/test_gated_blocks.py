@@ -244,3 +244,27 @@ def test_check_model_skips_backends_that_decline_the_blocks():
     assert {"torch", "eager"} <= ran and "native" not in ran
     assert any(s[0] == "native" and "no kernels for gated branches" in s[-1]
                for s in report.skipped), report.skipped
+
+
+def test_save_load_and_deepcopy():
+    """A gated block's f rides with its gate module: torch.save/load and deepcopy give a
+    block computing the same function, f calling the copy's own submodules, and the
+    gate's parameters are still only its own (nothing added to state_dict)."""
+    import io
+    torch.manual_seed(0)
+    plain = BLOCKS["se"]().eval()
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").eval()
+    x = torch.randn(_shape("se"))
+    with torch.no_grad():
+        want = fused(x)
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        copied = copy.deepcopy(fused)
+        for m in (loaded, copied):
+            torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+            assert list(m.state_dict()) == list(plain.state_dict())
+        copied.se.fc1.weight.mul_(2)   # the copy's f uses the copy's fc1
+        assert not torch.equal(copied(x), want) and torch.equal(fused(x), want)

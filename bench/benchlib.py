@@ -40,6 +40,9 @@ class BlockShape:
     kind: str = "basic"      # "basic" or "bottleneck"
     width: int = 0           # bottleneck: channels of the 1x1 -> 3x3 -> 1x1 middle
     groups: int = 1          # bottleneck: groups of the 3x3 (ResNeXt)
+    # bottleneck: "" (torchvision's), "se" (timm's with an SEModule gate: SE-ResNet-50),
+    # "avgd" (timm's with ResNet-D's avg-pool shortcut: ResNet-50-D)
+    variant: str = ""
 
     @property
     def proj(self) -> bool:
@@ -120,6 +123,29 @@ R50_CPU_STAGES = [
 # run.py --quick on a GPU (bench/device.sh): the memory-bound first stage, a strided
 # downsampling block and the two compute-bound stages.
 R50_GPU_QUICK = ("r50_l1", "r50_l2_down", "r50_l3", "r50_l4")
+# The same stages with a gate or a pooled shortcut (README.md, Design, "Gates and pooled
+# shortcuts"): SE-ResNet-50 (timm's SEModule, reduction 16) where the gate's pool and
+# multiply are extra passes over the block's largest tensor, and ResNet-50-D's
+# downsampling blocks (AvgPool2d 2x2 before the 1x1 projection).
+def _gated(name, variant, cin, cout, hw, stride, width, batch=256):
+    return BlockShape(name, cin, cout, hw, stride, batch, "bottleneck", width, 1, variant)
+
+
+GATED_GPU_STAGES = [
+    _gated("se_r50_l1", "se", 256, 256, 56, 1, 64),
+    _gated("se_r50_l2_down", "se", 256, 512, 56, 2, 128),
+    _gated("se_r50_l3", "se", 1024, 1024, 14, 1, 256),
+    _gated("se_r50_l4", "se", 2048, 2048, 7, 1, 512),
+    _gated("r50d_l2_down", "avgd", 256, 512, 56, 2, 128),
+    _gated("r50d_l3_down", "avgd", 512, 1024, 28, 2, 256),
+]
+GATED_CPU_STAGES = [
+    _gated("se_r50_l1", "se", 64, 64, 14, 1, 16, batch=4),
+    _gated("r50d_l2_down", "avgd", 64, 128, 14, 2, 32, batch=4),
+]
+GATED_SHAPE_ALIASES = {"se1": "se_r50_l1", "se2d": "se_r50_l2_down", "se3": "se_r50_l3",
+                       "se4": "se_r50_l4", "d2d": "r50d_l2_down", "d3d": "r50d_l3_down"}
+
 R50_SHAPE_ALIASES = {"l1d": "r50_l1_down", "l1": "r50_l1", "l2d": "r50_l2_down",
                      "l2": "r50_l2", "l3d": "r50_l3_down", "l3": "r50_l3",
                      "l4d": "r50_l4_down", "l4": "r50_l4"}
@@ -408,6 +434,8 @@ def make_block(s: BlockShape, seed: int = 0) -> nn.Module:
     torchvision's Bottleneck (ResNet-50 v1.5: the stride on the 3x3; downsample =
     conv1x1 + BN where shape or channels change). BN weights and statistics random."""
     torch.manual_seed(seed)
+    if s.kind == "bottleneck" and s.variant:
+        return randomize_bn(_timm_bottleneck(s), seed)
     if s.kind == "bottleneck":
         try:
             from torchvision.models.resnet import Bottleneck
@@ -426,6 +454,27 @@ def make_block(s: BlockShape, seed: int = 0) -> nn.Module:
 
     blk = Residual(s.cin, s.cout, use_1x1conv=s.proj, strides=s.stride)
     return randomize_bn(blk, seed)
+
+
+def _timm_bottleneck(s: BlockShape) -> nn.Module:
+    """timm's Bottleneck as seresnet50 ("se") or resnet50d ("avgd") build it."""
+    try:
+        from timm.layers import SEModule
+        from timm.models.resnet import Bottleneck
+    except ImportError as e:
+        raise RuntimeError(f"the SE-ResNet-50 / ResNet-50-D shapes need timm: {e}") from e
+    ds = None
+    if s.proj:
+        pool = (nn.AvgPool2d(2, s.stride, ceil_mode=True, count_include_pad=False)
+                if s.variant == "avgd" and s.stride != 1 else nn.Identity())
+        ds = nn.Sequential(pool, nn.Conv2d(s.cin, s.cout, 1, bias=False),
+                           nn.BatchNorm2d(s.cout)) if s.variant == "avgd" else \
+            nn.Sequential(nn.Conv2d(s.cin, s.cout, 1, stride=s.stride, bias=False),
+                          nn.BatchNorm2d(s.cout))
+    planes = s.cout // Bottleneck.expansion
+    return Bottleneck(s.cin, planes, stride=s.stride, downsample=ds,
+                      base_width=64 * s.width // planes,
+                      attn_layer=SEModule if s.variant == "se" else None)
 
 
 def to_layout(m_or_t, device, dtype, channels_last: bool):

@@ -235,6 +235,9 @@ def markdown(rows, env, skips=()) -> str:
              timing_table(rows, "bottleneck", "Bottleneck block at the ResNet-50 stage shapes "
                           "(b-cin-width-cout-h-w-stride, batch "
                           + _batch(rows, "bottleneck") + ")", "shape"),
+             timing_table(rows, "gated", "SE-ResNet-50 / ResNet-50-D blocks (timm's "
+                          "Bottleneck with an SE gate or the avg-pool shortcut; batch "
+                          + _batch(rows, "gated") + ")", "block"),
              timing_table(rows, "sweep", "Batch sweep", "batch"),
              overhead_table(rows), net_table(rows), kernels_table(rows), numerics_table(rows)]
     if skips:
@@ -255,7 +258,7 @@ def plot_speedup(rows, env, path) -> bool:
     import matplotlib.pyplot as plt
 
     panels = []
-    for section in ("block", "bottleneck", "net"):
+    for section in ("block", "bottleneck", "gated", "net"):
         for mode, by_x in _timing(rows, section).items():
             panels.append((section, mode, by_x))
     if not panels:
@@ -315,7 +318,7 @@ def summary_text(rows, env, skips=(), errors=()) -> str:
             if r["status"] != "PASS":
                 lines.append(f"  {r['status']}: {r['provider']} {r['dtype']} {r['mode']} "
                              f"{r['shape']} {r['quantity']}: {r.get('note', '')[:160]}")
-    for section in ("block", "bottleneck", "sweep", "net"):
+    for section in ("block", "bottleneck", "gated", "sweep", "net"):
         data = _timing(rows, section)
         if not data:
             continue

@@ -12,11 +12,13 @@ Sections, in order (timing first, most telling first, so a --budget-s cut loses 
                FusedResidual per backend, torch.compile (in a second pass over the shapes).
   1b. bottleneck  the ResNet-50 v1.5 stage blocks (torchvision's Bottleneck; each
                stage's downsampling and identity block, batch 256), the same providers.
+  1c. gated    SE-ResNet-50 and ResNet-50-D stage blocks (timm's Bottleneck with an SE
+               gate, or the avg-pool shortcut), the same providers but cuDNN's.
   2. overhead  host time per call at a tiny block, where kernels cost next to nothing:
                one op, the plain block, each backend's ops called directly, FusedResidual,
                and the module's own cost (bench/overhead.py; us per call, CPU too).
   3. net       whole networks, eval and training step: torchvision's ResNet-50 (224x224,
-               batch 256) and the D2L ResNet-18 (224x224, batch 128), in img/s.
+               batch 256), timm's seresnet50 and resnet50d (same) and the D2L ResNet-18 (224x224, batch 128), in img/s.
   4. sweep     batch 1, 8, 32, 256 on 128ch 28x28.
   5. kernels   each fused op of each backend (ms, GB/s or TFLOP/s).
   6. numerics  every FusedResidual backend, dtype and mode against float64 on two small
@@ -107,6 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--no-net", action="store_true")
     p.add_argument("--no-bottleneck", action="store_true",
                    help="leave out the ResNet-50 bottleneck blocks (section and network)")
+    p.add_argument("--no-gated", action="store_true",
+                   help="leave out the SE-ResNet-50 / ResNet-50-D blocks and networks "
+                   "(also left out by --no-bottleneck)")
+    p.add_argument("--gated-shapes", help="comma list of SE-ResNet-50 / ResNet-50-D "
+                   "block shapes: se1,se2d,se3,se4,d2d,d3d (default all)")
     p.add_argument("--no-overhead", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
@@ -594,7 +601,8 @@ def _provider_list(mode, backends, dtype, section="block"):
             pass  # the same computation as eager_fp32; timed once
         else:
             out.append(("eager", dtype, cl))
-    if "cudnn_fused" in ps and mode == "eval" and section != "net":  # a block-level baseline
+    # A block-level baseline; bl.cudnn_fused_eval computes the plain bottleneck only.
+    if "cudnn_fused" in ps and mode == "eval" and section not in ("net", "gated"):
         if not ON_GPU:
             R.skip("cudnn_fused", "cuDNN's fused conv+bias+add+ReLU ops need CUDA")
         else:
@@ -833,15 +841,18 @@ def _stage_shapes(gpu_stages, cpu_stages, spec, aliases, flag, gpu_quick=None):
     return [s.with_batch(ARGS.batch) for s in shapes] if ARGS.batch else shapes
 
 
-def _time_stages(shapes, backends, dtype, section, what):
+def _time_stages(shapes, backends, dtype, section, what, by_name=False):
+    """by_name: the rows' x is the shape's name (x_name "block"), where two blocks of one
+    shape key differ in what they compute (an SE block and a ResNet-D block)."""
     R.say(f"== {section}: {what}, {len(shapes)} shapes x {', '.join(modes())}, "
           f"{bl.dtype_name(dtype)}{' channels_last' if layout_cl(dtype) else ''}")
     refs = {}
     for part in ("main", "compile"):
         for mode in modes():
             for s in shapes:
-                time_block(s, mode, backends, dtype, section, "shape", s.key,
-                           f"{s.name} n={s.batch}", part=part, refs=refs)
+                time_block(s, mode, backends, dtype, section, "block" if by_name else "shape",
+                           s.name if by_name else s.key, f"{s.name} n={s.batch}",
+                           part=part, refs=refs)
 
 
 def block_section(backends, dtype):
@@ -856,6 +867,17 @@ def bottleneck_section(backends, dtype):
     shapes = _stage_shapes(bl.R50_GPU_STAGES, bl.R50_CPU_STAGES, ARGS.r50_shapes,
                            bl.R50_SHAPE_ALIASES, "--r50-shapes", bl.R50_GPU_QUICK)
     _time_stages(shapes, backends, dtype, "bottleneck", "ResNet-50 bottleneck blocks")
+
+
+def gated_section(backends, dtype):
+    """SE-ResNet-50 and ResNet-50-D stage blocks (timm's Bottleneck with an SEModule
+    gate, or with the avg-pool shortcut): the gate's pool and multiply, and the window
+    average, are what the fused block has to absorb (README.md, Design, "Gates and
+    pooled shortcuts")."""
+    shapes = _stage_shapes(bl.GATED_GPU_STAGES, bl.GATED_CPU_STAGES, ARGS.gated_shapes,
+                           bl.GATED_SHAPE_ALIASES, "--gated-shapes")
+    _time_stages(shapes, backends, dtype, "gated", "SE-ResNet-50 / ResNet-50-D blocks",
+                 by_name=True)
 
 
 def sweep_section(backends, dtype):
@@ -1021,7 +1043,19 @@ def _nets():
         return out
     torch.manual_seed(12)
     r50 = bl.randomize_bn(torchvision.models.resnet50(), seed=12)
-    return [("resnet50", r50, 3, ARGS.batch or (256 if ON_GPU else 2), hw)] + out
+    batch = ARGS.batch or (256 if ON_GPU else 2)
+    gated = []
+    if not ARGS.no_gated:
+        try:
+            import timm
+        except ImportError as e:
+            R.skip("net seresnet50, resnet50d", f"needs timm ({e})")
+        else:   # beside ResNet-50: what a gate and a pooled shortcut cost a network
+            for i, name in enumerate(("seresnet50", "resnet50d")):
+                torch.manual_seed(13 + i)
+                gated.append((name, bl.randomize_bn(timm.create_model(name), seed=13 + i),
+                              3, batch, hw))
+    return [("resnet50", r50, 3, batch, hw)] + gated + out
 
 
 def _prepare_net(prov, base, dt, pcl, train, n, ch, hw, ref_out, what):
@@ -1219,6 +1253,9 @@ def run_sections():
         R.checkpoint(md=True)
         if not ARGS.no_bottleneck:
             bottleneck_section(backends, dtype)
+            R.checkpoint(md=True)
+        if not (ARGS.no_bottleneck or ARGS.no_gated):
+            gated_section(backends, dtype)
             R.checkpoint(md=True)
         if not ARGS.no_overhead:
             overhead_section(backends, dtype)

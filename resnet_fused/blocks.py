@@ -123,6 +123,38 @@ def _conv_error(name: str, conv, *, dense: bool = False):
     return None
 
 
+def _pool_error(name: str, pool, conv):
+    """What no fused path computes about a shortcut's pool: ResNet-D's
+    AvgPool2d(k, stride k) (k 1 or 2; ceil_mode and count_include_pad as given, no
+    padding, no divisor override) before a 1x1 stride-1 convolution."""
+    if type(pool) is not nn.AvgPool2d:
+        return f"{name} is {type(pool).__name__}, expected nn.AvgPool2d"
+    two = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    k, s, p = two(pool.kernel_size), two(pool.stride), two(pool.padding)
+    if len(set(k)) != 1 or k != s or k[0] not in (1, 2) or p != (0, 0) \
+            or pool.divisor_override is not None:
+        return (f"{name} is AvgPool2d(kernel {pool.kernel_size}, stride {pool.stride}, "
+                f"padding {pool.padding}, divisor_override {pool.divisor_override}); "
+                "expected a 1x1 or 2x2 window with its own stride and no padding")
+    if conv.kernel_size[0] != 1 or conv.stride[0] != 1:
+        return (f"the convolution after {name} is {conv.kernel_size[0]}x"
+                f"{conv.kernel_size[0]} stride {conv.stride[0]}, expected 1x1 stride 1")
+    return None
+
+
+def _gate_errors(spec: S.BlockSpec, parts: S.Parts) -> list:
+    from .gates import sample_gate_error
+    errs = []
+    for g, gp in zip(spec.gates, parts.gates):
+        if not 0 <= g.stage < len(parts.stages):
+            errs.append(f"the gate {g.path} is on stage {g.stage}, which the block lacks")
+        elif g.kind == S.SAMPLE and sample_gate_error(gp.module):
+            errs.append(f"{g.path}: {sample_gate_error(gp.module)}")
+        elif g.kind not in (S.SAMPLE, S.CHANNEL):
+            errs.append(f"the gate {g.path} is of unknown kind {g.kind!r}")
+    return errs
+
+
 def _bn_error(name, bn, channels):
     # affine=False and track_running_stats=False are refused here, once: no fused path
     # (and no fold) has a branch for a BN without weight/bias or running statistics.
@@ -175,8 +207,16 @@ def _shortcut_errors(spec: S.BlockSpec, parts: S.Parts, stride: int, cin, cout) 
     if e:
         return [e]
     errs = []
-    if conv.stride[0] != stride:
-        errs.append(f"{name} stride {conv.stride[0]} differs from the main path's {stride}")
+    pool_stride = 1
+    if parts.shortcut.pool is not None:
+        e = _pool_error(spec.shortcut.pool, parts.shortcut.pool, conv)
+        if e:
+            return [e]
+        pool_stride = parts.shortcut.pool.stride
+        pool_stride = pool_stride[0] if isinstance(pool_stride, tuple) else pool_stride
+    if conv.stride[0] * pool_stride != stride:
+        errs.append(f"{name} stride {conv.stride[0] * pool_stride} differs from the main "
+                    f"path's {stride}")
     if conv.in_channels != cin or conv.out_channels != cout:
         errs.append(f"{name} maps {conv.in_channels}->{conv.out_channels} channels, "
                     f"expected {cin}->{cout}")
@@ -203,5 +243,6 @@ def check_parts(spec: S.BlockSpec, parts: S.Parts) -> None:
             errs.append(f"the block's stride {stride} is not supported (1 or 2)")
         cin, cout = parts.stages[0].conv.in_channels, parts.stages[-1].conv.out_channels
         errs += [e for e in _shortcut_errors(spec, parts, stride, cin, cout) if e]
+        errs += _gate_errors(spec, parts)
     if errs:
         raise ConversionError("; ".join(errs))

@@ -66,9 +66,13 @@ def fold_block(parts, dtype: torch.dtype, memory_format: torch.memory_format) ->
     if parts.shortcut is not None:
         sc = parts.shortcut
         w3, b3 = fold_conv_bn(sc.conv, sc.bn)
-        w_last, b_last = raw[-1]
-        raw[-1] = (w_last, b_last + b3)  # the shortcut's bias rides in the last epilogue
-        shortcut = _folded_conv(sc.conv, w3, None, dtype, memory_format)
+        if parts.stage_gates(len(parts.stages) - 1):
+            # relu(g * y + sc): the gate scales the last stage's bias, not the shortcut's
+            shortcut = _folded_conv(sc.conv, w3, b3, dtype, memory_format)
+        else:
+            w_last, b_last = raw[-1]
+            raw[-1] = (w_last, b_last + b3)  # the shortcut's bias rides in the last epilogue
+            shortcut = _folded_conv(sc.conv, w3, None, dtype, memory_format)
     stages = tuple(_folded_conv(st.conv, w, b, dtype, memory_format)
                    for st, (w, b) in zip(parts.stages, raw))
     return FoldedBlock(stages, shortcut)
@@ -86,6 +90,8 @@ def block_tensors(parts):
             if m is not None:
                 yield from (t for t in m._parameters.values() if t is not None)
                 yield from (t for t in m._buffers.values() if t is not None)
+    for gate in parts.gates:  # not folded, but a parameter autograd must reach
+        yield from gate.module.parameters()
 
 
 _VERSION = operator.attrgetter("_version")

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from . import spec as S
 from . import blocks
 from .blocks import ConversionError, is_bn
+from .gates import NotAGate, ShallowTracer, channel_gate_fn, is_sample_gate
 from .leaves import composite_bn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -73,10 +74,10 @@ def _traced_into(m: nn.Module) -> bool:
     torch.nn's own and that holds a normalisation layer, so may hold part of a stage."""
     if type(m) is nn.Sequential:
         return True
-    if not m._modules or _module_op(m, (None,), {}) != "other" or (
-            type(m).__module__.startswith("torch.nn.")):
+    if not m._modules or type(m).__module__.startswith("torch.nn.") or not any(
+            _is_norm(c) for c in m.modules() if c is not m):
         return False
-    return any(_is_norm(c) for c in m.modules() if c is not m)
+    return _module_op(m, (None,), {}) == "other"   # a gate holding a BN stays one node
 
 
 class _Tracer(fx.Tracer):
@@ -85,13 +86,6 @@ class _Tracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
-
-
-class _ShallowTracer(fx.Tracer):
-    """Every child a leaf: the graph of the module's own forward."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
 
 
 class _TrainingBranch(Exception):
@@ -140,7 +134,8 @@ def _first_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- nodes
 class _Op(NamedTuple):
-    kind: str                 # "input", "conv", "bn", "relu", "add", "identity", "other"
+    kind: str                 # "input", "conv", "bn", "relu", "add", "identity", "pool",
+    #                           "channel_gate", "sample_gate", "other"
     inputs: tuple             # the tensor operands (fx Nodes)
     inplace: bool = False     # writes into inputs[0]
 
@@ -164,7 +159,19 @@ def _module_op(m: nn.Module, args: tuple, kwargs: dict) -> str:
         return "bn"
     if isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward:
         return "relu"
-    return "identity" if _is_identity(m) else "other"
+    if _is_identity(m):
+        return "identity"
+    if type(m) is nn.AvgPool2d:   # a shortcut's pool (ResNet-D); blocks.py checks it
+        return "pool"
+    if is_sample_gate(m):
+        return "sample_gate"
+    if type(m).__module__.startswith("torch.nn.") and type(m) is not nn.Sequential:
+        return "other"            # torch.nn's own modules are no gates
+    try:
+        channel_gate_fn(m)        # x * f(mean_hw(x)) (gates.py; traced once per module)
+    except NotAGate:
+        return "other"
+    return "channel_gate"
 
 
 def _classify(block: nn.Module, n: fx.Node) -> _Op:
@@ -297,13 +304,22 @@ class _Graph:
 # --------------------------------------------------------------------------- matching
 class _Chain(NamedTuple):
     stages: tuple       # tuple[S.Stage, ...] from the input on
-    nodes: tuple        # every node of the chain (relu, bn, conv), the input excluded
+    nodes: tuple        # every node of the chain (gates, relu, bn, conv, pool), the input excluded
+    gates: tuple = ()   # tuple[S.Gate, ...] in the order the forward applies them
+
+
+_GATE_KINDS = {"channel_gate": S.CHANNEL, "sample_gate": S.SAMPLE}
 
 
 def _chain(g: _Graph, n, consumer) -> _Chain:
-    """The conv -> BN? -> ReLU? stages from the block's input to `n`."""
-    stages, nodes = [], []
+    """The conv -> BN? -> ReLU? -> gates? stages from the block's input to `n` (a pool
+    may precede a conv: the shortcut's, checked by _split)."""
+    stages, nodes, gates = [], [], []
     while n is not g.input:
+        while g.kind(n) in _GATE_KINDS:   # gates of this stage, last applied first
+            gates.append((str(n.target), _GATE_KINDS[g.kind(n)], len(stages)))
+            nodes.append(n)
+            consumer, n = n, g.ops[n].inputs[0]
         relu = g.kind(n) == "relu"
         if relu:
             nodes.append(n)
@@ -320,10 +336,18 @@ def _chain(g: _Graph, n, consumer) -> _Chain:
         # A composite BN's own activation (leaves.py): calling the BN applies it.
         in_bn = (relu and bn is not None
                  and relu_node.meta.get("in_bn") == bn.target)
-        stages.append(S.Stage(n.target, bn.target if bn is not None else None, relu,
-                              in_bn))
+        conv = n
         consumer, n = n, g.ops[n].inputs[0]
-    return _Chain(tuple(reversed(stages)), tuple(nodes))
+        pool = None
+        if g.kind(n) == "pool":
+            pool = n
+            nodes.append(n)
+            consumer, n = n, g.ops[n].inputs[0]
+        stages.append(S.Stage(conv.target, bn.target if bn is not None else None, relu,
+                              in_bn, str(pool.target) if pool is not None else None))
+    k = len(stages)
+    return _Chain(tuple(reversed(stages)), tuple(nodes),
+                  tuple(S.Gate(path, kind, k - 1 - i) for path, kind, i in reversed(gates)))
 
 
 def _join(g: _Graph):
@@ -356,10 +380,16 @@ def _split(g: _Graph, add) -> tuple:
     if len(main.stages) not in (2, 3):
         raise ConversionError(f"its main path has {len(main.stages)} conv stage(s) (a "
                               "fused block has 2 or 3: basic or bottleneck)")
-    if len(short.stages) > 1 or any(st.relu for st in short.stages):
+    if len(short.stages) > 1 or any(st.relu for st in short.stages) or short.gates:
         raise ConversionError(
             f"its shortcut ({' -> '.join(g.label(n) for n in reversed(short.nodes))}) is "
-            "not the input, a convolution or a convolution and a BatchNorm")
+            "not the input, a convolution or a convolution and a BatchNorm (after an "
+            "average pool, ResNet-D)")
+    for st in main.stages:
+        if st.pool is not None:
+            raise ConversionError(f"`{st.pool}` (AvgPool2d) before {st.conv} on the main "
+                                  "path is not part of a fused block (only a shortcut's "
+                                  "pool is)")
     return main, short
 
 
@@ -403,11 +433,12 @@ def _check_state(block: nn.Module, spec: S.BlockSpec) -> None:
     """Every parameter and buffer belongs to a module the spec names (under the name it
     is reached by): anything else would be unused, or dropped from the state_dict."""
     owners = set(spec.module_paths())
+    gates = tuple(gt.path + "." for gt in spec.gates)  # a gate's own submodules' too
     tensors = list(block.named_parameters(remove_duplicate=False)) + list(
         block.named_buffers(remove_duplicate=False))
     for name, _ in tensors:
         owner, _, leaf = name.rpartition(".")
-        if owner not in owners:
+        if owner not in owners and not owner.startswith(gates):
             what = (f"`{owner}` ({type(block.get_submodule(owner)).__name__})" if owner
                     else "the block itself")
             raise ConversionError(f"{what} holds `{leaf}`, which the fused block would "
@@ -435,7 +466,8 @@ def match(block: nn.Module) -> S.BlockSpec:
     _check_used_once(g, (main, short))
     _check_inplace(g, matched)
     kind = S.BASIC if len(main.stages) == 2 else S.BOTTLENECK
-    spec = S.BlockSpec(kind, main.stages, short.stages[0] if short.stages else None)
+    spec = S.BlockSpec(kind, main.stages, short.stages[0] if short.stages else None,
+                       main.gates)
     spec = next((k for k in _KNOWN_SPECS if k == spec), spec)
     _check_state(block, spec)
     _check_hooks(block)
@@ -464,7 +496,7 @@ def residual_add(module: nn.Module):
     paths: a residual add. None when there is none; Untraceable (with torch.fx's
     reason) when the forward cannot be traced."""
     try:
-        graph = _ShallowTracer().trace(module)
+        graph = ShallowTracer().trace(module)
     except Exception as e:  # noqa: BLE001: any failure: unknown
         raise Untraceable(_first_line(e)) from None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]

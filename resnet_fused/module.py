@@ -212,7 +212,11 @@ class FusedResidual(nn.Module):
         parts = self.parts()
         bns = parts.bns()
         edges = {}
-        for path in self._spec.module_paths():
+        # A channel gate's `f` calls the gate's submodules: a replaced one re-resolves too.
+        inner = tuple(f"{gs.path}.{n.target}" for gs, gp in zip(self._spec.gates, parts.gates)
+                      if gp.fn is not None for n in gp.fn.graph.nodes
+                      if n.op == "call_module")
+        for path in self._spec.module_paths() + inner:
             owner = self
             for name in path.split("."):
                 child = owner._modules[name]

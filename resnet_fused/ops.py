@@ -21,6 +21,9 @@ the fakes and autograd. The autograd, per op:
     conv_bias_relu          -> dReLU, then ATen's convolution_backward
     conv_bias_shortcut_relu -> dReLU, then convolution_backward of both GEMMs
     block_train             -> <ns>::block_train_backward
+    bn_pool                 -> <ns>::bn_pool_backward (the pool of a gated branch)
+    bn_gate_act             -> <ns>::bn_gate_act_backward (gate * BN + residual + ReLU)
+    gate_shortcut_relu      -> dReLU, the gate's sum, the shortcut's conv backward
 (eval-mode ops are differentiable so a model in eval mode still gives input and
 parameter gradients when autograd is on, e.g. for saliency maps).
 
@@ -215,7 +218,36 @@ def _fake_block_train_backward(*args):
         dbeta_sc=vec(a.g_sc is not None, a.g_sc, k_sc)))
 
 
+def _fake_bn_pool(c, mean, invstd, weight, bias):
+    return c.new_empty((c.shape[0], c.shape[1]), dtype=mean.dtype)
+
+
+def _fake_bn_pool_backward(grad_pooled, c, mean, invstd, weight):
+    return torch.empty_like(c), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _fake_bn_gate_act(c, mean, invstd, weight, bias, gate, residual):
+    return _fake_bn_act(c, mean, invstd, weight, bias, residual)
+
+
+def _fake_bn_gate_act_backward(grad_out, mask, c, mean, invstd, weight, bias, gate,
+                               residual_grad):
+    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
+    return (torch.empty_like(c), torch.empty_like(mean), torch.empty_like(mean),
+            gate.new_empty(gate.shape, dtype=mean.dtype), grad_res)
+
+
+def _fake_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
+                             shortcut_padding):
+    return torch.empty_like(y)
+
+
 FAKES = {
+    "bn_pool": _fake_bn_pool,
+    "bn_pool_backward": _fake_bn_pool_backward,
+    "bn_gate_act": _fake_bn_gate_act,
+    "bn_gate_act_backward": _fake_bn_gate_act_backward,
+    "gate_shortcut_relu": _fake_gate_shortcut_relu,
     "channel_stats": _fake_channel_stats,
     "bn_finalize": _fake_bn_finalize,
     "bn_act": _fake_bn_act,
@@ -318,6 +350,69 @@ def _conv_bias_shortcut_relu_backward(ctx, grad_out):
     return gy, gw, gb, gx, gw3, None, None, None, None, None
 
 
+def _bn_pool_setup(ctx, inputs, output):
+    c, mean, invstd, weight, bias = inputs
+    ctx.save_for_backward(c, mean, invstd, weight)
+    ctx.param_dtypes = (weight.dtype, bias.dtype)
+
+
+def _make_bn_pool_backward(ns: str):
+    def backward(ctx, grad_pooled):
+        c, mean, invstd, weight = ctx.saved_tensors
+        op = getattr(getattr(torch.ops, ns), "bn_pool_backward")
+        grad_c, grad_w, grad_b = op(grad_pooled.contiguous(), c, mean, invstd, weight)
+        return (grad_c, None, None, grad_w.to(ctx.param_dtypes[0]),
+                grad_b.to(ctx.param_dtypes[1]))
+
+    return backward
+
+
+def _bn_gate_act_setup(ctx, inputs, output):
+    c, mean, invstd, weight, bias, gate, residual = inputs
+    ctx.save_for_backward(c, mean, invstd, weight, bias, gate, output[1])
+    ctx.has_residual = residual is not None
+    ctx.dtypes = (weight.dtype, bias.dtype, gate.dtype)
+
+
+def _make_bn_gate_act_backward(ns: str):
+    def backward(ctx, grad_out, _grad_mask):
+        c, mean, invstd, weight, bias, gate, mask = ctx.saved_tensors
+        need_res = ctx.has_residual and ctx.needs_input_grad[6]
+        grad_out = like_format(grad_out.to(c.dtype), c)
+        op = getattr(getattr(torch.ops, ns), "bn_gate_act_backward")
+        grad_c, grad_w, grad_b, grad_g, grad_res = op(grad_out, mask, c, mean, invstd,
+                                                      weight, bias, gate, need_res)
+        return (grad_c, None, None, grad_w.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]),
+                grad_g.to(ctx.dtypes[2]), grad_res if need_res else None)
+
+    return backward
+
+
+def _gate_shortcut_relu_setup(ctx, inputs, output):
+    y, gate, x, w3, b3, stride3, padding3 = inputs
+    ctx.save_for_backward(y, gate, x, w3, output)
+    ctx.geometry = (stride3, padding3)
+    ctx.has_w3, ctx.b3_dtype = w3 is not None, None if b3 is None else b3.dtype
+
+
+def _gate_shortcut_relu_backward(ctx, grad_out):
+    y, gate, x, w3, out = ctx.saved_tensors
+    stride3, padding3 = ctx.geometry
+    g = grad_out * (out > 0)
+    ny, ngate, nx, nw3, nb3 = ctx.needs_input_grad[:5]
+    gy = g * gate if ny else None
+    acc = stats_dtype(g)
+    dims = tuple(i for i in range(4) if gate.shape[i] == 1 and g.shape[i] != 1)
+    ggate = ((g.to(acc) * y.to(acc)).sum(dims, keepdim=True).to(gate.dtype)
+             if ngate else None)
+    if ctx.has_w3:
+        gx, gw3 = _conv_grads(g, x, w3, stride3, padding3, nx, nw3)
+    else:
+        gx, gw3 = (g if nx else None), None
+    gb3 = g.sum((0, 2, 3), dtype=acc).to(ctx.b3_dtype) if nb3 and ctx.b3_dtype else None
+    return gy, ggate, gx, gw3, gb3, None, None
+
+
 _BWD_TENSORS = frozenset(tensor_args("block_train_backward"))
 
 
@@ -401,6 +496,10 @@ AUTOGRAD = {
     "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
                                 _conv_bias_shortcut_relu_setup),
     "block_train": (_make_block_train_backward, _block_train_setup),
+    "bn_pool": (_make_bn_pool_backward, _bn_pool_setup),
+    "bn_gate_act": (_make_bn_gate_act_backward, _bn_gate_act_setup),
+    "gate_shortcut_relu": (lambda ns: _gate_shortcut_relu_backward,
+                           _gate_shortcut_relu_setup),
 }
 
 

@@ -85,7 +85,8 @@ def _backend_for(block, parts, x: torch.Tensor, training: bool) -> Backend:
     reason = backend.unsupported_block_reason(parts, training)
     if reason is not None:
         raise ValueError(f"FusedResidual(backend={block.backend!r}): {reason}; use "
-                         "backend='auto', 'native' or 'torch' for this block")
+                         "backend='auto' (it takes a backend that computes this block) "
+                         "or 'torch'")
     return backend
 
 

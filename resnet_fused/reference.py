@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import bn_eps
+from .gates import call_gate
 from .matching import spec_of
 from .spec import Parts, resolve
 
@@ -101,17 +102,22 @@ def frozen_batch_norm(c: torch.Tensor, bn: nn.Module) -> torch.Tensor:
 def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
     """The plain computation of a resolved block (spec.Parts): each stage's
     convolution, its BatchNorm module called as it is (training or eval, as that
-    module is set), its ReLU; the shortcut; the add and ReLU."""
+    module is set), its ReLU, its gate modules; the shortcut (its pool, convolution
+    and BN modules); the add and ReLU."""
     y = x
-    for st in parts.stages:
+    for i, st in enumerate(parts.stages):
         y = conv_forward(st.conv, y)
         if st.bn is not None:
             y = st.bn(y)
         if st.relu and not st.relu_in_bn:  # a composite BN applied it already
             y = F.relu(y)
+        for gate in parts.stage_gates(i):
+            y = call_gate(gate.module, y)
     sc = x
     if parts.shortcut is not None:
-        sc = conv_forward(parts.shortcut.conv, x)
+        if parts.shortcut.pool is not None:
+            sc = parts.shortcut.pool(sc)
+        sc = conv_forward(parts.shortcut.conv, sc)
         if parts.shortcut.bn is not None:
             sc = parts.shortcut.bn(sc)
     return F.relu(y + sc)

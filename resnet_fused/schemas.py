@@ -7,7 +7,8 @@ Each backend registers the ops under its own namespace (NAMESPACES):
     triton  resnet_fused_triton Triton kernels (backends/triton/)
 
 Every backend implements the ops of COMMON_OPS; the triton backend also the fused
-training block, BLOCK_OPS (block_train and its backward). Adding an op = its schema
+training block, BLOCK_OPS (block_train and its backward); the torch backend also the
+gated join, GATE_OPS. Adding an op = its schema
 here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
 kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
 
@@ -100,6 +101,50 @@ SCHEMAS = {
         "int dilation=1, int groups=1) -> Tensor"
     ),
 
+    # Gated branches (README.md, Design, "Gates and pooled shortcuts"): the torch
+    # backend's ops for the last stage of a block whose branch a gate multiplies,
+    # out = relu(gate * bn(c) + residual).
+    # pooled[n, k] = mean over H, W of (c - mean) * invstd * weight + bias: the BN'd
+    # branch pooled for a channel gate, float32 (float64 for float64 c), shape (N, C).
+    # Differentiable (through bn_pool_backward) in c, weight and bias on bn_act's
+    # contract (mean/invstd are c's batch statistics).
+    "bn_pool": (
+        "bn_pool(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor"
+    ),
+    # Backward of bn_pool: the per-(n, k) gradient spread over H, W (/ H*W) through
+    # training BN:  gy = grad_pooled / (H*W) broadcast;  grad_bias = sum(gy);
+    # grad_weight = sum(gy * xhat);  grad_c = weight * invstd * (gy - grad_bias / M -
+    # xhat * grad_weight / M), M = N*H*W.
+    "bn_pool_backward": (
+        "bn_pool_backward(Tensor grad_pooled, Tensor c, Tensor mean, Tensor invstd, "
+        "Tensor weight) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias)"
+    ),
+    # out = relu(gate * ((c - mean) * invstd * weight + bias) [+ residual]) in c's dtype
+    # and memory format, plus the packed mask of out > 0. gate: (N, C, 1, 1) for a
+    # channel gate, (N, 1, 1, 1) or (1, 1, 1, 1) for a sample gate, any float dtype.
+    # Differentiable (bn_gate_act_backward) in c, weight, bias, gate and residual, on
+    # bn_act's contract.
+    "bn_gate_act": (
+        "bn_gate_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor gate, Tensor? residual) -> (Tensor out, Tensor mask)"
+    ),
+    # Backward of bn_gate_act: g = grad_out * mask;  grad_gate = sum of g * y over the
+    # dimensions gate broadcasts (y the BN'd c; float32, gate's shape);  then
+    # bn_act_backward's formulas on g * gate;  grad_residual = g as in bn_act_backward.
+    "bn_gate_act_backward": (
+        "bn_gate_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, "
+        "Tensor invstd, Tensor weight, Tensor bias, Tensor gate, bool residual_grad) -> "
+        "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, "
+        "Tensor grad_residual)"
+    ),
+    # Eval join of a gated block: relu(gate * y + shortcut), shortcut = x, or
+    # conv2d(x, shortcut_weight, shortcut_stride, shortcut_padding) + shortcut_bias
+    # (BN folded; a pooled shortcut's pool already applied to x).
+    "gate_shortcut_relu": (
+        "gate_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor? shortcut_weight, "
+        "Tensor? shortcut_bias, int shortcut_stride, int shortcut_padding) -> Tensor"
+    ),
+
     # The triton backend's fused training block (backends/triton/train.py): the whole
     # residual block's training forward as one functional op, for any chain of S stages
     # (basic block S = 2, bottleneck S = 3), differentiable through block_train_backward:
@@ -145,7 +190,10 @@ SCHEMAS = {
 }
 
 BLOCK_OPS = ("block_train", "block_train_backward")
-COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS)
+# The torch backend's only, so far: the native and triton backends decline gated blocks.
+GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
+            "gate_shortcut_relu")
+COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS)
 
 # backend name -> the namespace its ops are registered under.
 NAMESPACES = {
@@ -155,4 +203,5 @@ NAMESPACES = {
 }
 
 # The ops each backend's namespace holds.
-BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS, "triton": COMMON_OPS + BLOCK_OPS}
+BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS + GATE_OPS,
+               "triton": COMMON_OPS + BLOCK_OPS}

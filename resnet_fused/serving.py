@@ -29,7 +29,9 @@ from .schemas import NAMESPACES as _BACKEND_NAMESPACES
 # The op namespaces of every backend (resnet_fused/schemas.py).
 NAMESPACES = tuple(_BACKEND_NAMESPACES.values())
 
-_EVAL_OPS = ("conv_bias_relu", "conv_bias_shortcut_relu")
+# The folded eval ops: one per stage, the last one the join (a gated block's join is
+# gate_shortcut_relu, schemas.GATE_OPS).
+_EVAL_OPS = ("conv_bias_relu", "conv_bias_shortcut_relu", "gate_shortcut_relu")
 
 
 def eval_ops_of(block: FusedResidual) -> int:

@@ -7,6 +7,16 @@ A block is a chain of stages on the main path, each `conv -> BN -> ReLU?`, a sho
     bottleneck    stages (1x1; 3x3 stride s, groups g, dilation d; 1x1), ReLU after the
                   first two (ResNet v1 puts the stride on the first 1x1 instead)
 
+Two optional elements ride on the same description (README.md, Design, "Gates and
+pooled shortcuts"):
+
+    gate          a module multiplying a stage's output (after its BN and ReLU; the
+                  last stage: before the add): a channel gate `y * f(mean_hw(y))` (SE,
+                  ECA), `f` the user's own submodules run on the pooled (N, C, 1, 1)
+                  tensor; or a sample gate `y * mask / keep` (drop path, stochastic
+                  depth; training only, the identity in eval)
+    shortcut pool an nn.AvgPool2d before the shortcut's 1x1 convolution (ResNet-D)
+
 A BlockSpec names the block's modules by their attribute paths inside the block
 ("conv1", "downsample.0", at any depth: "layer.0.convolution", "f.a.0"), so the fused module holds the user's modules under the
 user's names and checkpoints load unchanged. Convolution geometry (kernel, stride,
@@ -28,6 +38,7 @@ from torch import nn
 from .leaves import composite_bn
 
 BASIC, BOTTLENECK = "basic", "bottleneck"
+CHANNEL, SAMPLE = "channel", "sample"   # Gate.kind
 
 
 @dataclass(frozen=True)
@@ -40,20 +51,32 @@ class Stage:
     # timm's BatchNormAct2d): calling that module computes BN then ReLU; its BN
     # parameters are still read as a BatchNorm's.
     relu_in_bn: bool = False
+    pool: Optional[str] = None  # the shortcut only: an nn.AvgPool2d before its conv
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A module multiplying the output of main-path stage `stage` (after its BN and
+    ReLU; for the last stage that is the branch, before the add)."""
+    path: str               # "se", "drop_path", "f.se"
+    kind: str               # CHANNEL or SAMPLE
+    stage: int              # index into BlockSpec.stages
 
 
 @dataclass(frozen=True)
 class BlockSpec:
     kind: str                     # BASIC or BOTTLENECK
     stages: tuple                 # tuple[Stage, ...], the main path in order
-    shortcut: Optional[Stage]     # None: identity; else conv (+ BN), never a ReLU
+    shortcut: Optional[Stage]     # None: identity; else (pool ->) conv (+ BN), never a ReLU
+    gates: tuple = ()             # tuple[Gate, ...] in the order the forward applies them
 
     def module_paths(self) -> tuple:
-        """Every module path the spec names, main path first."""
+        """Every module path the spec names, main path first, then the shortcut's, then
+        the gates'."""
         out = []
         for st in self.stages + ((self.shortcut,) if self.shortcut else ()):
-            out += [st.conv] + ([st.bn] if st.bn else [])
-        return tuple(out)
+            out += ([st.pool] if st.pool else []) + [st.conv] + ([st.bn] if st.bn else [])
+        return tuple(out) + tuple(g.path for g in self.gates)
 
 
 class StageParts(NamedTuple):
@@ -62,6 +85,16 @@ class StageParts(NamedTuple):
     bn: Optional[nn.BatchNorm2d]
     relu: bool
     relu_in_bn: bool = False   # calling `bn` applies the ReLU too (Stage.relu_in_bn)
+    pool: Optional[nn.AvgPool2d] = None   # the shortcut's, before its conv
+
+
+class GateParts(NamedTuple):
+    """A gate resolved: its module and, for a channel gate, `fn`, the part of the
+    module after its pooling (gates.py), run on the pooled (N, C, 1, 1) tensor."""
+    kind: str
+    stage: int
+    module: nn.Module
+    fn: Optional[nn.Module]
 
 
 class Parts(NamedTuple):
@@ -70,6 +103,11 @@ class Parts(NamedTuple):
     kind: str
     stages: tuple                 # tuple[StageParts, ...]
     shortcut: Optional[StageParts]
+    gates: tuple = ()             # tuple[GateParts, ...], in the forward's order
+
+    def stage_gates(self, i: int) -> tuple:
+        """The gates on stage i's output, in order."""
+        return tuple(g for g in self.gates if g.stage == i)
 
     def bns(self) -> tuple:
         """Every BN of the block, main path first (then the shortcut's, if any)."""
@@ -90,13 +128,21 @@ def _resolve_stage(block: nn.Module, st: Stage) -> StageParts:
     # Only while the module there still is the composite: a BN swapped in under the
     # same name (a SyncBatchNorm conversion) does not apply the ReLU.
     return StageParts(get_path(block, st.conv), bn, st.relu,
-                      st.relu_in_bn and composite_bn(bn) is not None)
+                      st.relu_in_bn and composite_bn(bn) is not None,
+                      get_path(block, st.pool) if st.pool is not None else None)
+
+
+def _resolve_gate(block: nn.Module, g: Gate) -> GateParts:
+    from .gates import channel_gate_fn  # gates.py traces with fx; spec.py stays light
+    m = get_path(block, g.path)
+    return GateParts(g.kind, g.stage, m, channel_gate_fn(m) if g.kind == CHANNEL else None)
 
 
 def resolve(block: nn.Module, spec: BlockSpec) -> Parts:
     """The modules of `block` that `spec` names."""
     return Parts(spec.kind, tuple(_resolve_stage(block, st) for st in spec.stages),
-                 _resolve_stage(block, spec.shortcut) if spec.shortcut is not None else None)
+                 _resolve_stage(block, spec.shortcut) if spec.shortcut is not None else None,
+                 tuple(_resolve_gate(block, g) for g in spec.gates))
 
 
 # The specs of the blocks this package names itself (the D2L Residual, torchvision's

@@ -55,10 +55,12 @@ def _zero_grad_params(fused) -> set:
 
 def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,
                 channels_last=False, shape=(2, 8, 9, 9), steps=1, device="cpu",
-                grads=True, bn_eval=False):
+                grads=True, bn_eval=False, reseed=False):
     """bn_eval: every nn.BatchNorm2d in eval after the blocks are set to `train`
     (frozen-BN fine-tuning); a block whose BNs all run on their running statistics
-    must then leave every buffer exactly as it was."""
+    must then leave every buffer exactly as it was.
+    reseed: the same RNG seed before each of the three forwards of a step (a block
+    with a sample gate draws its mask there: the three must draw the same one)."""
     torch.manual_seed(1234)
     plain64 = make_plain().to(device=device, dtype=torch.float64)
     randomize_bn(plain64)
@@ -77,7 +79,11 @@ def check_block(make_plain, *, backend="torch", dtype=torch.float32, train=True,
         x = make_input(shape, dtype, channels_last, device, requires_grad=grads)
         x64 = x.detach().to(torch.float64).requires_grad_(grads)
         x_lp = x.detach().clone().requires_grad_(grads)
-        outs = [m(inp) for m, inp in ((fused, x), (plain_lp, x_lp), (plain64, x64))]
+        outs = []
+        for m, inp in ((fused, x), (plain_lp, x_lp), (plain64, x64)):
+            if reseed:
+                torch.manual_seed(4321 + step)
+            outs.append(m(inp))
         out_f, out_p, out_r = outs
         assert out_f.dtype == out_p.dtype, f"output dtype {out_f.dtype} != plain {out_p.dtype}"
         assert out_f.is_contiguous(memory_format=fmt), "output lost the input's memory format"

@@ -30,7 +30,17 @@ BLOCKS = {
     "identity": (lambda: Residual(8, 8), 8),
     "proj1x1_s2": (lambda: Residual(4, 8, use_1x1conv=True, strides=2), 4),
     "basic_downsample": (lambda: BasicBlockLike(4, 8, stride=2), 4),
+    "se_avg_down": (lambda: _se_avg_down(), 8),   # a gated branch, a pooled shortcut
 }
+
+
+def _se_avg_down() -> nn.Module:
+    """timm's SE bottleneck with ResNet-D's shortcut (seresnext*d's downsampling block)."""
+    from timm.layers import SEModule
+    from timm.models.resnet import Bottleneck
+    ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                       nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    return Bottleneck(8, 4, stride=2, downsample=ds, attn_layer=SEModule)
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 STEPS = 3
 HW = 5

@@ -76,7 +76,7 @@ def test_bottleneck_section_and_resnet50(run, tmp_path):
     """The ResNet-50 rows: a downsampling bottleneck block in eval and training, and the
     whole torchvision ResNet-50, each fused provider checked against eager as written."""
     pytest.importorskip("torchvision")
-    argv = [a for a in _argv(tmp_path, "--r50-shapes", "l1d", "--no-numerics")
+    argv = [a for a in _argv(tmp_path, "--r50-shapes", "l1d", "--no-numerics", "--no-gated")
             if a not in ("--no-bottleneck", "--no-net")]
     argv[argv.index("--modes") + 1] = "eval,train"
     argv[argv.index("--shapes") + 1] = "s2"
@@ -94,6 +94,25 @@ def test_bottleneck_section_and_resnet50(run, tmp_path):
         r = nets[("resnet50", mode, "fused_torch")]
         assert r["status"] == "OK" and float(r["check_rel"]) < 1e-3, r
         assert ("resnet18", mode, "fused_torch") in nets
+
+
+def test_gated_section(run, tmp_path):
+    """The SE-ResNet-50 / ResNet-50-D rows: timm's SE bottleneck and ResNet-D
+    downsampling block in eval and training, each named by its block (their shape keys
+    can coincide), the fused provider checked against eager as written."""
+    pytest.importorskip("timm")
+    argv = [a for a in _argv(tmp_path, "--gated-shapes", "se1,d2d", "--no-numerics")
+            if a != "--no-bottleneck"]
+    argv[argv.index("--modes") + 1] = "eval,train"
+    argv += ["--r50-shapes", "l1d"]
+    assert run.main(argv) == 0
+    gated = [r for r in _csv_rows(tmp_path) if r["section"] == "gated"]
+    assert {(r["mode"], r["x_value"], r["provider"]) for r in gated} == {
+        (m, x, p) for m in ("eval", "train") for x in ("se_r50_l1", "r50d_l2_down")
+        for p in ("eager_fp32", "fused_torch")}, gated
+    assert all(r["status"] == "OK" and r["x_name"] == "block" for r in gated)
+    fused = [r for r in gated if r["provider"] == "fused_torch"]
+    assert all(float(r["check_rel"]) < 1e-4 for r in fused), fused  # fp32: same function
 
 
 def test_budget_holds_in_every_section(run, tmp_path):

@@ -173,12 +173,8 @@ ZOO = {
     "dropout between the convs": (DropoutBetween,
                                   r"`drop` \(Dropout\) between the ReLU after bn1 and conv2"),
     "gelu as self.relu": (GeluAsRelu, r"`relu` \(GELU\) between the add and the output"),
-    "timm seresnet18": (lambda: _timm_block("seresnet18"),
-                        r"`se` \(SEModule\) between bn2 and the add"),
     "timm silu": (lambda: _timm_block("resnet18", act_layer="silu"),
                   r"`act2` \(SiLU\) between the add and the output"),
-    "timm drop path": (lambda: _timm_block("resnet18", drop_path_rate=0.2),
-                       r"`drop_path` \(DropPath\) between bn2 and the add"),
     "conv applied twice": (ConvTwice, r"`conv1` is applied 2 times"),
     "relu before bn": (ReluBeforeBn, r"`relu` between conv2 and bn2"),
     "extra bias": (ExtraBias, r"an add of the attribute `bias` between bn2 and the add"),
@@ -226,14 +222,14 @@ def test_a_block_computing_something_else_is_left_with_a_warning(case):
 
 def test_the_warning_names_the_block_by_its_path_in_the_model():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("seresnet18")
+    model = timm.create_model("resnet18", act_layer="silu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fuse_model(model, backend="torch")
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 8, msgs  # one per block, none for the model or its stages
-    assert msgs[0] == ("fuse_model: left layer1.0 (BasicBlock) as it is: `se` (SEModule) "
-                       "between bn2 and the add is not part of a fused block")
+    assert msgs[0] == ("fuse_model: left layer1.0 (BasicBlock) as it is: `act2` (SiLU) "
+                       "between the add and the output is not part of a fused block")
 
 
 # --------------------------------------------------------------------------- what converts
@@ -406,18 +402,20 @@ def test_every_conversion_path_keeps_function_and_keys(path, request):
     _assert_same_function(plain, fused, (2, 3, 8, 8))
 
 
-def test_timm_drop_path_blocks_of_rate_zero_convert_the_others_stay():
-    """timm ramps the drop-path rate from 0 at the first block: that block computes the
-    fused block exactly and converts; the others stay, and training keeps its
-    stochastic depth."""
+def test_timm_drop_path_blocks_convert_at_every_rate():
+    """timm ramps the drop-path rate from 0 at the first block: that block is the plain
+    fused block (the rate-0 drop path falls away), the others gate their branch with a
+    sample gate (README.md, "What converts") drawn as the module draws it, so seeded
+    training keeps the same stochastic depth."""
     timm = pytest.importorskip("timm")
     plain = randomize_bns(timm.create_model("resnet18", drop_path_rate=0.2,
                                             num_classes=10).double())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused = fuse_model(plain, backend="torch")
-    assert isinstance(fused.layer1[0], FusedResidual)
-    assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == 1
-    assert len(caught) == 7 and all("drop_path" in str(w.message) for w in caught)
+    assert not fused.layer1[0]._spec.gates
+    assert sum(isinstance(m, FusedResidual) for m in fused.modules()) == 8
+    assert [g.path for g in fused.layer1[1]._spec.gates] == ["drop_path"]
+    assert not caught, [str(w.message) for w in caught]
     assert list(fused.state_dict()) == list(plain.state_dict())
     _assert_same_function(plain, fused, (2, 3, 64, 64))

@@ -28,6 +28,11 @@ CASES = [
          momentum_none=True),
     dict(backend="eager", dtype="float32", block="proj1x1_s2", order="fuse_then_sync",
          channels_last=True),
+    # A gated branch (SE) and a pooled shortcut: the gate's pool and f see the rank's
+    # own samples, the BNs the group's statistics.
+    dict(backend="torch", dtype="float64", block="se_avg_down", order="sync_then_fuse"),
+    dict(backend="eager", dtype="float32", block="se_avg_down", order="fuse_then_sync",
+         channels_last=True),
     # Triton through its interpreter on CPU: float32 (its float16 is exercised on GPUs).
     dict(backend="triton", dtype="float32", block="proj1x1_s2", order="sync_then_fuse"),
     dict(backend="triton", dtype="float32", block="basic_downsample", order="fuse_then_sync",

@@ -438,3 +438,86 @@ def test_block_ops_frozen_against_float64_plain_block(device, kind):
     assert_within(f"{kind} frozen out", got[0], plain[0], ref[0])
     for (n, gg), (_, gp), (_, gr) in zip(*(_leaf_grads(r[1]) for r in (got, plain, ref))):
         assert_within(f"{kind} frozen grad {n}", gg, gp, gr, factor=3)
+
+
+# --------------------------------------------------------------------------- gate ops
+def _gate_cases(name):
+    """Float64 argument tuples of a gate op (schemas.GATE_OPS; the torch namespace's
+    only), both memory formats, channel and sample gates."""
+    A = op_layer.args_tuple(name)
+    out = []
+    for fmt, gshape in ((torch.contiguous_format, (2, 5, 1, 1)), (CL, (2, 1, 1, 1))):
+        def act(*shape):
+            return torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+
+        c = act(2, 5, 3, 3) * 2 + 1
+        mean, var = REF.channel_stats(c)
+        invstd = torch.rsqrt(var + 1e-5)
+        w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+        gate = torch.rand(gshape, dtype=torch.float64) + 0.5
+        if name == "bn_pool":
+            out.append(A(c=c, mean=mean, invstd=invstd, weight=w, bias=b))
+        elif name == "bn_pool_backward":
+            out.append(A(grad_pooled=torch.randn(2, 5, dtype=torch.float64), c=c, mean=mean,
+                         invstd=invstd, weight=w))
+        elif name == "bn_gate_act":
+            out.append(A(c=c, mean=mean, invstd=invstd, weight=w, bias=b, gate=gate,
+                         residual=act(2, 5, 3, 3)))
+            out.append(A(c=c, mean=mean, invstd=invstd, weight=w, bias=b, gate=gate,
+                         residual=None))
+        elif name == "bn_gate_act_backward":
+            mask = REF.bn_gate_act(c, mean, invstd, w, b, gate, None)[1]
+            out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=mean, invstd=invstd,
+                         weight=w, bias=b, gate=gate, residual_grad=fmt == CL))
+        elif name == "gate_shortcut_relu":
+            gate6 = torch.rand(gshape[:1] + (6 if gshape[1] != 1 else 1, 1, 1),
+                               dtype=torch.float64) + 0.5
+            out.append(A(y=act(2, 6, 3, 3), gate=gate6, x=act(2, 4, 6, 6),
+                         shortcut_weight=torch.randn(6, 4, 1, 1, dtype=torch.float64),
+                         shortcut_bias=torch.randn(6, dtype=torch.float64),
+                         shortcut_stride=2, shortcut_padding=0))
+            out.append(A(y=act(2, 5, 3, 3), gate=gate, x=act(2, 5, 3, 3),
+                         shortcut_weight=None, shortcut_bias=None, shortcut_stride=1,
+                         shortcut_padding=0))
+    return out
+
+
+_GATE_DIFFERENTIABLE = {
+    "bn_pool": ("c", "weight", "bias"),
+    "bn_gate_act": ("c", "weight", "bias", "gate", "residual"),
+    "gate_shortcut_relu": ("y", "gate", "x", "shortcut_weight", "shortcut_bias"),
+}
+GATE_OPS = [n for n in BACKEND_OPS["torch"] if n not in COMMON_OPS]
+
+
+@pytest.mark.parametrize("name", GATE_OPS)
+def test_gate_ops_opcheck(name):
+    op = getattr(REF, name).default
+    for args in _gate_cases(name):
+        torch.library.opcheck(op, tuple(_cloned(args)))
+        if name in _GATE_DIFFERENTIABLE:
+            grad = args._replace(**{n: getattr(args, n).clone().requires_grad_()
+                                    for n in _GATE_DIFFERENTIABLE[name]
+                                    if getattr(args, n) is not None})
+            torch.library.opcheck(op, tuple(grad))
+
+
+@pytest.mark.parametrize("name", list(_GATE_DIFFERENTIABLE))
+def test_gate_ops_gradcheck(name):
+    """The registered backward (bn_pool_backward, bn_gate_act_backward, the eval join's)
+    against finite differences in float64. bn_pool and bn_gate_act hold the BN's batch
+    statistics as part of the function (their contract): mean and invstd are computed
+    from c inside the checked function."""
+    for args in _gate_cases(name):
+        diff = [n for n in _GATE_DIFFERENTIABLE[name] if getattr(args, n) is not None]
+
+        def fn(*ts, args=args, diff=diff):
+            a = args._replace(**dict(zip(diff, ts)))
+            if "mean" in a._fields:
+                var, mean = torch.var_mean(a.c, dim=(0, 2, 3), correction=0)
+                a = a._replace(mean=mean, invstd=torch.rsqrt(var + 1e-5))
+            out = getattr(REF, name)(*a)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        inputs = tuple(getattr(args, n).detach().clone().requires_grad_() for n in diff)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)

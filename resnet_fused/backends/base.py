@@ -35,7 +35,8 @@ import torch
 class FoldedConv(NamedTuple):
     """One convolution with its BN folded in, in the activation dtype and layout."""
     w: torch.Tensor
-    b: Optional[torch.Tensor]   # None only for the shortcut (its bias rides in the last stage's)
+    b: Optional[torch.Tensor]   # None only for the shortcut (its bias rides in the last
+    # stage's), unless the last stage is gated (relu(g * y + sc): the shortcut keeps it)
     stride: int
     padding: int
     dilation: int
@@ -49,6 +50,19 @@ class FoldedBlock(NamedTuple):
     kernel adds only conv(x, shortcut.w) or x."""
     stages: tuple
     shortcut: Optional[FoldedConv]
+
+
+def gate_or_pool_reason(parts, backend: str) -> Optional[str]:
+    """Why `backend` (one without kernels for them yet) declines a block with a gate or
+    a pooled shortcut (spec.Gate, Stage.pool), or None."""
+    if parts.gates:
+        paths = ", ".join(type(g.module).__name__ for g in parts.gates)
+        return (f"the {backend} backend has no kernels for gated branches yet, and this "
+                f"block's branch is gated ({paths})")
+    if parts.shortcut is not None and parts.shortcut.pool is not None:
+        return (f"the {backend} backend has no kernels for a pooled shortcut (ResNet-D's "
+                "AvgPool2d before the 1x1 projection) yet")
+    return None
 
 
 class Backend:

@@ -17,6 +17,12 @@ Frozen:    every BN with its running statistics (FrozenBatchNorm2d, or BNs in ev
            applies the mask and the scale in one pass per stage
 Eval:      y = conv_bias_relu(y) for every stage but the last, then
            conv_bias_shortcut_relu(y, x) on folded weights.
+Gates (spec.Gate) on the last stage: training pools the BN'd branch (bn_pool), runs
+each channel gate's `f` on it, draws each sample gate as its module does, and joins
+with bn_gate_act(c, ..., gate, residual) = relu(gate * bn(c) + residual); eval computes
+the branch conv(y) + bias, pools it, and joins with gate_shortcut_relu. A gate on an
+inner stage (torchvision RegNet's SE before the last 1x1) is its module on that
+stage's output. A pooled shortcut (ResNet-D) runs its AvgPool2d before its conv.
 
 A synchronized BN (resnet_fused/distributed.py) takes the same ops with one
 all-reduce between channel_stats and the finalize, and one in the backward between
@@ -30,8 +36,10 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..ops import like_format, momentum_arg
+from ..gates import call_gate, channel_gate, sample_gate
+from ..ops import like_format, momentum_arg, stats_dtype
 from ..reference import conv_forward, frozen_batch_norm, frozen_stats
+from ..spec import CHANNEL
 from ..schemas import NAMESPACES
 from .base import Backend, FoldedBlock
 from .torch_ops import backward_apply, backward_reduce
@@ -85,7 +93,7 @@ class CompositeBackend(Backend):
         sc = parts.shortcut
         if sc is None:
             return x
-        y = conv_forward(sc.conv, x)
+        y = conv_forward(sc.conv, shortcut_input(parts, x))
         if sc.bn is not None:
             # The downsample BN: ATen's BatchNorm (one block per stage has it, and
             # it is off the main path).
@@ -104,9 +112,12 @@ class CompositeBackend(Backend):
         y = x
         for i, st in enumerate(parts.stages[:-1]):
             y = self.bn_act_train(conv_forward(st.conv, y), st.bn, None, groups[i])
+            y = inner_gates(parts, i, y)
         last = parts.stages[-1]
         c = conv_forward(last.conv, y)
         residual = self.shortcut_train(parts, x, groups[n] if len(groups) > n else None)
+        if parts.stage_gates(n - 1):
+            return self.gated_bn_act_train(parts, c, residual, groups[n - 1])
         return self.bn_act_train(c, last.bn, residual, groups[n - 1])
 
     def bn_act_frozen(self, c: torch.Tensor, bn,
@@ -119,19 +130,49 @@ class CompositeBackend(Backend):
         return out
 
     def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
-        """Each stage: its conv, then bn_act_frozen; the last stage's takes the shortcut
-        (conv and frozen BN: ATen's, off the main path) as its residual."""
+        """Each stage: its conv, then bn_act_frozen (an inner stage's gates after it);
+        the last stage's takes the shortcut (its pool, conv and frozen BN: ATen's, off
+        the main path) as its residual. A gated last stage: its branch through the frozen
+        BN, pooled for the channel gates' `f`, and relu(gate * branch + residual)."""
         y = x
-        for st in parts.stages[:-1]:
-            y = self.bn_act_frozen(conv_forward(st.conv, y), st.bn, None)
+        for i, st in enumerate(parts.stages[:-1]):
+            y = inner_gates(parts, i, self.bn_act_frozen(conv_forward(st.conv, y), st.bn,
+                                                         None))
         last = parts.stages[-1]
         c = conv_forward(last.conv, y)
         residual = x
         if parts.shortcut is not None:
-            residual = conv_forward(parts.shortcut.conv, x)
+            residual = conv_forward(parts.shortcut.conv, shortcut_input(parts, x))
             if parts.shortcut.bn is not None:
                 residual = frozen_batch_norm(residual, parts.shortcut.bn)
+        if parts.stage_gates(len(parts.stages) - 1):
+            branch = frozen_batch_norm(c, last.bn)
+            gate = branch_gate(parts, branch,
+                               lambda: branch.mean((2, 3), dtype=stats_dtype(branch)))
+            return torch.relu(gate.to(branch.dtype) * branch + like_format(residual, c))
         return self.bn_act_frozen(c, last.bn, residual)
+
+    def gated_bn_act_train(self, parts, c: torch.Tensor, residual: torch.Tensor,
+                           group=None) -> torch.Tensor:
+        """Training relu(g * bn(c) + residual) for the last stage's gates: the batch
+        statistics and finalize as bn_act_train, the branch pooled from c and the BN
+        (bn_pool) for each channel gate's `f`, each sample gate drawn as its module
+        draws, and one join pass (bn_gate_act) with the product of the gates."""
+        bn = parts.stages[-1].bn
+        if group is not None:  # synchronized: ATen BN over the group, then the modules
+            y = distributed.batch_norm_sync(c, bn, group)
+            return torch.relu(inner_gates(parts, len(parts.stages) - 1, y) + residual)
+        ops = self.ops
+        mean, var = ops.channel_stats(c.detach())
+        invstd, _, _ = ops.bn_finalize(mean, var, bn.weight.detach(), bn.bias.detach(),
+                                       bn.running_mean, bn.running_var,
+                                       bn.num_batches_tracked, momentum_arg(bn),
+                                       float(bn.eps), c.numel() // c.shape[1])
+        gate = branch_gate(parts, c, lambda: ops.bn_pool(c, mean, invstd, bn.weight,
+                                                         bn.bias))
+        out, _ = ops.bn_gate_act(c, mean, invstd, bn.weight, bn.bias, gate,
+                                 like_format(residual, c))
+        return out
 
     def folded_ops(self):
         """What forward_eval calls conv_bias_relu and conv_bias_shortcut_relu on: the
@@ -143,13 +184,75 @@ class CompositeBackend(Backend):
         last (the projection a second GEMM into its accumulator, or x added)."""
         ops = self.folded_ops()
         y = x
-        for f in folded.stages[:-1]:
+        for i, f in enumerate(folded.stages[:-1]):
             y = ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation, f.groups)
+            y = inner_gates(parts, i, y)
         last, sc = folded.stages[-1], folded.shortcut
+        xs = shortcut_input(parts, x)
+        bias = last.b
+        if sc is not None and sc.b is not None:  # a gated last stage (fold.py)
+            gate = eval_branch_gate(parts, y, last)
+            if gate is not None:
+                return ops.gate_shortcut_relu(gate[1], gate[0], xs, sc.w, sc.b, sc.stride,
+                                              sc.padding)
+            bias = bias + sc.b   # only sample gates, in eval: the identity
+        elif sc is None and parts.stage_gates(len(parts.stages) - 1):
+            gate = eval_branch_gate(parts, y, last)
+            if gate is not None:
+                return ops.gate_shortcut_relu(gate[1], gate[0], xs, None, None, 0, 0)
         return ops.conv_bias_shortcut_relu(
-            y, last.w, last.b, x, None if sc is None else sc.w, last.padding,
+            y, last.w, bias, xs, None if sc is None else sc.w, last.padding,
             0 if sc is None else sc.stride, 0 if sc is None else sc.padding,
             last.dilation, last.groups)
+
+
+# --------------------------------------------------------------------------- gates
+def shortcut_input(parts, x: torch.Tensor) -> torch.Tensor:
+    """x through the shortcut's pool (ResNet-D's AvgPool2d; the user's module), if any."""
+    sc = parts.shortcut
+    return x if sc is None or sc.pool is None else sc.pool(x)
+
+
+def inner_gates(parts, i: int, y: torch.Tensor) -> torch.Tensor:
+    """y through the gate modules of stage i, as the plain block applies them (a gate
+    inside the chain, torchvision RegNet's SE before its last 1x1: the user's module
+    on the stage's output)."""
+    for gate in parts.stage_gates(i):
+        y = call_gate(gate.module, y)
+    return y
+
+
+def branch_gate(parts, like: torch.Tensor, pooled_branch) -> torch.Tensor:
+    """The product of the last stage's gates, in the order the block applies them:
+    a channel gate's `f` on the branch pooled so far (pooled_branch(): the mean over H
+    and W of the ungated branch, (N, C); the gates before it scale it, since they are
+    constant over H and W), a sample gate drawn as its module draws it. `like`: the
+    branch (shape, dtype, device)."""
+    gate, pooled = None, None
+    for gp in parts.stage_gates(len(parts.stages) - 1):
+        if gp.kind == CHANNEL:
+            if pooled is None:
+                pooled = pooled_branch()
+            p = pooled if gate is None else pooled * gate.reshape(gate.shape[0], -1)
+            g = channel_gate(gp.fn, p, like)
+        else:
+            g = sample_gate(gp.module, like)
+        gate = g if gate is None else gate * g
+    return gate
+
+
+def eval_branch_gate(parts, y: torch.Tensor, last):
+    """(gate, branch) of a gated last stage in eval: the branch conv(y) + bias (folded)
+    and the product of its gates, or None when every gate is a sample gate in eval
+    (the identity)."""
+    gates = parts.stage_gates(len(parts.stages) - 1)
+    if all(g.kind != CHANNEL and not g.module.training for g in gates):
+        return None
+    branch = torch.nn.functional.conv2d(y, last.w, last.b, 1, last.padding, last.dilation,
+                                        last.groups)
+    gate = branch_gate(parts, branch,
+                       lambda: branch.mean((2, 3), dtype=stats_dtype(branch)))
+    return gate, branch
 
 
 class TorchBackend(CompositeBackend):

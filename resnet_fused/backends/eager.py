@@ -4,7 +4,8 @@ Training: each stage's convolution and BatchNorm through PyTorch's own kernels (
 convolution and native batch_norm, which also updates the running statistics), its
 ReLU, then the shortcut, the add and the last ReLU, in place where torchvision's
 BasicBlock and Bottleneck write them in place. The result is the plain block's,
-operation for operation. On a CPU none of the fused training paths is faster: the
+operation for operation (gates and a shortcut's pool: the user's modules, in the
+plain block's order). On a CPU none of the fused training paths is faster: the
 composite of our schema ops (the torch backend) makes more passes than ATen's one-pass
 CPU batch_norm, writes and reads the 1-bit ReLU mask, and calls a custom op per step;
 the C++ CPU kernels (native) are loops, not oneDNN's vectorised ones. bench/NOTES.md
@@ -37,7 +38,7 @@ import torch
 from .. import distributed
 from ..reference import conv_forward, frozen_batch_norm
 from . import torch_ops
-from .composite import TorchBackend
+from .composite import TorchBackend, inner_gates, shortcut_input
 
 
 def _bn(c: torch.Tensor, bn, group) -> torch.Tensor:
@@ -71,12 +72,13 @@ class EagerBackend(TorchBackend):
                 y = _bn(y, st.bn, groups[i])
             if st.relu:
                 y = y.relu_() if st.bn is not None else torch.relu(y)
+            y = inner_gates(parts, i, y)
         sc = x
         if parts.shortcut is not None:
-            sc = conv_forward(parts.shortcut.conv, x)
+            sc = conv_forward(parts.shortcut.conv, shortcut_input(parts, x))
             if parts.shortcut.bn is not None:
                 sc = _bn(sc, parts.shortcut.bn, groups[n] if len(groups) > n else None)
-        if parts.stages[-1].bn is not None:
+        if parts.stages[-1].bn is not None and not parts.gates:
             return y.add_(sc).relu_()
         return torch.relu(y + sc)
 
@@ -85,15 +87,18 @@ class EagerBackend(TorchBackend):
         convolution and batch_norm with the running statistics (inference mode), the
         ReLUs and the add in place on fresh results, as forward_train."""
         y = x
-        for st in parts.stages:
+        for i, st in enumerate(parts.stages):
             y = frozen_batch_norm(conv_forward(st.conv, y), st.bn)
             if st.relu:
                 y = y.relu_()
+            y = inner_gates(parts, i, y)
         sc = x
         if parts.shortcut is not None:
-            sc = conv_forward(parts.shortcut.conv, x)
+            sc = conv_forward(parts.shortcut.conv, shortcut_input(parts, x))
             if parts.shortcut.bn is not None:
                 sc = frozen_batch_norm(sc, parts.shortcut.bn)
+        if parts.gates:  # the gates' modules keep what they saved for the backward
+            return torch.relu(y + sc)
         return y.add_(sc).relu_()
 
     def folded_ops(self):

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..schemas import NAMESPACES
+from .base import gate_or_pool_reason
 from .composite import CompositeBackend
 
 BUILD_HINT = (
@@ -90,3 +91,6 @@ class NativeBackend(CompositeBackend):
         if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             return None
         return f"the native backend supports float32, float16, bfloat16 and float64, not {dtype}"
+
+    def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
+        return gate_or_pool_reason(parts, self.name)

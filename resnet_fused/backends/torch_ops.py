@@ -1,4 +1,4 @@
-"""The torch backend's ops: each op of schemas.COMMON_OPS as ATen ops.
+"""The torch backend's ops: each op of schemas.COMMON_OPS and GATE_OPS as ATen ops.
 
 Defined under the namespace `resnet_fused_torch` with ops.define_op (custom_ops), so
 they run on any device and dtype PyTorch supports (float64 included, for gradcheck),
@@ -177,7 +177,85 @@ def conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight: Optional[torch.
     return out.relu_()
 
 
+# --------------------------------------------------------------------------- gates
+def _bn_apply(c, mean, invstd, weight, bias):
+    """bn(c) in the statistics dtype."""
+    scale = weight.to(mean.dtype) * invstd
+    shift = bias.to(mean.dtype) - mean * scale
+    return c.to(mean.dtype) * _per_channel(scale) + _per_channel(shift)
+
+
+def bn_pool(c, mean, invstd, weight, bias):
+    # mean_hw(bn(c)) = bn applied to mean_hw(c): BN is affine per channel.
+    pooled_c = c.to(mean.dtype).mean((2, 3))
+    scale = weight.to(mean.dtype) * invstd
+    return (pooled_c - mean) * scale + (bias.to(mean.dtype))
+
+
+def bn_pool_backward(grad_pooled, c, mean, invstd, weight):
+    n, k, h, w = c.shape
+    acc = mean.dtype
+    gp = grad_pooled.to(acc)
+    mxhat = (c.to(acc).mean((2, 3)) - mean) * invstd          # mean_hw(xhat), (N, C)
+    grad_bias = gp.sum(0)
+    grad_weight = (gp * mxhat).sum(0)
+    m = n * h * w
+    xhat = (c.to(acc) - _per_channel(mean)) * _per_channel(invstd)
+    grad_c_acc = _per_channel(weight.to(acc) * invstd) * (
+        (gp / (h * w)).view(n, k, 1, 1) - _per_channel(grad_bias / m)
+        - xhat * _per_channel(grad_weight / m))
+    grad_c = torch.empty_like(c)
+    grad_c.copy_(grad_c_acc)
+    return grad_c, grad_weight, grad_bias
+
+
+def bn_gate_act(c, mean, invstd, weight, bias, gate, residual: Optional[torch.Tensor]):
+    y = _bn_apply(c, mean, invstd, weight, bias) * gate.to(mean.dtype)
+    if residual is not None:
+        y = y + residual.to(mean.dtype)
+    y = y.relu_()
+    out = torch.empty_like(c)
+    out.copy_(y)
+    return out, pack_mask(y > 0)
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """t summed over the dimensions a tensor of `shape` broadcasts along."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t.clone()
+
+
+def bn_gate_act_backward(grad_out, mask, c, mean, invstd, weight, bias, gate,
+                         residual_grad: bool):
+    m = c.numel() // c.shape[1]
+    g, xhat = _g_xhat(grad_out, mask, c, mean, invstd)
+    y = xhat * _per_channel(weight.to(mean.dtype)) + _per_channel(bias.to(mean.dtype))
+    grad_gate = _sum_to(g * y, gate.shape)
+    gy = g * gate.to(mean.dtype)
+    grad_bias, grad_weight = gy.sum((0, 2, 3)), (gy * xhat).sum((0, 2, 3))
+    grad_c, _ = _apply(gy, xhat, c, invstd, weight, grad_bias / m, grad_weight / m, False)
+    if residual_grad:
+        grad_res = torch.empty_like(c)
+        grad_res.copy_(g)
+    else:
+        grad_res = c.new_empty((0,))
+    return grad_c, grad_weight, grad_bias, grad_gate, grad_res
+
+
+def gate_shortcut_relu(y, gate, x, shortcut_weight: Optional[torch.Tensor],
+                       shortcut_bias: Optional[torch.Tensor], shortcut_stride,
+                       shortcut_padding):
+    out = y * gate.to(y.dtype)
+    if shortcut_weight is not None:
+        out.add_(F.conv2d(x, shortcut_weight, shortcut_bias, shortcut_stride,
+                          shortcut_padding))
+    else:
+        out.add_(x)
+    return out.relu_()
+
+
 for _fn in (channel_stats, bn_finalize, bn_act, bn_act_backward, bn_frozen_act,
-            bn_frozen_act_backward, conv_bias_relu, conv_bias_shortcut_relu):
+            bn_frozen_act_backward, conv_bias_relu, conv_bias_shortcut_relu, bn_pool, bn_pool_backward, bn_gate_act,
+            bn_gate_act_backward, gate_shortcut_relu):
     define_op(NS, _fn.__name__, _fn)
 ops = getattr(torch.ops, NS)

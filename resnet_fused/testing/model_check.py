@@ -355,7 +355,7 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
             for mode in modes:
                 where = (name, _dtype_name(dtype), mode)
                 why = reason or _backends.get(name, device).unsupported_dtype_reason(
-                    dtype, device)
+                    dtype, device) or _declined(fused_src, name, device, mode)
                 if why:
                     report.skipped.append((*where, why))
                     continue
@@ -365,6 +365,19 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
     if not report.rows and not report.problems:
         report.problems.append("no backend/dtype/mode combination could run; see skipped")
     return report
+
+
+def _declined(fused: nn.Module, name: str, device, mode: str) -> Optional[str]:
+    """Why backend `name` declines a block of `fused` in this mode (a gated block on a
+    backend without gate kernels, a grouped convolution on triton...), or None: such a
+    combination is not computed by that backend at all, so it is skipped, not failed."""
+    backend = _backends.get(name, device)
+    for path, m in fused.named_modules():
+        if isinstance(m, FusedResidual):
+            why = backend.unsupported_block_reason(m.parts(), mode == "train")
+            if why:
+                return f"{path or 'the model'}: {why}"
+    return None
 
 
 def _check_one(plain, fused, backend, dtype, mode, device, x, steps, channels_last, seed):

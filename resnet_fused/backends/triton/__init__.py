@@ -25,6 +25,7 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
+from ..base import gate_or_pool_reason
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
@@ -88,6 +89,9 @@ class TritonBackend(CompositeBackend):
     def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
         # The implicit GEMM (conv.py) and its backward are dense: no grouped (ResNeXt)
         # or dilated (segmentation backbones) variant.
+        reason = gate_or_pool_reason(parts, self.name)
+        if reason is not None:
+            return reason
         sts = parts.stages + ((parts.shortcut,) if parts.shortcut is not None else ())
         for st in sts:
             c = st.conv

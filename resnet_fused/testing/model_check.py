@@ -38,8 +38,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # rounding noise (compare_near_zero), not by relative error.
 _ZERO_GRAD = 1e-9
 # Backends checked per block geometry on a CPU (by_geometry=None): the interpreter runs a
-# Triton program in Python (~35 us a tl operation, bench/NOTES.md), the native backend's
-# CPU twins are scalar loops. The whole model is then compared on CONVERSION_BACKEND.
+# Triton program in Python (35-50 us a tl operation, bench/NOTES.md, "check_model through
+# the interpreter"), and the native backend's C++ CPU twins run below PyTorch's own
+# kernels. The whole model is then compared on CONVERSION_BACKEND.
 SLOW_ON_CPU = ("triton", "native")
 CONVERSION_BACKEND = "torch"
 

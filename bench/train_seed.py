@@ -430,8 +430,9 @@ def main(argv=None) -> int:
     print(f"model: D2L ResNet-18, SGD lr {args.lr}, batch {args.batch}, {args.epochs} "
           f"epoch(s), {args.dtype}{' channels_last' if args.channels_last else ''} on "
           f"{device}, fused backend {args.backend}"
-          + ("" if not args.twins else f"; {args.twins} twins = plain, weights x "
-                                       f"(1 + {eps:.1e} U(-1,1)) after each step"))
+          + ("" if not args.twins else f"; {args.twins} twins = plain, each update x "
+                                       "(1 + e N(0,1)) (e: plain's first-update error), "
+                                       f"weights x (1 + {eps:.1e} U(-1,1)) after each step"))
 
     def to_dev(x, y):
         return prepare(x, args.size, mean, std, device, args.channels_last), y.to(device)

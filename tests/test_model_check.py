@@ -2,6 +2,7 @@
 model computes what the plain one does, fails (with the table) where a conversion
 went wrong."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -56,6 +57,77 @@ def test_triton_through_the_interpreter():
         pytest.skip("triton backend unavailable here")
     report = check_model(small_net(), example(), backends=["triton"], steps=1)
     assert report.ok, report.table()
+
+
+def three_block_net():
+    """Two blocks of one geometry (8 -> 8) and a projection with stride 2, at an odd
+    spatial size (11x11: the stride-2 block's output is 6x6)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        Residual(8, 8), Residual(8, 8), Residual(8, 16, use_1x1conv=True,
+                                                                 strides=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    randomize_bn(net)
+    return net
+
+
+def three_block_example():
+    return torch.randn(3, 3, 11, 11, generator=torch.Generator().manual_seed(1))
+
+
+def _slow_backends():
+    return [b for b in ("native", "triton") if b in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_slow_backends_are_checked_once_per_block_geometry(backend):
+    """On a CPU the interpreter and the C++ twins check one block of each geometry at a
+    reduced input (batch 2, 9x9 crop), and the whole model on the torch backend; the
+    report names which block stood for which."""
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} backend unavailable here")
+    report = check_model(three_block_net(), three_block_example(), backends=[backend],
+                         steps=1)
+    assert report.ok, report.table()
+    assert report.geometries == [
+        "3 (checked at 2x8x9x9, in the model 3x8x11x11) stands for 4",
+        "5 (checked at 2x8x9x9, in the model 3x8x11x11) stands for itself"], report.table()
+    names = {(r.backend, r.mode, r.comparison.name.split(" (step")[0]) for r in report.rows}
+    for mode in ("eval", "train"):
+        assert {(backend, mode, "output of 3"), (backend, mode, "output of 5"),
+                ("torch", mode, "output")} <= names
+        assert not any(b == backend and "of 4" in n for b, m, n in names)
+    # every parameter of the representatives is judged under its name in the model
+    assert {(backend, "train", f"grad {n}") for n, _ in three_block_net().named_parameters()
+            if n.startswith(("3.", "5."))} <= names
+    assert "stands for 4" in report.table() and report.to_dict()["geometries"]
+    # the whole model on the slow backend when asked
+    whole = check_model(three_block_net(), three_block_example(), backends=[backend],
+                        modes=("eval",), by_geometry=False)
+    assert whole.ok and not whole.geometries and {r.backend for r in whole.rows} == {
+        backend}, whole.table()
+
+
+def test_geometry_key_separates_what_a_kernel_depends_on():
+    """The key is the block's spec and its modules' classes, hyper-parameters, flags and
+    tensor shapes: any of them differing separates two blocks, the weights' values do
+    not."""
+    from resnet_fused.testing.geometry import module_signature
+    a, b = fuse_model(three_block_net())[3], fuse_model(three_block_net())[4]
+    assert module_signature(a) == module_signature(b)
+    changes = [lambda m: setattr(m.bn1, "eps", 1e-3),
+               lambda m: setattr(m.bn2, "momentum", None),
+               lambda m: m.bn1.eval(),                      # a frozen BN
+               lambda m: setattr(m, "conv2", nn.Conv2d(8, 8, 3, padding=2, dilation=2)),
+               # a field of the spec (as a gate or a pooled shortcut would be)
+               lambda m: setattr(m, "_spec", dataclasses.replace(m._spec, kind="other"))]
+    for change in changes:
+        other = copy.deepcopy(b)
+        change(other)
+        assert module_signature(other) != module_signature(a)
+    with torch.no_grad():
+        b.conv1.weight.mul_(2)
+    assert module_signature(b) == module_signature(a)
 
 
 def test_torchvision_basic_blocks_with_downsample_bn():
@@ -121,6 +193,57 @@ def test_fails_on_a_backward_off_by_a_part_in_a_thousand(monkeypatch):
     failed = {name.split(" (step")[0] for name in _fail_rows(report)}
     assert {"grad input", "grad 0.weight", "grad 4.conv1.weight"} <= failed, report.table()
     assert "output" not in failed, report.table()
+
+
+def test_per_geometry_fails_on_one_conv_weight_off_by_a_part_in_a_thousand():
+    """A conversion whose one convolution weight is 1.001x the plain one, in a block that
+    is not its geometry's representative: the whole-model comparison on the torch
+    backend fails it (the kernels' block checks pass: the representative is right). In
+    training the BN after that convolution cancels a scaled weight in the output; its
+    gradient and the running statistics show it."""
+    backend = (_slow_backends() or pytest.skip("no slow backend here"))[0]
+    net = three_block_net()
+    bad = fuse_model(net)
+    with torch.no_grad():
+        bad[4].conv2.weight.mul_(1.001)
+    report = check_model(net, three_block_example(), fused=bad, backends=[backend])
+    failed = {(r.backend, r.comparison.name.split(" (step")[0]) for r in report.failures}
+    assert {("torch", "output"), ("torch", "grad 4.conv2.weight"),
+            ("torch", "buffer 4.bn2.running_mean")} <= failed, report.table()
+    assert not any(b == backend for b, _ in failed), report.table()
+
+
+@pytest.mark.parametrize("backend, where", [("native", "forward_train"),
+                                            ("triton", "forward_train"),
+                                            ("triton", "forward_eval")])
+def test_per_geometry_fails_on_a_kernel_off_by_a_part_in_a_thousand(monkeypatch, backend,
+                                                                    where):
+    """A backend whose training backward, or whose eval forward, is wrong by 1e-3 with the
+    rest exact: its per-geometry block rows fail (the torch backend's rows pass)."""
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} backend unavailable here")
+    from resnet_fused import backends as _b
+    cls = type(_b.get(backend, torch.device("cpu")))
+    exact = getattr(cls, where)
+    if where == "forward_train":
+        def off(self, parts, x, groups=None):
+            return _ScaleGrad.apply(exact(self, parts, x, groups), 1.001)
+    else:
+        def off(self, parts, folded, x):
+            return exact(self, parts, folded, x) * 1.001
+    monkeypatch.setattr(cls, where, off)
+    mode = "train" if where == "forward_train" else "eval"
+    report = check_model(three_block_net(), three_block_example(), backends=[backend],
+                         steps=1, modes=(mode,))
+    failed = {(r.backend, r.comparison.name.split(" (step")[0]) for r in report.failures}
+    if mode == "train":
+        expect = {"grad input of 3", "grad input of 5", "grad 3.conv1.weight",
+                  "grad 5.conv3.weight"}
+        assert not any("output" in n for _, n in failed), report.table()
+    else:
+        expect = {"output of 3", "output of 5"}
+    assert {(backend, n) for n in expect} <= failed, report.table()
+    assert not any(b == "torch" for b, _ in failed), report.table()
 
 
 def test_fails_on_a_dropped_projection():

@@ -5,6 +5,14 @@ weights and input: the plain model in float64 (the reference), the plain model i
 the dtype under test (PyTorch's own error in that precision) and the fused model in
 that dtype, and judges every output, the input gradient, every parameter gradient
 and every buffer (running statistics) by the package's rule (tolerance.py).
+
+Where a backend is slow on the device (Triton through its interpreter and the C++ twins,
+on CPU: SLOW_ON_CPU) the whole network would take tens of minutes, so its kernels are
+checked per block geometry instead (geometry.py): every distinct kind of fused block
+once, as a block against float64 at a reduced input that still runs the kernels' masked
+edges, and the whole model is compared on the torch backend, which checks the
+conversion (every parameter, buffer and gradient of the network by name) at the cost of
+a plain run. The report says which block stood for which.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from .. import backends as _backends
 from ..conversion import fuse_model, left_unconverted
 from ..module import FusedResidual
 from ..reference import plain_block_forward
+from .geometry import group_blocks
 from .report import ModelReport, Row
 from .tolerance import Comparison, compare, compare_near_zero, errors
 
@@ -28,6 +37,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # zero in exact arithmetic (a conv bias feeding a training BatchNorm): it is judged as
 # rounding noise (compare_near_zero), not by relative error.
 _ZERO_GRAD = 1e-9
+# Backends checked per block geometry on a CPU (by_geometry=None): the interpreter runs a
+# Triton program in Python (35-50 us a tl operation, bench/NOTES.md, "check_model through
+# the interpreter"), and the native backend's C++ CPU twins run below PyTorch's own
+# kernels. The whole model is then compared on CONVERSION_BACKEND.
+SLOW_ON_CPU = ("triton", "native")
+CONVERSION_BACKEND = "torch"
 
 
 class _PlainBlock(nn.Module):
@@ -313,7 +328,8 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
                 backends: Optional[Iterable[str]] = None,
                 dtypes: Optional[Sequence[torch.dtype]] = None,
                 modes: Sequence[str] = MODES, steps: int = 3, channels_last: bool = False,
-                require_all_converted: bool = True, seed: int = 0) -> ModelReport:
+                require_all_converted: bool = True, seed: int = 0,
+                by_geometry: Optional[bool] = None) -> ModelReport:
     """Compare the fused version of `model` with `model` itself, by the package's rule.
 
     model:          the user's model, plain (converted here with fuse_model) or already
@@ -328,6 +344,11 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
                     (`steps` forward/backward steps on the example and perturbed copies:
                     outputs, input gradient, every parameter gradient, then every buffer).
     require_all_converted: a residual block left unconverted is a failure.
+    by_geometry:    check a backend's kernels on one block of each distinct geometry
+                    (reduced input, against float64) instead of on the whole model, and
+                    compare the whole model on the torch backend (the conversion).
+                    None (default): for SLOW_ON_CPU backends on a CPU; True: for every
+                    backend but torch; False: the whole model on every backend.
 
     Models must return one tensor. Randomness (dropout) is reseeded before each copy's
     forward, which makes it agree only where its kernels draw the same way in each dtype;
@@ -348,6 +369,19 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
         report.notes.extend(f"(allowed) {p}" for p in report.problems)
         report.problems = [p for p in report.problems if p.startswith("no residual block")]
     names = list(backends) if backends is not None else _backends.available(device)
+    per_block = {n for n in names if _per_block(n, device, by_geometry)}
+    geometries = []
+    if per_block:
+        geometries, gproblems = group_blocks(plain, fused_src, FusedResidual, example_input)
+        report.problems.extend(gproblems)
+        report.geometries = [g.describe() for g in geometries]
+        report.notes.append(
+            f"{', '.join(sorted(per_block))}: each of {len(geometries)} distinct block "
+            f"geometr{'y' if len(geometries) == 1 else 'ies'} checked once as a block "
+            "against float64 at a reduced input (rows 'of <block>'); the whole model on "
+            f"the {CONVERSION_BACKEND} backend (the conversion)")
+        if CONVERSION_BACKEND not in names:
+            names.append(CONVERSION_BACKEND)
     for name in names:
         reason = _backends.unavailable_reason(name, device) if name in _backends.NAMES \
             else f"unknown backend (choose among {', '.join(_backends.NAMES)})"
@@ -359,9 +393,14 @@ def check_model(model: nn.Module, example_input: torch.Tensor, *,
                 if why:
                     report.skipped.append((*where, why))
                     continue
-                report.rows.extend(Row(*where, c) for c in
-                                   _check_one(plain, fused_src, name, dtype, mode, device,
-                                              example_input, steps, channels_last, seed))
+                if name in per_block:
+                    rows = [c for g in geometries for c in _check_block(
+                        g, plain, fused_src, name, dtype, mode, device, steps,
+                        channels_last, seed)]
+                else:
+                    rows = _check_one(plain, fused_src, name, dtype, mode, device,
+                                      example_input, steps, channels_last, seed)
+                report.rows.extend(Row(*where, c) for c in rows)
     if not report.rows and not report.problems:
         report.problems.append("no backend/dtype/mode combination could run; see skipped")
     return report
@@ -388,6 +427,39 @@ def _check_one(plain, fused, backend, dtype, mode, device, x, steps, channels_la
         return _check_train(run, x, steps, seed)
     except Exception as e:  # the fused model (or a copy of the plain one) failed to run
         return [Comparison("run", problem=f"raised {type(e).__name__}: {e}")]
+
+
+def _per_block(name, device, by_geometry) -> bool:
+    if name == CONVERSION_BACKEND or by_geometry is False:
+        return False
+    if by_geometry:
+        return True
+    return (device is None or device.type == "cpu") and name in SLOW_ON_CPU
+
+
+def _in_model(name: str, block: str) -> str:
+    """A block-level comparison's name as the model names it: "grad conv1.weight" of
+    layer1.0 -> "grad layer1.0.conv1.weight", "output" -> "output of layer1.0"."""
+    for kind in ("grad ", "buffer "):
+        if name.startswith(kind) and not name.startswith("grad input"):
+            return f"{kind}{block}.{name[len(kind):]}"
+    head, _, step = name.partition(" (step")
+    return f"{head} of {block}" + (f" (step{step}" if step else "")
+
+
+def _check_block(geometry, plain, fused, backend, dtype, mode, device, steps,
+                 channels_last, seed) -> list:
+    """One geometry's representative block, fused against its plain counterpart in the
+    plain model (the same name), on its reduced input."""
+    name = geometry.representative
+    plain_block = dict(plain.named_modules()).get(name)
+    fused_block = dict(fused.named_modules())[name]
+    x = geometry.input.to(device)
+    rows = _check_one(plain_block, fused_block, backend, dtype, mode, device, x, steps,
+                      channels_last, seed)
+    for c in rows:
+        c.name = _in_model(c.name, name)
+    return rows
 
 
 def assert_model_matches(model: nn.Module, example_input: torch.Tensor,

@@ -24,6 +24,9 @@ class ModelReport:
     skipped: list = field(default_factory=list)    # (backend, dtype, mode, reason)
     notes: list = field(default_factory=list)      # what was checked, how
     problems: list = field(default_factory=list)   # failures outside the numbers
+    # Per-geometry checks (check_model, by_geometry): "<block> (checked at <shape>, in the
+    # model <shape>) stands for <blocks>", one line per distinct block geometry.
+    geometries: list = field(default_factory=list)
 
     @property
     def failures(self) -> list:
@@ -38,6 +41,7 @@ class ModelReport:
             "ok": self.ok,
             "notes": list(self.notes),
             "problems": list(self.problems),
+            "geometries": list(self.geometries),
             "skipped": [dict(zip(("backend", "dtype", "mode", "reason"), s))
                         for s in self.skipped],
             "results": [{"backend": r.backend, "dtype": r.dtype, "mode": r.mode,
@@ -75,6 +79,7 @@ class ModelReport:
         lines = [f"resnet_fused.testing.check_model: {head}"]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  FAIL: {p}" for p in self.problems]
+        lines += [f"  geometry: {g}" for g in self.geometries]
         cols = ("backend", "dtype", "mode", "quantity", "fused err L2/max",
                 "plain err L2/max", "of bound", "verdict")
         body = []

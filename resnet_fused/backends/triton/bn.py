@@ -507,11 +507,8 @@ def _bn_act(c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: t
     return bn_act_impl(c, mean, invstd, weight, bias, residual)
 
 
-def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor,
-                     mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
-                     residual_grad: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    op = "bn_act_backward"
+def _check_backward_args(op: str, grad_out, mask, c, mean, invstd, weight) -> None:
+    """The argument checks bn_act_backward and bn_frozen_act_backward share."""
     _check_act(c, op, "c")
     _check_like(grad_out, c, op, "grad_out", "c")
     C = c.shape[1]
@@ -522,14 +519,27 @@ def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor
     _check_vec(mean, C, op, "mean", c.device, fp32=True)
     _check_vec(invstd, C, op, "invstd", c.device, fp32=True)
     _check_vec(weight, C, op, "weight", c.device)
-    coef, gw, gb = bn_backward_coef(grad_out, mask, c, mean, invstd, weight)
+
+
+def _bwd_apply(grad_out, mask, c, coef, residual_grad: bool):
+    """(grad_c, grad_residual) of the BN-backward apply pass with coefficients coef."""
     grad_c = torch.empty_like(c)
     grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
     total = c.numel()
     block = 8 * _EW_BYTES
     launch(_bn_bwd_apply_kernel, (triton.cdiv(total, block),), grad_out, mask, c, coef,
-           grad_c, grad_res if residual_grad else grad_c, total, C, c.stride(1),
+           grad_c, grad_res if residual_grad else grad_c, total, c.shape[1], c.stride(1),
            RES_GRAD=bool(residual_grad), BLOCK=block)
+    return grad_c, grad_res
+
+
+def _bn_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch.Tensor,
+                     mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+                     residual_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backward_args("bn_act_backward", grad_out, mask, c, mean, invstd, weight)
+    coef, gw, gb = bn_backward_coef(grad_out, mask, c, mean, invstd, weight)
+    grad_c, grad_res = _bwd_apply(grad_out, mask, c, coef, residual_grad)
     return grad_c, gw, gb, grad_res
 
 
@@ -546,33 +556,15 @@ def _bn_frozen_act_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: torch
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The apply kernel of bn_act_backward with the statistics terms of its coefficients
     zero (grad_c = w*invstd*g); the reduce pass only for the BN's weight/bias gradients."""
-    op = "bn_frozen_act_backward"
-    _check_act(c, op, "c")
-    _check_like(grad_out, c, op, "grad_out", "c")
-    C = c.shape[1]
-    nbytes = mask_numel(c)
-    if mask.dtype != torch.uint8 or mask.shape != (nbytes,) or mask.device != c.device:
-        raise ValueError(f"{NS}::{op}: mask must be uint8 of shape ({nbytes},) on {c.device}, "
-                         f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
-    _check_vec(mean, C, op, "mean", c.device, fp32=True)
-    _check_vec(invstd, C, op, "invstd", c.device, fp32=True)
-    _check_vec(weight, C, op, "weight", c.device)
+    _check_backward_args("bn_frozen_act_backward", grad_out, mask, c, mean, invstd, weight)
     if param_grads:
         coef, gw, gb = bn_backward_coef(grad_out, mask, c, mean, invstd, weight)
         coef[1:3].zero_()
     else:
         zero = torch.zeros_like(mean)
         coef = torch.stack([weight.to(torch.float32) * invstd, zero, zero, mean])
-        gw = gb = None
-    grad_c = torch.empty_like(c)
-    grad_res = torch.empty_like(c) if residual_grad else c.new_empty((0,))
-    total = c.numel()
-    block = 8 * _EW_BYTES
-    launch(_bn_bwd_apply_kernel, (triton.cdiv(total, block),), grad_out, mask, c, coef,
-           grad_c, grad_res if residual_grad else grad_c, total, C, c.stride(1),
-           RES_GRAD=bool(residual_grad), BLOCK=block)
-    if gw is None:
         gw, gb = mean.new_empty((0,)), mean.new_empty((0,))
+    grad_c, grad_res = _bwd_apply(grad_out, mask, c, coef, residual_grad)
     return grad_c, gw, gb, grad_res
 
 

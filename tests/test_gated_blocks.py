@@ -74,6 +74,16 @@ def test_train_and_eval(kind, backend, channels_last):
                 shape=_shape(kind), grads=False)
 
 
+@pytest.mark.parametrize("kind", ["se", "tv_se_stochastic_depth", "se_drop_avg"])
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_frozen_bn_training(kind, backend):
+    """Frozen-BN fine-tuning of a gated block (every BN in eval in a training block):
+    the frozen path computes the gates and the shortcut's pool as the plain block does,
+    every gradient by the rule, the BN buffers untouched."""
+    check_block(BLOCKS[kind], backend=backend, train=True, bn_eval=True,
+                shape=_shape(kind), steps=2, reseed=True)
+
+
 @pytest.mark.parametrize("kind", ["se", "drop_path"])
 def test_float16(kind):
     check_block(BLOCKS[kind], backend="torch", dtype=torch.float16, train=True,

@@ -38,10 +38,11 @@ import triton.language as tl
 
 from ...ops import conv_out_hw, mask_numel
 from .bn import _load_mask_bit, lanes
-from .conv import _input_precision
+from .conv import _input_precision, interp_tile
 from .launcher import INTERPRET, launch
 
 if INTERPRET:
+    # The smallest tiles; each launch takes the largest that fits its shape (_cfg).
     _DG = dict(BM=32, BN=16, BK=16, num_warps=4, num_stages=1)
     _WG = dict(BM=16, BN=16, BK=32, num_warps=4, num_stages=1)
     _WG_PROGRAMS = 1
@@ -296,8 +297,14 @@ def _grad_args(op: GradOperand, K: int):
     return (g,) + ptrs, op.mask is not None, op.c is not None
 
 
-def _cfg(dtype, fast, fma):
-    """fp32 without TF32 multiplies on the FMA units: the smaller tiles."""
+def _cfg(dtype, fast, fma, dims):
+    """fp32 without TF32 multiplies on the FMA units: the smaller tiles. The interpreter
+    takes per shape the largest tile no larger than the problem's (BM, BN, BK) dims
+    (interp_tile; why: conv.py's configurations)."""
+    if INTERPRET:
+        m, n, k = dims
+        return dict(fast, BM=interp_tile(m, fast["BM"]), BN=interp_tile(n, fast["BN"]),
+                    BK=interp_tile(k, fast["BK"]))
     return fma if _input_precision(dtype) == "ieee" and dtype == torch.float32 else fast
 
 
@@ -344,7 +351,7 @@ def conv_dgrad(g: GradOperand, w: torch.Tensor, in_hw, stride: int, padding: int
     out = torch.empty((N, C, H, W), device=g.g.device, dtype=g.g.dtype, memory_format=_CL)
     red, extras, flags = _dgrad_extras(out, relu_bn, residual, second, g.g.shape, stride)
     HC, WC = triton.cdiv(H, stride), triton.cdiv(W, stride)
-    cfg = _cfg(g.g.dtype, _DG, _DG_FMA)
+    cfg = _cfg(g.g.dtype, _DG, _DG_FMA, (N * HC * WC, C, K))
     grid = (triton.cdiv(N * HC * WC, cfg["BM"]), triton.cdiv(C, cfg["BN"]), stride * stride)
     launch(_dgrad_kernel, grid, *g_ptrs, w.contiguous(memory_format=_CL), out, *extras,
            N, H, W, C, P, Q, K, HC, WC,
@@ -367,7 +374,7 @@ def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: i
     dw = torch.zeros((K, R, S, C), device=x.device, dtype=torch.float32)
     db = torch.zeros((K,), device=x.device, dtype=torch.float32) if need_db else None
     MP = N * P * Q
-    cfg = _cfg(g.g.dtype, _WG, _WG_FMA)
+    cfg = _cfg(g.g.dtype, _WG, _WG_FMA, (K, C, MP))
     tiles = triton.cdiv(K, cfg["BM"]) * triton.cdiv(C, cfg["BN"]) * R * S
     split = max(1, min(triton.cdiv(MP, cfg["BK"]), _WG_PROGRAMS // tiles))
     chunk = triton.cdiv(triton.cdiv(MP, split), cfg["BK"]) * cfg["BK"]

@@ -235,10 +235,11 @@ def _d2l_net():
     return plain
 
 
+# CPU only: bench/device.sh's 480 s plan has no room for one more CUDA test stage (a
+# file of its own would push out native_ops), and the traced graph is the same op list.
 @pytest.mark.parametrize("backend, device", [
-    *[(b, "cpu") for b in ("torch", "native", "triton", "eager")
-      if b in available_backends("cpu")],
-    *[pytest.param(b, "cuda", marks=pytest.mark.cuda) for b in ("native", "triton")]])
+    (b, "cpu") for b in ("torch", "native", "triton", "eager")
+    if b in available_backends("cpu")])
 def test_jit_trace_each_backend(backend, device):
     """Each backend's eval path traces with the check on, with autograd on (the
     default) and under torch.no_grad() from a fresh block (whose first call folds: the

@@ -771,6 +771,10 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
                       dtype=bl.dtype_name(dt), layout="NHWC" if cl else "NCHW", shape=s.key,
                       batch=s.batch)
         what = f"{label} {mode} {prov}"
+        reason = _declined(prov, base, train)
+        if reason is not None:
+            R.skip(what, reason)
+            continue
         try:
             ready.append((prov, dt, common, _prepare_provider(prov, base, dt, cl, train, xs,
                                                               gys, ref_out, what)))
@@ -792,6 +796,23 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
     if ON_GPU:
         torch.cuda.empty_cache()
     R.checkpoint()
+
+
+def _declined(prov: str, model, train: bool) -> Optional[str]:
+    """Why a fused provider's backend declines a block of `model` (a plain block or
+    network, converted here as the provider would be), or None: such a provider is
+    listed as skipped with the backend's reason (native and triton have no kernels for
+    gated branches or pooled shortcuts yet), not as an error."""
+    if not prov.startswith("fused_"):
+        return None
+    backend = rf_backends.get(prov[len("fused_"):], DEVICE)
+    fused = fuse_model(copy.deepcopy(model), backend="torch")
+    for m in fused.modules():
+        if isinstance(m, FusedResidual):
+            reason = backend.unsupported_block_reason(m.parts(), train)
+            if reason is not None:
+                return reason
+    return None
 
 
 def _error_row(what: str, common: dict, e: BaseException):
@@ -1107,6 +1128,10 @@ def net_section(backends, dtype):
                                   metric="time", unit="ms", x_name="batch", x_value=n,
                                   dtype=bl.dtype_name(dt), layout="NHWC" if pcl else "NCHW",
                                   shape=f"{ch}x{hw}x{hw}", batch=n)
+                    reason = _declined(prov, base, train)
+                    if reason is not None:
+                        R.skip(what, reason)
+                        continue
                     try:
                         ready.append((prov, dt, common, _prepare_net(
                             prov, base, dt, pcl, train, n, ch, hw, ref_out, what)))

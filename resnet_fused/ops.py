@@ -537,9 +537,16 @@ def define_op(ns: str, name: str, fn, *, traceable_triton: bool = False):
     _check_signature(name, fn)
     schema, mutates = SCHEMAS[name][len(name):], mutated_args(name)
     if traceable_triton:
-        op = torch.library.triton_op(op_name(ns, name), fn, mutates_args=mutates,
-                                     schema=schema)
-    else:
+        try:
+            op = torch.library.triton_op(op_name(ns, name), fn, mutates_args=mutates,
+                                         schema=schema)
+        except ValueError:
+            # torch 2.11's triton_op infers the schema from fn's annotations and ignores
+            # `schema`; an optional tensor list (block_train's `running`, Tensor[]?) has
+            # no inferred form there. The op is then a custom_op with the shared fake,
+            # which torch.compile calls as one opaque op on that torch.
+            traceable_triton = False
+    if not traceable_triton:
         op = torch.library.custom_op(op_name(ns, name), fn, mutates_args=mutates,
                                      schema=schema)
     _register(ns, name, fake=not traceable_triton)

@@ -185,14 +185,19 @@ def test_compile_fullgraph(train):
     torch.testing.assert_close(out_c, out_p, rtol=1e-4, atol=1e-4)
 
 
-def test_replaced_gate_submodule_is_used():
-    """The fused block calls the gate's submodules as they are now: replacing one
-    (se.fc2) after conversion changes the result as it changes the plain block's."""
+def _se_pair():
+    """(plain SE block in eval with randomised BN, its FusedResidual on torch, an input)."""
     torch.manual_seed(0)
     plain = BLOCKS["se"]().eval()
     randomize_bn(plain)
     fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").eval()
-    x = torch.randn(_shape("se"))
+    return plain, fused, torch.randn(_shape("se"))
+
+
+def test_replaced_gate_submodule_is_used():
+    """The fused block calls the gate's submodules as they are now: replacing one
+    (se.fc2) after conversion changes the result as it changes the plain block's."""
+    plain, fused, x = _se_pair()
     with torch.no_grad():
         fused(x)  # resolved and folded once
         fc2 = nn.Conv2d(plain.se.fc2.in_channels, plain.se.fc2.out_channels, 1)
@@ -261,11 +266,7 @@ def test_save_load_and_deepcopy():
     block computing the same function, f calling the copy's own submodules, and the
     gate's parameters are still only its own (nothing added to state_dict)."""
     import io
-    torch.manual_seed(0)
-    plain = BLOCKS["se"]().eval()
-    randomize_bn(plain)
-    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").eval()
-    x = torch.randn(_shape("se"))
+    plain, fused, x = _se_pair()
     with torch.no_grad():
         want = fused(x)
         buf = io.BytesIO()

@@ -7,6 +7,7 @@ conversion; imports neither.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -150,7 +151,10 @@ def _gate_errors(spec: S.BlockSpec, parts: S.Parts) -> list:
             errs.append(f"the gate {g.path} is on stage {g.stage}, which the block lacks")
         elif g.kind == S.SAMPLE and sample_gate_error(gp.module):
             errs.append(f"{g.path}: {sample_gate_error(gp.module)}")
-        elif g.kind not in (S.SAMPLE, S.CHANNEL):
+        elif g.kind == S.SCALE and not (isinstance(g.value, float)
+                                        and math.isfinite(g.value)):
+            errs.append(f"the branch is scaled by {g.value!r}, not a finite number")
+        elif g.kind not in (S.SAMPLE, S.CHANNEL, S.SCALE):
             errs.append(f"the gate {g.path} is of unknown kind {g.kind!r}")
     return errs
 

@@ -91,7 +91,8 @@ def block_tensors(parts):
                 yield from (t for t in m._parameters.values() if t is not None)
                 yield from (t for t in m._buffers.values() if t is not None)
     for gate in parts.gates:  # not folded, but a parameter autograd must reach
-        yield from gate.module.parameters()
+        if gate.module is not None:
+            yield from gate.module.parameters()
 
 
 _VERSION = operator.attrgetter("_version")

@@ -18,6 +18,11 @@ multiplies each sample by mask / keep_prob in training and is the identity in ev
 exactly the RNG calls it makes on the block's tensor (the same shape, dtype, device
 and order), so a seeded converted model draws the same mask as the plain one, and
 returns the mask itself (1 * mask is exact).
+
+A constant scale (`y * 0.2` in the block's own forward, no module) is a gate of shape
+(1, 1, 1, 1) holding the constant in float32 (float64 for float64 activations): the
+plain `y * 0.2` multiplies in that precision too (a Python number is no tensor of y's
+dtype), so the fused join rounds once, where the plain product does.
 """
 from __future__ import annotations
 
@@ -208,6 +213,26 @@ def call_gate(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.dtype):
         out = m(t)
     return out.to(t.dtype)
+
+
+def apply_gate(gp, y: torch.Tensor) -> torch.Tensor:
+    """y times the gate gp (a spec.GateParts), as the plain block computes it: the
+    module called on y, or y times the constant."""
+    if gp.module is None:
+        return y * gp.value
+    return call_gate(gp.module, y)
+
+
+def scale_gate(value: float, like: torch.Tensor) -> torch.Tensor:
+    """The constant `value` as a (1, 1, 1, 1) gate for `like`'s branch (float32, or
+    float64 for float64 `like`: the precision y * value computes in)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.full((1, 1, 1, 1), value, dtype=dtype, device=like.device)
+
+
+def identity_in_eval(gp) -> bool:
+    """The gate gp multiplies by 1 here: a sample gate in eval."""
+    return gp.module is not None and gp.fn is None and not gp.module.training
 
 
 def channel_gate(fn: nn.Module, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

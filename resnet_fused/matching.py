@@ -14,7 +14,9 @@ its graph is exactly one of the computations the fused block performs:
     stage    = conv -> BN -> ReLU (every stage but the last: conv -> BN)
     shortcut = x | conv(x) | BN(conv(x))
 
-with two stages (basic block) or three (bottleneck). ReLU may be written as nn.ReLU
+with two stages (basic block) or three (bottleneck), a stage's output optionally
+multiplied by gates (spec.Gate: a channel or sample gate module, or a Python number:
+a constant scale). ReLU may be written as nn.ReLU
 (in place or not, one module reused), F.relu, torch.relu, torch.relu_ or .relu_(), or
 be a composite BN's own activation; the add as +, +=, torch.add or .add_ (alpha 1).
 Modules that compute nothing fall away (nn.Identity, dropout with p=0, a drop path of
@@ -45,6 +47,7 @@ from .leaves import composite_bn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_MULS = {operator.mul, operator.imul, torch.mul}
 _INPLACE_FUNCS = {operator.iadd, torch.relu_, F.relu_}
 # How the user wrote an operator: `y += x` is recorded as operator.iadd.
 _OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.mul: "*", operator.imul: "*=",
@@ -135,9 +138,10 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- nodes
 class _Op(NamedTuple):
     kind: str                 # "input", "conv", "bn", "relu", "add", "identity", "pool",
-    #                           "channel_gate", "sample_gate", "other"
+    #                           "channel_gate", "sample_gate", "scale", "other"
     inputs: tuple             # the tensor operands (fx Nodes)
     inplace: bool = False     # writes into inputs[0]
+    value: float = None       # a "scale"'s constant
 
 
 def _is_identity(m: nn.Module) -> bool:
@@ -192,6 +196,15 @@ def _classify(block: nn.Module, n: fx.Node) -> _Op:
         if len(args) == 1 and not kwargs and isinstance(args[0], fx.Node):
             inplace = bool(inplace) or n.target in _INPLACE_FUNCS or n.target == "relu_"
             return _Op("relu", args, inplace)
+    mul_call = (n.op == "call_function" and n.target in _MULS) or (
+        n.op == "call_method" and n.target in ("mul", "mul_"))
+    if mul_call and not kwargs and len(args) == 2:
+        # A tensor times a Python number (a constant scale of the branch); a number
+        # that is a bool, or a tensor (a learnt scale), is no constant gate.
+        node, k = (args if isinstance(args[0], fx.Node) else args[::-1])
+        if isinstance(node, fx.Node) and isinstance(k, (int, float)) \
+                and not isinstance(k, bool):
+            return _Op("scale", (node,), n.target in (operator.imul, "mul_"), float(k))
     add_call = (n.op == "call_function" and n.target in _ADDS) or (
         n.op == "call_method" and n.target in ("add", "add_"))
     if add_call and kwargs.pop("alpha", 1) == 1 and not kwargs and len(args) == 2 \
@@ -308,7 +321,7 @@ class _Chain(NamedTuple):
     gates: tuple = ()   # tuple[S.Gate, ...] in the order the forward applies them
 
 
-_GATE_KINDS = {"channel_gate": S.CHANNEL, "sample_gate": S.SAMPLE}
+_GATE_KINDS = {"channel_gate": S.CHANNEL, "sample_gate": S.SAMPLE, "scale": S.SCALE}
 
 
 def _chain(g: _Graph, n, consumer) -> _Chain:
@@ -317,7 +330,9 @@ def _chain(g: _Graph, n, consumer) -> _Chain:
     stages, nodes, gates = [], [], []
     while n is not g.input:
         while g.kind(n) in _GATE_KINDS:   # gates of this stage, last applied first
-            gates.append((str(n.target), _GATE_KINDS[g.kind(n)], len(stages)))
+            op = g.ops[n]
+            path = "" if op.kind == "scale" else str(n.target)
+            gates.append((path, _GATE_KINDS[op.kind], len(stages), op.value))
             nodes.append(n)
             consumer, n = n, g.ops[n].inputs[0]
         relu = g.kind(n) == "relu"
@@ -347,7 +362,7 @@ def _chain(g: _Graph, n, consumer) -> _Chain:
                               in_bn, str(pool.target) if pool is not None else None))
     k = len(stages)
     return _Chain(tuple(reversed(stages)), tuple(nodes),
-                  tuple(S.Gate(path, kind, k - 1 - i) for path, kind, i in reversed(gates)))
+                  tuple(S.Gate(path, kind, k - 1 - i, v) for path, kind, i, v in reversed(gates)))
 
 
 def _join(g: _Graph):
@@ -433,7 +448,7 @@ def _check_state(block: nn.Module, spec: S.BlockSpec) -> None:
     """Every parameter and buffer belongs to a module the spec names (under the name it
     is reached by): anything else would be unused, or dropped from the state_dict."""
     owners = set(spec.module_paths())
-    gates = tuple(gt.path + "." for gt in spec.gates)  # a gate's own submodules' too
+    gates = tuple(gt.path + "." for gt in spec.gates if gt.path)  # a gate's submodules' too
     tensors = list(block.named_parameters(remove_duplicate=False)) + list(
         block.named_buffers(remove_duplicate=False))
     for name, _ in tensors:

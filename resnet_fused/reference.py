@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import bn_eps
-from .gates import call_gate
+from .gates import apply_gate
 from .matching import spec_of
 from .spec import Parts, resolve
 
@@ -112,7 +112,7 @@ def plain_parts_forward(parts: Parts, x: torch.Tensor) -> torch.Tensor:
         if st.relu and not st.relu_in_bn:  # a composite BN applied it already
             y = F.relu(y)
         for gate in parts.stage_gates(i):
-            y = call_gate(gate.module, y)
+            y = apply_gate(gate, y)
     sc = x
     if parts.shortcut is not None:
         if parts.shortcut.pool is not None:

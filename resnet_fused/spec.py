@@ -10,11 +10,12 @@ A block is a chain of stages on the main path, each `conv -> BN -> ReLU?`, a sho
 Two optional elements ride on the same description (README.md, Design, "Gates and
 pooled shortcuts"):
 
-    gate          a module multiplying a stage's output (after its BN and ReLU; the
+    gate          a factor multiplying a stage's output (after its BN and ReLU; the
                   last stage: before the add): a channel gate `y * f(mean_hw(y))` (SE,
                   ECA), `f` the user's own submodules run on the pooled (N, C, 1, 1)
-                  tensor; or a sample gate `y * mask / keep` (drop path, stochastic
-                  depth; training only, the identity in eval)
+                  tensor; a sample gate `y * mask / keep` (drop path, stochastic
+                  depth; training only, the identity in eval); or a constant scale
+                  `y * 0.2` written in the block's forward (no module)
     shortcut pool an nn.AvgPool2d before the shortcut's 1x1 convolution (ResNet-D)
 
 A BlockSpec names the block's modules by their attribute paths inside the block
@@ -38,7 +39,7 @@ from torch import nn
 from .leaves import composite_bn
 
 BASIC, BOTTLENECK = "basic", "bottleneck"
-CHANNEL, SAMPLE = "channel", "sample"   # Gate.kind
+CHANNEL, SAMPLE, SCALE = "channel", "sample", "scale"   # Gate.kind
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,13 @@ class Stage:
 
 @dataclass(frozen=True)
 class Gate:
-    """A module multiplying the output of main-path stage `stage` (after its BN and
-    ReLU; for the last stage that is the branch, before the add)."""
-    path: str               # "se", "drop_path", "f.se"
-    kind: str               # CHANNEL or SAMPLE
+    """A factor multiplying the output of main-path stage `stage` (after its BN and
+    ReLU; for the last stage that is the branch, before the add): a module's, or a
+    constant's (kind SCALE: `value`, path "")."""
+    path: str               # "se", "drop_path", "f.se"; "" for a constant scale
+    kind: str               # CHANNEL, SAMPLE or SCALE
     stage: int              # index into BlockSpec.stages
+    value: Optional[float] = None   # the constant of a SCALE gate
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class BlockSpec:
         out = []
         for st in self.stages + ((self.shortcut,) if self.shortcut else ()):
             out += ([st.pool] if st.pool else []) + [st.conv] + ([st.bn] if st.bn else [])
-        return tuple(out) + tuple(g.path for g in self.gates)
+        return tuple(out) + tuple(g.path for g in self.gates if g.path)
 
 
 class StageParts(NamedTuple):
@@ -90,11 +93,13 @@ class StageParts(NamedTuple):
 
 class GateParts(NamedTuple):
     """A gate resolved: its module and, for a channel gate, `fn`, the part of the
-    module after its pooling (gates.py), run on the pooled (N, C, 1, 1) tensor."""
+    module after its pooling (gates.py), run on the pooled (N, C, 1, 1) tensor; a
+    constant scale has no module, only its `value`."""
     kind: str
     stage: int
-    module: nn.Module
+    module: Optional[nn.Module]
     fn: Optional[nn.Module]
+    value: Optional[float] = None
 
 
 class Parts(NamedTuple):
@@ -134,6 +139,8 @@ def _resolve_stage(block: nn.Module, st: Stage) -> StageParts:
 
 def _resolve_gate(block: nn.Module, g: Gate) -> GateParts:
     from .gates import channel_gate_fn  # gates.py traces with fx; spec.py stays light
+    if g.kind == SCALE:
+        return GateParts(SCALE, g.stage, None, None, g.value)
     m = get_path(block, g.path)
     return GateParts(g.kind, g.stage, m, channel_gate_fn(m) if g.kind == CHANNEL else None)
 

@@ -62,11 +62,6 @@ class HalfScaleNoRelu(_Base):
         return x + 0.5 * self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
 
-class HalfScale(_Base):
-    def forward(self, x):
-        return F.relu(x + 0.5 * self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 class DropoutBetween(_Base):
     def __init__(self, c=8):
         super().__init__(c)
@@ -169,7 +164,6 @@ def _timm_block(name, **kw):
 ZOO = {
     "pre-activation": (PreActBlock, r"no ReLU after the add"),
     "0.5 scale, no final relu": (HalfScaleNoRelu, r"no ReLU after the add"),
-    "0.5 scale": (HalfScale, r"`\*` between bn2 and the add"),
     "dropout between the convs": (DropoutBetween,
                                   r"`drop` \(Dropout\) between the ReLU after bn1 and conv2"),
     "gelu as self.relu": (GeluAsRelu, r"`relu` \(GELU\) between the add and the output"),

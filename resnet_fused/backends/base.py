@@ -56,7 +56,8 @@ def gate_or_pool_reason(parts, backend: str) -> Optional[str]:
     """Why `backend` (one without kernels for them yet) declines a block with a gate or
     a pooled shortcut (spec.Gate, Stage.pool), or None."""
     if parts.gates:
-        paths = ", ".join(type(g.module).__name__ for g in parts.gates)
+        paths = ", ".join(type(g.module).__name__ if g.module is not None
+                          else f"a constant scale {g.value!r}" for g in parts.gates)
         return (f"the {backend} backend has no kernels for gated branches yet, and this "
                 f"block's branch is gated ({paths})")
     if parts.shortcut is not None and parts.shortcut.pool is not None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..gates import call_gate, channel_gate, sample_gate
+from ..gates import apply_gate, channel_gate, identity_in_eval, sample_gate, scale_gate
 from ..ops import like_format, momentum_arg, stats_dtype
 from ..reference import conv_forward, frozen_batch_norm, frozen_stats
 from ..spec import CHANNEL
@@ -218,7 +218,7 @@ def inner_gates(parts, i: int, y: torch.Tensor) -> torch.Tensor:
     inside the chain, torchvision RegNet's SE before its last 1x1: the user's module
     on the stage's output)."""
     for gate in parts.stage_gates(i):
-        y = call_gate(gate.module, y)
+        y = apply_gate(gate, y)
     return y
 
 
@@ -226,8 +226,8 @@ def branch_gate(parts, like: torch.Tensor, pooled_branch) -> torch.Tensor:
     """The product of the last stage's gates, in the order the block applies them:
     a channel gate's `f` on the branch pooled so far (pooled_branch(): the mean over H
     and W of the ungated branch, (N, C); the gates before it scale it, since they are
-    constant over H and W), a sample gate drawn as its module draws it. `like`: the
-    branch (shape, dtype, device)."""
+    constant over H and W), a sample gate drawn as its module draws it, a constant
+    scale (gates.scale_gate). `like`: the branch (shape, dtype, device)."""
     gate, pooled = None, None
     for gp in parts.stage_gates(len(parts.stages) - 1):
         if gp.kind == CHANNEL:
@@ -235,6 +235,8 @@ def branch_gate(parts, like: torch.Tensor, pooled_branch) -> torch.Tensor:
                 pooled = pooled_branch()
             p = pooled if gate is None else pooled * gate.reshape(gate.shape[0], -1)
             g = channel_gate(gp.fn, p, like)
+        elif gp.module is None:
+            g = scale_gate(gp.value, like)
         else:
             g = sample_gate(gp.module, like)
         gate = g if gate is None else gate * g
@@ -246,7 +248,7 @@ def eval_branch_gate(parts, y: torch.Tensor, last):
     and the product of its gates, or None when every gate is a sample gate in eval
     (the identity)."""
     gates = parts.stage_gates(len(parts.stages) - 1)
-    if all(g.kind != CHANNEL and not g.module.training for g in gates):
+    if all(identity_in_eval(g) for g in gates):
         return None
     branch = torch.nn.functional.conv2d(y, last.w, last.b, 1, last.padding, last.dilation,
                                         last.groups)

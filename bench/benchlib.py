@@ -139,6 +139,10 @@ GATED_GPU_STAGES = [
     _gated("r50d_l2_down", "avgd", 256, 512, 56, 2, 128),
     _gated("r50d_l3_down", "avgd", 512, 1024, 28, 2, 256),
 ]
+# --quick on a GPU (bench/device.sh's time plan): the SE block where its gate weighs most
+# (layer 1, memory-bound), one where it weighs least (layer 3, compute-bound), and the
+# ResNet-D downsampling block whose pool reads the most; each beside its R50_GPU_QUICK twin.
+GATED_GPU_QUICK = ("se_r50_l1", "se_r50_l3", "r50d_l2_down")
 GATED_CPU_STAGES = [
     _gated("se_r50_l1", "se", 64, 64, 14, 1, 16, batch=4),
     _gated("r50d_l2_down", "avgd", 64, 128, 14, 2, 32, batch=4),

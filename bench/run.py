@@ -896,7 +896,7 @@ def gated_section(backends, dtype):
     average, are what the fused block has to absorb (README.md, Design, "Gates and
     pooled shortcuts")."""
     shapes = _stage_shapes(bl.GATED_GPU_STAGES, bl.GATED_CPU_STAGES, ARGS.gated_shapes,
-                           bl.GATED_SHAPE_ALIASES, "--gated-shapes")
+                           bl.GATED_SHAPE_ALIASES, "--gated-shapes", bl.GATED_GPU_QUICK)
     _time_stages(shapes, backends, dtype, "gated", "SE-ResNet-50 / ResNet-50-D blocks",
                  by_name=True)
 

@@ -35,6 +35,32 @@ def test_stage_shape_low_precision(backend, train, dtype, proj):
                 shape=(16, 64, 28, 28), steps=2, device="cuda")
 
 
+def _gated_block():
+    """timm's Bottleneck with every gate kind and the pooled shortcut at once: an SE
+    channel gate, a drop path (sample gate) and ResNet-D's avg-pool shortcut, stride 2
+    on an odd size (the ceil_mode edge windows)."""
+    tr = pytest.importorskip("timm.models.resnet")
+    layers = pytest.importorskip("timm.layers")
+    from torch import nn
+    ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                       nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128))
+    return tr.Bottleneck(64, 32, stride=2, downsample=ds, attn_layer=layers.SEModule,
+                         drop_path=layers.DropPath(0.2))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gated_pooled_block_low_precision(backend, train, dtype):
+    """Gates and the pooled shortcut on the GPU kernels (README.md, Design, "Gates and
+    pooled shortcuts"), where the backend computes them."""
+    reason = backends._load(backend).unsupported_block_reason(
+        FusedResidual.from_residual(_gated_block(), backend="torch").parts(), train)
+    if reason:
+        pytest.skip(reason)
+    check_block(_gated_block, backend=backend, dtype=dtype, train=train, channels_last=True,
+                shape=(16, 64, 27, 27), steps=2, device="cuda", reseed=True)
+
+
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
 def test_fp32_honours_tf32_switches(backend, allow_tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)

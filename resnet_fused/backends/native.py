@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..schemas import NAMESPACES
+from ..schemas import BACKEND_OPS, NAMESPACES
 from .base import gate_or_pool_reason
 from .composite import CompositeBackend
 
@@ -40,7 +40,7 @@ def load_extension():
         return None, f"{type(e).__name__}: {e}"
     from ..ops import register_op_layer
 
-    register_op_layer(NAMESPACES["native"])
+    register_op_layer(NAMESPACES["native"], BACKEND_OPS["native"])
     return _C, None
 
 

@@ -175,15 +175,16 @@ def test_networks_convert_every_block_and_compute_the_same(name):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph(train):
+def test_compile_fullgraph(train, backend):
     """A gated block with a pooled shortcut and a drop path compiles without graph
-    breaks (f, the sample gate's draw and the gate ops traced) and computes the plain
-    block's function, the same mask drawn under the same seed."""
+    breaks (f, the sample gate's draw and the gate ops traced through their fakes) and
+    computes the plain block's function, the same mask drawn under the same seed."""
     torch.manual_seed(0)
     plain = BLOCKS["se_drop_avg"]()
     randomize_bn(plain)
-    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend="torch").train(train)
+    fused = FusedResidual.from_residual(copy.deepcopy(plain), backend=backend).train(train)
     plain.train(train)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(_shape("se_drop_avg"))

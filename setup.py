@@ -120,7 +120,7 @@ def _extensions():
     # No -std flag: torch's cpp_extension picks the standard its headers need
     # (C++17 up to some versions, C++20 for torch 2.14).
     cxx = ["-O3"]
-    sources = ["csrc/ops.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/gate_ops.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     # The CUDA 13 wheels of torch ship the CUDA headers (cublas, cusparse, ...) that
     # torch's CUDA headers include in site-packages/nvidia/cu13/include.
@@ -138,7 +138,7 @@ def _extensions():
               "building CPU kernels only. Set CUDA_HOME to the CUDA toolkit root.", file=sys.stderr)
     if with_cuda:
         archs = _cuda_archs()
-        sources += ["csrc/cuda/bn_kernels.cu", "csrc/cuda/conv_cudnn.cpp"]
+        sources += ["csrc/cuda/bn_kernels.cu", "csrc/cuda/gate_kernels.cu", "csrc/cuda/conv_cudnn.cpp"]
         # The SM list goes into the module (resnet_fused._C.cuda_archs) so the backend can
         # say "rebuild for this GPU" instead of failing with "no kernel image".
         sm_list = ",".join(a.rstrip("af") for a in archs)

@@ -262,4 +262,71 @@ inline at::Tensor shortcut_of(const at::Tensor& x, const std::optional<at::Tenso
   return x;
 }
 
+// ---- gated branches (README.md, Design, "Gates and pooled shortcuts") ----
+
+// Where the gate value of element (n, c) sits in the gate made contiguous: n * sN + c * sC.
+struct GateIndex {
+  int64_t sN, sC;
+};
+
+// A gate multiplying activation `act` (N, C, H, W): (N, C, 1, 1) per sample and channel
+// (SE, ECA), (N, 1, 1, 1) per sample (drop path), or 1 where it is shared: (1, C, 1, 1),
+// (1, 1, 1, 1). Any floating dtype, on act's device.
+inline GateIndex check_gate(const char* op, const at::Tensor& gate, const char* act_name,
+                            const at::Tensor& act, const Layout& l) {
+  TORCH_CHECK(gate.defined(), op, ": gate is undefined");
+  TORCH_CHECK(gate.dim() == 4 && (gate.size(0) == l.N || gate.size(0) == 1) &&
+                  (gate.size(1) == l.C || gate.size(1) == 1) && gate.size(2) == 1 && gate.size(3) == 1,
+              op, ": gate must have shape (N, C, 1, 1) = [", l.N, ", ", l.C, ", 1, 1], or 1 in the N "
+              "or C dimension it is shared over (a sample gate is [", l.N, ", 1, 1, 1]), for ", act_name,
+              " of shape ", shape_str(act), ", got ", shape_str(gate));
+  TORCH_CHECK(is_float_dtype(gate.scalar_type()), op, ": gate must be a floating tensor, got ",
+              gate.scalar_type());
+  TORCH_CHECK(gate.layout() == at::kStrided, op, ": gate must be a strided (dense) tensor");
+  TORCH_CHECK(gate.device() == act.device(), op, ": gate must be on the same device as ", act_name,
+              ", got ", gate.device(), " and ", act.device());
+  return {gate.size(0) == 1 ? 0 : gate.size(1), gate.size(1) == 1 ? 0 : 1};
+}
+
+// bn_pool_backward's grad_pooled: (N, C), one value per sample and channel, on c's device.
+inline void check_pooled(const char* op, const at::Tensor& gp, const at::Tensor& c, const Layout& l) {
+  TORCH_CHECK(gp.defined() && gp.dim() == 2 && gp.size(0) == l.N && gp.size(1) == l.C, op,
+              ": grad_pooled must have shape (N, C) = [", l.N, ", ", l.C, "] for c of shape ",
+              shape_str(c), ", got ", gp.defined() ? shape_str(gp) : std::string("undefined"));
+  TORCH_CHECK(is_float_dtype(gp.scalar_type()), op, ": grad_pooled must be a floating tensor, got ",
+              gp.scalar_type());
+  TORCH_CHECK(gp.device() == c.device(), op, ": grad_pooled must be on the same device as c, got ",
+              gp.device(), " and ", c.device());
+}
+
+// gate_shortcut_relu's arguments but the gate (check_gate): y, and x (the identity, y's shape, dtype and memory
+// format) or the projection conv2d(x, shortcut_weight, stride, padding) (+ shortcut_bias)
+// of y's shape. Returns y's layout.
+inline Layout check_gate_shortcut(const at::Tensor& y, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& sw,
+                                  const std::optional<at::Tensor>& sb, int64_t sstride,
+                                  int64_t spadding) {
+  const char* op = "gate_shortcut_relu";
+  const Layout l = check_activation(op, "y", y);
+  const bool proj = sw.has_value() && sw->defined();
+  const bool has_bias = sb.has_value() && sb->defined();
+  if (proj) {
+    check_conv(op, "x", x, "shortcut_weight", *sw, sstride, spadding);
+    TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x must have the same dtype as y, got ",
+                x.scalar_type(), " and ", y.scalar_type());
+    TORCH_CHECK(x.device() == y.device(), op, ": x must be on the same device as y, got ",
+                x.device(), " and ", y.device());
+    auto sc = conv_out_shape(x, *sw, sstride, spadding);
+    TORCH_CHECK(at::IntArrayRef(sc) == y.sizes(), op, ": the projection shortcut conv2d(x, "
+                "shortcut_weight, stride=", sstride, ", padding=", spadding, ") has shape ",
+                at::IntArrayRef(sc), " but y has shape ", shape_str(y));
+    if (has_bias) check_channel_vec(op, "shortcut_bias", *sb, l.C, y, std::nullopt);
+  } else {
+    TORCH_CHECK(!has_bias, op, ": shortcut_bias is given without shortcut_weight (the identity "
+                "shortcut has no bias)");
+    check_like(op, "x", x, "y", y, l);
+  }
+  return l;
+}
+
 }  // namespace resnet_fused

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_util.h"
 #include "schemas.h"
 
 #ifndef RESNET_FUSED_WITH_CUDA
@@ -81,22 +82,6 @@ namespace resnet_fused {
 namespace {
 
 using at::Tensor;
-
-// Walks physical offsets [begin, end) keeping track of the channel of each element
-// without a division per element.
-struct ChannelCursor {
-  int64_t ch, pos, inner, C;
-  ChannelCursor(const Layout& l, int64_t begin) : inner(l.inner()), C(l.C) {
-    ch = (begin / inner) % C;
-    pos = begin % inner;
-  }
-  inline void next() {
-    if (++pos == inner) {
-      pos = 0;
-      if (++ch == C) ch = 0;
-    }
-  }
-};
 
 // Per-channel sums over all elements: a[c] = sum f_a(i), b[c] = sum f_b(i), in
 // float64, split into chunks of the physical range run in parallel, then merged in
@@ -206,21 +191,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean, const Ten
 }
 
 // ---------------------------------------------------------------- bn_act
-// Per-channel scale/shift in the op-math dtype: scale = weight*invstd, shift = bias - mean*scale.
-template <typename acc_t>
-void scale_shift(const Tensor& mean, const Tensor& invstd, const Tensor& weight, const Tensor& bias,
-                 std::vector<acc_t>& sc, std::vector<acc_t>& sh) {
-  const auto adt = c10::CppTypeToScalarType<acc_t>::value;
-  Tensor m = mean.to(adt), is = invstd.to(adt), w = weight.to(adt), b = bias.to(adt);
-  const int64_t C = m.numel();
-  sc.resize(C);
-  sh.resize(C);
-  for (int64_t c = 0; c < C; ++c) {
-    sc[c] = w.const_data_ptr<acc_t>()[c] * is.const_data_ptr<acc_t>()[c];
-    sh[c] = b.const_data_ptr<acc_t>()[c] - m.const_data_ptr<acc_t>()[c] * sc[c];
-  }
-}
-
 // bn_act's kernel, for bn_act and bn_frozen_act (`op` names the caller in errors).
 std::tuple<Tensor, Tensor> bn_act_cpu_impl(const char* op, const Tensor& c, const Tensor& mean,
                                            const Tensor& invstd, const Tensor& weight, const Tensor& bias,
@@ -382,6 +352,7 @@ Tensor conv_bias_shortcut_relu_cpu(const Tensor& y, const Tensor& weight, const 
 TORCH_LIBRARY(resnet_fused, m) {
   define_bn_schemas(m);
   define_conv_schemas(m);
+  define_gate_schemas(m);  // their CPU kernels: gate_ops.cpp
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {

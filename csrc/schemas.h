@@ -1,4 +1,5 @@
-// The op schemas of resnet_fused/schemas.py (its COMMON_OPS), character for character:
+// The op schemas of resnet_fused/schemas.py (the native backend's, BACKEND_OPS["native"]:
+// COMMON_OPS then GATE_OPS), character for character:
 // the one C++ copy, included by ops.cpp (TORCH_LIBRARY resnet_fused) and by the CUDA
 // emulation emu/bn_kernels_emu.cpp (TORCH_LIBRARY resnet_fused_emu).
 // tests/test_op_contract.py compares these strings with schemas.py; the registered
@@ -34,6 +35,23 @@ inline void define_conv_schemas(torch::Library& m) {
   m.def("conv_bias_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
         "Tensor? shortcut_weight, int padding, int shortcut_stride, int shortcut_padding, "
         "int dilation=1, int groups=1) -> Tensor");
+}
+
+// The gated join and the pooled branch (README.md, Design, "Gates and pooled shortcuts"):
+// CPU kernels in gate_ops.cpp, CUDA kernels in cuda/gate_kernels.cu.
+inline void define_gate_schemas(torch::Library& m) {
+  m.def("bn_pool(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> "
+        "Tensor");
+  m.def("bn_pool_backward(Tensor grad_pooled, Tensor c, Tensor mean, Tensor invstd, "
+        "Tensor weight) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias)");
+  m.def("bn_gate_act(Tensor c, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor gate, Tensor? residual) -> (Tensor out, Tensor mask)");
+  m.def("bn_gate_act_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor mean, Tensor "
+        "invstd, Tensor weight, Tensor bias, Tensor gate, bool residual_grad) -> (Tensor "
+        "grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, Tensor "
+        "grad_residual)");
+  m.def("gate_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor? shortcut_weight, "
+        "Tensor? shortcut_bias, int shortcut_stride, int shortcut_padding) -> Tensor");
 }
 
 }  // namespace resnet_fused

@@ -7,14 +7,14 @@ Each backend registers the ops under its own namespace (NAMESPACES):
     triton  resnet_fused_triton Triton kernels (backends/triton/)
 
 Every backend implements the ops of COMMON_OPS; the triton backend also the fused
-training block, BLOCK_OPS (block_train and its backward); the torch backend also the
-gated join, GATE_OPS. Adding an op = its schema
+training block, BLOCK_OPS (block_train and its backward); the torch and native backends
+also the gated join, GATE_OPS. Adding an op = its schema
 here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
 kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
 
 The C++ schemas (csrc/schemas.h, included by csrc/ops.cpp and the CUDA emulation
-csrc/emu/) are character-for-character the COMMON_OPS strings (tests/test_op_contract.py
-checks it).
+csrc/emu/) are character-for-character the native backend's strings, COMMON_OPS then
+GATE_OPS (tests/test_op_contract.py checks it).
 
 Conventions shared by every op:
 - Activations (c, x, y, residual, grad_out, out) are 4-D, NCHW-contiguous or
@@ -101,8 +101,8 @@ SCHEMAS = {
         "int dilation=1, int groups=1) -> Tensor"
     ),
 
-    # Gated branches (README.md, Design, "Gates and pooled shortcuts"): the torch
-    # backend's ops for the last stage of a block whose branch a gate multiplies,
+    # Gated branches (README.md, Design, "Gates and pooled shortcuts"): the torch and
+    # native backends' ops for the last stage of a block whose branch a gate multiplies,
     # out = relu(gate * bn(c) + residual).
     # pooled[n, k] = mean over H, W of (c - mean) * invstd * weight + bias: the BN'd
     # branch pooled for a channel gate, float32 (float64 for float64 c), shape (N, C).
@@ -190,7 +190,7 @@ SCHEMAS = {
 }
 
 BLOCK_OPS = ("block_train", "block_train_backward")
-# The torch backend's only, so far: the native and triton backends decline gated blocks.
+# The torch and native backends' (the triton backend declines gated blocks, so far).
 GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
             "gate_shortcut_relu")
 COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS)
@@ -203,5 +203,5 @@ NAMESPACES = {
 }
 
 # The ops each backend's namespace holds.
-BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS + GATE_OPS,
+BACKEND_OPS = {"native": COMMON_OPS + GATE_OPS, "torch": COMMON_OPS + GATE_OPS,
                "triton": COMMON_OPS + BLOCK_OPS}

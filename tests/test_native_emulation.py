@@ -37,8 +37,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-EMU_SOURCES = ["emu/bn_kernels_emu.cpp", "emu/cuda_emu.h", "cuda/bn_kernels.cu", "common.h",
-               "schemas.h"]
+EMU_SOURCES = ["emu/bn_kernels_emu.cpp", "emu/cuda_emu.h", "cuda/bn_kernels.cu",
+               "cuda/gate_kernels.cu", "cuda/kernel_util.cuh", "common.h", "schemas.h"]
 
 ref = torch.ops.resnet_fused
 IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -56,7 +56,7 @@ def emu():
         with open(os.path.join(CSRC, rel), "rb") as f:
             h.update(f.read())
     name = "resnet_fused_emu_" + h.hexdigest()[:12]
-    if not hasattr(torch.ops.resnet_fused_emu, "bn_act"):
+    if not hasattr(torch.ops.resnet_fused_emu, "bn_gate_act"):
         cpp_extension.load(
             name=name,
             sources=[os.path.join(CSRC, "emu", "bn_kernels_emu.cpp")],
@@ -359,3 +359,128 @@ def test_emulated_vector_access_must_be_aligned(emu, dtype):
         emu.vec8_copy(src, 1, dst, 0)
     with pytest.raises(RuntimeError, match="misaligned 16-byte store"):
         emu.vec8_copy(src, 0, dst, 1)
+
+
+# --------------------------------------------------------------------------- gate kernels
+def _gate_shapes(shape):
+    """Channel gate, sample gate, and one gate shared by the batch."""
+    n, c = shape[:2]
+    return [(n, c, 1, 1), (n, 1, 1, 1), (1, 1, 1, 1)]
+
+
+GATE_MATRIX = [(dt, *case) for dt in (torch.float32, torch.bfloat16)
+               for case in (CASES[0], CASES[2], CASES[3], CASES[5], CASES[6])] + [
+    (torch.float64, *CASES[0]), (torch.float64, *CASES[6])]
+
+
+@pytest.mark.parametrize("dtype,shape,channels_last,what", GATE_MATRIX,
+                         ids=[f"{IDS[m[0]]}-{m[3]}" for m in GATE_MATRIX])
+def test_emulated_gate_kernels_match_cpu_kernels(emu, sms, dtype, shape, channels_last, what):
+    """The CUDA gate kernels (csrc/cuda/gate_kernels.cu): bn_pool (per-(n, c) reduction),
+    bn_gate_act (the gated join, bit for bit: the same operations in the same order),
+    bn_gate_act_backward (per-(n, c) sums, the per-channel finish and the apply),
+    bn_pool_backward and gate_shortcut_relu, on every gate shape, against the CPU kernels."""
+    C = shape[1]
+    c = view_in_buffer(shape, dtype, channels_last, offset=0)
+    m, v = ref.channel_stats(c)
+    invstd = (v + 1e-5).rsqrt()
+    w, b = params(C)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    gtol = 1e-10 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
+    close("bn_pool", emu.bn_pool(c, m, invstd, w, b), ref.bn_pool(c, m, invstd, w, b), 10 * tol)
+    gp = torch.randn(shape[0], C, dtype=torch.float64).float()
+    got = emu.bn_pool_backward(gp, c, m, invstd, w)
+    want = ref.bn_pool_backward(gp, c, m, invstd, w)
+    # The scales of the terms: with batch 1, mean_hw(xhat) = 0 and grad_c and grad_weight
+    # are rounding noise of terms this large, of which only the size can be compared.
+    spread = (gp.abs().max() * (w * invstd).abs().max() / (shape[2] * shape[3])).item()
+    scales = {"grad_c": spread, "grad_weight": gp.abs().max().item(), "grad_bias": 0.0}
+    for name, g, e in zip(("grad_c", "grad_weight", "grad_bias"), got, want):
+        assert g.dtype == e.dtype and g.stride() == e.stride(), name
+        close(f"bn_pool_backward {name}", g, e, gtol if name == "grad_c" else 10 * tol,
+              scale=max(scales[name], e.double().abs().max().item()))
+    r = view_in_buffer(shape, dtype, channels_last, offset=0)
+    dy = view_in_buffer(shape, dtype, channels_last, offset=0)
+    for gshape in _gate_shapes(shape):
+        gate = torch.rand(gshape, dtype=torch.float64) + 0.5
+        for res in (None, r):
+            poison_allocator(c.numel() * 8)
+            out_e, mask_e = emu.bn_gate_act(c, m, invstd, w, b, gate, res)
+            out_r, mask_r = ref.bn_gate_act(c, m, invstd, w, b, gate, res)
+            assert out_e.stride() == out_r.stride()
+            check_equal(f"bn_gate_act out {gshape}", out_e, out_r)
+            check_equal(f"bn_gate_act mask {gshape}", mask_e, mask_r)
+        for residual_grad in (False, True):
+            poison_allocator(c.numel() * 8)
+            got = emu.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, residual_grad)
+            want = ref.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, residual_grad)
+            for name, g, e in zip(("grad_c", "grad_weight", "grad_bias", "grad_gate"), got, want):
+                assert g.shape == e.shape and g.dtype == e.dtype, f"{name} {gshape}"
+                close(f"bn_gate_act_backward {name} {gshape}", g, e,
+                      gtol if name == "grad_c" else 10 * tol)
+            check_equal("grad_residual", got[4], want[4])
+        y = r
+        for x, sw, sb, stride in ((c, None, None, 1),
+                                  (view_in_buffer((shape[0], 3, 2 * shape[2], 2 * shape[3]), dtype,
+                                                  channels_last, 0),
+                                   (torch.randn(C, 3, 1, 1) * 0.5).to(dtype), torch.randn(C), 2)):
+            poison_allocator(c.numel() * 8)
+            got = emu.gate_shortcut_relu(y, gate, x, sw, sb, stride, 0)
+            want = ref.gate_shortcut_relu(y, gate, x, sw, sb, stride, 0)
+            assert got.stride() == want.stride()
+            close(f"gate_shortcut_relu {gshape} {'proj' if sw is not None else 'identity'}",
+                  got, want, 0 if sw is None else (1e-12 if dtype == torch.float64 else 1e-2))
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((2, 64, 16, 17), True),   # 2 channel blocks per sample, rows strided over 8 ty
+    ((3, 5, 20, 20), True),    # C < 32: TX = 8, TY = 32
+    ((4, 2, 64, 64), False),   # NCHW vector items, 8 planes in one block's 8 warps
+    ((3, 3, 45, 47), False),   # NCHW scalar, 9 planes: a second block with one warp busy
+], ids=["nhwc64", "nhwc5", "nchw-vec", "nchw-odd"])
+def test_gate_kernels_grid_stride_and_plane_blocks(emu, sms, shape, channels_last):
+    """More data than the elementwise grid covers (1 emulated SM), and per-(n, c)
+    reductions over several blocks: bn_gate_act, its backward and bn_pool against the
+    CPU kernels with a channel gate."""
+    sms(1)
+    dtype = torch.float32
+    c = view_in_buffer(shape, dtype, channels_last, 0)
+    m, v = ref.channel_stats(c)
+    invstd = (v + 1e-5).rsqrt()
+    w, b = params(shape[1])
+    gate = torch.rand(shape[0], shape[1], 1, 1, dtype=torch.float64) + 0.5
+    r = view_in_buffer(shape, dtype, channels_last, 0)
+    out_e, mask_e = emu.bn_gate_act(c, m, invstd, w, b, gate, r)
+    out_r, mask_r = ref.bn_gate_act(c, m, invstd, w, b, gate, r)
+    check_equal("out", out_e, out_r)
+    check_equal("mask", mask_e, mask_r)
+    close("bn_pool", emu.bn_pool(c, m, invstd, w, b), ref.bn_pool(c, m, invstd, w, b), 1e-5)
+    dy = view_in_buffer(shape, dtype, channels_last, 0)
+    got = emu.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, True)
+    want = ref.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, True)
+    for name, g, e in zip(("grad_c", "grad_weight", "grad_bias", "grad_gate"), got, want):
+        close(name, g, e, 1e-5)
+    check_equal("grad_residual", got[4], want[4])
+
+
+@pytest.mark.parametrize("offset", [1, 8], ids=["off1-misaligned", "off8-aligned"])
+def test_gate_kernels_views_with_storage_offset(emu, sms, offset):
+    """bf16 views 1 element in (scalar paths) or 8 in (vector paths with an offset)."""
+    shape = (2, 16, 4, 4)
+    for channels_last in (False, True):
+        c = view_in_buffer(shape, torch.bfloat16, channels_last, offset)
+        m, v = ref.channel_stats(c)
+        invstd = (v + 1e-5).rsqrt()
+        w, b = params(16)
+        gate = torch.rand(2, 16, 1, 1) + 0.5
+        out_e, mask_e = emu.bn_gate_act(c, m, invstd, w, b, gate, None)
+        out_r, mask_r = ref.bn_gate_act(c, m, invstd, w, b, gate, None)
+        check_equal("out", out_e, out_r)
+        check_equal("mask", mask_e, mask_r)
+        close("bn_pool", emu.bn_pool(c, m, invstd, w, b), ref.bn_pool(c, m, invstd, w, b), 1e-5)
+        dy = view_in_buffer(shape, torch.bfloat16, channels_last, offset)
+        got = emu.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, True)
+        want = ref.bn_gate_act_backward(dy, mask_r, c, m, invstd, w, b, gate, True)
+        close("grad_c", got[0], want[0], 1e-2)
+        close("grad_gate", got[3], want[3], 1e-5)
+        check_equal("grad_residual", got[4], want[4])

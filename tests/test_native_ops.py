@@ -240,6 +240,123 @@ def test_bn_act_autograd_gradcheck():
     torch.autograd.gradcheck(f, (c, w, b, r))
 
 
+# ----------------------------------------------------------------------------- gate ops
+REF = torch.ops.resnet_fused_torch
+
+
+def _gate(shape, kind, device):
+    n, c = shape[:2]
+    gshape = {"channel": (n, c, 1, 1), "sample": (n, 1, 1, 1), "shared": (1, 1, 1, 1)}[kind]
+    return (torch.rand(gshape, dtype=torch.float64) + 0.5).float().to(device)
+
+
+def _plain_and_ref(name, args):
+    """The torch namespace's op on args (the plain path, in their dtypes) and in float64."""
+    def double(a):
+        return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    return getattr(REF, name)(*args), getattr(REF, name)(*(double(a) for a in args))
+
+
+def _check_outputs(name, got, plain, ref, factor):
+    got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
+    for i, (g, p, r) in enumerate(zip(got, plain, ref)):
+        if g.numel() == 0 or g.dtype == torch.uint8:
+            continue
+        assert g.dtype == p.dtype and g.shape == p.shape and g.stride() == p.stride(), f"{name}[{i}]"
+        assert_within(f"{name}[{i}]", g, p, r.to(g.device), factor=factor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("kind", ["channel", "sample", "shared"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gate_ops(device, dtype, channels_last, kind, shape):
+    """bn_gate_act (+ its mask), bn_gate_act_backward, bn_pool, bn_pool_backward and
+    gate_shortcut_relu (identity and projection) against the torch namespace's ops in
+    float64, with those ops in `dtype` as the plain path."""
+    c, mean, invstd, w, b, r = _bn_inputs(shape, dtype, channels_last, device, True)
+    gate = _gate(shape, kind, device)
+    poison_allocator(1 << 18, device)
+    out, mask = ops.bn_gate_act(c, mean, invstd, w, b, gate, r)
+    _check_outputs("bn_gate_act", (out,), *(t[:1] for t in
+                   _plain_and_ref("bn_gate_act", (c, mean, invstd, w, b, gate, r))), 2)
+    bits, pad = unpack(mask, c.numel())
+    assert torch.equal(bits, physical(out) > 0) and not pad.any()
+    dy = act(shape, dtype, channels_last, device)
+    args = (dy, mask, c, mean, invstd, w, b, gate, True)
+    got = ops.bn_gate_act_backward(*args)
+    _check_outputs("bn_gate_act_backward", got, *_plain_and_ref("bn_gate_act_backward", args), 3)
+    assert got[3].shape == gate.shape
+    keep = torch.empty_like(c, dtype=torch.bool)
+    physical(keep).copy_(bits)
+    assert torch.equal(got[4], dy * keep), "grad_residual must be dy * mask exactly"
+    pool_args = (c, mean, invstd, w, b)
+    _check_outputs("bn_pool", ops.bn_pool(*pool_args), *_plain_and_ref("bn_pool", pool_args), 2)
+    gp = torch.randn(shape[:2], dtype=torch.float64).float().to(device)
+    pb_args = (gp, c, mean, invstd, w)
+    if shape[0] > 1:  # batch 1: mean_hw(xhat) = 0, the gradient is rounding noise on every path
+        _check_outputs("bn_pool_backward", ops.bn_pool_backward(*pb_args),
+                       *_plain_and_ref("bn_pool_backward", pb_args), 3)
+    y = act(shape, dtype, channels_last, device)
+    x = act((shape[0], 3, 2 * shape[2], 2 * shape[3]), dtype, channels_last, device)
+    sw = (torch.randn(shape[1], 3, 1, 1, dtype=torch.float64) * 0.5).to(dtype).to(device)
+    sb = torch.randn(shape[1], dtype=torch.float64).to(dtype).to(device)
+    for gsr in ((y, gate, c, None, None, 1, 0), (y, gate, x, sw, sb, 2, 0)):
+        _check_outputs("gate_shortcut_relu", ops.gate_shortcut_relu(*gsr),
+                       *_plain_and_ref("gate_shortcut_relu", gsr), 2)
+
+
+def test_gate_ops_autograd_gradcheck():
+    """The registered autograd of the native bn_gate_act (backward = bn_gate_act_backward)
+    and bn_pool (bn_pool_backward) is the exact derivative, batch statistics included."""
+    c = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(2, 3, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    r = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def stats(c):
+        var, mean = torch.var_mean(c, dim=(0, 2, 3), correction=0)
+        return mean, torch.rsqrt(var + 1e-5)
+
+    def gated(c, w, b, g, r):
+        return ops.bn_gate_act(c, *stats(c), w, b, g, r)[0]
+
+    def pooled(c, w, b):
+        return ops.bn_pool(c, *stats(c), w, b)
+
+    torch.autograd.gradcheck(gated, (c, w, b, g, r))
+    torch.autograd.gradcheck(pooled, (c, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_ops_bad_inputs_raise_clear_errors(device):
+    c, mean, invstd, w, b = _good(device)
+    gate = torch.rand(2, 4, 1, 1, device=device)
+    with pytest.raises(RuntimeError, match=r"bn_gate_act: gate must have shape \(N, C, 1, 1\) = \[2, 4, 1, 1\].*got \[2, 3, 1, 1\]"):
+        ops.bn_gate_act(c, mean, invstd, w, b, gate[:, :3].contiguous(), None)
+    with pytest.raises(RuntimeError, match=r"bn_gate_act: gate must be a floating tensor"):
+        ops.bn_gate_act(c, mean, invstd, w, b, gate.to(torch.int32), None)
+    with pytest.raises(RuntimeError, match=r"bn_gate_act: residual must have the same dtype as c"):
+        ops.bn_gate_act(c, mean, invstd, w, b, gate, c.double())
+    _, mask = ops.bn_gate_act(c, mean, invstd, w, b, gate, None)
+    with pytest.raises(RuntimeError, match=r"bn_gate_act_backward: mask must be a contiguous uint8 tensor"):
+        ops.bn_gate_act_backward(c, mask[:3], c, mean, invstd, w, b, gate, False)
+    with pytest.raises(RuntimeError, match=r"bn_gate_act_backward: bias must be a 1-D tensor with one value per channel \(4\)"):
+        ops.bn_gate_act_backward(c, mask, c, mean, invstd, w, b[:2], gate, False)
+    with pytest.raises(RuntimeError, match=r"bn_pool: invstd must be Float"):
+        ops.bn_pool(c, mean, invstd.double(), w, b)
+    with pytest.raises(RuntimeError, match=r"bn_pool_backward: grad_pooled must have shape \(N, C\) = \[2, 4\]"):
+        ops.bn_pool_backward(torch.randn(4, device=device), c, mean, invstd, w)
+    with pytest.raises(RuntimeError, match=r"gate_shortcut_relu: shortcut_bias is given without shortcut_weight"):
+        ops.gate_shortcut_relu(c, gate, c, None, b, 1, 0)
+    with pytest.raises(RuntimeError, match=r"gate_shortcut_relu: the projection shortcut .* has shape"):
+        ops.gate_shortcut_relu(c, gate, c, torch.randn(4, 4, 1, 1, device=device), None, 2, 0)
+    with pytest.raises(RuntimeError, match=r"gate_shortcut_relu: x must have the same shape as y"):
+        ops.gate_shortcut_relu(c, gate, c[:1], None, None, 1, 0)
+
+
 # ----------------------------------------------------------------------------- eval convs
 def _conv_ref(x, w, b, stride, padding, z=None):
     out = F.conv2d(x, w, b, stride, padding)

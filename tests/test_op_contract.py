@@ -74,7 +74,7 @@ def _cpp_schemas():
 
 
 def test_cpp_schema_strings_are_schemas_py():
-    assert _cpp_schemas() == [SCHEMAS[n] for n in COMMON_OPS]
+    assert _cpp_schemas() == [SCHEMAS[n] for n in BACKEND_OPS["native"]]
 
 
 @pytest.mark.parametrize("backend,name", PAIRS)
@@ -442,8 +442,8 @@ def test_block_ops_frozen_against_float64_plain_block(device, kind):
 
 # --------------------------------------------------------------------------- gate ops
 def _gate_cases(name):
-    """Float64 argument tuples of a gate op (schemas.GATE_OPS; the torch namespace's
-    only), both memory formats, channel and sample gates."""
+    """Float64 argument tuples of a gate op (schemas.GATE_OPS: the torch and native
+    namespaces'), both memory formats, channel and sample gates."""
     A = op_layer.args_tuple(name)
     out = []
     for fmt, gshape in ((torch.contiguous_format, (2, 5, 1, 1)), (CL, (2, 1, 1, 1))):
@@ -488,11 +488,13 @@ _GATE_DIFFERENTIABLE = {
     "gate_shortcut_relu": ("y", "gate", "x", "shortcut_weight", "shortcut_bias"),
 }
 GATE_OPS = [n for n in BACKEND_OPS["torch"] if n not in COMMON_OPS]
+# The backends with gate ops (schemas.BACKEND_OPS).
+GATE_PAIRS = [(b, n) for b, n in PAIRS if n in GATE_OPS]
 
 
-@pytest.mark.parametrize("name", GATE_OPS)
-def test_gate_ops_opcheck(name):
-    op = getattr(REF, name).default
+@pytest.mark.parametrize("backend,name", GATE_PAIRS)
+def test_gate_ops_opcheck(backend, name):
+    op = getattr(_ops(backend, "cpu"), name).default
     for args in _gate_cases(name):
         torch.library.opcheck(op, tuple(_cloned(args)))
         if name in _GATE_DIFFERENTIABLE:
@@ -500,6 +502,34 @@ def test_gate_ops_opcheck(name):
                                     for n in _GATE_DIFFERENTIABLE[name]
                                     if getattr(args, n) is not None})
             torch.library.opcheck(op, tuple(grad))
+
+
+def _float(args):
+    return type(args)(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                        else a for a in args))
+
+
+@pytest.mark.parametrize("backend,name", [(b, n) for b, n in GATE_PAIRS if b != "torch"])
+def test_gate_ops_against_float64_torch_op(backend, name):
+    """A backend's gate op in float32 against the torch namespace's op in float64, by the
+    tolerance rule (the torch op in float32 as the plain path); the mask exactly the bits
+    of the op's own output > 0."""
+    op = getattr(_ops(backend, "cpu"), name)
+    for args in _gate_cases(name):
+        args32 = _float(args)
+        got, plain, ref = op(*args32), getattr(REF, name)(*args32), getattr(REF, name)(*args)
+        got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
+        for field, g, p, r in zip(op_layer.returns_tuple(name)._fields, got, plain, ref):
+            if g.numel() == 0:
+                assert g.shape == p.shape == (0,), f"{name}: {field}"
+                continue
+            if g.dtype == torch.uint8:
+                assert torch.equal(g, torch_ops.pack_mask(got[0] > 0)), f"{name}: {field}"
+                continue
+            assert g.dtype == p.dtype and g.shape == p.shape, f"{name}: {field}"
+            if g.dim() == 4:
+                assert g.stride() == p.stride(), f"{name}: {field} layout"
+            assert_within(f"{name} {field}", g, p, r)
 
 
 @pytest.mark.parametrize("name", list(_GATE_DIFFERENTIABLE))

@@ -1,11 +1,12 @@
-// The CUDA BatchNorm kernels of csrc/cuda/bn_kernels.cu compiled as host C++ through
-// the emulation in cuda_emu.h, registered as the ops of a separate namespace,
+// The CUDA kernels of csrc/cuda/bn_kernels.cu and csrc/cuda/gate_kernels.cu compiled as
+// host C++ through the emulation in cuda_emu.h, registered as the ops of a separate namespace,
 // torch.ops.resnet_fused_emu, on CPU tensors. Test-only: tests/test_native_emulation.py
 // builds this file with torch.utils.cpp_extension.load and compares each op with the
 // CPU kernels of torch.ops.resnet_fused on shapes that take every branch (tails, odd
 // channel counts, misaligned views, multi-block grids).
 #define RESNET_FUSED_EMULATE 1
 #include "../cuda/bn_kernels.cu"
+#include "../cuda/gate_kernels.cu"
 #include "../schemas.h"
 
 namespace resnet_fused {
@@ -38,6 +39,7 @@ void vec8_copy(const Tensor& src, int64_t src_offset, Tensor& dst, int64_t dst_o
 
 TORCH_LIBRARY(resnet_fused_emu, m) {
   resnet_fused::define_bn_schemas(m);  // the same schemas as resnet_fused's BN ops
+  resnet_fused::define_gate_schemas(m);  // and its gate ops
   m.def("vec8_copy(Tensor src, int src_offset, Tensor(a!) dst, int dst_offset) -> ()");
 }
 
@@ -48,5 +50,10 @@ TORCH_LIBRARY_IMPL(resnet_fused_emu, CPU, m) {
   m.impl("bn_act_backward", &resnet_fused::bn_act_backward_cuda);
   m.impl("bn_frozen_act", &resnet_fused::bn_frozen_act_cuda);
   m.impl("bn_frozen_act_backward", &resnet_fused::bn_frozen_act_backward_cuda);
+  m.impl("bn_pool", &resnet_fused::bn_pool_cuda);
+  m.impl("bn_pool_backward", &resnet_fused::bn_pool_backward_cuda);
+  m.impl("bn_gate_act", &resnet_fused::bn_gate_act_cuda);
+  m.impl("bn_gate_act_backward", &resnet_fused::bn_gate_act_backward_cuda);
+  m.impl("gate_shortcut_relu", &resnet_fused::gate_shortcut_relu_cuda);
   m.impl("vec8_copy", &resnet_fused::vec8_copy);
 }

@@ -1,5 +1,5 @@
-"""Resource report of the CUDA kernels, no GPU needed: compiles csrc/cuda/bn_kernels.cu
-with nvcc -Xptxas -v (the flags of the extension build) and disassembles the cubin with
+"""Resource report of the CUDA kernels, no GPU needed: compiles the kernel files of
+csrc/cuda (bn_kernels.cu, gate_kernels.cu; --files picks) with nvcc -Xptxas -v (the flags of the extension build) and disassembles the cubin with
 cuobjdump -sass, then prints one row per kernel: registers, spills, static shared
 memory, and what the SASS does to memory (128-bit global loads/stores, other global
 accesses, local-memory accesses, which a hot loop must not have).
@@ -37,14 +37,17 @@ def find_tool(name):
     return shutil.which(name)
 
 
-def compile_cu(arch, out_obj):
+KERNEL_FILES = ("bn_kernels.cu", "gate_kernels.cu")
+
+
+def compile_cu(arch, out_obj, source="bn_kernels.cu"):
     import torch
     from torch.utils import cpp_extension
     nvcc = find_tool("nvcc")
     inc = cpp_extension.include_paths(device_type="cuda") if "device_type" in \
         cpp_extension.include_paths.__code__.co_varnames else cpp_extension.include_paths(cuda=True)
     wheel_inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
-    cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", "bn_kernels.cu"), "-o", out_obj,
+    cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", source), "-o", out_obj,
            "-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"]]
     cmd += ["-I" + p for p in inc] + (["-I" + wheel_inc] if os.path.isdir(wheel_inc) else [])
     cmd += ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -122,12 +125,17 @@ def main():
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--filter", default="", help="substring of the demangled name, e.g. BFloat16")
     ap.add_argument("--sass-out", default="", help="also write the full SASS here")
+    ap.add_argument("--files", default=",".join(KERNEL_FILES),
+                    help="comma-separated kernel files of csrc/cuda to compile")
     args = ap.parse_args()
+    ptxas, sass_text = {}, ""
     with tempfile.TemporaryDirectory() as d:
-        obj = os.path.join(d, "bn_kernels.o")
-        ptxas = parse_ptxas(compile_cu(args.arch, obj))
-        cuobjdump = find_tool("cuobjdump")
-        sass_text = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True).stdout
+        for source in args.files.split(","):
+            obj = os.path.join(d, source + ".o")
+            ptxas.update(parse_ptxas(compile_cu(args.arch, obj, source)))
+            cuobjdump = find_tool("cuobjdump")
+            sass_text += subprocess.run([cuobjdump, "-sass", obj], capture_output=True,
+                                        text=True).stdout
     if args.sass_out:
         with open(args.sass_out, "w") as f:
             f.write(sass_text)

@@ -5,9 +5,13 @@ the ops of the `resnet_fused` namespace for everything around them (BatchNorm
 statistics, finalize with the running update, BN-apply + residual + ReLU with the
 packed mask, its backward; in eval, conv+bias(+add)+ReLU: ATen's convolution and
 elementwise ops by default, which keep NaN as PyTorch does, or cuDNN's fused op with
-RESNET_FUSED_CUDNN_FUSED_RELU=1, whose ReLU maps NaN to 0). The ops have
-CPU kernels (csrc/ops.cpp) and CUDA kernels (csrc/cuda/), so this backend runs on CPU
-too (that is how CI tests it).
+RESNET_FUSED_CUDNN_FUSED_RELU=1, whose ReLU maps NaN to 0). Gated branches and pooled
+shortcuts (README.md, Design, "Gates and pooled shortcuts") take the gate ops: the
+branch pooled per (n, c) (bn_pool), relu(gate * bn(c) + residual) in the BN-apply pass
+(bn_gate_act), their backwards, and gate_shortcut_relu in eval; a pooled shortcut runs
+the user's AvgPool2d before ATen's 1x1 convolution. The ops have CPU kernels
+(csrc/ops.cpp, csrc/gate_ops.cpp) and CUDA kernels (csrc/cuda/), so this backend runs
+on CPU too (that is how CI tests it).
 
 The extension is imported here, on first use of the backend, never by
 `import resnet_fused`.
@@ -18,8 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..schemas import NAMESPACES
-from .base import gate_or_pool_reason
+from ..schemas import BACKEND_OPS, NAMESPACES
 from .composite import CompositeBackend
 
 BUILD_HINT = (
@@ -40,7 +43,7 @@ def load_extension():
         return None, f"{type(e).__name__}: {e}"
     from ..ops import register_op_layer
 
-    register_op_layer(NAMESPACES["native"])
+    register_op_layer(NAMESPACES["native"], BACKEND_OPS["native"])
     return _C, None
 
 
@@ -91,6 +94,3 @@ class NativeBackend(CompositeBackend):
         if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             return None
         return f"the native backend supports float32, float16, bfloat16 and float64, not {dtype}"
-
-    def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
-        return gate_or_pool_reason(parts, self.name)

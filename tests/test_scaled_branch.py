@@ -86,7 +86,7 @@ def test_spec_holds_the_constant():
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
-@pytest.mark.parametrize("backend", ["torch", "eager"])
+@pytest.mark.parametrize("backend", ["torch", "eager", "native"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_train_and_eval(kind, backend, channels_last):
     check_block(BLOCKS[kind], backend=backend, train=True, channels_last=channels_last,
@@ -96,12 +96,13 @@ def test_train_and_eval(kind, backend, channels_last):
 
 
 @pytest.mark.parametrize("kind", ["last_stride2", "inner"])
-def test_float16_and_frozen(kind):
-    check_block(BLOCKS[kind], backend="torch", dtype=torch.float16, train=True,
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_float16_and_frozen(kind, backend):
+    check_block(BLOCKS[kind], backend=backend, dtype=torch.float16, train=True,
                 shape=_shape(kind), steps=1, reseed=True)
-    check_block(BLOCKS[kind], backend="torch", dtype=torch.float16, train=False,
+    check_block(BLOCKS[kind], backend=backend, dtype=torch.float16, train=False,
                 shape=_shape(kind), grads=False)
-    check_block(BLOCKS[kind], backend="torch", train=True, bn_eval=True,
+    check_block(BLOCKS[kind], backend=backend, train=True, bn_eval=True,
                 shape=_shape(kind), steps=1, reseed=True)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 import resnet_fused.backends as backends_pkg
 from blockcheck import check_block, randomize_bn
 from resnet_fused import FusedResidual
+from resnet_fused.testing.model_check import assert_model_matches
 from tolerance import assert_within
 
 triton_backend = pytest.importorskip("resnet_fused.backends.triton")
@@ -206,3 +207,31 @@ def test_pools_the_kernels_lack_are_declined_and_auto_routes_on(pool, why, monke
     monkeypatch.setattr(backends_pkg, "preferred_order", lambda *a: ("triton", "torch"))
     assert backends_pkg.choose(torch.device("cpu"), torch.float32, True, None,
                                block.parts()).name == "torch"
+
+
+def test_timm_resnet_d_every_block_on_triton():
+    """timm's own ResNet-D (resnet50d's layout: deep stem, avg_down shortcuts) at tiny
+    widths, every block on triton (3 of 4 with the pooled shortcut: 7x7 -> 4x4 with
+    ceil_mode's one-tap edge windows, down to a 1x1 output), eval and a training step
+    against float64 by check_model's rule.
+    resnet50d itself takes minutes per forward through the interpreter."""
+    torch.manual_seed(0)
+    model = tr.ResNet(tr.Bottleneck, (1, 1, 1, 1), num_classes=10, stem_width=8,
+                      stem_type="deep", avg_down=True, channels=(4, 8, 8, 16))
+    randomize_bn(model)
+    pooled = [b for b in model.modules() if isinstance(b, tr.Bottleneck)
+              and b.downsample is not None and isinstance(b.downsample[0], nn.AvgPool2d)]
+    assert len(pooled) == 3
+    report = assert_model_matches(model, torch.randn(2, 3, 28, 28), backends=["triton"],
+                                  by_geometry=False, steps=1)
+    assert "4 residual block(s) fused" in str(report)
+
+
+def test_training_block_at_a_one_pixel_output():
+    """A 1x1 output (a tiny input's last stage): grad_out arrives NCHW-strided there,
+    which is also channels_last-contiguous, and the backward took its strides for a
+    different layout (an assertion in conv_bwd failed before the fix; the timm test
+    above hits it in layer4)."""
+    check_block(lambda: tr.Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
+        nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
+        backend="triton", train=True, shape=(2, 8, 2, 2))

@@ -321,7 +321,9 @@ def _grad_args(op: GradOperand, K: int):
     assert g.dim() == 4 and g.is_contiguous(memory_format=_CL) and g.shape[1] == K, \
         f"conv_bwd: gradient {tuple(g.shape)} {g.stride()} for {K} channels"
     assert (op.c is None) == (op.coef is None), "conv_bwd: the BN-backward apply needs c and coef"
-    assert op.c is None or (op.c.shape == g.shape and op.c.stride() == g.stride()
+    # The same physical layout: both channels_last-contiguous (their strides may still
+    # differ on size-1 axes, a 1x1 output's, which no offset reads).
+    assert op.c is None or (op.c.shape == g.shape and op.c.is_contiguous(memory_format=_CL)
                             and tuple(op.coef.shape) == (4, K)), \
         f"conv_bwd: c {tuple(op.c.shape)} / coef {tuple(op.coef.shape)} for {tuple(g.shape)}"
     assert op.mask is None or op.mask.numel() == mask_numel(g), "conv_bwd: mask size"

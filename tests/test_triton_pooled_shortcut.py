@@ -235,3 +235,26 @@ def test_training_block_at_a_one_pixel_output():
     check_block(lambda: tr.Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
         nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
         backend="triton", train=True, shape=(2, 8, 2, 2))
+
+
+class _PooledD2L(nn.Module):
+    """A D2L-style block whose projection (conv bias, no BN) pools first: the training
+    join is then the pooled GEMM's epilogue (bn2's output added, ReLU, mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.conv3 = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.conv3(self.pool(x)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_pooled_projection_without_bn(channels_last):
+    kw = dict(backend="triton", shape=SHAPE, channels_last=channels_last)
+    check_block(_PooledD2L, train=True, **kw)
+    check_block(_PooledD2L, train=False, grads=False, **kw)

@@ -197,8 +197,10 @@ def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt, frozen=False):
 
 # ResNet-D downsampling blocks (input channels, width, input size): resnet18d's layer2
 # (basic, 64->128) and resnet50d's layer2 (bottleneck, 256->128->512), stride 2, the
-# shortcut AvgPool2d(2, 2, ceil_mode=True) -> 1x1 -> BN.
-AVG_DOWN = [("basic", 64, 128, 56), ("bottleneck", 256, 128, 56)]
+# shortcut AvgPool2d(2, 2, ceil_mode=True) -> 1x1 -> BN; "d2l": the basic block with
+# conv biases and a pooled projection without BN (the join in the pooled GEMM's
+# epilogue).
+AVG_DOWN = [("basic", 64, 128, 56), ("bottleneck", 256, 128, 56), ("d2l", 64, 128, 56)]
 
 
 def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
@@ -219,10 +221,14 @@ def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
         strides = [2, 1]
     p = (hw + 1) // 2
     w_sc = _t((out, cin, 1, 1), dt)
-    if not frozen:
+    if not frozen and kind != "d2l":
         y = _t((BATCH, w[-1].shape[1], p, p), dt)
         eval_ops.conv_bias_pool_shortcut_relu(y, w[-1], _t((out,), dt), x, w_sc,
                                               w[-1].shape[2] // 2, 2, 2, True)
+    if kind == "d2l":
+        _train_launches(x, w, [_t((out,), dt)] * 2, strides, w_sc, _t((out,), dt), None,
+                        None, pdt, frozen, sc_pool=2)
+        return
     _train_launches(x, w, [None] * len(w), strides, w_sc, None, torch.ones(out, dtype=pdt),
                     torch.zeros(out, dtype=pdt), pdt, frozen, sc_pool=2)
 

@@ -206,7 +206,8 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
                  eps: list[float], w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
                  g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
                  eps_sc: float, group: str = "", running: Optional[list[torch.Tensor]] = None,
-                 sc_pool: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
+                 sc_pool: int = 0
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
                             list[torch.Tensor]]:
     """block_train (schemas.py): BlockTrainOut(out, c, c_sc, mask, stats) as a tuple."""
     _check_lists(w, b, g, beta, stride, eps)

@@ -428,7 +428,10 @@ def representative_jobs() -> list:
     projection GEMM; and the fp32 prologue convolution in the config with the largest
     tiles (the one closest to the shared-memory limit)."""
     launches = collect(full=False)
-    fp16 = [ln for ln in launches if ln.label.startswith("fp16 ") and " 3x3 " not in ln.label]
+    # The pooled shortcut's (avgdown): its basic and bottleneck blocks in training and
+    # eval; the frozen and bias-only variants differ from them only in the epilogue.
+    fp16 = [ln for ln in launches if ln.label.startswith("fp16 ") and " 3x3 " not in ln.label
+            and "frozen avgdown" not in ln.label and "avgdown d2l" not in ln.label]
     conv_other = [ln for ln in launches
                   if ln.label.split(" ")[0] in ("bf16", "fp32-tf32")
                   and ln.label.endswith("bn 64->128@56/2")

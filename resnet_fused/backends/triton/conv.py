@@ -113,7 +113,7 @@ def _heavy(named_args, kwargs) -> bool:
     """A variant with a prologue, a second GEMM, or a residual read in the epilogue."""
     # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     return any(kwargs.get(f, named_args.get(f, False))
-               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK"))
+               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "POOL"))
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
@@ -139,6 +139,10 @@ def _prune(configs, named_args, **kwargs):
     heavy = _heavy(named_args, kwargs)
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     cmax = max(C, named_args["C2"] if has_x2 else 0)
+    # A pooled operand (POOL, POOL2: ResNet-D's shortcut) loads k*k tiles of x per step,
+    # and the pipeliner buffers each of them: k*k A tiles in shared memory per stage.
+    pool = max(kwargs.get(f, named_args.get(f, 0)) or 0 for f in ("POOL", "POOL2"))
+    a_tiles = max(1, pool * pool)
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
@@ -157,7 +161,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bm > max(16, triton.next_power_of_2(M)):
             continue
-        if (bm * bk + bk * bn) * esize * max(c.num_stages, 1) > 200 * 1024:
+        if (bm * bk * a_tiles + bk * bn) * esize * max(c.num_stages, 1) > 200 * 1024:
             continue
         kept.append(c)
     if not kept:  # every config is too big for this tiny shape: keep the smallest one

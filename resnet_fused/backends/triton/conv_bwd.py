@@ -60,6 +60,10 @@ else:
 # FMA-bound loop loses nothing by a shorter step.
 _DG_FMA = dict(_DG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _DG
 _WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
+# The pooled shortcut's wgrad (POOL) sums the window's taps into an fp32 [BK, BN] tile
+# beside the accumulator: with fp32 (TF32) operands a 64-position step spilled 24
+# B/thread on sm_90 (csrc/tools/triton_aot.py --filter avgdown), 32 does not.
+_WG_POOL32 = dict(_WG, BK=32) if not INTERPRET else _WG
 
 
 @triton.jit
@@ -433,7 +437,8 @@ def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: i
     dw = torch.zeros((K, R, S, C), device=x.device, dtype=torch.float32)
     db = torch.zeros((K,), device=x.device, dtype=torch.float32) if need_db else None
     MP = N * P * Q
-    cfg = _cfg(g.g.dtype, _WG, _WG_FMA, (K, C, MP))
+    fast = _WG_POOL32 if pool and g.g.dtype == torch.float32 else _WG
+    cfg = _cfg(g.g.dtype, fast, _WG_FMA, (K, C, MP))
     tiles = triton.cdiv(K, cfg["BM"]) * triton.cdiv(C, cfg["BN"]) * R * S
     split = max(1, min(triton.cdiv(MP, cfg["BK"]), _WG_PROGRAMS // tiles))
     chunk = triton.cdiv(triton.cdiv(MP, split), cfg["BK"]) * cfg["BK"]

@@ -114,7 +114,9 @@ class TritonBackend(CompositeBackend):
         shortcut joins in conv_bias_pool_shortcut_relu, whose projection GEMM averages
         x's windows as it loads them (the pooled x is never written)."""
         pool = shortcut_pool(parts)
-        if pool is None:
+        if pool is None or parts.gates:
+            # A gated block (declined today; gate kernels may come) joins through the
+            # composite walk, which pools with the user's module: this join has no gate.
             return super().forward_eval(parts, folded, x)
         ops, y = self.ops, x
         for f in folded.stages[:-1]:

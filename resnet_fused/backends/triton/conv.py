@@ -113,7 +113,7 @@ def _heavy(named_args, kwargs) -> bool:
     """A variant with a prologue, a second GEMM, or a residual read in the epilogue."""
     # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     return any(kwargs.get(f, named_args.get(f, False))
-               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "POOL"))
+               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "AVGPOOL"))
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
@@ -139,9 +139,9 @@ def _prune(configs, named_args, **kwargs):
     heavy = _heavy(named_args, kwargs)
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     cmax = max(C, named_args["C2"] if has_x2 else 0)
-    # A pooled operand (POOL, POOL2: ResNet-D's shortcut) loads k*k tiles of x per step,
-    # and the pipeliner buffers each of them: k*k A tiles in shared memory per stage.
-    pool = max(kwargs.get(f, named_args.get(f, 0)) or 0 for f in ("POOL", "POOL2"))
+    # A pooled operand (AVGPOOL, AVGPOOL2: ResNet-D's shortcut) loads k*k tiles of x per
+    # step, and the pipeliner buffers each of them: k*k A tiles in shared memory a stage.
+    pool = max(kwargs.get(f, named_args.get(f, 0)) or 0 for f in ("AVGPOOL", "AVGPOOL2"))
     a_tiles = max(1, pool * pool)
     kept = []
     for c in configs:
@@ -325,7 +325,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
 _CONV_KEY = ["M", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
              "STRIDE", "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
              "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "HAS_PRO", "IN_RELU", "STATS", "RES_BN",
-             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS", "POOL", "POOL2"]
+             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS", "AVGPOOL", "AVGPOOL2"]
 
 
 @triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -346,7 +346,7 @@ def _conv_kernel(
     INPUT_PRECISION: tl.constexpr, SLOT_ROWS: tl.constexpr,
     # The pooled shortcut (pool.py): 0, or the window k of an average pool (at STRIDE /
     # STRIDE2, no padding) applied to x / x2 as it is loaded, before a 1x1 GEMM.
-    POOL: tl.constexpr, POOL2: tl.constexpr,
+    AVGPOOL: tl.constexpr, AVGPOOL2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -374,16 +374,16 @@ def _conv_kernel(
     n64 = n_img.to(tl.int64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if POOL:
+    if AVGPOOL:
         acc = _pool_gemm_loop(acc, x_ptr, w_ptr, n64, oh, ow, row_ok, rk, rn, n_ok, H, W, C,
-                              STRIDE, POOL, INPUT_PRECISION, BM, BK)
+                              STRIDE, AVGPOOL, INPUT_PRECISION, BM, BK)
     else:
         acc = _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn,
                          n_ok, H, W, C, STRIDE, PAD, R, S, HAS_PRO, IN_RELU, INPUT_PRECISION, BK)
     if HAS_X2:
-        if POOL2:
+        if AVGPOOL2:
             acc = _pool_gemm_loop(acc, x2_ptr, w2_ptr, n64, oh, ow, row_ok, rk, rn, n_ok,
-                                  H2, W2, C2, STRIDE2, POOL2, INPUT_PRECISION, BM, BK)
+                                  H2, W2, C2, STRIDE2, AVGPOOL2, INPUT_PRECISION, BM, BK)
         else:
             acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk,
                              rn, n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
@@ -842,8 +842,8 @@ def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials,
                        pcnt_ptr=pcnt),
                   dict(flags, STRIDE=stride, HAS_PRO=prologue is not None,
                        IN_RELU=bool(pro.relu), STATS=partials is not None,
-                       SLOT_ROWS=_MIN_BM, POOL=pool.kernel if pool is not None else 0,
-                       POOL2=pool2.kernel if pool2 is not None else 0))
+                       SLOT_ROWS=_MIN_BM, AVGPOOL=pool.kernel if pool is not None else 0,
+                       AVGPOOL2=pool2.kernel if pool2 is not None else 0))
 
 
 def _stat_partials(M: int, K: int, dev):
@@ -896,5 +896,5 @@ def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:
     return 2 * N * P * Q * K * C * R * S
 
 
-__all__ = ["AvgPool", "ConvOut", "Epilogue", "Prologue", "ResidualAdd", "SecondGemm", "conv2d_nhwc",
-           "conv_flops"]
+__all__ = ["AvgPool", "ConvOut", "Epilogue", "Prologue", "ResidualAdd", "SecondGemm",
+           "conv2d_nhwc", "conv_flops"]

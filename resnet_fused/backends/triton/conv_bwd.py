@@ -60,7 +60,7 @@ else:
 # FMA-bound loop loses nothing by a shorter step.
 _DG_FMA = dict(_DG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _DG
 _WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
-# The pooled shortcut's wgrad (POOL) sums the window's taps into an fp32 [BK, BN] tile
+# The pooled shortcut's wgrad (AVGPOOL) sums the window's taps into an fp32 [BK, BN] tile
 # beside the accumulator: with fp32 (TF32) operands a 64-position step spilled 24
 # B/thread on sm_90 (csrc/tools/triton_aot.py --filter avgdown), 32 does not.
 _WG_POOL32 = dict(_WG, BK=32) if not INTERPRET else _WG
@@ -90,10 +90,10 @@ def _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_o
                 rc, c_ok, C, P, Q, K, H, W,
                 STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, PREC: tl.constexpr,
-                BK: tl.constexpr, POOL: tl.constexpr):
+                BK: tl.constexpr, AVGPOOL: tl.constexpr):
     """acc += sum over the valid taps of this parity class and K of G * w^T.
 
-    POOL: the conv is ResNet-D's pooled shortcut, an R x S average pool at STRIDE (PAD
+    AVGPOOL: the conv is ResNet-D's pooled shortcut, an R x S average pool at STRIDE (PAD
     0) before a 1x1 weight w: every tap of the window takes that one weight, and the
     loader divides G by the window's taps inside the image, so each window's gradient
     is spread back over its taps here, in the loader, rather than in an epilogue:
@@ -122,7 +122,7 @@ def _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_o
         k_ok = kidx < K
         a = _load_grad(g_ptr, gmask_ptr, gc_ptr, coef_ptr, pix[:, None] + kidx[None, :],
                        ok[:, None] & k_ok[None, :], kidx[None, :], K, HAS_MASK, HAS_BN)
-        if POOL:
+        if AVGPOOL:
             taps = (tl.minimum(p * STRIDE + R, H) - p * STRIDE) * (
                 tl.minimum(q * STRIDE + S, W) - q * STRIDE)
             a = a / tl.maximum(taps, 1).to(tl.float32)[:, None]
@@ -144,7 +144,7 @@ def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
                   HAS_RES: tl.constexpr, RES_MASK: tl.constexpr,
                   HAS_G2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
                   HAS_MASK2: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
-                  POOL: tl.constexpr, POOL2: tl.constexpr,
+                  AVGPOOL: tl.constexpr, AVGPOOL2: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -163,14 +163,14 @@ def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_ok,
                       ph, pw, rc, c_ok, C, P, Q, K, H, W, STRIDE, PAD, R, S, HAS_MASK, HAS_BN,
-                      PREC, BK, POOL)
+                      PREC, BK, AVGPOOL)
     if HAS_G2:
         # The projection shortcut's data gradient: a second GEMM (same output pixels,
         # stride and K; its own taps, padding and operand prologue) into the same
         # accumulator, so it is never written out.
         acc = _dgrad_loop(acc, g2_ptr, g2mask_ptr, g2c_ptr, coef2_ptr, w2_ptr, n64, h, w,
                           row_ok, ph, pw, rc, c_ok, C, P, Q, K, H, W, STRIDE, PAD2, R2, S2,
-                          HAS_MASK2, HAS_BN2, PREC, BK, POOL2)
+                          HAS_MASK2, HAS_BN2, PREC, BK, AVGPOOL2)
 
     off = (((n64 * H + h) * W + w) * C)[:, None] + rc[None, :]
     m = row_ok[:, None] & c_ok[None, :]
@@ -201,7 +201,7 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
                   N, H, W, C, P, Q, K, MP, CHUNK,
                   STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, X_BNRELU: tl.constexpr,
-                  HAS_DB: tl.constexpr, PREC: tl.constexpr, POOL: tl.constexpr,
+                  HAS_DB: tl.constexpr, PREC: tl.constexpr, AVGPOOL: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -231,21 +231,21 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
                        k_ok[:, None] & pos_ok[None, :], rk[:, None], K, HAS_MASK, HAS_BN)
         if HAS_DB:
             dbacc += tl.sum(a, axis=1)
-        if POOL:
-            # ResNet-D's pooled shortcut (a 1x1 weight, PAD 0): its input, the POOL x POOL
+        if AVGPOOL:
+            # ResNet-D's pooled shortcut (a 1x1 weight, PAD 0): its input, the AVGPOOL x AVGPOOL
             # window average at STRIDE, rebuilt in the loader as the forward's GEMM
             # computed it (conv._pool_gemm_loop), never materialised.
             ih0 = p * STRIDE
             iw0 = q * STRIDE
             xs = tl.zeros((BK, BN), dtype=tl.float32)
-            for t in tl.static_range(POOL * POOL):
-                ih = ih0 + t // POOL
-                iw = iw0 + t % POOL
+            for t in tl.static_range(AVGPOOL * AVGPOOL):
+                ih = ih0 + t // AVGPOOL
+                iw = iw0 + t % AVGPOOL
                 x_ok = pos_ok & (ih < H) & (iw < W)
                 xs += tl.load(x_ptr + (((n.to(tl.int64) * H + ih) * W + iw) * C)[:, None]
                               + rc[None, :], mask=x_ok[:, None] & c_ok[None, :],
                               other=0.0).to(tl.float32)
-            taps = (tl.minimum(ih0 + POOL, H) - ih0) * (tl.minimum(iw0 + POOL, W) - iw0)
+            taps = (tl.minimum(ih0 + AVGPOOL, H) - ih0) * (tl.minimum(iw0 + AVGPOOL, W) - iw0)
             xt = (xs / tl.maximum(taps, 1).to(tl.float32)[:, None]).to(x_ptr.dtype.element_ty)
         else:
             ih = p * STRIDE - PAD + r
@@ -257,7 +257,8 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
             if X_BNRELU:
                 xf = xt.to(tl.float32) * xsc[None, :] + xsh[None, :]
                 xf = tl.where(xf != xf, xf, tl.maximum(xf, 0.0))  # NaN stays NaN, as F.relu
-                xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)   # padding after the transform
+                # padding after the transform
+                xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC)
     tl.atomic_add(dw_ptr + rk.to(tl.int64)[:, None] * (R * S * C) + (tap * C + rc)[None, :], acc,
                   mask=k_ok[:, None] & c_ok[None, :])
@@ -364,7 +365,7 @@ def _dgrad_extras(out, relu_bn, residual, second, g_shape, stride):
                  RES_MASK=res.mask is not None, HAS_G2=second is not None)
     if second is None:
         return red, ptrs + (out,) * 5, dict(flags, PAD2=0, R2=1, S2=1, HAS_MASK2=False,
-                                            HAS_BN2=False, POOL2=False)
+                                            HAS_BN2=False, AVGPOOL2=False)
     w2 = second.w
     g2_ptrs, has_mask2, has_bn2 = _grad_args(second.g, w2.shape[0])
     r2, s2 = _taps(w2, second.padding, second.pool)
@@ -373,7 +374,7 @@ def _dgrad_extras(out, relu_bn, residual, second, g_shape, stride):
         f"conv_dgrad: second GEMM {tuple(second.g.g.shape)} * {tuple(w2.shape)}"
     return red, ptrs + g2_ptrs + (w2.contiguous(memory_format=_CL),), dict(
         flags, PAD2=second.padding, R2=r2, S2=s2, HAS_MASK2=has_mask2,
-        HAS_BN2=has_bn2, POOL2=second.pool > 0)
+        HAS_BN2=has_bn2, AVGPOOL2=second.pool > 0)
 
 
 def _taps(w, padding, pool):
@@ -415,7 +416,7 @@ def conv_dgrad(g: GradOperand, w: torch.Tensor, in_hw, stride: int, padding: int
     launch(_dgrad_kernel, grid, *g_ptrs, w.contiguous(memory_format=_CL), out, *extras,
            N, H, W, C, P, Q, K, HC, WC,
            STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
-           PREC=_input_precision(g.g.dtype), POOL=pool > 0, **flags, **cfg)
+           PREC=_input_precision(g.g.dtype), AVGPOOL=pool > 0, **flags, **cfg)
     return DgradOut(out, red)
 
 
@@ -449,7 +450,7 @@ def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: i
            N, x.shape[2], x.shape[3], C, P, Q, K, MP, chunk,
            STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
            X_BNRELU=x_bnrelu is not None, HAS_DB=need_db, PREC=_input_precision(g.g.dtype),
-           POOL=pool, **cfg)
+           AVGPOOL=pool, **cfg)
     return WgradOut(dw.permute(0, 3, 1, 2), db)
 
 

@@ -79,7 +79,7 @@ weight-gradient buffers.
 ResNet-D's pooled shortcut (sc_pool, pool.py): conv(x, w_sc) above is the 1x1 GEMM of
 x's window average, taken as it loads x (conv._pool_gemm_loop); its wgrad rebuilds the
 average in the loader and its dgrad spreads each window's gradient over its taps in
-the loader (conv_bwd._dgrad_loop's POOL): no pass and no tensor more than the
+the loader (conv_bwd._dgrad_loop's AVGPOOL): no pass and no tensor more than the
 unpooled projection's.
 
 Covered: 1x1 and 3x3 kernels with 'same' padding, any stride, groups 1 and dilation 1

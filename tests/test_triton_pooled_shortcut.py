@@ -25,6 +25,7 @@ triton_backend = pytest.importorskip("resnet_fused.backends.triton")
 from resnet_fused.backends.triton.conv import AvgPool, SecondGemm, conv2d_nhwc  # noqa: E402
 from resnet_fused.backends.triton.conv_bwd import (GradOperand, SecondDgrad,  # noqa: E402
                                                    conv_dgrad, conv_wgrad)
+from resnet_fused.backends.triton.pool import shortcut_pool  # noqa: E402
 
 tr = pytest.importorskip("timm.models.resnet")
 CL = torch.channels_last
@@ -258,3 +259,15 @@ def test_pooled_projection_without_bn():
     kw = dict(backend="triton", shape=SHAPE)
     check_block(_PooledD2L, train=True, **kw)
     check_block(_PooledD2L, train=False, grads=False, **kw)
+
+
+def test_identity_pool_is_the_plain_projection():
+    """AvgPool2d(1) before a stride-1 projection is the identity: the block runs as an
+    unpooled projection (no window average) and matches the plain block."""
+    def make():
+        ds = nn.Sequential(nn.AvgPool2d(1), nn.Conv2d(8, 16, 1, bias=False),
+                           nn.BatchNorm2d(16))
+        return tr.Bottleneck(8, 4, stride=1, downsample=ds)
+    assert shortcut_pool(FusedResidual.from_residual(make(), backend="triton").parts()) is None
+    check_block(make, backend="triton", train=True, shape=(2, 8, 5, 5))
+    check_block(make, backend="triton", train=False, grads=False, shape=(2, 8, 5, 5))

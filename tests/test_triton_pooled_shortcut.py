@@ -271,3 +271,33 @@ def test_identity_pool_is_the_plain_projection():
     assert shortcut_pool(FusedResidual.from_residual(make(), backend="triton").parts()) is None
     check_block(make, backend="triton", train=True, shape=(2, 8, 5, 5))
     check_block(make, backend="triton", train=False, grads=False, shape=(2, 8, 5, 5))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(train):
+    """torch.compile(fullgraph=True, aot_eager) of the pooled block: a training step
+    (block_train with sc_pool, its backward) and eval (conv_bias_pool_shortcut_relu)
+    trace through the ops' fakes and autograd without a graph break and compute what
+    the eager block computes."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = BLOCKS["basic"]()
+    randomize_bn(plain)
+    eager = FusedResidual.from_residual(copy.deepcopy(plain), backend="triton").train(train)
+    comp = FusedResidual.from_residual(copy.deepcopy(plain), backend="triton").train(train)
+
+    def step(m, x):
+        out = m(x)
+        return out, (out * out).mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(SHAPE).contiguous(memory_format=CL)
+    with torch.set_grad_enabled(train):
+        o_e, l_e = step(eager, x)
+        o_c, l_c = compiled(comp, x)
+    torch.testing.assert_close(o_c, o_e, rtol=1e-5, atol=1e-5)
+    if train:
+        l_e.backward()
+        l_c.backward()
+        for (n, pe), (_, pc) in zip(eager.named_parameters(), comp.named_parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=n)

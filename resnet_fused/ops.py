@@ -20,6 +20,7 @@ the fakes and autograd. The autograd, per op:
     bn_frozen_act           -> <ns>::bn_frozen_act_backward (frozen BN: running stats)
     conv_bias_relu          -> dReLU, then ATen's convolution_backward
     conv_bias_shortcut_relu -> dReLU, then convolution_backward of both GEMMs
+    conv_bias_pool_shortcut_relu -> the same, the shortcut's through its pool
     block_train             -> <ns>::block_train_backward
     bn_pool                 -> <ns>::bn_pool_backward (the pool of a gated branch)
     bn_gate_act             -> <ns>::bn_gate_act_backward (gate * BN + residual + ReLU)
@@ -181,6 +182,11 @@ def _fake_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
     return _conv_out(y, weight, 1, padding, dilation)
 
 
+def _fake_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                       pool_kernel, pool_stride, ceil_mode):
+    return _conv_out(y, weight, 1, padding)
+
+
 def _fake_block_train(*args):
     a = BlockTrainArgs(*args)
     N, _, h, w = a.x.shape
@@ -256,6 +262,7 @@ FAKES = {
     "bn_frozen_act_backward": _fake_bn_frozen_act_backward,
     "conv_bias_relu": _fake_conv_bias_relu,
     "conv_bias_shortcut_relu": _fake_conv_bias_shortcut_relu,
+    "conv_bias_pool_shortcut_relu": _fake_conv_bias_pool_shortcut_relu,
     "block_train": _fake_block_train,
     "block_train_backward": _fake_block_train_backward,
 }
@@ -348,6 +355,29 @@ def _conv_bias_shortcut_relu_backward(ctx, grad_out):
     else:
         gx, gw3 = (g if nx else None), None
     return gy, gw, gb, gx, gw3, None, None, None, None, None
+
+
+def _conv_bias_pool_shortcut_relu_setup(ctx, inputs, output):
+    y, weight, bias, x, w3, padding, k, s, ceil_mode = inputs
+    ctx.save_for_backward(y, weight, x, w3, output)
+    ctx.geometry = (padding, k, s, ceil_mode)
+    ctx.bias_dtype = bias.dtype
+
+
+def _conv_bias_pool_shortcut_relu_backward(ctx, grad_out):
+    """conv_bias_shortcut_relu's, the shortcut's through its pool (ATen's, in the
+    backward of an eval op only)."""
+    y, weight, x, w3, out = ctx.saved_tensors
+    padding, k, s, ceil_mode = ctx.geometry
+    g = grad_out * (out > 0)
+    ny, nw, nb, nx, nw3 = ctx.needs_input_grad[:5]
+    gy, gw = _conv_grads(g, y, weight, 1, padding, ny, nw)
+    gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
+    pooled = torch.nn.functional.avg_pool2d(x, k, s, 0, ceil_mode, False)
+    gp, gw3 = _conv_grads(g, pooled, w3, 1, 0, nx, nw3)
+    gx = (torch.ops.aten.avg_pool2d_backward(gp, x, [k, k], [s, s], [0, 0], ceil_mode,
+                                             False, None) if nx else None)
+    return gy, gw, gb, gx, gw3, None, None, None, None
 
 
 def _bn_pool_setup(ctx, inputs, output):
@@ -495,6 +525,8 @@ AUTOGRAD = {
     "conv_bias_relu": (lambda ns: _conv_bias_relu_backward, _conv_bias_relu_setup),
     "conv_bias_shortcut_relu": (lambda ns: _conv_bias_shortcut_relu_backward,
                                 _conv_bias_shortcut_relu_setup),
+    "conv_bias_pool_shortcut_relu": (lambda ns: _conv_bias_pool_shortcut_relu_backward,
+                                     _conv_bias_pool_shortcut_relu_setup),
     "block_train": (_make_block_train_backward, _block_train_setup),
     "bn_pool": (_make_bn_pool_backward, _bn_pool_setup),
     "bn_gate_act": (_make_bn_gate_act_backward, _bn_gate_act_setup),

@@ -145,6 +145,17 @@ SCHEMAS = {
         "Tensor? shortcut_bias, int shortcut_stride, int shortcut_padding) -> Tensor"
     ),
 
+    # The triton backend's eval last stage with ResNet-D's pooled shortcut (README.md,
+    # Design, "Gates and pooled shortcuts"): relu(conv2d(y, weight, 1, padding) + bias +
+    # conv2d(avg_pool2d(x, pool_kernel, pool_stride, 0, ceil_mode,
+    # count_include_pad=False), shortcut_weight)), shortcut_weight 1x1 (its folded bias
+    # inside `bias`); the window average is taken as the projection GEMM loads x.
+    "conv_bias_pool_shortcut_relu": (
+        "conv_bias_pool_shortcut_relu(Tensor y, Tensor weight, Tensor bias, Tensor x, "
+        "Tensor shortcut_weight, int padding, int pool_kernel, int pool_stride, "
+        "bool ceil_mode) -> Tensor"
+    ),
+
     # The triton backend's fused training block (backends/triton/train.py): the whole
     # residual block's training forward as one functional op, for any chain of S stages
     # (basic block S = 2, bottleneck S = 3), differentiable through block_train_backward:
@@ -161,6 +172,9 @@ SCHEMAS = {
     # [2, C] float32 tensor per BN (the stages', then the shortcut BN's), its running
     # mean and running variance, which then stand for the batch statistics everywhere
     # (stats returns them); group must be "".
+    # sc_pool: 0, or ResNet-D's pooled shortcut: x averaged over sc_pool x sc_pool windows
+    # at stride prod(stride), no padding, each window divided by its taps inside the
+    # image, before the 1x1 stride-1 w_sc (the pool's output is the block's output size).
     # x and the activations returned are channels_last-contiguous.
     # Returns out, and for the backward and the running statistics: c (every stage's
     # conv output before its BN), c_sc (the shortcut BN's input; an empty [0] tensor
@@ -171,8 +185,8 @@ SCHEMAS = {
     "block_train": (
         "block_train(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
         "int[] stride, float[] eps, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, "
-        "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None) -> "
-        "(Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, Tensor[] stats)"
+        "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None, "
+        "int sc_pool=0) -> (Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, Tensor[] stats)"
     ),
     # Gradients of block_train's out with respect to its tensor inputs (d<input name>;
     # a list for a list input), from what it saved; has_b / has_b_sc say which conv
@@ -183,8 +197,8 @@ SCHEMAS = {
         "block_train_backward(Tensor grad_out, Tensor x, Tensor[] c, Tensor c_sc, "
         "Tensor mask, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, Tensor? w_sc, "
         "Tensor? g_sc, bool[] has_b, bool has_b_sc, int[] stride, float[] eps, "
-        "float eps_sc, str group=\"\", bool frozen=False) -> (Tensor dx, Tensor[] dw, "
-        "Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
+        "float eps_sc, str group=\"\", bool frozen=False, int sc_pool=0) -> (Tensor dx, "
+        "Tensor[] dw, Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
         "Tensor dg_sc, Tensor dbeta_sc)"
     ),
 }
@@ -193,7 +207,9 @@ BLOCK_OPS = ("block_train", "block_train_backward")
 # The torch and native backends' (the triton backend declines gated blocks, so far).
 GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
             "gate_shortcut_relu")
-COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS)
+# The triton backend's pooled-shortcut join (the others run the user's AvgPool2d).
+POOL_OPS = ("conv_bias_pool_shortcut_relu",)
+COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS + POOL_OPS)
 
 # backend name -> the namespace its ops are registered under.
 NAMESPACES = {
@@ -203,5 +219,10 @@ NAMESPACES = {
 }
 
 # The ops each backend's namespace holds.
+<<<<<<< HEAD
 BACKEND_OPS = {"native": COMMON_OPS + GATE_OPS, "torch": COMMON_OPS + GATE_OPS,
                "triton": COMMON_OPS + BLOCK_OPS}
+=======
+BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS + GATE_OPS,
+               "triton": COMMON_OPS + BLOCK_OPS + POOL_OPS}
+>>>>>>> i26p

@@ -102,11 +102,11 @@ def test_float16(kind, backend):
                 shape=_shape(kind), grads=False)
 
 
-@pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.parametrize("kind", ["se", "drop_path", "avg_down"])
+@pytest.mark.parametrize("backend,kind", [("triton", "se"), ("triton", "drop_path")])
 def test_backends_without_kernels_decline(kind, backend, monkeypatch):
-    """triton has no gate or pool kernels yet: it says so, an explicit choice raises
-    with it, and auto takes a backend that computes the block."""
+    """triton has no gate kernels yet (its pooled shortcut: tests/
+    test_triton_pooled_shortcut.py): it says so, an explicit choice raises with it, and
+    auto takes a backend that computes the block."""
     block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
     be = backends_pkg._load(backend)
     if be is None:

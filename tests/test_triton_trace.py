@@ -88,5 +88,5 @@ def test_every_launch_traces_into_a_kernel_node_that_clones_only_what_it_writes(
 
 
 def test_eval_kernels_write_only_their_output(report):
-    for label in ("eval identity", "eval projection"):
+    for label in ("eval identity", "eval projection", "eval avg_down"):
         assert report[label]["kernels"] == [["_conv_kernel", ["out_ptr"]]] * 2, report[label]

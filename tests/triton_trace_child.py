@@ -146,6 +146,29 @@ with FakeTensorMode() as mode:
                   if t is not None),
               fake(mode, N, K, P, P), xt, cs, c3, mask, stats, w, g, beta, w3, g3)
 
+    # ResNet-D's pooled shortcut (a 2x2/2 ceil_mode window average in the projection
+    # GEMM's loader, pool.py): the eval join, and a basic block's fused training
+    # forward and backward (block_train's sc_pool; odd 7x7 input).
+    xo = fake(mode, 2, 8, 7, 7)
+    w1o, w2o, b16 = fake(mode, 16, 8, 3, 3), fake(mode, 16, 16, 3, 3), fake(mode, 16)
+    w3o = fake(mode, 16, 8, 1, 1)
+    trace("eval avg_down", lambda x, w1, w2, w3, b: OPS.conv_bias_pool_shortcut_relu(
+        OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, x, w3, 1, 2, 2, True), xo, w1o, w2o, w3o,
+        b16)
+    gs = [fake(mode, 16, dtype=torch.float32) for _ in range(6)]
+    trace("train avg_down forward", lambda x, w1, w2, w3, *v: OPS.block_train(
+        x, [w1, w2], [None, None], [v[0], v[1]], [v[2], v[3]], [2, 1], [1e-5, 1e-5], w3, None,
+        v[4], v[5], 1e-5, "", None, 2)[0], xo, w1o, w2o, w3o, *gs)
+    co = [fake(mode, 2, 16, 4, 4) for _ in range(3)]
+    so = [fake(mode, 3, 16, dtype=torch.float32) for _ in range(3)]
+    masko = fake(mode, (2 * 16 * 4 * 4 + 7) // 8, dtype=torch.uint8)
+    trace("train avg_down backward", lambda g, x, c1, c2, csc, mk, s1, s2, s3, w1, w2, w3, *v:
+          tuple(t for t in OPS.block_train_backward(
+              g, x, [c1, c2], csc, mk, [s1, s2, s3], [w1, w2], [v[0], v[1]], [v[2], v[3]], w3,
+              v[4], [False, False], False, [2, 1], [1e-5, 1e-5], 1e-5, "", False, 2)
+              if t is not None),
+          co[0], xo, co[1], co[2], co[0], masko, *so, w1o, w2o, w3o, *gs)
+
     # The BN ops of the unfused training path, the mutating bn_finalize included.
     c = fake(mode, 2, 16, 8, 8)
     vec = [fake(mode, 16, dtype=torch.float32) for _ in range(4)]

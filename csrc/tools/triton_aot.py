@@ -155,9 +155,10 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
-def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False):
+def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False, sc_pool=0):
     """The fused training forward and backward of one chain of stages (train.py);
-    frozen: every BN on its running statistics (block_train's `running`)."""
+    frozen: every BN on its running statistics (block_train's `running`); sc_pool:
+    ResNet-D's pooled shortcut (block_train's sc_pool)."""
     from resnet_fused.backends.triton import train
 
     g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
@@ -168,10 +169,11 @@ def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=Fal
         ks = [wi.shape[0] for wi in w] + ([w_sc.shape[0]] if g_sc is not None else [])
         running = [torch.ones((2, k), dtype=torch.float32) for k in ks]
     out, c, c_sc, mask, stats = train._block_train(x, w, b, g, beta, strides, eps, w_sc,
-                                                   b_sc, g_sc, beta_sc, 1e-5, "", running)
+                                                   b_sc, g_sc, beta_sc, 1e-5, "", running,
+                                                   sc_pool)
     train._block_train_backward(_t(tuple(out.shape), x.dtype), x, c, c_sc, mask, stats, w, g,
                                 beta, w_sc, g_sc, [t is not None for t in b],
-                                b_sc is not None, strides, eps, 1e-5, "", frozen)
+                                b_sc is not None, strides, eps, 1e-5, "", frozen, sc_pool)
 
 
 # ResNet-50 bottleneck blocks (input channels, width, input size, stride): layer1's
@@ -191,6 +193,44 @@ def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt, frozen=False):
     g_sc, beta_sc = ((torch.ones(out, dtype=pdt), torch.zeros(out, dtype=pdt)) if proj
                      else (None, None))
     _train_launches(x, w, [None] * 3, strides, w_sc, None, g_sc, beta_sc, pdt, frozen)
+
+
+# ResNet-D downsampling blocks (input channels, width, input size): resnet18d's layer2
+# (basic, 64->128) and resnet50d's layer2 (bottleneck, 256->128->512), stride 2, the
+# shortcut AvgPool2d(2, 2, ceil_mode=True) -> 1x1 -> BN; "d2l": the basic block with
+# conv biases and a pooled projection without BN (the join in the pooled GEMM's
+# epilogue).
+AVG_DOWN = [("basic", 64, 128, 56), ("bottleneck", 256, 128, 56), ("d2l", 64, 128, 56)]
+
+
+def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
+    """The pooled shortcut's variants: the eval join (conv_bias_pool_shortcut_relu: the
+    pooled second GEMM), the fused training forward (the pooled GEMM with its BN
+    statistics) and backward (pooled wgrad; pooled dgrad as the basic block's second
+    GEMM, as the bottleneck's own launch)."""
+    from resnet_fused.backends.triton import eval_ops
+
+    x = _t((BATCH, cin, hw, hw), dt)
+    if kind == "bottleneck":
+        out = 4 * width
+        w = [_t((width, cin, 1, 1), dt), _t((width, width, 3, 3), dt), _t((out, width, 1, 1), dt)]
+        strides = [1, 2, 1]
+    else:
+        out = width
+        w = [_t((out, cin, 3, 3), dt), _t((out, out, 3, 3), dt)]
+        strides = [2, 1]
+    p = (hw + 1) // 2
+    w_sc = _t((out, cin, 1, 1), dt)
+    if not frozen and kind != "d2l":
+        y = _t((BATCH, w[-1].shape[1], p, p), dt)
+        eval_ops.conv_bias_pool_shortcut_relu(y, w[-1], _t((out,), dt), x, w_sc,
+                                              w[-1].shape[2] // 2, 2, 2, True)
+    if kind == "d2l":
+        _train_launches(x, w, [_t((out,), dt)] * 2, strides, w_sc, _t((out,), dt), None,
+                        None, pdt, frozen, sc_pool=2)
+        return
+    _train_launches(x, w, [None] * len(w), strides, w_sc, None, torch.ones(out, dtype=pdt),
+                    torch.zeros(out, dtype=pdt), pdt, frozen, sc_pool=2)
 
 
 def _tma_launches(cin, k, hw, stride, kind, dt):
@@ -291,6 +331,9 @@ def collect(full: bool = False) -> list:
                         label[0] = (f"{plabel} bottleneck{' v1' if v1 else ''} "
                                     f"{cin}->{width}->{4 * width}@{hw}/{stride}")
                         _bottleneck_launches(cin, width, hw, stride, v1, dt, torch.float32)
+                for kind, cin, width, hw in AVG_DOWN:
+                    label[0] = f"{plabel} avgdown {kind} {cin}->{width}@{hw}/2"
+                    _avg_down_launches(kind, cin, width, hw, dt, torch.float32)
                 # Frozen BN (every BN on its running statistics): after the others, so
                 # the variants only it launches keep its label (--filter frozen).
                 for cin, k, hw, stride in stages:
@@ -303,6 +346,9 @@ def collect(full: bool = False) -> list:
                     label[0] = (f"{plabel} frozen bottleneck "
                                 f"{cin}->{width}->{4 * width}@{hw}/{stride}")
                     _bottleneck_launches(cin, width, hw, stride, False, dt, torch.float32, True)
+                for kind, cin, width, hw in AVG_DOWN:
+                    label[0] = f"{plabel} frozen avgdown {kind} {cin}->{width}@{hw}/2"
+                    _avg_down_launches(kind, cin, width, hw, dt, torch.float32, True)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):
@@ -382,7 +428,10 @@ def representative_jobs() -> list:
     projection GEMM; and the fp32 prologue convolution in the config with the largest
     tiles (the one closest to the shared-memory limit)."""
     launches = collect(full=False)
-    fp16 = [ln for ln in launches if ln.label.startswith("fp16 ") and " 3x3 " not in ln.label]
+    # The pooled shortcut's (avgdown): its basic and bottleneck blocks in training and
+    # eval; the frozen and bias-only variants differ from them only in the epilogue.
+    fp16 = [ln for ln in launches if ln.label.startswith("fp16 ") and " 3x3 " not in ln.label
+            and "frozen avgdown" not in ln.label and "avgdown d2l" not in ln.label]
     conv_other = [ln for ln in launches
                   if ln.label.split(" ")[0] in ("bf16", "fp32-tf32")
                   and ln.label.endswith("bn 64->128@56/2")

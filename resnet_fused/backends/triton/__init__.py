@@ -3,7 +3,8 @@
 Eval: one kernel per stage (eval_ops.py): relu(conv(y, W') + b') for every stage but
 the last, then relu(conv(y, W') + b' + shortcut) with a projection shortcut as a
 second GEMM into the same accumulator (two kernels for a basic block, three for a
-bottleneck). Training: train.py (the fused training path, one op
+bottleneck); ResNet-D's pooled shortcut the same, its GEMM averaging each window of x
+as it loads it (pool.py). Training: train.py (the fused training path, one op
 block_train for any chain of stages, basic or bottleneck, and with every BN frozen:
 forward_frozen); a synchronized block whose
 BNs are not all synchronized over one process group goes the composite way
@@ -25,13 +26,14 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
-from ..base import gate_or_pool_reason
+from ..base import FoldedBlock, gate_reason
 from ..composite import CompositeBackend
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
 from . import launcher
+from .pool import pool_stride, pool_unsupported_reason, shortcut_pool
 # train defines block_train; imported here, never while tracing.
 from .train import block_group, train_block, train_unsupported_reason
 
@@ -89,9 +91,15 @@ class TritonBackend(CompositeBackend):
     def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
         # The implicit GEMM (conv.py) and its backward are dense: no grouped (ResNeXt)
         # or dilated (segmentation backbones) variant.
-        reason = gate_or_pool_reason(parts, self.name)
+        # Gates: no kernels yet. A pooled shortcut (ResNet-D): the window average rides
+        # in the projection GEMM's loader (pool.py), for the pools it covers.
+        reason = gate_reason(parts, self.name)
         if reason is not None:
             return reason
+        if parts.shortcut is not None and parts.shortcut.pool is not None:
+            reason = pool_unsupported_reason(parts.shortcut.pool, parts.shortcut.conv)
+            if reason is not None:
+                return reason
         sts = parts.stages + ((parts.shortcut,) if parts.shortcut is not None else ())
         for st in sts:
             c = st.conv
@@ -101,7 +109,22 @@ class TritonBackend(CompositeBackend):
                         f"groups={c.groups}, dilation={c.dilation[0]}")
         return None
 
-    # forward_eval: CompositeBackend's stage walk over this namespace's eval ops.
+    def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
+        """CompositeBackend's stage walk over this namespace's eval ops; a pooled
+        shortcut joins in conv_bias_pool_shortcut_relu, whose projection GEMM averages
+        x's windows as it loads them (the pooled x is never written)."""
+        pool = shortcut_pool(parts)
+        if pool is None or parts.gates:
+            # A gated block (declined today; gate kernels may come) joins through the
+            # composite walk, which pools with the user's module: this join has no gate.
+            return super().forward_eval(parts, folded, x)
+        ops, y = self.ops, x
+        for f in folded.stages[:-1]:
+            y = ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation, f.groups)
+        last, sc = folded.stages[-1], folded.shortcut
+        return ops.conv_bias_pool_shortcut_relu(y, last.w, last.b, x, sc.w, last.padding,
+                                                pool.kernel, pool_stride(parts),
+                                                pool.ceil_mode)
 
     def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
         group = block_group(groups, parts)

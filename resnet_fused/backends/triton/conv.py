@@ -54,6 +54,7 @@ import triton.language as tl
 from ...ops import conv_out_hw, mask_numel
 from .bn import _BC, chan_empty, chan_merge, lanes
 from .launcher import DTYPES as _DTYPES, INTERPRET, launch, tracing
+from .pool import AvgPool, pool_out_hw
 
 # ----------------------------------------------------------------------------------------
 # Configurations. The interpreter's tile for dgrad/wgrad (conv_bwd._cfg) is, per
@@ -112,7 +113,7 @@ def _heavy(named_args, kwargs) -> bool:
     """A variant with a prologue, a second GEMM, or a residual read in the epilogue."""
     # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     return any(kwargs.get(f, named_args.get(f, False))
-               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK"))
+               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "AVGPOOL"))
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
@@ -138,6 +139,10 @@ def _prune(configs, named_args, **kwargs):
     heavy = _heavy(named_args, kwargs)
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     cmax = max(C, named_args["C2"] if has_x2 else 0)
+    # A pooled operand (AVGPOOL, AVGPOOL2: ResNet-D's shortcut) loads k*k tiles of x per
+    # step, and the pipeliner buffers each of them: k*k A tiles in shared memory a stage.
+    pool = max(kwargs.get(f, named_args.get(f, 0)) or 0 for f in ("AVGPOOL", "AVGPOOL2"))
+    a_tiles = max(1, pool * pool)
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
@@ -156,7 +161,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bm > max(16, triton.next_power_of_2(M)):
             continue
-        if (bm * bk + bk * bn) * esize * max(c.num_stages, 1) > 200 * 1024:
+        if (bm * bk * a_tiles + bk * bn) * esize * max(c.num_stages, 1) > 200 * 1024:
             continue
         kept.append(c)
     if not kept:  # every config is too big for this tiny shape: keep the smallest one
@@ -208,6 +213,38 @@ def _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
             a = af.to(x_ptr.dtype.element_ty)
         b_mask = c_ok[:, None] & n_ok[None, :]
         b = tl.load(w_ptr + w_col[None, :] + (tap * C + cc)[:, None], mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _pool_gemm_loop(acc, x_ptr, w_ptr, n64, oh, ow, row_ok, rk, rn, n_ok, H, W, C,
+                    STRIDE: tl.constexpr, KP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr):
+    """acc += avgpool(x)[rows, :] @ w[:, cols]: the pooled shortcut (ResNet-D, pool.py)
+    as a 1x1 GEMM whose operand is averaged as it is loaded, never written: each row's
+    KP x KP window at STRIDE (no padding) summed in fp32 from the taps inside the image
+    and divided by their count (AvgPool2d without padding; ceil_mode's edge windows have
+    fewer taps), rounded to x's dtype as AvgPool2d's output is, then the dot."""
+    ih0 = oh * STRIDE
+    iw0 = ow * STRIDE
+    taps = (tl.minimum(ih0 + KP, H) - ih0) * (tl.minimum(iw0 + KP, W) - iw0)
+    cnt = tl.maximum(taps, 1).to(tl.float32)   # rows past M: any nonzero count
+    w_col = rn.to(tl.int64) * C                # the 1x1 weight, channels_last: k * C + c
+    for c0 in range(0, C, BK):
+        cc = c0 + rk
+        c_ok = cc < C
+        s = tl.zeros((BM, BK), dtype=tl.float32)
+        for t in tl.static_range(KP * KP):
+            ih = ih0 + t // KP
+            iw = iw0 + t % KP
+            ok = row_ok & (ih < H) & (iw < W)
+            pix = ((n64 * H + ih) * W + iw) * C
+            s += tl.load(x_ptr + pix[:, None] + cc[None, :], mask=ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+        a = (s / cnt[:, None]).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + w_col[None, :] + cc[:, None], mask=c_ok[:, None] & n_ok[None, :],
+                    other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -288,7 +325,7 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
 _CONV_KEY = ["M", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
              "STRIDE", "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
              "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "HAS_PRO", "IN_RELU", "STATS", "RES_BN",
-             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS"]
+             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS", "AVGPOOL", "AVGPOOL2"]
 
 
 @triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -307,6 +344,9 @@ def _conv_kernel(
     HAS_X2: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
     STATS: tl.constexpr, RES_BN: tl.constexpr, OUT_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SLOT_ROWS: tl.constexpr,
+    # The pooled shortcut (pool.py): 0, or the window k of an average pool (at STRIDE /
+    # STRIDE2, no padding) applied to x / x2 as it is loaded, before a 1x1 GEMM.
+    AVGPOOL: tl.constexpr, AVGPOOL2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -334,12 +374,20 @@ def _conv_kernel(
     n64 = n_img.to(tl.int64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn, n_ok,
-                     H, W, C, STRIDE, PAD, R, S, HAS_PRO, IN_RELU, INPUT_PRECISION, BK)
+    if AVGPOOL:
+        acc = _pool_gemm_loop(acc, x_ptr, w_ptr, n64, oh, ow, row_ok, rk, rn, n_ok, H, W, C,
+                              STRIDE, AVGPOOL, INPUT_PRECISION, BM, BK)
+    else:
+        acc = _gemm_loop(acc, x_ptr, w_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn,
+                         n_ok, H, W, C, STRIDE, PAD, R, S, HAS_PRO, IN_RELU, INPUT_PRECISION, BK)
     if HAS_X2:
-        acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk, rn,
-                         n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
-                         INPUT_PRECISION, BK)
+        if AVGPOOL2:
+            acc = _pool_gemm_loop(acc, x2_ptr, w2_ptr, n64, oh, ow, row_ok, rk, rn, n_ok,
+                                  H2, W2, C2, STRIDE2, AVGPOOL2, INPUT_PRECISION, BM, BK)
+        else:
+            acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk,
+                             rn, n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
+                             INPUT_PRECISION, BK)
     _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
               HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN, SLOT_ROWS)
@@ -617,6 +665,8 @@ class SecondGemm(NamedTuple):
     w: torch.Tensor            # [K, C2, R2, S2]
     stride: int = 1
     padding: int = 0
+    # ResNet-D: x averaged (pool.py) at `stride` before the 1x1 w (padding 0).
+    pool: Optional[AvgPool] = None
 
 
 class ResidualAdd(NamedTuple):
@@ -689,19 +739,29 @@ def _conv_allows_tf32() -> bool:
         return False
 
 
-def _geometry(x, w, stride: int, padding: int, second: Optional[SecondGemm]) -> _Geometry:
+def _out_hw(H, W, R, S, stride, padding, pool: Optional[AvgPool]):
+    """The output size of conv(x) or, with pool, of the 1x1 conv of x's pool."""
+    if pool is None:
+        return conv_out_hw(H, W, R, S, stride, padding)
+    assert (R, S, padding) == (1, 1, 0) and pool.kernel >= 1, \
+        f"conv2d_nhwc: a pooled operand takes a 1x1 weight, no padding ({R}x{S}, {padding})"
+    return pool_out_hw(H, W, pool.kernel, stride, pool.ceil_mode)
+
+
+def _geometry(x, w, stride: int, padding: int, second: Optional[SecondGemm],
+              pool: Optional[AvgPool] = None) -> _Geometry:
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     assert x.dtype in _DTYPES and w.dtype == x.dtype and w.shape[1] == C, \
         f"conv2d_nhwc: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
-    P, Q = conv_out_hw(H, W, R, S, stride, padding)
+    P, Q = _out_hw(H, W, R, S, stride, padding, pool)
     assert P > 0 and Q > 0 and stride >= 1 and padding >= 0, \
         f"conv2d_nhwc: output {P}x{Q} (stride {stride}, padding {padding})"
     if second is None:
         return _Geometry(N, C, H, W, K, R, S, P, Q)
     (N2, C2, H2, W2), (K2, C2w, R2, S2) = second.x.shape, second.w.shape
     assert (N2, K2, C2w) == (N, K, C2) and second.x.dtype == second.w.dtype == x.dtype \
-        and conv_out_hw(H2, W2, R2, S2, second.stride, second.padding) == (P, Q), \
+        and _out_hw(H2, W2, R2, S2, second.stride, second.padding, second.pool) == (P, Q), \
         f"conv2d_nhwc: second GEMM {tuple(second.x.shape)} * {tuple(second.w.shape)} " \
         f"(stride {second.stride}, padding {second.padding}) for output {(N, K, P, Q)}"
     return _Geometry(N, C, H, W, K, R, S, P, Q, C2, H2, W2, R2, S2)
@@ -766,7 +826,8 @@ def _launch_tma(g: _Geometry, ptrs, flags) -> None:
     _launch_named(_conv_tma_kernel, grid, dict(ptrs, N=g.N), flags)
 
 
-def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials) -> None:
+def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials,
+                    pool: Optional[AvgPool] = None, pool2: Optional[AvgPool] = None) -> None:
     M = g.N * g.P * g.Q
     out = ptrs["out_ptr"]
     pmean, pm2, pcnt = partials or (out, out, out)   # never read without STATS
@@ -781,7 +842,8 @@ def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials) -> No
                        pcnt_ptr=pcnt),
                   dict(flags, STRIDE=stride, HAS_PRO=prologue is not None,
                        IN_RELU=bool(pro.relu), STATS=partials is not None,
-                       SLOT_ROWS=_MIN_BM))
+                       SLOT_ROWS=_MIN_BM, AVGPOOL=pool.kernel if pool is not None else 0,
+                       AVGPOOL2=pool2.kernel if pool2 is not None else 0))
 
 
 def _stat_partials(M: int, K: int, dev):
@@ -796,8 +858,11 @@ def _stat_partials(M: int, K: int, dev):
 def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 1, *,
                 prologue: Optional[Prologue] = None, second: Optional[SecondGemm] = None,
                 residual: Optional[ResidualAdd] = None, epilogue: Epilogue = Epilogue(),
-                stats: bool = False, _path: Optional[str] = None) -> ConvOut:
+                stats: bool = False, pool: Optional[AvgPool] = None,
+                _path: Optional[str] = None) -> ConvOut:
     """Fused implicit-GEMM convolution; the module docstring has the formula.
+    pool (and second.pool): the operand is x averaged over pool.kernel windows at
+    `stride` before the 1x1 w (ResNet-D's shortcut, pool.py; padding 0, no prologue).
 
     x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S] in x's
     dtype; the optional parts are the specs above, stats=True also returns the
@@ -806,18 +871,21 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int 
     """
     x = x.contiguous(memory_format=_CL)
     w = w.contiguous(memory_format=_CL)   # [K, R, S, C] in memory; no copy when it is
-    g = _geometry(x, w, stride, padding, second)
+    g = _geometry(x, w, stride, padding, second, pool)
     _assert_specs(g, x, prologue, residual, epilogue)
+    assert pool is None or prologue is None, "conv2d_nhwc: a pooled operand has no prologue"
     out = torch.empty((g.N, g.K, g.P, g.Q), device=x.device, dtype=x.dtype,
                       memory_format=_CL)
     mask = (torch.empty((mask_numel(out),), device=x.device, dtype=torch.uint8)
             if epilogue.mask else None)
     ptrs, flags = _operands(x, w, g, padding, second, residual, epilogue, out, mask)
-    if _use_tma(x, w, stride, prologue, stats, _path):
+    pools = (pool, second.pool if second is not None else None)
+    # The descriptor kernel has no pooled loader: a pooled call takes the pointer one.
+    if pools == (None, None) and _use_tma(x, w, stride, prologue, stats, _path):
         _launch_tma(g, ptrs, flags)
         return ConvOut(out, mask)
     partials = _stat_partials(g.N * g.P * g.Q, g.K, x.device) if stats else None
-    _launch_pointer(g, stride, prologue, ptrs, flags, partials)
+    _launch_pointer(g, stride, prologue, ptrs, flags, partials, *pools)
     if partials is None:
         return ConvOut(out, mask)
     return ConvOut(out, mask, *_combine_stats(*partials, g.K, x.device))
@@ -828,5 +896,5 @@ def conv_flops(N: int, P: int, Q: int, K: int, C: int, R: int, S: int) -> int:
     return 2 * N * P * Q * K * C * R * S
 
 
-__all__ = ["ConvOut", "Epilogue", "Prologue", "ResidualAdd", "SecondGemm", "conv2d_nhwc",
-           "conv_flops"]
+__all__ = ["AvgPool", "ConvOut", "Epilogue", "Prologue", "ResidualAdd", "SecondGemm",
+           "conv2d_nhwc", "conv_flops"]

@@ -40,6 +40,7 @@ from ...ops import conv_out_hw, mask_numel
 from .bn import _load_mask_bit, lanes
 from .conv import _input_precision, interp_tile
 from .launcher import INTERPRET, launch
+from .pool import pool_out_hw
 
 if INTERPRET:
     # The smallest tiles; each launch takes the largest that fits its shape (_cfg).
@@ -59,6 +60,10 @@ else:
 # FMA-bound loop loses nothing by a shorter step.
 _DG_FMA = dict(_DG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _DG
 _WG_FMA = dict(_WG, BM=64, BN=64, BK=16, num_warps=8) if not INTERPRET else _WG
+# The pooled shortcut's wgrad (AVGPOOL) sums the window's taps into an fp32 [BK, BN] tile
+# beside the accumulator: with fp32 (TF32) operands a 64-position step spilled 24
+# B/thread on sm_90 (csrc/tools/triton_aot.py --filter avgdown), 32 does not.
+_WG_POOL32 = dict(_WG, BK=32) if not INTERPRET else _WG
 
 
 @triton.jit
@@ -82,11 +87,18 @@ def _load_grad(g_ptr, gmask_ptr, gc_ptr, coef_ptr, idx, ok, ch, K,
 
 @triton.jit
 def _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_ok, ph, pw,
-                rc, c_ok, C, P, Q, K,
+                rc, c_ok, C, P, Q, K, H, W,
                 STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, PREC: tl.constexpr,
-                BK: tl.constexpr):
-    """acc += sum over the valid taps of this parity class and K of G * w^T."""
+                BK: tl.constexpr, AVGPOOL: tl.constexpr):
+    """acc += sum over the valid taps of this parity class and K of G * w^T.
+
+    AVGPOOL: the conv is ResNet-D's pooled shortcut, an R x S average pool at STRIDE (PAD
+    0) before a 1x1 weight w: every tap of the window takes that one weight, and the
+    loader divides G by the window's taps inside the image, so each window's gradient
+    is spread back over its taps here, in the loader, rather than in an epilogue:
+    overlapping windows (R > STRIDE) sum into a pixel as the taps of a convolution do,
+    and the pooled gradient (G @ w) is never written."""
     # First valid tap of the class (ph, pw) and the number of valid taps per axis.
     r0 = (ph + PAD) % STRIDE
     s0 = (pw + PAD) % STRIDE
@@ -110,9 +122,14 @@ def _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_o
         k_ok = kidx < K
         a = _load_grad(g_ptr, gmask_ptr, gc_ptr, coef_ptr, pix[:, None] + kidx[None, :],
                        ok[:, None] & k_ok[None, :], kidx[None, :], K, HAS_MASK, HAS_BN)
-        b = tl.load(w_ptr + kidx.to(tl.int64)[:, None] * (R * S * C)
-                    + ((r * S + s) * C + rc)[None, :],
-                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if AVGPOOL:
+            taps = (tl.minimum(p * STRIDE + R, H) - p * STRIDE) * (
+                tl.minimum(q * STRIDE + S, W) - q * STRIDE)
+            a = a / tl.maximum(taps, 1).to(tl.float32)[:, None]
+            w_off = kidx.to(tl.int64)[:, None] * C + rc[None, :]
+        else:
+            w_off = kidx.to(tl.int64)[:, None] * (R * S * C) + ((r * S + s) * C + rc)[None, :]
+        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
     return acc
 
@@ -127,6 +144,7 @@ def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
                   HAS_RES: tl.constexpr, RES_MASK: tl.constexpr,
                   HAS_G2: tl.constexpr, PAD2: tl.constexpr, R2: tl.constexpr, S2: tl.constexpr,
                   HAS_MASK2: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
+                  AVGPOOL: tl.constexpr, AVGPOOL2: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -144,15 +162,15 @@ def _dgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, out_ptr,
     c_ok = rc < C
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _dgrad_loop(acc, g_ptr, gmask_ptr, gc_ptr, coef_ptr, w_ptr, n64, h, w, row_ok,
-                      ph, pw, rc, c_ok, C, P, Q, K, STRIDE, PAD, R, S, HAS_MASK, HAS_BN,
-                      PREC, BK)
+                      ph, pw, rc, c_ok, C, P, Q, K, H, W, STRIDE, PAD, R, S, HAS_MASK, HAS_BN,
+                      PREC, BK, AVGPOOL)
     if HAS_G2:
         # The projection shortcut's data gradient: a second GEMM (same output pixels,
         # stride and K; its own taps, padding and operand prologue) into the same
         # accumulator, so it is never written out.
         acc = _dgrad_loop(acc, g2_ptr, g2mask_ptr, g2c_ptr, coef2_ptr, w2_ptr, n64, h, w,
-                          row_ok, ph, pw, rc, c_ok, C, P, Q, K, STRIDE, PAD2, R2, S2,
-                          HAS_MASK2, HAS_BN2, PREC, BK)
+                          row_ok, ph, pw, rc, c_ok, C, P, Q, K, H, W, STRIDE, PAD2, R2, S2,
+                          HAS_MASK2, HAS_BN2, PREC, BK, AVGPOOL2)
 
     off = (((n64 * H + h) * W + w) * C)[:, None] + rc[None, :]
     m = row_ok[:, None] & c_ok[None, :]
@@ -183,7 +201,7 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
                   N, H, W, C, P, Q, K, MP, CHUNK,
                   STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BN: tl.constexpr, X_BNRELU: tl.constexpr,
-                  HAS_DB: tl.constexpr, PREC: tl.constexpr,
+                  HAS_DB: tl.constexpr, PREC: tl.constexpr, AVGPOOL: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,22 +225,40 @@ def _wgrad_kernel(g_ptr, gmask_ptr, gc_ptr, coef_ptr, x_ptr, xss_ptr, dw_ptr, db
         rem = pos - n * (P * Q)
         p = rem // Q
         q = rem - p * Q
-        ih = p * STRIDE - PAD + r
-        iw = q * STRIDE - PAD + s
-        x_ok = pos_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         # G^T tile [BM (k), BK (positions)].
         a = _load_grad(g_ptr, gmask_ptr, gc_ptr, coef_ptr,
                        pos.to(tl.int64)[None, :] * K + rk[:, None],
                        k_ok[:, None] & pos_ok[None, :], rk[:, None], K, HAS_MASK, HAS_BN)
         if HAS_DB:
             dbacc += tl.sum(a, axis=1)
-        xm = x_ok[:, None] & c_ok[None, :]
-        xt = tl.load(x_ptr + (((n.to(tl.int64) * H + ih) * W + iw) * C)[:, None] + rc[None, :],
-                     mask=xm, other=0.0)
-        if X_BNRELU:
-            xf = xt.to(tl.float32) * xsc[None, :] + xsh[None, :]
-            xf = tl.where(xf != xf, xf, tl.maximum(xf, 0.0))  # NaN stays NaN, as F.relu
-            xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)   # padding after the transform
+        if AVGPOOL:
+            # ResNet-D's pooled shortcut (a 1x1 weight, PAD 0): its input, the AVGPOOL x AVGPOOL
+            # window average at STRIDE, rebuilt in the loader as the forward's GEMM
+            # computed it (conv._pool_gemm_loop), never materialised.
+            ih0 = p * STRIDE
+            iw0 = q * STRIDE
+            xs = tl.zeros((BK, BN), dtype=tl.float32)
+            for t in tl.static_range(AVGPOOL * AVGPOOL):
+                ih = ih0 + t // AVGPOOL
+                iw = iw0 + t % AVGPOOL
+                x_ok = pos_ok & (ih < H) & (iw < W)
+                xs += tl.load(x_ptr + (((n.to(tl.int64) * H + ih) * W + iw) * C)[:, None]
+                              + rc[None, :], mask=x_ok[:, None] & c_ok[None, :],
+                              other=0.0).to(tl.float32)
+            taps = (tl.minimum(ih0 + AVGPOOL, H) - ih0) * (tl.minimum(iw0 + AVGPOOL, W) - iw0)
+            xt = (xs / tl.maximum(taps, 1).to(tl.float32)[:, None]).to(x_ptr.dtype.element_ty)
+        else:
+            ih = p * STRIDE - PAD + r
+            iw = q * STRIDE - PAD + s
+            x_ok = pos_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xm = x_ok[:, None] & c_ok[None, :]
+            xt = tl.load(x_ptr + (((n.to(tl.int64) * H + ih) * W + iw) * C)[:, None]
+                         + rc[None, :], mask=xm, other=0.0)
+            if X_BNRELU:
+                xf = xt.to(tl.float32) * xsc[None, :] + xsh[None, :]
+                xf = tl.where(xf != xf, xf, tl.maximum(xf, 0.0))  # NaN stays NaN, as F.relu
+                # padding after the transform
+                xt = tl.where(xm, xf, 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC)
     tl.atomic_add(dw_ptr + rk.to(tl.int64)[:, None] * (R * S * C) + (tap * C + rc)[None, :], acc,
                   mask=k_ok[:, None] & c_ok[None, :])
@@ -270,6 +306,7 @@ class SecondDgrad(NamedTuple):
     g: GradOperand
     w: torch.Tensor
     padding: int = 0
+    pool: int = 0      # ResNet-D: w is 1x1 after a pool x pool average pool (padding 0)
 
 
 class DgradOut(NamedTuple):
@@ -289,7 +326,9 @@ def _grad_args(op: GradOperand, K: int):
     assert g.dim() == 4 and g.is_contiguous(memory_format=_CL) and g.shape[1] == K, \
         f"conv_bwd: gradient {tuple(g.shape)} {g.stride()} for {K} channels"
     assert (op.c is None) == (op.coef is None), "conv_bwd: the BN-backward apply needs c and coef"
-    assert op.c is None or (op.c.shape == g.shape and op.c.stride() == g.stride()
+    # The same physical layout: both channels_last-contiguous (their strides may still
+    # differ on size-1 axes, a 1x1 output's, which no offset reads).
+    assert op.c is None or (op.c.shape == g.shape and op.c.is_contiguous(memory_format=_CL)
                             and tuple(op.coef.shape) == (4, K)), \
         f"conv_bwd: c {tuple(op.c.shape)} / coef {tuple(op.coef.shape)} for {tuple(g.shape)}"
     assert op.mask is None or op.mask.numel() == mask_numel(g), "conv_bwd: mask size"
@@ -326,26 +365,47 @@ def _dgrad_extras(out, relu_bn, residual, second, g_shape, stride):
                  RES_MASK=res.mask is not None, HAS_G2=second is not None)
     if second is None:
         return red, ptrs + (out,) * 5, dict(flags, PAD2=0, R2=1, S2=1, HAS_MASK2=False,
-                                            HAS_BN2=False)
+                                            HAS_BN2=False, AVGPOOL2=False)
     w2 = second.w
     g2_ptrs, has_mask2, has_bn2 = _grad_args(second.g, w2.shape[0])
-    assert w2.shape[1] == C and second.g.g.shape == g_shape and conv_out_hw(
-        H, W, w2.shape[2], w2.shape[3], stride, second.padding) == tuple(g_shape[2:]), \
+    r2, s2 = _taps(w2, second.padding, second.pool)
+    assert w2.shape[1] == C and second.g.g.shape == g_shape and _fwd_hw(
+        H, W, r2, s2, stride, second.padding, second.pool) == tuple(g_shape[2:]), \
         f"conv_dgrad: second GEMM {tuple(second.g.g.shape)} * {tuple(w2.shape)}"
     return red, ptrs + g2_ptrs + (w2.contiguous(memory_format=_CL),), dict(
-        flags, PAD2=second.padding, R2=w2.shape[2], S2=w2.shape[3], HAS_MASK2=has_mask2,
-        HAS_BN2=has_bn2)
+        flags, PAD2=second.padding, R2=r2, S2=s2, HAS_MASK2=has_mask2,
+        HAS_BN2=has_bn2, AVGPOOL2=second.pool > 0)
+
+
+def _taps(w, padding, pool):
+    """The taps (R, S) the dgrad walks: w's, or a pooled 1x1 weight's window (pool.py's
+    shortcut: every tap of the window takes the one weight)."""
+    if not pool:
+        return w.shape[2], w.shape[3]
+    assert tuple(w.shape[2:]) == (1, 1) and padding == 0, \
+        f"conv_bwd: a pooled shortcut has a 1x1 weight and no padding, got {tuple(w.shape)}"
+    return pool, pool
+
+
+def _fwd_hw(H, W, R, S, stride, padding, pool):
+    """The forward's output size; a pooled one as conv.py computes it (the training
+    block checked that its pool's output is the block's, so ceil_mode's is)."""
+    if pool:
+        return pool_out_hw(H, W, pool, stride, True)
+    return conv_out_hw(H, W, R, S, stride, padding)
 
 
 def conv_dgrad(g: GradOperand, w: torch.Tensor, in_hw, stride: int, padding: int, *,
                relu_bn: Optional[ReluBnEpilogue] = None,
                residual: Optional[GradResidual] = None,
-               second: Optional[SecondDgrad] = None) -> DgradOut:
+               second: Optional[SecondDgrad] = None, pool: int = 0) -> DgradOut:
     """Data gradient of conv2d(X, w, stride, padding) for X of spatial size in_hw, from
     the gradient operand g of its output; the optional parts are the specs above.
+    pool: the conv is w (1x1) after a pool x pool average pool at stride (pool.py).
     Returns DgradOut(dx, red): red only with relu_bn."""
     N, K, P, Q = g.g.shape
-    _, C, R, S = w.shape
+    C = w.shape[1]
+    R, S = _taps(w, padding, pool)
     H, W = in_hw
     g_ptrs, has_mask, has_bn = _grad_args(g, w.shape[0])
     out = torch.empty((N, C, H, W), device=g.g.device, dtype=g.g.dtype, memory_format=_CL)
@@ -356,25 +416,30 @@ def conv_dgrad(g: GradOperand, w: torch.Tensor, in_hw, stride: int, padding: int
     launch(_dgrad_kernel, grid, *g_ptrs, w.contiguous(memory_format=_CL), out, *extras,
            N, H, W, C, P, Q, K, HC, WC,
            STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
-           PREC=_input_precision(g.g.dtype), **flags, **cfg)
+           PREC=_input_precision(g.g.dtype), AVGPOOL=pool > 0, **flags, **cfg)
     return DgradOut(out, red)
 
 
 def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: int, *,
-               x_bnrelu: Optional[torch.Tensor] = None, need_db: bool = False) -> WgradOut:
+               x_bnrelu: Optional[torch.Tensor] = None, need_db: bool = False,
+               pool: int = 0) -> WgradOut:
     """Weight (and with need_db bias) gradient of conv2d(Xt, w, stride, padding) from the
     gradient operand g of its output. x [N, C, H, W] channels_last; Xt = x, or
     relu(x * scale + shift) with x_bnrelu = [scale; shift] ([2, C] fp32: conv2's input
-    y1 rebuilt from c1, zero padding after the transform)."""
+    y1 rebuilt from c1, zero padding after the transform). pool: Xt is x's pool x pool
+    window average at stride before a 1x1 w, no padding (pool.py)."""
     N, K, P, Q = g.g.shape
     K2, C, R, S = w_shape
+    assert not pool or ((R, S, padding) == (1, 1, 0) and x_bnrelu is None), \
+        f"conv_wgrad: a pooled input takes a 1x1 weight, no padding or transform"
     assert x.is_contiguous(memory_format=_CL) and tuple(x.shape[:2]) == (N, C) and K2 == K, \
         f"conv_wgrad: weight {tuple(w_shape)}, input {tuple(x.shape)}, gradient {(N, K, P, Q)}"
     g_ptrs, has_mask, has_bn = _grad_args(g, K)
     dw = torch.zeros((K, R, S, C), device=x.device, dtype=torch.float32)
     db = torch.zeros((K,), device=x.device, dtype=torch.float32) if need_db else None
     MP = N * P * Q
-    cfg = _cfg(g.g.dtype, _WG, _WG_FMA, (K, C, MP))
+    fast = _WG_POOL32 if pool and g.g.dtype == torch.float32 else _WG
+    cfg = _cfg(g.g.dtype, fast, _WG_FMA, (K, C, MP))
     tiles = triton.cdiv(K, cfg["BM"]) * triton.cdiv(C, cfg["BN"]) * R * S
     split = max(1, min(triton.cdiv(MP, cfg["BK"]), _WG_PROGRAMS // tiles))
     chunk = triton.cdiv(triton.cdiv(MP, split), cfg["BK"]) * cfg["BK"]
@@ -385,7 +450,7 @@ def conv_wgrad(g: GradOperand, x: torch.Tensor, w_shape, stride: int, padding: i
            N, x.shape[2], x.shape[3], C, P, Q, K, MP, chunk,
            STRIDE=stride, PAD=padding, R=R, S=S, HAS_MASK=has_mask, HAS_BN=has_bn,
            X_BNRELU=x_bnrelu is not None, HAS_DB=need_db, PREC=_input_precision(g.g.dtype),
-           **cfg)
+           AVGPOOL=pool, **cfg)
     return WgradOut(dw.permute(0, 3, 1, 2), db)
 
 

@@ -1,5 +1,6 @@
 """Input checks of the triton backend's public convolution ops, eval_ops.py's
-resnet_fused_triton::conv_bias_relu and conv_bias_shortcut_relu.
+resnet_fused_triton::conv_bias_relu, conv_bias_shortcut_relu and
+conv_bias_pool_shortcut_relu.
 
 This is where user input to the Triton convolutions is validated, once, with an error
 that names the op and what was wrong; conv.py's conv2d_nhwc only asserts what
@@ -11,6 +12,7 @@ import torch
 
 from ...ops import conv_out_hw
 from .launcher import DTYPES as _DTYPES, NS
+from .pool import pool_out_hw
 
 
 def _tensor(op: str, name: str, t, dims: int, axes: str) -> torch.Tensor:
@@ -89,10 +91,8 @@ def check_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1)
     _out_hw(op, x, weight, stride, padding)
 
 
-def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
-                                  shortcut_stride, shortcut_padding, dilation=1,
-                                  groups=1) -> None:
-    op = "conv_bias_shortcut_relu"
+def _join_inputs(op, y, weight, bias, x, padding, dilation=1, groups=1) -> tuple:
+    """The checks of the eval joins' main branch and x; the output shape."""
     _activation(op, "y", y)
     _int(op, "padding", padding, 0)
     _dense(op, dilation, groups)
@@ -104,6 +104,14 @@ def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
         raise TypeError(f"{NS}::{op}: x dtype {x.dtype} differs from y dtype {y.dtype}")
     if x.device != y.device:
         raise ValueError(f"{NS}::{op}: x is on {x.device}, y on {y.device}")
+    return out
+
+
+def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                  shortcut_stride, shortcut_padding, dilation=1,
+                                  groups=1) -> None:
+    op = "conv_bias_shortcut_relu"
+    out = _join_inputs(op, y, weight, bias, x, padding, dilation, groups)
     if shortcut_weight is None:
         if tuple(x.shape) != out:
             raise ValueError(f"{NS}::{op}: the identity shortcut x must have the output "
@@ -119,4 +127,25 @@ def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
                          f"shape {sc}, the main branch {out}")
 
 
-__all__ = ["check_conv_bias_relu", "check_conv_bias_shortcut_relu"]
+def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                       pool_kernel, pool_stride, ceil_mode) -> None:
+    op = "conv_bias_pool_shortcut_relu"
+    out = _join_inputs(op, y, weight, bias, x, padding)
+    _int(op, "pool_kernel", pool_kernel, 1)
+    _int(op, "pool_stride", pool_stride, 1)
+    _weight(op, "shortcut_weight", shortcut_weight, x, "x")
+    if tuple(shortcut_weight.shape[2:]) != (1, 1):
+        raise ValueError(f"{NS}::{op}: shortcut_weight must be 1x1, got shape "
+                         f"{tuple(shortcut_weight.shape)}")
+    hw = pool_out_hw(x.shape[2], x.shape[3], pool_kernel, pool_stride, bool(ceil_mode))
+    if min(hw) < 1:
+        raise ValueError(f"{NS}::{op}: x {tuple(x.shape)} is smaller than the pool's "
+                         f"{pool_kernel}x{pool_kernel} window")
+    sc = (x.shape[0], shortcut_weight.shape[0], *hw)
+    if sc != out:
+        raise ValueError(f"{NS}::{op}: the pooled shortcut conv(avg_pool2d(x), "
+                         f"shortcut_weight) has shape {sc}, the main branch {out}")
+
+
+__all__ = ["check_conv_bias_pool_shortcut_relu", "check_conv_bias_relu",
+           "check_conv_bias_shortcut_relu"]

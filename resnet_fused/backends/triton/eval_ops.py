@@ -1,5 +1,6 @@
-"""The triton backend's eval ops: conv_bias_relu (every stage but the last) and
-conv_bias_shortcut_relu (the last stage with the shortcut). Dense convolutions only:
+"""The triton backend's eval ops: conv_bias_relu (every stage but the last),
+conv_bias_shortcut_relu (the last stage with the shortcut) and
+conv_bias_pool_shortcut_relu (the same with ResNet-D's pooled shortcut). Dense convolutions only:
 groups != 1 or dilation != 1 is refused with an error (conv_checks.py), and the
 backend's unsupported_block_reason routes such blocks to another backend.
 
@@ -23,8 +24,9 @@ from typing import Optional
 import torch
 
 from ...ops import like_format
-from .conv import Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
-from .conv_checks import check_conv_bias_relu, check_conv_bias_shortcut_relu
+from .conv import AvgPool, Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
+from .conv_checks import (check_conv_bias_pool_shortcut_relu, check_conv_bias_relu,
+                          check_conv_bias_shortcut_relu)
 from .launcher import define_triton_op
 
 
@@ -55,5 +57,20 @@ def conv_bias_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return like_format(out, y)
 
 
-for _fn in (conv_bias_relu, conv_bias_shortcut_relu):
+def conv_bias_pool_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 x: torch.Tensor, shortcut_weight: torch.Tensor,
+                                 padding: int, pool_kernel: int, pool_stride: int,
+                                 ceil_mode: bool) -> torch.Tensor:
+    """ResNet-D's join: the projection GEMM averages x's windows as it loads them
+    (conv.py, _pool_gemm_loop), so the pooled x is never written."""
+    check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                       pool_kernel, pool_stride, ceil_mode)
+    second = SecondGemm(x, shortcut_weight.to(y.dtype), pool_stride, 0,
+                        AvgPool(pool_kernel, bool(ceil_mode)))
+    out = conv2d_nhwc(y, weight.to(y.dtype), 1, padding, second=second,
+                      epilogue=Epilogue(bias, relu=True)).out
+    return like_format(out, y)
+
+
+for _fn in (conv_bias_relu, conv_bias_shortcut_relu, conv_bias_pool_shortcut_relu):
     define_triton_op(_fn.__name__, _fn)

@@ -76,6 +76,12 @@ per-BN [3, C] fp32 statistics. Nothing of y_i, bn(c_last), the shortcut or out i
 Backward temporaries: one dZ per stage (c-sized, freed as the chain goes down) plus fp32
 weight-gradient buffers.
 
+ResNet-D's pooled shortcut (sc_pool, pool.py): conv(x, w_sc) above is the 1x1 GEMM of
+x's window average, taken as it loads x (conv._pool_gemm_loop); its wgrad rebuilds the
+average in the loader and its dgrad spreads each window's gradient over its taps in
+the loader (conv_bwd._dgrad_loop's AVGPOOL): no pass and no tensor more than the
+unpooled projection's.
+
 Covered: 1x1 and 3x3 kernels with 'same' padding, any stride, groups 1 and dilation 1
 (train_unsupported_reason says what else is not, so the backend can decline).
 No host synchronisation anywhere: every data-dependent value stays on the device.
@@ -92,10 +98,11 @@ from ...ops import (BlockTrainArgs, BlockTrainGrads, BlockTrainOut, like_format,
 from ...blocks import bn_eps
 from ...spec import Parts
 from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
-from .conv import Epilogue, Prologue, ResidualAdd, conv2d_nhwc
+from .conv import AvgPool, Epilogue, Prologue, ResidualAdd, conv2d_nhwc
 from .conv_bwd import (GradOperand, GradResidual, ReluBnEpilogue, SecondDgrad, conv_dgrad,
                        conv_wgrad)
 from .launcher import NS, define_triton_op
+from .pool import pool_out_hw, pool_stride, pool_unsupported_reason, shortcut_pool
 
 _CL = torch.channels_last
 _OPS = getattr(torch.ops, NS)
@@ -140,13 +147,13 @@ def _check_lists(w, b, g, beta, stride, eps) -> None:
 
 
 # =========================================================================== forward
-def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group, running=None):
+def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group, running=None, pool=None):
     """c = conv(prev (prologue applied on load), w) + b with its BN's statistics from the
     epilogue (combined over the group) and the finalized coefficients; a frozen BN
     (running: its [2, C] running mean and variance) takes those instead, and the
     epilogue computes no statistics."""
     c, _, m, v = conv2d_nhwc(prev, w, stride, _pad(w), prologue=prologue,
-                             epilogue=Epilogue(b), stats=running is None)
+                             epilogue=Epilogue(b), stats=running is None, pool=pool)
     n = c.shape[0] * c.shape[2] * c.shape[3]
     if running is not None:
         m, v = running[0], running[1]
@@ -156,10 +163,19 @@ def _stage(prev, w, b, stride, prologue, gamma, beta, eps, group, running=None):
     return c, _Bn(m, v, inv, sc, sh, n)
 
 
+def _sc_avgpool(sc_pool: int) -> Optional[AvgPool]:
+    """block_train's sc_pool as conv.py's pooled operand: its windows start at p * stride
+    and end at the image, which ceil_mode's last window does; the caller checked that
+    the user's pool has the block's output size (train_block: _check_parts)."""
+    return AvgPool(sc_pool, True) if sc_pool else None
+
+
 def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, group,
-          running_sc=None):
+          running_sc=None, sc_pool=0):
     """out, mask = relu(bn_last(c) + shortcut) in one pass; also c_sc and the shortcut
-    BN's statistics (None without one)."""
+    BN's statistics (None without one). sc_pool: the shortcut GEMM averages x's windows
+    as it loads them (ResNet-D; conv._pool_gemm_loop)."""
+    pool = _sc_avgpool(sc_pool)
     if w_sc is None:
         out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=x)
         return out, mask, _empty(x), None
@@ -167,17 +183,18 @@ def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, g
         # D2L projection (no BN): the final pass is the projection GEMM's epilogue,
         # relu(conv(x, w_sc) + b_sc + scale*c + shift) with the mask, so the shortcut is
         # never written out and re-read.
-        out, mask, _, _ = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc),
+        out, mask, _, _ = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), pool=pool,
                                       residual=ResidualAdd(c, bn.scale, bn.shift),
                                       epilogue=Epilogue(b_sc, relu=True, mask=True))
         return out, mask, _empty(x), None
     if g_sc is None:
         # Channel counts that are not a multiple of 8 would split a mask byte across
         # two tiles: the shortcut goes through memory and the elementwise pass.
-        sc = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), epilogue=Epilogue(b_sc)).out
+        sc = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), epilogue=Epilogue(b_sc), pool=pool).out
         out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=sc)
         return out, mask, _empty(x), None
-    c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group, running_sc)
+    c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group, running_sc,
+                      pool)
     out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=c_sc,
                             res_bn=(st.mean, st.invstd, g_sc, beta_sc))
     return out, mask, c_sc, st
@@ -194,7 +211,8 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
                  g: list[torch.Tensor], beta: list[torch.Tensor], stride: list[int],
                  eps: list[float], w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
                  g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
-                 eps_sc: float, group: str = "", running: Optional[list[torch.Tensor]] = None
+                 eps_sc: float, group: str = "", running: Optional[list[torch.Tensor]] = None,
+                 sc_pool: int = 0
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
                             list[torch.Tensor]]:
     """block_train (schemas.py): BlockTrainOut(out, c, c_sc, mask, stats) as a tuple."""
@@ -213,7 +231,7 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
         prev, prologue = c, Prologue(st.scale, st.shift, relu=True)
     out, mask, c_sc, st_sc = _join(x, cs[-1], bns[-1], g[-1], beta[-1], w_sc, b_sc, g_sc,
                                    beta_sc, _sc_stride(stride), eps_sc, group,
-                                   run[-1] if nbn > len(w) else None)
+                                   run[-1] if nbn > len(w) else None, sc_pool)
     stats = [_stat_rows(st) for st in bns + ([st_sc] if st_sc is not None else [])]
     return tuple(BlockTrainOut(out=out, c=cs, c_sc=c_sc, mask=mask, stats=stats))
 
@@ -279,17 +297,19 @@ def _stage_grads(G, w, stride, has_b, c_prev, bn: _Bn, gamma, group, frozen=Fals
     return GradOperand(dz, c=c_prev, coef=coef), dw, db, dg, dbeta
 
 
-def _shortcut_grads(G0, grad_out, mask, x, w_sc, c_sc, coef_sc, s_sc, has_b_sc):
-    """dw_sc, db_sc and how dx gets the shortcut's gradient: (residual, second)."""
+def _shortcut_grads(G0, grad_out, mask, x, w_sc, c_sc, coef_sc, s_sc, has_b_sc, sc_pool=0):
+    """dw_sc, db_sc and how dx gets the shortcut's gradient: (residual, second). A
+    pooled shortcut (sc_pool): the wgrad rebuilds the pooled x in its loader, the dgrad
+    spreads each window's gradient over its taps in its loader (conv_bwd._dgrad_loop)."""
     if w_sc is None:
         return None, None, GradResidual(grad_out, mask), None  # identity: g = grad_out*mask
     G = GradOperand(grad_out, mask) if coef_sc is None else GradOperand(grad_out, mask, c_sc,
                                                                         coef_sc)
-    dw, db = conv_wgrad(G, x, w_sc.shape, s_sc, _pad(w_sc), need_db=has_b_sc)
+    dw, db = conv_wgrad(G, x, w_sc.shape, s_sc, _pad(w_sc), need_db=has_b_sc, pool=sc_pool)
     if G.g.shape == G0.g.shape:
         # Same output as stage 0 (basic block): a second GEMM into conv 0's accumulator.
-        return dw, db, None, SecondDgrad(G, w_sc, _pad(w_sc))
-    dx_sc = conv_dgrad(G, w_sc, tuple(x.shape[2:]), s_sc, _pad(w_sc)).dx
+        return dw, db, None, SecondDgrad(G, w_sc, _pad(w_sc), sc_pool)
+    dx_sc = conv_dgrad(G, w_sc, tuple(x.shape[2:]), s_sc, _pad(w_sc), pool=sc_pool).dx
     return dw, db, GradResidual(dx_sc), None
 
 
@@ -299,7 +319,7 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
                           beta: list[torch.Tensor], w_sc: Optional[torch.Tensor],
                           g_sc: Optional[torch.Tensor], has_b: list[bool], has_b_sc: bool,
                           stride: list[int], eps: list[float], eps_sc: float, group: str = "",
-                          frozen: bool = False
+                          frozen: bool = False, sc_pool: int = 0
                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                      list[torch.Tensor], list[torch.Tensor], torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -321,7 +341,7 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
         G, dw[i], db[i], dg[i - 1], dbeta[i - 1] = _stage_grads(
             G, w[i], stride[i], has_b[i], c[i - 1], bns[i - 1], g[i - 1], group, frozen)
     dw_sc, db_sc, res, sec = _shortcut_grads(G, grad_out, mask, x, w_sc, c_sc, coef_sc,
-                                             _sc_stride(stride), has_b_sc)
+                                             _sc_stride(stride), has_b_sc, sc_pool)
     dw[0], db[0] = conv_wgrad(G, x, w[0].shape, stride[0], _pad(w[0]), need_db=has_b[0])
     dx = conv_dgrad(G, w[0], tuple(x.shape[2:]), stride[0], _pad(w[0]), residual=res,
                     second=sec).dx
@@ -356,6 +376,11 @@ def train_unsupported_reason(parts: Parts) -> Optional[str]:
     """Why block_train cannot compute the block (None when it can): its kernels are
     dense 1x1 / 3x3 convolutions with 'same' padding; the backend declines the rest
     (grouped or dilated convolutions: ResNeXt, dilated backbones) so auto routes on."""
+    sc = parts.shortcut
+    if sc is not None and sc.pool is not None:
+        reason = pool_unsupported_reason(sc.pool, sc.conv)
+        if reason is not None:
+            return reason
     for name, st in _named_convs(parts):
         conv = st.conv
         k = tuple(conv.kernel_size)
@@ -406,12 +431,23 @@ def _check_parts(parts: Parts, x: torch.Tensor, frozen: bool = False) -> None:
     if sc is None and (s != 1 or cin != kout):
         raise ValueError(f"triton train_block: an identity shortcut needs stride 1 and equal "
                          f"channels, got stride {s} and {cin}->{kout} channels")
-    if sc is not None and (sc.conv.stride[0] != s or sc.conv.in_channels != cin
+    if sc is not None and (sc.conv.stride[0] * pool_stride(parts) != s
+                           or sc.conv.in_channels != cin
                            or sc.conv.out_channels != kout or sc.relu):
-        raise ValueError(f"triton train_block: the shortcut conv must map {cin}->{kout} "
-                         f"channels with stride {s} (the stages' product) and no ReLU; got "
-                         f"{sc.conv.in_channels}->{sc.conv.out_channels}, stride "
-                         f"{tuple(sc.conv.stride)}")
+        raise ValueError(f"triton train_block: the shortcut (pool and) conv must map "
+                         f"{cin}->{kout} channels with stride {s} (the stages' product) and "
+                         f"no ReLU; got {sc.conv.in_channels}->{sc.conv.out_channels}, "
+                         f"stride {tuple(sc.conv.stride)}, pool stride {pool_stride(parts)}")
+    pool = shortcut_pool(parts)
+    if pool is not None:
+        out_hw = (H, W)
+        for st in parts.stages:
+            out_hw = tuple((n - 1) // st.conv.stride[0] + 1 for n in out_hw)
+        pooled = pool_out_hw(H, W, pool.kernel, s, pool.ceil_mode)
+        if pooled != out_hw:
+            raise ValueError(f"triton train_block: the shortcut's AvgPool2d makes "
+                             f"{pooled[0]}x{pooled[1]} of the {H}x{W} input, the main path "
+                             f"{out_hw[0]}x{out_hw[1]}: the shapes would not add")
     h, w_ = H, W
     for i, st in enumerate(parts.stages if not frozen else ()):
         h, w_ = (h - 1) // st.conv.stride[0] + 1, (w_ - 1) // st.conv.stride[0] + 1
@@ -473,7 +509,8 @@ def _op_args(parts: Parts, x: torch.Tensor, group: str, frozen: bool = False) ->
         g_sc=sc_bn.weight if sc_bn is not None else None,
         beta_sc=sc_bn.bias if sc_bn is not None else None,
         eps_sc=bn_eps(sc_bn) if sc_bn is not None else 1e-5, group=group,
-        running=[_running(bn) for bn in parts.bns()] if frozen else None)
+        running=[_running(bn) for bn in parts.bns()] if frozen else None,
+        sc_pool=pool.kernel if (pool := shortcut_pool(parts)) is not None else 0)
 
 
 def train_block(parts: Parts, x: torch.Tensor, group: str = "",

@@ -219,10 +219,5 @@ NAMESPACES = {
 }
 
 # The ops each backend's namespace holds.
-<<<<<<< HEAD
 BACKEND_OPS = {"native": COMMON_OPS + GATE_OPS, "torch": COMMON_OPS + GATE_OPS,
-               "triton": COMMON_OPS + BLOCK_OPS}
-=======
-BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS + GATE_OPS,
                "triton": COMMON_OPS + BLOCK_OPS + POOL_OPS}
->>>>>>> i26p

@@ -24,6 +24,7 @@ the fakes and autograd. The autograd, per op:
     bn_pool                 -> <ns>::bn_pool_backward (the pool of a gated branch)
     bn_gate_act             -> <ns>::bn_gate_act_backward (gate * BN + residual + ReLU)
     gate_shortcut_relu      -> dReLU, the gate's sum, the shortcut's conv backward
+    conv_bias_pool          -> the pool's gradient spread over H, W, the conv backward
 (eval-mode ops are differentiable so a model in eval mode still gives input and
 parameter gradients when autograd is on, e.g. for saliency maps).
 
@@ -237,6 +238,11 @@ def _fake_bn_gate_act_backward(grad_out, mask, c, mean, invstd, weight, bias, ga
             gate.new_empty(gate.shape, dtype=mean.dtype), grad_res)
 
 
+def _fake_conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1):
+    return (_conv_out(x, weight, stride, padding, dilation),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=stats_dtype(x)))
+
+
 def _fake_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
                              shortcut_padding):
     return torch.empty_like(y)
@@ -248,6 +254,7 @@ FAKES = {
     "bn_gate_act": _fake_bn_gate_act,
     "bn_gate_act_backward": _fake_bn_gate_act_backward,
     "gate_shortcut_relu": _fake_gate_shortcut_relu,
+    "conv_bias_pool": _fake_conv_bias_pool,
     "channel_stats": _fake_channel_stats,
     "bn_finalize": _fake_bn_finalize,
     "bn_act": _fake_bn_act,
@@ -324,6 +331,29 @@ def _conv_bias_relu_backward(ctx, grad_out):
     g = grad_out * (out > 0)
     nx, nw, nb = ctx.needs_input_grad[:3]
     gx, gw = _conv_grads(g, x, weight, stride, padding, nx, nw, dilation, groups)
+    gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
+    return gx, gw, gb, None, None, None, None
+
+
+def _conv_bias_pool_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.bias_dtype = bias.dtype
+
+
+def _conv_bias_pool_backward(ctx, grad_out, grad_pooled):
+    """The pool's gradient spread over H, W (/ H*W) joins the output's, then the conv's
+    backward."""
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    g = grad_out
+    if grad_pooled is not None:
+        shape = _conv_out(x, weight, stride, padding, dilation).shape
+        spread = (grad_pooled / (shape[2] * shape[3])).to(x.dtype)[:, :, None, None]
+        g = spread.expand(shape) if g is None else g + spread
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    gx, gw = _conv_grads(g.contiguous(), x, weight, stride, padding, nx, nw, dilation, groups)
     gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
     return gx, gw, gb, None, None, None, None
 
@@ -473,8 +503,9 @@ def _make_block_train_backward(ns: str):
                                                              **ctx.scalars)))._asdict()
         # The gradient of each input: d<name> (a list for a list input), else None.
         # `running` (a frozen block's statistics: constants) has none: a list of Nones.
+        # A sample `gate` (a constant) has none either.
         out = tuple(None if slot is None else (
-                    grads["d" + n] if slot == "tensor" else list(grads["d" + n])
+                    grads.get("d" + n) if slot == "tensor" else list(grads["d" + n])
                     if "d" + n in grads else [None] * slot)
                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
         # Exactly one entry per input the op received (torch checks the structure).
@@ -500,6 +531,7 @@ AUTOGRAD = {
     "bn_gate_act": (_make_bn_gate_act_backward, _bn_gate_act_setup),
     "gate_shortcut_relu": (lambda ns: _gate_shortcut_relu_backward,
                            _gate_shortcut_relu_setup),
+    "conv_bias_pool": (lambda ns: _conv_bias_pool_backward, _conv_bias_pool_setup),
 }
 
 

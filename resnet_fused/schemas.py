@@ -8,7 +8,7 @@ Each backend registers the ops under its own namespace (NAMESPACES):
 
 Every backend implements the ops of COMMON_OPS; the triton backend also the fused
 training block, BLOCK_OPS (block_train and its backward); the torch backend also the
-gated join, GATE_OPS. Adding an op = its schema
+gated join, GATE_OPS, of which the triton backend has the eval ones, TRITON_GATE_OPS. Adding an op = its schema
 here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
 kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
 
@@ -137,6 +137,13 @@ SCHEMAS = {
         "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, "
         "Tensor grad_residual)"
     ),
+    # Eval branch of a gated block: out = conv2d(x, weight, bias, stride, padding,
+    # dilation, groups) (no ReLU) in x's dtype and memory format, and pooled = its mean
+    # over H, W as written, float32 (float64 for float64 x), shape (N, K).
+    "conv_bias_pool": (
+        "conv_bias_pool(Tensor x, Tensor weight, Tensor bias, int stride, int padding, "
+        "int dilation=1, int groups=1) -> (Tensor out, Tensor pooled)"
+    ),
     # Eval join of a gated block: relu(gate * y + shortcut), shortcut = x, or
     # conv2d(x, shortcut_weight, shortcut_stride, shortcut_padding) + shortcut_bias
     # (BN folded; a pooled shortcut's pool already applied to x).
@@ -161,6 +168,9 @@ SCHEMAS = {
     # [2, C] float32 tensor per BN (the stages', then the shortcut BN's), its running
     # mean and running variance, which then stand for the batch statistics everywhere
     # (stats returns them); group must be "".
+    # gate: None, or a sample gate drawn before the call (drop path: (N, 1, 1, 1) or
+    # (1, 1, 1, 1), any float dtype; no gradient): out = relu(gate * bn_{S-1}(c_{S-1}) +
+    # shortcut).
     # x and the activations returned are channels_last-contiguous.
     # Returns out, and for the backward and the running statistics: c (every stage's
     # conv output before its BN), c_sc (the shortcut BN's input; an empty [0] tensor
@@ -171,28 +181,33 @@ SCHEMAS = {
     "block_train": (
         "block_train(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
         "int[] stride, float[] eps, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, "
-        "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None) -> "
-        "(Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, Tensor[] stats)"
+        "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None, "
+        "Tensor? gate=None) -> (Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, "
+        "Tensor[] stats)"
     ),
     # Gradients of block_train's out with respect to its tensor inputs (d<input name>;
     # a list for a list input), from what it saved; has_b / has_b_sc say which conv
     # biases exist. The gradients of absent parameters are empty [0] tensors.
     # frozen: block_train ran with `running` (the statistics are constants: no
-    # gradient through them).
+    # gradient through them). gate: block_train's (the last BN's gradient is gate times
+    # the masked grad_out; the shortcut's is not gated).
     "block_train_backward": (
         "block_train_backward(Tensor grad_out, Tensor x, Tensor[] c, Tensor c_sc, "
         "Tensor mask, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, Tensor? w_sc, "
         "Tensor? g_sc, bool[] has_b, bool has_b_sc, int[] stride, float[] eps, "
-        "float eps_sc, str group=\"\", bool frozen=False) -> (Tensor dx, Tensor[] dw, "
+        "float eps_sc, str group=\"\", bool frozen=False, Tensor? gate=None) -> "
+        "(Tensor dx, Tensor[] dw, "
         "Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
         "Tensor dg_sc, Tensor dbeta_sc)"
     ),
 }
 
 BLOCK_OPS = ("block_train", "block_train_backward")
-# The torch backend's only, so far: the native and triton backends decline gated blocks.
+# The torch backend's (every gated block); the native backend declines gated blocks.
 GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
-            "gate_shortcut_relu")
+            "conv_bias_pool", "gate_shortcut_relu")
+# The triton backend's, for the eval of a gated last stage (its training is block_train).
+TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu")
 COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS)
 
 # backend name -> the namespace its ops are registered under.
@@ -204,4 +219,4 @@ NAMESPACES = {
 
 # The ops each backend's namespace holds.
 BACKEND_OPS = {"native": COMMON_OPS, "torch": COMMON_OPS + GATE_OPS,
-               "triton": COMMON_OPS + BLOCK_OPS}
+               "triton": COMMON_OPS + BLOCK_OPS + TRITON_GATE_OPS}

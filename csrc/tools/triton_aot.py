@@ -89,7 +89,7 @@ def _require_compiled_mode():
 def capture(label_ref: list):
     """Within the block, every kernel launch of the backend is recorded, not run.
     label_ref[0] is the label attached to launches recorded from then on."""
-    from resnet_fused.backends.triton import bn, conv, conv_bwd
+    from resnet_fused.backends.triton import bn, conv, conv_bwd, gate
 
     launches: list[Launch] = []
 
@@ -97,8 +97,8 @@ def capture(label_ref: list):
         launches.append(Launch(kernel, args, kwargs, label_ref[0]))
 
     # Every launcher calls launcher.launch through its own module's name for it (train.py
-    # launches only through bn, conv and conv_bwd).
-    mods = (bn, conv, conv_bwd)
+    # launches only through bn, conv, conv_bwd and gate).
+    mods = (bn, conv, conv_bwd, gate)
     saved = [(mod, mod.launch) for mod in mods]
     for mod in mods:
         mod.launch = launch
@@ -155,9 +155,42 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
-def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False):
+def _gated_launches(cin, k, hw, stride, kind, dt, pdt):
+    """The eval of a gated last stage (eval_ops.py): the branch conv with its pooled
+    sums (conv_bias_pool), then the join relu(g * branch + shortcut), in the projection
+    GEMM's epilogue (kind "1x1") or one elementwise pass (identity); and the training
+    block with a sample gate (block_train's `gate`) for each shortcut kind."""
+    from resnet_fused.backends.triton import eval_ops
+
+    x = _t((BATCH, cin, hw, hw), dt)
+    p = (hw - 1) // stride + 1
+    y1, w2, fb = _t((BATCH, k, p, p), dt), _t((k, k, 3, 3), dt), _t((k,), dt)
+    branch, _ = eval_ops.conv_bias_pool(y1, w2, fb, 1, 1)
+    gate = torch.empty((BATCH, k, 1, 1), dtype=dt)
+    if kind == "identity":
+        eval_ops.gate_shortcut_relu(branch, gate, x, None, None, 1, 0)
+    else:
+        eval_ops.gate_shortcut_relu(branch, gate, x, _t((k, cin, 1, 1), dt), _t((k,), dt),
+                                    stride, 0)
+    w = [_t((k, cin, 3, 3), dt), _t((k, k, 3, 3), dt)]
+    sample = torch.empty((BATCH, 1, 1, 1), dtype=dt)
+    if kind == "identity":
+        _train_launches(x, w, [None, None], [stride, 1], None, None, None, None, pdt,
+                        gate=sample)
+        return
+    w_sc, ones, zeros = _t((k, cin, 1, 1), dt), torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+    # D2L projection (the join in the projection GEMM's epilogue), then a BN'd one.
+    _train_launches(x, w, [_t((k,), dt)] * 2, [stride, 1], w_sc, _t((k,), dt), None, None,
+                    pdt, gate=sample)
+    _train_launches(x, w, [None, None], [stride, 1], w_sc, None, ones, zeros, pdt,
+                    gate=sample)
+
+
+def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False,
+                    gate=None):
     """The fused training forward and backward of one chain of stages (train.py);
-    frozen: every BN on its running statistics (block_train's `running`)."""
+    frozen: every BN on its running statistics (block_train's `running`); gate: a
+    sample gate (block_train's `gate`)."""
     from resnet_fused.backends.triton import train
 
     g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
@@ -168,10 +201,11 @@ def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=Fal
         ks = [wi.shape[0] for wi in w] + ([w_sc.shape[0]] if g_sc is not None else [])
         running = [torch.ones((2, k), dtype=torch.float32) for k in ks]
     out, c, c_sc, mask, stats = train._block_train(x, w, b, g, beta, strides, eps, w_sc,
-                                                   b_sc, g_sc, beta_sc, 1e-5, "", running)
+                                                   b_sc, g_sc, beta_sc, 1e-5, "", running,
+                                                   gate)
     train._block_train_backward(_t(tuple(out.shape), x.dtype), x, c, c_sc, mask, stats, w, g,
                                 beta, w_sc, g_sc, [t is not None for t in b],
-                                b_sc is not None, strides, eps, 1e-5, "", frozen)
+                                b_sc is not None, strides, eps, 1e-5, "", frozen, gate)
 
 
 # ResNet-50 bottleneck blocks (input channels, width, input size, stride): layer1's
@@ -303,6 +337,12 @@ def collect(full: bool = False) -> list:
                     label[0] = (f"{plabel} frozen bottleneck "
                                 f"{cin}->{width}->{4 * width}@{hw}/{stride}")
                     _bottleneck_launches(cin, width, hw, stride, False, dt, torch.float32, True)
+                # Gated eval (SE / ECA / drop path): after the others, so its variants
+                # keep its label (--filter gated).
+                for cin, k, hw, stride in stages:
+                    kind = "identity" if cin == k and stride == 1 else "1x1"
+                    label[0] = f"{plabel} gated {kind} {cin}->{k}@{hw}/{stride}"
+                    _gated_launches(cin, k, hw, stride, kind, dt, torch.float32)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):

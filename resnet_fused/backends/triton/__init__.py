@@ -25,19 +25,21 @@ import torch
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
-from ..base import gate_or_pool_reason
-from ..composite import CompositeBackend
+from ..base import gate_reason, pool_reason
+from ..composite import CompositeBackend, branch_gate
+from ...spec import CHANNEL
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
+from . import gate as _gate
 from . import launcher
 # train defines block_train; imported here, never while tracing.
 from .train import block_group, train_block, train_unsupported_reason
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
-launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd))
+launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd, _gate))
 
 # Where to set TRITON_INTERPRET: before anything imports triton.language, which binds
 # Triton's own helpers once (launcher._language_interpreted); torch._dynamo imports it,
@@ -89,7 +91,7 @@ class TritonBackend(CompositeBackend):
     def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
         # The implicit GEMM (conv.py) and its backward are dense: no grouped (ResNeXt)
         # or dilated (segmentation backbones) variant.
-        reason = gate_or_pool_reason(parts, self.name)
+        reason = pool_reason(parts, self.name) or self._gate_reason(parts, training)
         if reason is not None:
             return reason
         sts = parts.stages + ((parts.shortcut,) if parts.shortcut is not None else ())
@@ -101,7 +103,33 @@ class TritonBackend(CompositeBackend):
                         f"groups={c.groups}, dilation={c.dilation[0]}")
         return None
 
-    # forward_eval: CompositeBackend's stage walk over this namespace's eval ops.
+    def _gate_reason(self, parts, training: bool) -> Optional[str]:
+        """Gates on the last stage are computed in eval (conv_bias_pool, then the
+        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and, sample gates only,
+        in training (block_train's `gate`); a gate inside the chain (RegNet's SE before
+        the last 1x1) and channel gates in training are not yet."""
+        if not parts.gates:
+            return None
+        if any(g.stage != len(parts.stages) - 1 for g in parts.gates):
+            return gate_reason(parts, self.name, "a gate inside the chain of convolutions")
+        if training and any(g.kind == CHANNEL for g in parts.gates):
+            return gate_reason(parts, self.name, "training a channel-gated branch (SE, ECA)")
+        if training and train_unsupported_reason(parts) is not None:
+            return gate_reason(parts, self.name, "training gated branches outside block_train "
+                               f"({train_unsupported_reason(parts)})")
+        return None
+
+    @staticmethod
+    def _sample_gate(parts, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The product of the last stage's sample gates, drawn now as their modules
+        draw (the block's only RNG calls, so drawing before the convolutions keeps the
+        plain block's order), for block_train's `gate`; None for an ungated block."""
+        if not parts.gates:
+            return None
+        return branch_gate(parts, x, None)
+
+    # forward_eval: CompositeBackend's stage walk over this namespace's eval ops (a
+    # gated last stage: conv_bias_pool, the gate, gate_shortcut_relu).
 
     def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
         group = block_group(groups, parts)
@@ -109,17 +137,26 @@ class TritonBackend(CompositeBackend):
             # BNs synchronized over different groups (or some local): one collective
             # per BN, which the fused block does not do; the composite path does. A
             # chain the training kernels lack (not 1x1/3x3 'same'): the same.
+            if parts.gates and group is None:
+                # (_gate_reason declined the other case.) The composite's gated join
+                # needs the gate ops this namespace lacks.
+                raise ValueError("the triton backend trains a gated block only with all "
+                                 "its BNs local or synchronized over one group; use "
+                                 "backend='torch' for this block")
             return super().forward_train(parts, x, groups)
-        return train_block(parts, x, group)
+        return train_block(parts, x, group, gate=self._sample_gate(parts, x))
 
     def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
         """The fused training block with every BN frozen (block_train's `running`):
         running statistics in the prologues and the join, no statistics in the
         epilogues, no update; the backward without the statistics terms. A chain the
         training kernels lack goes the composite way (bn_frozen_act)."""
-        if train_unsupported_reason(parts) is not None:
+        if train_unsupported_reason(parts) is not None or any(
+                g.kind == CHANNEL for g in parts.gates):
+            # (A channel-gated block: ATen convolutions and BN around the gates'
+            # modules, until block_train takes channel gates.)
             return super().forward_frozen(parts, x)
-        return train_block(parts, x, frozen=True)
+        return train_block(parts, x, frozen=True, gate=self._sample_gate(parts, x))
 
 
 __all__ = ["TritonBackend"]

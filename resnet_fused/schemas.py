@@ -8,7 +8,7 @@ Each backend registers the ops under its own namespace (NAMESPACES):
 
 Every backend implements the ops of COMMON_OPS; the triton backend also the fused
 training block, BLOCK_OPS (block_train and its backward); the torch backend also the
-gated join, GATE_OPS, of which the triton backend has the eval ones, TRITON_GATE_OPS. Adding an op = its schema
+gated join, GATE_OPS; the triton backend the gated ops of TRITON_GATE_OPS. Adding an op = its schema
 here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
 kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
 
@@ -200,15 +200,53 @@ SCHEMAS = {
         "Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
         "Tensor dg_sc, Tensor dbeta_sc)"
     ),
+
+    # A channel-gated block's training on the triton backend (backends/triton/
+    # train_gated.py): block_train split around the gate's f, which autograd runs.
+    # block_branch: block_train's stages without the join; c_last (the last conv's
+    # output) and pooled = bn_{S-1}(mean over H, W of c_last), float32 (N, C), are
+    # differentiable; c: the other stages' conv outputs; stats: every stage's [3, C].
+    "block_branch": (
+        "block_branch(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
+        "int[] stride, float[] eps) -> (Tensor c_last, Tensor pooled, Tensor[] c, "
+        "Tensor[] stats)"
+    ),
+    "block_branch_backward": (
+        "block_branch_backward(Tensor grad_c_last, Tensor? grad_pooled, Tensor x, "
+        "Tensor[] c, Tensor c_last, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, "
+        "bool[] has_b, int[] stride, float[] eps) -> (Tensor dx, Tensor[] dw, Tensor[] db, "
+        "Tensor[] dg, Tensor[] dbeta)"
+    ),
+    # out = relu(gate * bn(c) + shortcut) with bn on c's batch statistics `stats`
+    # (block_branch's [3, C] row; differentiable in c on bn_act's contract), the
+    # shortcut as block_train's (w_sc None: x). c_sc / stats_sc: the shortcut BN's input
+    # and statistics (empty [0] without one).
+    "gate_join_train": (
+        "gate_join_train(Tensor c, Tensor stats, Tensor weight, Tensor bias, float eps, "
+        "Tensor gate, Tensor x, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, Tensor? beta_sc, "
+        "float eps_sc, int stride_sc) -> (Tensor out, Tensor mask, Tensor c_sc, "
+        "Tensor stats_sc)"
+    ),
+    "gate_join_train_backward": (
+        "gate_join_train_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor stats, "
+        "Tensor weight, Tensor bias, float eps, Tensor gate, Tensor x, Tensor? w_sc, "
+        "Tensor? g_sc, Tensor c_sc, Tensor stats_sc, bool has_b_sc, int stride_sc, "
+        "float eps_sc) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
+        "Tensor grad_gate, Tensor grad_x, Tensor grad_w_sc, Tensor grad_b_sc, "
+        "Tensor grad_g_sc, Tensor grad_beta_sc)"
+    ),
 }
 
 BLOCK_OPS = ("block_train", "block_train_backward")
 # The torch backend's (every gated block); the native backend declines gated blocks.
 GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
             "conv_bias_pool", "gate_shortcut_relu")
-# The triton backend's, for the eval of a gated last stage (its training is block_train).
-TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu")
-COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS)
+# The triton backend's: the eval of a gated last stage, and a channel-gated block's
+# training (a sample gate is block_train's `gate`).
+TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "block_branch",
+                   "block_branch_backward", "gate_join_train", "gate_join_train_backward")
+COMMON_OPS = tuple(name for name in SCHEMAS
+                   if name not in BLOCK_OPS + GATE_OPS + TRITON_GATE_OPS)
 
 # backend name -> the namespace its ops are registered under.
 NAMESPACES = {

@@ -93,13 +93,11 @@ def test_float16(kind):
 
 
 @pytest.mark.parametrize("backend,kind", [("native", "se"), ("native", "drop_path"),
-                                          ("native", "avg_down"), ("triton", "se"),
-                                          ("triton", "avg_down")])
+                                          ("native", "avg_down"), ("triton", "avg_down")])
 def test_backends_without_kernels_decline(kind, backend, monkeypatch):
-    """native has no gate or pool kernels yet, triton none for a pooled shortcut or for
-    training a channel-gated block (tests/test_triton_gates.py: its eval, and drop-path
-    training): they say so, an explicit choice raises with it, and auto takes a backend
-    that computes the block (the block is in training mode)."""
+    """native has no gate or pool kernels yet, triton none for a pooled shortcut
+    (tests/test_triton_gates.py: its gated blocks): they say so, an explicit choice
+    raises with it, and auto takes a backend that computes the block."""
     block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
     be = backends_pkg._load(backend)
     if be is None:

@@ -1,8 +1,9 @@
 """Gated branches on the triton backend (README.md, Design, "Gates and pooled
-shortcuts"): the gate ops (conv_bias_pool, gate_shortcut_relu) against float64
-PyTorch, single SE / ECA / torchvision SqueezeExcitation / drop-path blocks against
-the plain block by the tolerance rule (tests/blockcheck.py, BN randomised), and that
-the forward runs no ATen op over a feature map (only the gate modules on (N, C, 1, 1)).
+shortcuts"): the eval gate ops (conv_bias_pool, gate_shortcut_relu) and block_train's
+sample `gate` against float64 PyTorch; single SE / ECA / torchvision SqueezeExcitation /
+drop-path blocks against the plain block by the tolerance rule (tests/blockcheck.py,
+BN randomised), eval and training; and that the forward runs no ATen op over a
+feature map (only the gate modules on (N, C, 1, 1)).
 Without a GPU through Triton's interpreter (tests/conftest.py), on tiny shapes.
 """
 import copy
@@ -17,7 +18,7 @@ from blockcheck import check_block, randomize_bn
 from test_gated_blocks import BLOCKS, _shape
 from tolerance import assert_within
 
-import resnet_fused.backends.triton
+import resnet_fused.backends.triton  # noqa: F401  (defines the resnet_fused_triton ops)
 from resnet_fused import FusedResidual
 
 CL = torch.channels_last
@@ -98,7 +99,8 @@ def test_eval_float16(kind):
 
 class _FeatureMapOps(TorchDispatchMode):
     """Records every ATen op (at the top level: not those inside our ops) that takes or
-    returns a 4-D tensor larger than 1x1 in H, W: a pass over a feature map."""
+    returns a 4-D tensor larger than 1x1 in H, W: a pass over a feature map. Views
+    (detach, view) read nothing and are not recorded."""
 
     def __init__(self):
         super().__init__()
@@ -109,8 +111,9 @@ class _FeatureMapOps(TorchDispatchMode):
         name = str(func)
         if name.startswith("resnet_fused_triton."):
             self.ours.append(name.split(".")[1])
-        elif any(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
-                 for t in tree_leaves((args, kwargs, out))):
+        elif not getattr(func, "is_view", False) and any(
+                isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+                for t in tree_leaves((args, kwargs, out))):
             self.seen.append(name)
         return out
 
@@ -179,37 +182,36 @@ def test_block_train_with_a_sample_gate(name):
             assert_within(f"grad {n}", a.grad, b.grad, c.grad, factor=3)
 
 
-@pytest.mark.parametrize("kind", ["drop_path", "tv_se_stochastic_depth"])
+@pytest.mark.parametrize("kind", ["se", "tv_se_stochastic_depth", "eca_identity", "drop_path"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_train_drop_path(kind, channels_last):
-    """Two seeded training steps of a drop-path block against the plain one (the same
-    RNG seed before each forward: the fused block draws the same mask): output, every
-    gradient and the running statistics. torchvision's block also has an SE, which
-    training declines: it checks auto's route instead."""
-    if kind == "tv_se_stochastic_depth":
-        block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
-        reason = resnet_fused.backends.triton.TritonBackend().unsupported_block_reason(
-            block.parts(), True)
-        assert "training a channel-gated branch" in reason
-        return
+def test_train(kind, channels_last):
+    """Two seeded training steps against the plain block (the same RNG seed before each
+    forward: a drop path draws the same mask): output, every gradient (the gate
+    module's own parameters included) and the running statistics. Channel gates run
+    train_gated.py's two ops around the gate's f, sample gates block_train's `gate`."""
     check_block(BLOCKS[kind], backend="triton", train=True, channels_last=channels_last,
                 shape=_shape(kind), steps=2, reseed=True)
 
 
-def test_train_drop_path_float16_and_frozen_bn():
-    check_block(BLOCKS["drop_path"], backend="triton", dtype=torch.float16, train=True,
-                shape=_shape("drop_path"), steps=1, reseed=True)
-    check_block(BLOCKS["drop_path"], backend="triton", train=True, bn_eval=True,
-                shape=_shape("drop_path"), steps=1, reseed=True)
+def test_train_float16_and_frozen_bn():
+    for kind in ("se", "drop_path"):
+        check_block(BLOCKS[kind], backend="triton", dtype=torch.float16, train=True,
+                    shape=_shape(kind), steps=1, reseed=True)
+    for kind in ("se", "drop_path"):   # frozen BN: se the composite path, drop path fused
+        check_block(BLOCKS[kind], backend="triton", train=True, bn_eval=True,
+                    shape=_shape(kind), steps=1, reseed=True)
 
 
-def test_train_forward_runs_no_aten_op_over_a_feature_map():
+@pytest.mark.parametrize("kind,first_ops", [("drop_path", ["block_train"]),
+                                            ("se", ["block_branch", "gate_join_train"])])
+def test_train_forward_runs_no_aten_op_over_a_feature_map(kind, first_ops):
     torch.manual_seed(0)
-    plain = BLOCKS["drop_path"]()
+    plain = BLOCKS[kind]()
     randomize_bn(plain)
     fused = FusedResidual.from_residual(plain, backend="triton").train()
-    x = torch.randn(_shape("drop_path")).contiguous(memory_format=CL)
+    x = torch.randn(_shape(kind)).contiguous(memory_format=CL)
     with _FeatureMapOps() as rec:
         fused(x)
     assert rec.seen == []
-    assert rec.ours[0] == "block_train", rec.ours
+    assert rec.ours[:len(first_ops)] == first_ops, rec.ours
+    assert set(rec.ours[len(first_ops):]) == {"bn_finalize"}, rec.ours

@@ -155,11 +155,32 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
+def _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
+    """A channel-gated block's training (train_gated.py): block_branch (the last conv's
+    pool sums beside its statistics), gate_join_train and both backwards."""
+    from resnet_fused.backends.triton import train_gated as tg
+
+    g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
+    beta = [torch.zeros(wi.shape[0], dtype=pdt) for wi in w]
+    eps = [1e-5] * len(w)
+    c_last, pooled, c, stats = tg._block_branch(x, w, b, g, beta, strides, eps)
+    gate = torch.empty((x.shape[0], c_last.shape[1], 1, 1), dtype=x.dtype)
+    s_sc = strides[0] * strides[1]
+    out, mask, c_sc, st_sc = tg._gate_join_train(c_last, stats[-1], g[-1], beta[-1], 1e-5, gate,
+                                                 x, w_sc, b_sc, g_sc, beta_sc, 1e-5, s_sc)
+    tg._gate_join_train_backward(_t(tuple(out.shape), x.dtype), mask, c_last, stats[-1], g[-1],
+                                 beta[-1], 1e-5, gate, x, w_sc, g_sc, c_sc, st_sc,
+                                 b_sc is not None, s_sc, 1e-5)
+    tg._block_branch_backward(_t(tuple(c_last.shape), x.dtype), pooled, x, c, c_last, stats,
+                              w, g, beta, [t is not None for t in b], strides, eps)
+
+
 def _gated_launches(cin, k, hw, stride, kind, dt, pdt):
     """The eval of a gated last stage (eval_ops.py): the branch conv with its pooled
     sums (conv_bias_pool), then the join relu(g * branch + shortcut), in the projection
     GEMM's epilogue (kind "1x1") or one elementwise pass (identity); and the training
-    block with a sample gate (block_train's `gate`) for each shortcut kind."""
+    block with a sample gate (block_train's `gate`) and with a channel gate
+    (train_gated.py) for each shortcut kind."""
     from resnet_fused.backends.triton import eval_ops
 
     x = _t((BATCH, cin, hw, hw), dt)
@@ -177,6 +198,8 @@ def _gated_launches(cin, k, hw, stride, kind, dt, pdt):
     if kind == "identity":
         _train_launches(x, w, [None, None], [stride, 1], None, None, None, None, pdt,
                         gate=sample)
+        _channel_gated_train_launches(x, w, [None, None], [stride, 1], None, None, None, None,
+                                      pdt)
         return
     w_sc, ones, zeros = _t((k, cin, 1, 1), dt), torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
     # D2L projection (the join in the projection GEMM's epilogue), then a BN'd one.
@@ -184,6 +207,10 @@ def _gated_launches(cin, k, hw, stride, kind, dt, pdt):
                     pdt, gate=sample)
     _train_launches(x, w, [None, None], [stride, 1], w_sc, None, ones, zeros, pdt,
                     gate=sample)
+    _channel_gated_train_launches(x, w, [_t((k,), dt)] * 2, [stride, 1], w_sc, _t((k,), dt),
+                                  None, None, pdt)
+    _channel_gated_train_launches(x, w, [None, None], [stride, 1], w_sc, None, ones, zeros,
+                                  pdt)
 
 
 def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False,

@@ -36,6 +36,7 @@ from . import gate as _gate
 from . import launcher
 # train defines block_train; imported here, never while tracing.
 from .train import block_group, train_block, train_unsupported_reason
+from .train_gated import train_gated_block
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
@@ -105,15 +106,13 @@ class TritonBackend(CompositeBackend):
 
     def _gate_reason(self, parts, training: bool) -> Optional[str]:
         """Gates on the last stage are computed in eval (conv_bias_pool, then the
-        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and, sample gates only,
-        in training (block_train's `gate`); a gate inside the chain (RegNet's SE before
-        the last 1x1) and channel gates in training are not yet."""
+        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and in training (sample
+        gates: block_train's `gate`; channel gates: train_gated.py); a gate inside the
+        chain (RegNet's SE before the last 1x1) is not yet."""
         if not parts.gates:
             return None
         if any(g.stage != len(parts.stages) - 1 for g in parts.gates):
             return gate_reason(parts, self.name, "a gate inside the chain of convolutions")
-        if training and any(g.kind == CHANNEL for g in parts.gates):
-            return gate_reason(parts, self.name, "training a channel-gated branch (SE, ECA)")
         if training and train_unsupported_reason(parts) is not None:
             return gate_reason(parts, self.name, "training gated branches outside block_train "
                                f"({train_unsupported_reason(parts)})")
@@ -144,6 +143,12 @@ class TritonBackend(CompositeBackend):
                                  "its BNs local or synchronized over one group; use "
                                  "backend='torch' for this block")
             return super().forward_train(parts, x, groups)
+        if any(g.kind == CHANNEL for g in parts.gates):
+            if group:
+                raise ValueError("the triton backend trains a channel-gated block with local "
+                                 "BNs only, this one's are synchronized; use "
+                                 "backend='torch' for this block")
+            return train_gated_block(parts, x)
         return train_block(parts, x, group, gate=self._sample_gate(parts, x))
 
     def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:

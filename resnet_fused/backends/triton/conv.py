@@ -143,6 +143,7 @@ def _prune(configs, named_args, **kwargs):
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     gated = kwargs.get("RES_GATE", named_args.get("RES_GATE", False))
     bn_join = any(kwargs.get(f, named_args.get(f, False)) for f in ("RES_BN", "OUT_MASK"))
+    pool_stats = all(kwargs.get(f, named_args.get(f, False)) for f in ("POOL", "STATS"))
     cmax = max(C, named_args["C2"] if has_x2 else 0)
     kept = []
     for c in configs:
@@ -163,6 +164,10 @@ def _prune(configs, named_args, **kwargs):
         # with the BN'd residual and the mask (the training join), in bf16 (8 B; fp16 at
         # 254 registers).
         if gated and (esize == 4 or bn_join) and _acc_regs(bm, bn, c.num_warps) >= 64:
+            continue
+        # The pool sums beside the statistics (a channel-gated block's last conv in
+        # training) spilled 24-64 B per thread at 64 accumulator registers with 4 warps.
+        if pool_stats and c.num_warps == 4 and _acc_regs(bm, bn, c.num_warps) >= 64:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
             continue

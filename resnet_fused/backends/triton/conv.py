@@ -166,8 +166,10 @@ def _prune(configs, named_args, **kwargs):
         if gated and (esize == 4 or bn_join) and _acc_regs(bm, bn, c.num_warps) >= 64:
             continue
         # The pool sums beside the statistics (a channel-gated block's last conv in
-        # training) spilled 24-64 B per thread at 64 accumulator registers with 4 warps.
-        if pool_stats and c.num_warps == 4 and _acc_regs(bm, bn, c.num_warps) >= 64:
+        # training) spilled at 64 accumulator registers per thread: 24-64 B with 4 warps
+        # (triton 3.8), 16 B in fp32 with 8 warps (triton 3.6).
+        if pool_stats and (c.num_warps == 4 or esize == 4) \
+                and _acc_regs(bm, bn, c.num_warps) >= 64:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
             continue

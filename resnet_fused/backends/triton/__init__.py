@@ -9,7 +9,11 @@ forward_frozen); a synchronized block whose
 BNs are not all synchronized over one process group goes the composite way
 (CompositeBackend.forward_train: ATen convolutions around this backend's BN ops of
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
-`auto` routes such blocks to native or torch.
+`auto` routes such blocks to native or torch. A gated last stage (README.md, Design,
+"Gates and pooled shortcuts"): eval through eval_ops' conv_bias_pool and
+gate_shortcut_relu, training with a drop path through block_train's `gate`, with an SE
+or ECA gate through train_gated.py; gates inside the chain and the pooled shortcut are
+declined.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before anything imported triton.language

@@ -41,14 +41,16 @@ from typing import Optional
 
 import torch
 
-from .bn import bn_backward_coef, _bwd_apply
+from ...ops import like_format
+from ...spec import Parts
+from ..composite import branch_gate
+from .bn import _bwd_apply, bn_backward_coef, finalize_impl
 from .conv import Epilogue, Prologue, conv2d_nhwc
 from .conv_bwd import GradOperand, conv_dgrad, conv_wgrad
 from .gate import gate_nk, gate_scale
-from .launcher import define_triton_op
-from .train import (_Bn, _check_lists, _empty, _join, _pad, _saved_bn, _stage, _stage_grads,
-                    _stat_rows)
-from .bn import finalize_impl
+from .launcher import NS, define_triton_op
+from .train import (_Bn, _check_lists, _check_parts, _empty, _join, _op_args, _pad,
+                    _saved_bn, _sc_stride, _stage, _stage_grads, _stat_rows, _update_running)
 
 
 def _block_branch(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.Tensor]],
@@ -180,15 +182,11 @@ define_triton_op("gate_join_train_backward", _gate_join_train_backward)
 
 
 # =========================================================================== entry
-def train_gated_block(parts, x: torch.Tensor) -> torch.Tensor:
+def train_gated_block(parts: Parts, x: torch.Tensor) -> torch.Tensor:
     """Training forward of a block whose last stage has channel gates (and maybe sample
     gates), local BNs: block_branch, the gates (composite.branch_gate: each channel
     gate's f on the pooled branch, each sample gate drawn as its module draws),
     gate_join_train; then every BN's running statistics, as train.train_block."""
-    from ...ops import BlockTrainArgs, like_format  # noqa: F401
-    from ..composite import branch_gate
-    from .launcher import NS
-    from .train import _check_parts, _op_args, _sc_stride, _update_running
     ops = getattr(torch.ops, NS)
     _check_parts(parts, x)
     a = _op_args(parts, x, "")

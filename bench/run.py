@@ -801,8 +801,8 @@ def time_block(s, mode, backends, dtype, section, x_name, x_value, label, part="
 def _declined(prov: str, model, train: bool) -> Optional[str]:
     """Why a fused provider's backend declines a block of `model` (a plain block or
     network, converted here as the provider would be), or None: such a provider is
-    listed as skipped with the backend's reason (triton has no kernels for gated
-    branches or pooled shortcuts yet), not as an error."""
+    listed as skipped with the backend's reason (triton has none for gates inside the
+    chain, nor for training a channel gate beside a pooled shortcut), not as an error."""
     if not prov.startswith("fused_"):
         return None
     backend = rf_backends.get(prov[len("fused_"):], DEVICE)

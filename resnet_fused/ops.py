@@ -25,6 +25,9 @@ the fakes and autograd. The autograd, per op:
     bn_pool                 -> <ns>::bn_pool_backward (the pool of a gated branch)
     bn_gate_act             -> <ns>::bn_gate_act_backward (gate * BN + residual + ReLU)
     gate_shortcut_relu      -> dReLU, the gate's sum, the shortcut's conv backward
+    conv_bias_pool          -> the pool's gradient spread over H, W, the conv backward
+    block_branch            -> <ns>::block_branch_backward (a channel-gated block's stages)
+    gate_join_train         -> <ns>::gate_join_train_backward (its gated join)
 (eval-mode ops are differentiable so a model in eval mode still gives input and
 parameter gradients when autograd is on, e.g. for saliency maps).
 
@@ -224,6 +227,45 @@ def _fake_block_train_backward(*args):
         dbeta_sc=vec(a.g_sc is not None, a.g_sc, k_sc)))
 
 
+def _fake_block_branch(x, w, b, g, beta, stride, eps):
+    N, _, h, wd = x.shape
+    cs = []
+    for wi, st in zip(w, stride):       # 'same' padding: kernel // 2
+        h, wd = conv_out_hw(h, wd, wi.shape[2], wi.shape[3], st, wi.shape[2] // 2)
+        cs.append(x.new_empty((N, wi.shape[0], h, wd)).contiguous(
+            memory_format=torch.channels_last))
+    stats = [x.new_empty((3, c.shape[1]), dtype=torch.float32) for c in cs]
+    return cs[-1], x.new_empty((N, w[-1].shape[0]), dtype=torch.float32), cs[:-1], stats
+
+
+def _fake_block_branch_backward(grad_c_last, grad_pooled, x, c, c_last, stats, w, g, beta,
+                                has_b, stride, eps):
+    return (torch.empty_like(x), [torch.empty_like(t, memory_format=torch.contiguous_format)
+                                  for t in w],
+            [t.new_empty((t.shape[0],)) if hb else x.new_empty((0,)) for hb, t in zip(has_b, w)],
+            [torch.empty_like(t) for t in g], [torch.empty_like(t) for t in beta])
+
+
+def _fake_gate_join_train(c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc,
+                          eps_sc, stride_sc):
+    bn_sc = w_sc is not None and g_sc is not None
+    return (torch.empty_like(c), c.new_empty((mask_numel(c),), dtype=torch.uint8),
+            torch.empty_like(c) if bn_sc else x.new_empty((0,)),
+            x.new_empty((3, c.shape[1]), dtype=torch.float32) if bn_sc else x.new_empty((0,)))
+
+
+def _fake_gate_join_train_backward(grad_out, mask, c, stats, weight, bias, eps, gate, x, w_sc,
+                                   g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc):
+    e = x.new_empty((0,))
+    k = c.shape[1]
+    return (torch.empty_like(c), torch.empty_like(weight), torch.empty_like(bias),
+            torch.empty_like(gate), torch.empty_like(x),
+            e if w_sc is None else torch.empty_like(w_sc, memory_format=torch.contiguous_format),
+            w_sc.new_empty((k,)) if w_sc is not None and has_b_sc else e,
+            e if g_sc is None else torch.empty_like(g_sc),
+            e if g_sc is None else torch.empty_like(g_sc))
+
+
 def _fake_bn_pool(c, mean, invstd, weight, bias):
     return c.new_empty((c.shape[0], c.shape[1]), dtype=mean.dtype)
 
@@ -243,6 +285,11 @@ def _fake_bn_gate_act_backward(grad_out, mask, c, mean, invstd, weight, bias, ga
             gate.new_empty(gate.shape, dtype=mean.dtype), grad_res)
 
 
+def _fake_conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1):
+    return (_conv_out(x, weight, stride, padding, dilation),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=stats_dtype(x)))
+
+
 def _fake_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
                              shortcut_padding):
     return torch.empty_like(y)
@@ -254,6 +301,7 @@ FAKES = {
     "bn_gate_act": _fake_bn_gate_act,
     "bn_gate_act_backward": _fake_bn_gate_act_backward,
     "gate_shortcut_relu": _fake_gate_shortcut_relu,
+    "conv_bias_pool": _fake_conv_bias_pool,
     "channel_stats": _fake_channel_stats,
     "bn_finalize": _fake_bn_finalize,
     "bn_act": _fake_bn_act,
@@ -265,6 +313,10 @@ FAKES = {
     "conv_bias_pool_shortcut_relu": _fake_conv_bias_pool_shortcut_relu,
     "block_train": _fake_block_train,
     "block_train_backward": _fake_block_train_backward,
+    "block_branch": _fake_block_branch,
+    "block_branch_backward": _fake_block_branch_backward,
+    "gate_join_train": _fake_gate_join_train,
+    "gate_join_train_backward": _fake_gate_join_train_backward,
 }
 assert FAKES.keys() == SCHEMAS.keys()
 
@@ -331,6 +383,29 @@ def _conv_bias_relu_backward(ctx, grad_out):
     g = grad_out * (out > 0)
     nx, nw, nb = ctx.needs_input_grad[:3]
     gx, gw = _conv_grads(g, x, weight, stride, padding, nx, nw, dilation, groups)
+    gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
+    return gx, gw, gb, None, None, None, None
+
+
+def _conv_bias_pool_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.bias_dtype = bias.dtype
+
+
+def _conv_bias_pool_backward(ctx, grad_out, grad_pooled):
+    """The pool's gradient spread over H, W (/ H*W) joins the output's, then the conv's
+    backward."""
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    g = grad_out
+    if grad_pooled is not None:
+        shape = _conv_out(x, weight, stride, padding, dilation).shape
+        spread = (grad_pooled / (shape[2] * shape[3])).to(x.dtype)[:, :, None, None]
+        g = spread.expand(shape) if g is None else g + spread
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    gx, gw = _conv_grads(g.contiguous(), x, weight, stride, padding, nx, nw, dilation, groups)
     gb = g.sum((0, 2, 3), dtype=stats_dtype(g)).to(ctx.bias_dtype) if nb else None
     return gx, gw, gb, None, None, None, None
 
@@ -503,12 +578,66 @@ def _make_block_train_backward(ns: str):
                                                              **ctx.scalars)))._asdict()
         # The gradient of each input: d<name> (a list for a list input), else None.
         # `running` (a frozen block's statistics: constants) has none: a list of Nones.
+        # A sample `gate` (a constant) has none either.
         out = tuple(None if slot is None else (
-                    grads["d" + n] if slot == "tensor" else list(grads["d" + n])
+                    grads.get("d" + n) if slot == "tensor" else list(grads["d" + n])
                     if "d" + n in grads else [None] * slot)
                     for n, slot in zip(BlockTrainArgs._fields, ctx.slots))
         # Exactly one entry per input the op received (torch checks the structure).
         return out[:len(ctx.needs_input_grad)]
+
+    return backward
+
+
+def _block_branch_setup(ctx, inputs, output):
+    x, w, b, g, beta, stride, eps = inputs
+    c_last, pooled, c, stats = output
+    ctx.mark_non_differentiable(*c, *stats)
+    flat, ctx.lens = _flat([x, list(c), c_last, list(stats), list(w), list(g), list(beta)])
+    ctx.save_for_backward(*flat)
+    ctx.scalars = ([t is not None for t in b], list(stride), list(eps))
+    ctx.slots = [_grad_slot(v) for v in inputs]
+
+
+def _make_block_branch_backward(ns: str):
+    def backward(ctx, grad_c_last, grad_pooled, *_unused):
+        x, c, c_last, stats, w, g, beta = _unflat(ctx.saved_tensors, ctx.lens)
+        has_b, stride, eps = ctx.scalars
+        if grad_c_last is None:
+            grad_c_last = torch.zeros_like(c_last)
+        op = getattr(getattr(torch.ops, ns), "block_branch_backward")
+        dx, dw, db, dg, dbeta = op(grad_c_last.contiguous(memory_format=torch.channels_last),
+                                   grad_pooled, x, c, c_last, stats, w, g, beta, has_b,
+                                   stride, eps)
+        grads = (dx, list(dw), list(db), list(dg), list(dbeta), None, None)
+        return tuple(None if slot is None else gr for gr, slot in zip(grads, ctx.slots))
+
+    return backward
+
+
+def _gate_join_train_setup(ctx, inputs, output):
+    c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc, eps_sc, stride_sc = inputs
+    out, mask, c_sc, stats_sc = output
+    ctx.mark_non_differentiable(mask, c_sc, stats_sc)
+    ctx.save_for_backward(mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc)
+    ctx.scalars = (eps, b_sc is not None, stride_sc, eps_sc)
+
+
+def _make_gate_join_train_backward(ns: str):
+    def backward(ctx, grad_out, *_unused):
+        mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc = ctx.saved_tensors
+        eps, has_b_sc, stride_sc, eps_sc = ctx.scalars
+        op = getattr(getattr(torch.ops, ns), "gate_join_train_backward")
+        (gc, gw, gb, gg, gx, gw_sc, gb_sc, gg_sc, gbeta_sc) = op(
+            grad_out.contiguous(memory_format=torch.channels_last), mask, c, stats, weight,
+            bias, eps, gate, x, w_sc, g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc)
+
+        def opt(t, present):
+            return t if present else None
+
+        return (gc, None, gw, gb, None, gg, gx, opt(gw_sc, w_sc is not None),
+                opt(gb_sc, has_b_sc), opt(gg_sc, g_sc is not None),
+                opt(gbeta_sc, g_sc is not None), None, None)
 
     return backward
 
@@ -532,6 +661,9 @@ AUTOGRAD = {
     "bn_gate_act": (_make_bn_gate_act_backward, _bn_gate_act_setup),
     "gate_shortcut_relu": (lambda ns: _gate_shortcut_relu_backward,
                            _gate_shortcut_relu_setup),
+    "conv_bias_pool": (lambda ns: _conv_bias_pool_backward, _conv_bias_pool_setup),
+    "block_branch": (_make_block_branch_backward, _block_branch_setup),
+    "gate_join_train": (_make_gate_join_train_backward, _gate_join_train_setup),
 }
 
 

@@ -8,7 +8,8 @@ Each backend registers the ops under its own namespace (NAMESPACES):
 
 Every backend implements the ops of COMMON_OPS; the triton backend also the fused
 training block, BLOCK_OPS (block_train and its backward); the torch and native backends
-also the gated join, GATE_OPS. Adding an op = its schema
+also the gated join, GATE_OPS; the triton backend the gated ops of TRITON_GATE_OPS and
+the pooled join of POOL_OPS. Adding an op = its schema
 here, its fake (and autograd, if differentiable) in resnet_fused/ops.py, and its
 kernels in each backend, registered with ops.define_op (Python) or TORCH_LIBRARY (C++).
 
@@ -137,6 +138,13 @@ SCHEMAS = {
         "(Tensor grad_c, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate, "
         "Tensor grad_residual)"
     ),
+    # Eval branch of a gated block: out = conv2d(x, weight, bias, stride, padding,
+    # dilation, groups) (no ReLU) in x's dtype and memory format, and pooled = its mean
+    # over H, W as written, float32 (float64 for float64 x), shape (N, K).
+    "conv_bias_pool": (
+        "conv_bias_pool(Tensor x, Tensor weight, Tensor bias, int stride, int padding, "
+        "int dilation=1, int groups=1) -> (Tensor out, Tensor pooled)"
+    ),
     # Eval join of a gated block: relu(gate * y + shortcut), shortcut = x, or
     # conv2d(x, shortcut_weight, shortcut_stride, shortcut_padding) + shortcut_bias
     # (BN folded; a pooled shortcut's pool already applied to x).
@@ -175,6 +183,9 @@ SCHEMAS = {
     # sc_pool: 0, or ResNet-D's pooled shortcut: x averaged over sc_pool x sc_pool windows
     # at stride prod(stride), no padding, each window divided by its taps inside the
     # image, before the 1x1 stride-1 w_sc (the pool's output is the block's output size).
+    # gate: None, or a sample gate drawn before the call (drop path: (N, 1, 1, 1) or
+    # (1, 1, 1, 1), any float dtype; no gradient): out = relu(gate * bn_{S-1}(c_{S-1}) +
+    # shortcut).
     # x and the activations returned are channels_last-contiguous.
     # Returns out, and for the backward and the running statistics: c (every stage's
     # conv output before its BN), c_sc (the shortcut BN's input; an empty [0] tensor
@@ -186,30 +197,76 @@ SCHEMAS = {
         "block_train(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
         "int[] stride, float[] eps, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, "
         "Tensor? beta_sc, float eps_sc, str group=\"\", Tensor[]? running=None, "
-        "int sc_pool=0) -> (Tensor out, Tensor[] c, Tensor c_sc, Tensor mask, Tensor[] stats)"
+        "int sc_pool=0, Tensor? gate=None) -> (Tensor out, Tensor[] c, Tensor c_sc, "
+        "Tensor mask, Tensor[] stats)"
     ),
     # Gradients of block_train's out with respect to its tensor inputs (d<input name>;
     # a list for a list input), from what it saved; has_b / has_b_sc say which conv
     # biases exist. The gradients of absent parameters are empty [0] tensors.
     # frozen: block_train ran with `running` (the statistics are constants: no
-    # gradient through them).
+    # gradient through them). gate: block_train's (the last BN's gradient is gate times
+    # the masked grad_out; the shortcut's is not gated).
     "block_train_backward": (
         "block_train_backward(Tensor grad_out, Tensor x, Tensor[] c, Tensor c_sc, "
         "Tensor mask, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, Tensor? w_sc, "
         "Tensor? g_sc, bool[] has_b, bool has_b_sc, int[] stride, float[] eps, "
-        "float eps_sc, str group=\"\", bool frozen=False, int sc_pool=0) -> (Tensor dx, "
-        "Tensor[] dw, Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, Tensor db_sc, "
-        "Tensor dg_sc, Tensor dbeta_sc)"
+        "float eps_sc, str group=\"\", bool frozen=False, int sc_pool=0, Tensor? gate=None) "
+        "-> (Tensor dx, Tensor[] dw, Tensor[] db, Tensor[] dg, Tensor[] dbeta, Tensor dw_sc, "
+        "Tensor db_sc, Tensor dg_sc, Tensor dbeta_sc)"
+    ),
+
+    # A channel-gated block's training on the triton backend (backends/triton/
+    # train_gated.py): block_train split around the gate's f, which autograd runs.
+    # block_branch: block_train's stages without the join; c_last (the last conv's
+    # output) and pooled = bn_{S-1}(mean over H, W of c_last), float32 (N, C), are
+    # differentiable; c: the other stages' conv outputs; stats: every stage's [3, C].
+    "block_branch": (
+        "block_branch(Tensor x, Tensor[] w, Tensor?[] b, Tensor[] g, Tensor[] beta, "
+        "int[] stride, float[] eps) -> (Tensor c_last, Tensor pooled, Tensor[] c, "
+        "Tensor[] stats)"
+    ),
+    "block_branch_backward": (
+        "block_branch_backward(Tensor grad_c_last, Tensor? grad_pooled, Tensor x, "
+        "Tensor[] c, Tensor c_last, Tensor[] stats, Tensor[] w, Tensor[] g, Tensor[] beta, "
+        "bool[] has_b, int[] stride, float[] eps) -> (Tensor dx, Tensor[] dw, Tensor[] db, "
+        "Tensor[] dg, Tensor[] dbeta)"
+    ),
+    # out = relu(gate * bn(c) + shortcut) with bn on c's batch statistics `stats`
+    # (block_branch's [3, C] row; differentiable in c on bn_act's contract), the
+    # shortcut as block_train's (w_sc None: x). c_sc / stats_sc: the shortcut BN's input
+    # and statistics (empty [0] without one).
+    "gate_join_train": (
+        "gate_join_train(Tensor c, Tensor stats, Tensor weight, Tensor bias, float eps, "
+        "Tensor gate, Tensor x, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, Tensor? beta_sc, "
+        "float eps_sc, int stride_sc) -> (Tensor out, Tensor mask, Tensor c_sc, "
+        "Tensor stats_sc)"
+    ),
+    "gate_join_train_backward": (
+        "gate_join_train_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor stats, "
+        "Tensor weight, Tensor bias, float eps, Tensor gate, Tensor x, Tensor? w_sc, "
+        "Tensor? g_sc, Tensor c_sc, Tensor stats_sc, bool has_b_sc, int stride_sc, "
+        "float eps_sc) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
+        "Tensor grad_gate, Tensor grad_x, Tensor grad_w_sc, Tensor grad_b_sc, "
+        "Tensor grad_g_sc, Tensor grad_beta_sc)"
     ),
 }
 
 BLOCK_OPS = ("block_train", "block_train_backward")
-# The torch and native backends' (the triton backend declines gated blocks, so far).
+# The torch and native backends' gated join (README.md, Design, "Gates and pooled
+# shortcuts").
 GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward",
             "gate_shortcut_relu")
+# The branch conv + bias with its pool in one op: the torch and triton backends' (the
+# native backend's eval convolutions are ATen's, and so is its branch pool).
+EVAL_POOL_OPS = ("conv_bias_pool",)
+# The triton backend's: the eval of a gated last stage, and a channel-gated block's
+# training (a sample gate is block_train's `gate`).
+TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "block_branch",
+                   "block_branch_backward", "gate_join_train", "gate_join_train_backward")
 # The triton backend's pooled-shortcut join (the others run the user's AvgPool2d).
 POOL_OPS = ("conv_bias_pool_shortcut_relu",)
-COMMON_OPS = tuple(name for name in SCHEMAS if name not in BLOCK_OPS + GATE_OPS + POOL_OPS)
+COMMON_OPS = tuple(name for name in SCHEMAS
+                   if name not in BLOCK_OPS + GATE_OPS + TRITON_GATE_OPS + POOL_OPS)
 
 # backend name -> the namespace its ops are registered under.
 NAMESPACES = {
@@ -219,5 +276,5 @@ NAMESPACES = {
 }
 
 # The ops each backend's namespace holds.
-BACKEND_OPS = {"native": COMMON_OPS + GATE_OPS, "torch": COMMON_OPS + GATE_OPS,
-               "triton": COMMON_OPS + BLOCK_OPS + POOL_OPS}
+BACKEND_OPS = {"native": COMMON_OPS + GATE_OPS, "torch": COMMON_OPS + GATE_OPS + EVAL_POOL_OPS,
+               "triton": COMMON_OPS + BLOCK_OPS + TRITON_GATE_OPS + POOL_OPS}

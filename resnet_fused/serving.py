@@ -30,7 +30,7 @@ from .schemas import NAMESPACES as _BACKEND_NAMESPACES
 NAMESPACES = tuple(_BACKEND_NAMESPACES.values())
 
 # The folded eval ops: one per stage, the last one the join (a gated block's join is
-# gate_shortcut_relu, schemas.GATE_OPS).
+# gate_shortcut_relu, schemas.GATE_OPS; its branch conv_bias_pool is not counted).
 _EVAL_OPS = ("conv_bias_relu", "conv_bias_shortcut_relu", "gate_shortcut_relu")
 
 

@@ -102,11 +102,12 @@ def test_float16(kind, backend):
                 shape=_shape(kind), grads=False)
 
 
-@pytest.mark.parametrize("backend,kind", [("triton", "se"), ("triton", "drop_path")])
+@pytest.mark.parametrize("backend,kind", [("triton", "se_drop_avg")])
 def test_backends_without_kernels_decline(kind, backend, monkeypatch):
-    """triton has no gate kernels yet (its pooled shortcut: tests/
-    test_triton_pooled_shortcut.py): it says so, an explicit choice raises with it, and
-    auto takes a backend that computes the block."""
+    """triton does not train a channel gate beside a pooled shortcut yet (its gated
+    blocks: tests/test_triton_gates.py; its pooled shortcut:
+    tests/test_triton_pooled_shortcut.py): it says so, an explicit choice raises with it,
+    and auto takes a backend that computes the block."""
     block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
     be = backends_pkg._load(backend)
     if be is None:
@@ -237,11 +238,13 @@ def test_autocast(backend, train):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("kind,last_op", [("se_drop_avg", "gate_shortcut_relu"),
-                                          ("avg_down", "conv_bias_shortcut_relu")])
-def test_export_keeps_one_fused_op_per_stage(kind, last_op):
-    """torch.export of a gated / pooled-shortcut block in eval: one op per stage, the
-    gated join last (the gate's f and the pool run as ATen ops around them)."""
+@pytest.mark.parametrize("kind,last_ops", [("se_drop_avg", ["conv_bias_pool",
+                                                             "gate_shortcut_relu"]),
+                                           ("avg_down", ["conv_bias_shortcut_relu"])])
+def test_export_keeps_one_fused_op_per_stage(kind, last_ops):
+    """torch.export of a gated / pooled-shortcut block in eval: one op per stage, a
+    gated last stage as its branch with its pool, then the gated join (the gate's f
+    and the shortcut's pool run as ATen ops around them)."""
     from resnet_fused import serving
     torch.manual_seed(0)
     plain = BLOCKS[kind]().eval()
@@ -250,7 +253,7 @@ def test_export_keeps_one_fused_op_per_stage(kind, last_op):
     x = torch.randn(_shape(kind))
     ep = serving.export(fused, (x,))
     assert [o.split(".")[1] for o in serving.fused_ops(ep)] == [
-        "conv_bias_relu", "conv_bias_relu", last_op]
+        "conv_bias_relu", "conv_bias_relu", *last_ops]
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), plain(x), rtol=1e-4, atol=1e-5)
 

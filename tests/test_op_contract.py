@@ -469,6 +469,9 @@ def _gate_cases(name):
             mask = REF.bn_gate_act(c, mean, invstd, w, b, gate, None)[1]
             out.append(A(grad_out=act(2, 5, 3, 3), mask=mask, c=c, mean=mean, invstd=invstd,
                          weight=w, bias=b, gate=gate, residual_grad=fmt == CL))
+        elif name == "conv_bias_pool":
+            out.append(A(x=act(2, 4, 5, 5), weight=torch.randn(6, 4, 3, 3, dtype=torch.float64),
+                         bias=torch.randn(6, dtype=torch.float64), stride=2, padding=1))
         elif name == "gate_shortcut_relu":
             gate6 = torch.rand(gshape[:1] + (6 if gshape[1] != 1 else 1, 1, 1),
                                dtype=torch.float64) + 0.5
@@ -486,6 +489,7 @@ _GATE_DIFFERENTIABLE = {
     "bn_pool": ("c", "weight", "bias"),
     "bn_gate_act": ("c", "weight", "bias", "gate", "residual"),
     "gate_shortcut_relu": ("y", "gate", "x", "shortcut_weight", "shortcut_bias"),
+    "conv_bias_pool": ("x", "weight", "bias"),
 }
 GATE_OPS = [n for n in BACKEND_OPS["torch"] if n not in COMMON_OPS]
 # The backends with gate ops (schemas.BACKEND_OPS).
@@ -534,7 +538,7 @@ def test_gate_ops_against_float64_torch_op(backend, name):
 
 @pytest.mark.parametrize("name", list(_GATE_DIFFERENTIABLE))
 def test_gate_ops_gradcheck(name):
-    """The registered backward (bn_pool_backward, bn_gate_act_backward, the eval join's)
+    """The registered backward (bn_pool_backward, bn_gate_act_backward, the eval ops')
     against finite differences in float64. bn_pool and bn_gate_act hold the BN's batch
     statistics as part of the function (their contract): mean and invstd are computed
     from c inside the checked function."""
@@ -547,7 +551,9 @@ def test_gate_ops_gradcheck(name):
                 var, mean = torch.var_mean(a.c, dim=(0, 2, 3), correction=0)
                 a = a._replace(mean=mean, invstd=torch.rsqrt(var + 1e-5))
             out = getattr(REF, name)(*a)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            # Every floating output (a packed mask is not differentiable).
+            return tuple(o for o in out if o.is_floating_point()) \
+                if isinstance(out, (tuple, list)) else out
 
         inputs = tuple(getattr(args, n).detach().clone().requires_grad_() for n in diff)
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)

@@ -40,6 +40,7 @@ KERNELS = {
     ("resnet_fused.backends.triton.bn", "_bn_bwd_reduce_kernel"),
     ("resnet_fused.backends.triton.bn", "_bn_bwd_coef_kernel"),
     ("resnet_fused.backends.triton.bn", "_bn_bwd_apply_kernel"),
+    ("resnet_fused.backends.triton.gate", "_gate_join_kernel"),
 }
 
 
@@ -111,7 +112,7 @@ def test_aot_compile_representative_sm90(tmp_path):
     # and 2.
     conv = [r["constexprs"] for r in results if r["kernel"] == "_conv_kernel"]
     for feature in ("STATS", "HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN OUT_MASK", "STRIDE=2",
-                    "R=1 S=1", "AVGPOOL=2", "AVGPOOL2=2"):
+                    "R=1 S=1", "AVGPOOL=2", "AVGPOOL2=2", "RES_GATE", "POOL"):
         assert any(feature in c for c in conv), feature
     # The paired BN2 + BN3 backward reduction of the BN'd projection.
     assert any("TWO" in r["constexprs"] for r in results

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia
 
 # The arguments each kernel writes (all the others are read-only or unused dummies).
 WRITES = {
-    "_conv_kernel": {"out_ptr", "omask_ptr", "pmean_ptr", "pm2_ptr", "pcnt_ptr"},
+    "_conv_kernel": {"out_ptr", "omask_ptr", "pmean_ptr", "pm2_ptr", "pcnt_ptr", "psum_ptr"},
+    "_gate_join_kernel": {"out_ptr"},
     "_tile_stats_combine_kernel": {"omean_ptr", "om2_ptr", "ocnt_ptr"},
     "_chunk_stats_combine_kernel": {"mean_ptr", "var_ptr"},
     "_stats_partial_kernel": {"pmean_ptr", "pm2_ptr"},
@@ -85,6 +86,15 @@ def test_every_launch_traces_into_a_kernel_node_that_clones_only_what_it_writes(
     # opaque node (OPAQUE_BLOCK_TRAIN): the epilogue statistics' combine.
     expected = set(WRITES) - ({"_tile_stats_combine_kernel"} if OPAQUE_BLOCK_TRAIN else set())
     assert seen >= expected, f"never traced: {sorted(expected - seen)}"
+
+
+def test_gated_eval_kernels_write_only_their_outputs(report):
+    """The pool's atomic adds are seen as writes of psum_ptr (so the traced graph keeps
+    its zeroed buffer), the gated join writes only its output."""
+    assert report["gated eval identity"]["kernels"] == [
+        ["_conv_kernel", ["out_ptr", "psum_ptr"]], ["_gate_join_kernel", ["out_ptr"]]]
+    assert report["gated eval projection"]["kernels"] == [
+        ["_conv_kernel", ["out_ptr", "psum_ptr"]], ["_conv_kernel", ["out_ptr"]]]
 
 
 def test_eval_kernels_write_only_their_output(report):

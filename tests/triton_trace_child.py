@@ -103,6 +103,17 @@ with FakeTensorMode() as mode:
     trace("eval projection", lambda x, w1, w2, w3, b: OPS.conv_bias_shortcut_relu(
         OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, x, w3, 1, 2, 0), xp, w1p, w, w3, b)
 
+    # A gated last stage in eval (README.md, Design, "Gates and pooled shortcuts"): the
+    # branch with its pool sums, a gate on (N, C, 1, 1), the gated join (the projection
+    # GEMM's epilogue, or the elementwise pass).
+    def gated(x, w, b, w3, b3, stride):
+        branch, pooled = OPS.conv_bias_pool(x, w, b, 1, 1)
+        gate = pooled.view(pooled.shape[0], -1, 1, 1).sigmoid()
+        return OPS.gate_shortcut_relu(branch, gate, x if w3 is None else xp, w3, b3, stride, 0)
+
+    trace("gated eval identity", lambda x, w, b: gated(x, w, b, None, None, 1), x, w, b)
+    trace("gated eval projection", lambda x, w, b, w3: gated(x, w, b, w3, b, 2), x, w, b, w3)
+
     # The training block: basic (identity, D2L 1x1 projection, BN'd projection) and
     # bottleneck (BN'd projection, v1.5 stride on the 3x3) chains of stages.
     for label, ks, strides, proj, bn3 in (
@@ -130,6 +141,17 @@ with FakeTensorMode() as mode:
               eps=eps: OPS.block_train(x, w, b, g, beta, sts, eps, w3, b3, g3, beta3,
                                        1e-5)[0],
               xt, w, bias, g, beta, w3, b3, g3, beta3)
+        if label == "train bn":
+            # A channel-gated block's training (train_gated.py): the stages with the
+            # pool beside the last statistics, the gate, the gated join.
+            def channel_gated(x, w, b, g, beta, w3, g3, beta3, sts=sts, eps=eps):
+                c_last, pooled, _, st = OPS.block_branch(x, w, b, g, beta, sts, eps)
+                gate = pooled.view(pooled.shape[0], -1, 1, 1).sigmoid()
+                return OPS.gate_join_train(c_last, st[-1], g[-1], beta[-1], eps[-1], gate, x,
+                                           w3, None, g3, beta3, 1e-5, 2)[0]
+
+            trace("train channel-gated forward", channel_gated, xt, w, bias, g, beta, w3, g3,
+                  beta3)
         P = 8 // (strides[0] * strides[1] * (strides[2] if len(strides) > 2 else 1))
         cs, h = [], 8
         for st, kout in zip(strides, widths):

@@ -89,7 +89,7 @@ def _require_compiled_mode():
 def capture(label_ref: list):
     """Within the block, every kernel launch of the backend is recorded, not run.
     label_ref[0] is the label attached to launches recorded from then on."""
-    from resnet_fused.backends.triton import bn, conv, conv_bwd
+    from resnet_fused.backends.triton import bn, conv, conv_bwd, gate
 
     launches: list[Launch] = []
 
@@ -97,8 +97,8 @@ def capture(label_ref: list):
         launches.append(Launch(kernel, args, kwargs, label_ref[0]))
 
     # Every launcher calls launcher.launch through its own module's name for it (train.py
-    # launches only through bn, conv and conv_bwd).
-    mods = (bn, conv, conv_bwd)
+    # launches only through bn, conv, conv_bwd and gate).
+    mods = (bn, conv, conv_bwd, gate)
     saved = [(mod, mod.launch) for mod in mods]
     for mod in mods:
         mod.launch = launch
@@ -155,10 +155,70 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
-def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False, sc_pool=0):
+def _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
+    """A channel-gated block's training (train_gated.py): block_branch (the last conv's
+    pool sums beside its statistics), gate_join_train and both backwards."""
+    from resnet_fused.backends.triton import train_gated as tg
+
+    g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
+    beta = [torch.zeros(wi.shape[0], dtype=pdt) for wi in w]
+    eps = [1e-5] * len(w)
+    c_last, pooled, c, stats = tg._block_branch(x, w, b, g, beta, strides, eps)
+    gate = torch.empty((x.shape[0], c_last.shape[1], 1, 1), dtype=x.dtype)
+    s_sc = strides[0] * strides[1]
+    out, mask, c_sc, st_sc = tg._gate_join_train(c_last, stats[-1], g[-1], beta[-1], 1e-5, gate,
+                                                 x, w_sc, b_sc, g_sc, beta_sc, 1e-5, s_sc)
+    tg._gate_join_train_backward(_t(tuple(out.shape), x.dtype), mask, c_last, stats[-1], g[-1],
+                                 beta[-1], 1e-5, gate, x, w_sc, g_sc, c_sc, st_sc,
+                                 b_sc is not None, s_sc, 1e-5)
+    tg._block_branch_backward(_t(tuple(c_last.shape), x.dtype), pooled, x, c, c_last, stats,
+                              w, g, beta, [t is not None for t in b], strides, eps)
+
+
+def _gated_launches(cin, k, hw, stride, kind, dt, pdt):
+    """The eval of a gated last stage (eval_ops.py): the branch conv with its pooled
+    sums (conv_bias_pool), then the join relu(g * branch + shortcut), in the projection
+    GEMM's epilogue (kind "1x1") or one elementwise pass (identity); and the training
+    block with a sample gate (block_train's `gate`) and with a channel gate
+    (train_gated.py) for each shortcut kind."""
+    from resnet_fused.backends.triton import eval_ops
+
+    x = _t((BATCH, cin, hw, hw), dt)
+    p = (hw - 1) // stride + 1
+    y1, w2, fb = _t((BATCH, k, p, p), dt), _t((k, k, 3, 3), dt), _t((k,), dt)
+    branch, _ = eval_ops.conv_bias_pool(y1, w2, fb, 1, 1)
+    gate = torch.empty((BATCH, k, 1, 1), dtype=dt)
+    if kind == "identity":
+        eval_ops.gate_shortcut_relu(branch, gate, x, None, None, 1, 0)
+    else:
+        eval_ops.gate_shortcut_relu(branch, gate, x, _t((k, cin, 1, 1), dt), _t((k,), dt),
+                                    stride, 0)
+    w = [_t((k, cin, 3, 3), dt), _t((k, k, 3, 3), dt)]
+    sample = torch.empty((BATCH, 1, 1, 1), dtype=dt)
+    if kind == "identity":
+        _train_launches(x, w, [None, None], [stride, 1], None, None, None, None, pdt,
+                        gate=sample)
+        _channel_gated_train_launches(x, w, [None, None], [stride, 1], None, None, None, None,
+                                      pdt)
+        return
+    w_sc, ones, zeros = _t((k, cin, 1, 1), dt), torch.ones(k, dtype=pdt), torch.zeros(k, dtype=pdt)
+    # D2L projection (the join in the projection GEMM's epilogue), then a BN'd one.
+    _train_launches(x, w, [_t((k,), dt)] * 2, [stride, 1], w_sc, _t((k,), dt), None, None,
+                    pdt, gate=sample)
+    _train_launches(x, w, [None, None], [stride, 1], w_sc, None, ones, zeros, pdt,
+                    gate=sample)
+    _channel_gated_train_launches(x, w, [_t((k,), dt)] * 2, [stride, 1], w_sc, _t((k,), dt),
+                                  None, None, pdt)
+    _channel_gated_train_launches(x, w, [None, None], [stride, 1], w_sc, None, ones, zeros,
+                                  pdt)
+
+
+def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=False, sc_pool=0,
+                    gate=None):
     """The fused training forward and backward of one chain of stages (train.py);
     frozen: every BN on its running statistics (block_train's `running`); sc_pool:
-    ResNet-D's pooled shortcut (block_train's sc_pool)."""
+    ResNet-D's pooled shortcut (block_train's sc_pool); gate: a sample gate
+    (block_train's `gate`)."""
     from resnet_fused.backends.triton import train
 
     g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
@@ -170,10 +230,11 @@ def _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, frozen=Fal
         running = [torch.ones((2, k), dtype=torch.float32) for k in ks]
     out, c, c_sc, mask, stats = train._block_train(x, w, b, g, beta, strides, eps, w_sc,
                                                    b_sc, g_sc, beta_sc, 1e-5, "", running,
-                                                   sc_pool)
+                                                   sc_pool, gate)
     train._block_train_backward(_t(tuple(out.shape), x.dtype), x, c, c_sc, mask, stats, w, g,
                                 beta, w_sc, g_sc, [t is not None for t in b],
-                                b_sc is not None, strides, eps, 1e-5, "", frozen, sc_pool)
+                                b_sc is not None, strides, eps, 1e-5, "", frozen, sc_pool,
+                                gate)
 
 
 # ResNet-50 bottleneck blocks (input channels, width, input size, stride): layer1's
@@ -349,6 +410,12 @@ def collect(full: bool = False) -> list:
                 for kind, cin, width, hw in AVG_DOWN:
                     label[0] = f"{plabel} frozen avgdown {kind} {cin}->{width}@{hw}/2"
                     _avg_down_launches(kind, cin, width, hw, dt, torch.float32, True)
+                # Gated eval (SE / ECA / drop path): after the others, so its variants
+                # keep its label (--filter gated).
+                for cin, k, hw, stride in stages:
+                    kind = "identity" if cin == k and stride == 1 else "1x1"
+                    label[0] = f"{plabel} gated {kind} {cin}->{k}@{hw}/{stride}"
+                    _gated_launches(cin, k, hw, stride, kind, dt, torch.float32)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):

@@ -63,20 +63,6 @@ def gate_reason(parts, backend: str, what: str = "gated branches") -> Optional[s
     return None
 
 
-def pool_reason(parts, backend: str) -> Optional[str]:
-    """Why `backend` declines a block with a pooled shortcut (Stage.pool), or None."""
-    if parts.shortcut is not None and parts.shortcut.pool is not None:
-        return (f"the {backend} backend has no kernels for a pooled shortcut (ResNet-D's "
-                "AvgPool2d before the 1x1 projection) yet")
-    return None
-
-
-def gate_or_pool_reason(parts, backend: str) -> Optional[str]:
-    """Why `backend` (one without kernels for them yet) declines a block with a gate or
-    a pooled shortcut (spec.Gate, Stage.pool), or None."""
-    return gate_reason(parts, backend) or pool_reason(parts, backend)
-
-
 class Backend:
     """Base class: subclasses set `name` and implement the methods below."""
 

@@ -20,7 +20,8 @@ Eval:      y = conv_bias_relu(y) for every stage but the last, then
 Gates (spec.Gate) on the last stage: training pools the BN'd branch (bn_pool), runs
 each channel gate's `f` on it, draws each sample gate as its module does, and joins
 with bn_gate_act(c, ..., gate, residual) = relu(gate * bn(c) + residual); eval computes
-the branch conv(y) + bias, pools it, and joins with gate_shortcut_relu. A gate on an
+the branch conv(y) + bias and its pool (conv_bias_pool), and joins with
+gate_shortcut_relu. A gate on an
 inner stage (torchvision RegNet's SE before the last 1x1) is its module on that
 stage's output. A pooled shortcut (ResNet-D) runs its AvgPool2d before its conv.
 
@@ -191,13 +192,13 @@ class CompositeBackend(Backend):
         xs = shortcut_input(parts, x)
         bias = last.b
         if sc is not None and sc.b is not None:  # a gated last stage (fold.py)
-            gate = eval_branch_gate(parts, y, last)
+            gate = eval_branch_gate(parts, ops, y, last)
             if gate is not None:
                 return ops.gate_shortcut_relu(gate[1], gate[0], xs, sc.w, sc.b, sc.stride,
                                               sc.padding)
             bias = bias + sc.b   # only sample gates, in eval: the identity
         elif sc is None and parts.stage_gates(len(parts.stages) - 1):
-            gate = eval_branch_gate(parts, y, last)
+            gate = eval_branch_gate(parts, ops, y, last)
             if gate is not None:
                 return ops.gate_shortcut_relu(gate[1], gate[0], xs, None, None, 0, 0)
         return ops.conv_bias_shortcut_relu(
@@ -243,17 +244,23 @@ def branch_gate(parts, like: torch.Tensor, pooled_branch) -> torch.Tensor:
     return gate
 
 
-def eval_branch_gate(parts, y: torch.Tensor, last):
+def eval_branch_gate(parts, ops, y: torch.Tensor, last):
     """(gate, branch) of a gated last stage in eval: the branch conv(y) + bias (folded)
-    and the product of its gates, or None when every gate is a sample gate in eval
-    (the identity)."""
+    with its pool (ops.conv_bias_pool where the namespace has it: one kernel on the
+    triton backend) and the
+    product of its gates, or None when every gate is a sample gate in eval (the
+    identity)."""
     gates = parts.stage_gates(len(parts.stages) - 1)
     if all(identity_in_eval(g) for g in gates):
         return None
-    branch = torch.nn.functional.conv2d(y, last.w, last.b, 1, last.padding, last.dilation,
-                                        last.groups)
-    gate = branch_gate(parts, branch,
-                       lambda: branch.mean((2, 3), dtype=stats_dtype(branch)))
+    if hasattr(ops, "conv_bias_pool"):
+        branch, pooled = ops.conv_bias_pool(y, last.w, last.b, 1, last.padding, last.dilation,
+                                            last.groups)
+    else:  # the native namespace: its eval convolutions are ATen's, and so is this pool
+        branch = torch.nn.functional.conv2d(y, last.w, last.b, 1, last.padding,
+                                            last.dilation, last.groups)
+        pooled = branch.mean((2, 3), dtype=stats_dtype(branch))
+    gate = branch_gate(parts, branch, lambda: pooled)
     return gate, branch
 
 

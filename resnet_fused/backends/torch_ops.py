@@ -254,8 +254,14 @@ def gate_shortcut_relu(y, gate, x, shortcut_weight: Optional[torch.Tensor],
     return out.relu_()
 
 
+def conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1):
+    out = F.conv2d(x, weight, bias.to(x.dtype), stride, padding, dilation, groups)
+    return out, out.mean((2, 3), dtype=stats_dtype(out))
+
+
 for _fn in (channel_stats, bn_finalize, bn_act, bn_act_backward, bn_frozen_act,
-            bn_frozen_act_backward, conv_bias_relu, conv_bias_shortcut_relu, bn_pool, bn_pool_backward, bn_gate_act,
-            bn_gate_act_backward, gate_shortcut_relu):
+            bn_frozen_act_backward, conv_bias_relu, conv_bias_shortcut_relu, bn_pool,
+            bn_pool_backward, bn_gate_act, bn_gate_act_backward, conv_bias_pool,
+            gate_shortcut_relu):
     define_op(NS, _fn.__name__, _fn)
 ops = getattr(torch.ops, NS)

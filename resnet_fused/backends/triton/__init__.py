@@ -10,7 +10,11 @@ forward_frozen); a synchronized block whose
 BNs are not all synchronized over one process group goes the composite way
 (CompositeBackend.forward_train: ATen convolutions around this backend's BN ops of
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
-`auto` routes such blocks to native or torch.
+`auto` routes such blocks to native or torch. A gated last stage (README.md, Design,
+"Gates and pooled shortcuts"): eval through eval_ops' conv_bias_pool and
+gate_shortcut_relu, training with a drop path through block_train's `gate`, with an SE
+or ECA gate through train_gated.py; gates inside the chain and the pooled shortcut are
+declined.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before anything imported triton.language
@@ -23,23 +27,27 @@ import os
 from typing import Optional
 
 import torch
+from torch import nn
 
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
 from ..base import FoldedBlock, gate_reason
-from ..composite import CompositeBackend
+from ..composite import CompositeBackend, branch_gate
+from ...spec import CHANNEL
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
 from . import conv_bwd as _conv_bwd
 from . import eval_ops  # noqa: F401  (defines the resnet_fused_triton eval ops)
+from . import gate as _gate
 from . import launcher
 from .pool import pool_stride, pool_unsupported_reason, shortcut_pool
 # train defines block_train; imported here, never while tracing.
 from .train import block_group, train_block, train_unsupported_reason
+from .train_gated import train_gated_block
 
 # Every op is defined by now: tell torch which kernels its triton_ops run (launcher.py).
 # Under the interpreter the ops are custom_ops, which torch keeps no kernel list for.
-launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd))
+launcher.declare_kernels(launcher.NS, (bn, _conv, _conv_bwd, _gate))
 
 # Where to set TRITON_INTERPRET: before anything imports triton.language, which binds
 # Triton's own helpers once (launcher._language_interpreted); torch._dynamo imports it,
@@ -91,9 +99,9 @@ class TritonBackend(CompositeBackend):
     def unsupported_block_reason(self, parts, training: bool) -> Optional[str]:
         # The implicit GEMM (conv.py) and its backward are dense: no grouped (ResNeXt)
         # or dilated (segmentation backbones) variant.
-        # Gates: no kernels yet. A pooled shortcut (ResNet-D): the window average rides
-        # in the projection GEMM's loader (pool.py), for the pools it covers.
-        reason = gate_reason(parts, self.name)
+        # A pooled shortcut (ResNet-D): the window average rides in the projection
+        # GEMM's loader (pool.py), for the pools it covers. Gates: _gate_reason.
+        reason = self._gate_reason(parts, training)
         if reason is not None:
             return reason
         if parts.shortcut is not None and parts.shortcut.pool is not None:
@@ -110,13 +118,14 @@ class TritonBackend(CompositeBackend):
         return None
 
     def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
-        """CompositeBackend's stage walk over this namespace's eval ops; a pooled
-        shortcut joins in conv_bias_pool_shortcut_relu, whose projection GEMM averages
-        x's windows as it loads them (the pooled x is never written)."""
+        """CompositeBackend's stage walk over this namespace's eval ops (a gated last
+        stage: conv_bias_pool, the gate, gate_shortcut_relu); an ungated block with a
+        pooled shortcut joins in conv_bias_pool_shortcut_relu, whose projection GEMM
+        averages x's windows as it loads them (the pooled x is never written)."""
         pool = shortcut_pool(parts)
         if pool is None or parts.gates:
-            # A gated block (declined today; gate kernels may come) joins through the
-            # composite walk, which pools with the user's module: this join has no gate.
+            # A gated block with a pooled shortcut: the composite walk pools x with the
+            # user's module (conv_bias_pool_shortcut_relu has no gate term).
             return super().forward_eval(parts, folded, x)
         ops, y = self.ops, x
         for f in folded.stages[:-1]:
@@ -126,23 +135,71 @@ class TritonBackend(CompositeBackend):
                                                 pool.kernel, pool_stride(parts),
                                                 pool.ceil_mode)
 
+    def _gate_reason(self, parts, training: bool) -> Optional[str]:
+        """Gates on the last stage are computed in eval (conv_bias_pool, then the
+        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and in training (sample
+        gates and constant scales: block_train's `gate`; channel gates: train_gated.py);
+        not yet: a gate inside the chain (RegNet's SE before the last 1x1), a channel
+        gate beside a pooled shortcut or synchronized BNs in training."""
+        if not parts.gates:
+            return None
+        if any(g.stage != len(parts.stages) - 1 for g in parts.gates):
+            return gate_reason(parts, self.name, "a gate inside the chain of convolutions")
+        if not training:
+            return None
+        if train_unsupported_reason(parts) is not None:
+            return gate_reason(parts, self.name, "training gated branches outside block_train "
+                               f"({train_unsupported_reason(parts)})")
+        if any(isinstance(bn, nn.SyncBatchNorm) for bn in parts.bns()):
+            return gate_reason(parts, self.name, "training gated branches with synchronized "
+                               "BatchNorm")
+        if any(g.kind == CHANNEL for g in parts.gates) and shortcut_pool(parts) is not None:
+            return gate_reason(parts, self.name, "training a channel-gated branch beside a "
+                               "pooled shortcut (ResNet-D)")
+        return None
+
+    @staticmethod
+    def _sample_gate(parts, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The product of the last stage's sample gates (and constant scales), drawn now
+        as their modules draw (the block's only RNG calls, so drawing before the
+        convolutions keeps the plain block's order), for block_train's `gate`; None for
+        an ungated block."""
+        if not parts.gates:
+            return None
+        return branch_gate(parts, x, None)
+
     def forward_train(self, parts, x: torch.Tensor, groups=None) -> torch.Tensor:
         group = block_group(groups, parts)
         if group is None or train_unsupported_reason(parts) is not None:
             # BNs synchronized over different groups (or some local): one collective
             # per BN, which the fused block does not do; the composite path does. A
             # chain the training kernels lack (not 1x1/3x3 'same'): the same.
+            if parts.gates and group is None:
+                # (_gate_reason declined the other case.) The composite's gated join
+                # needs the gate ops this namespace lacks.
+                raise ValueError("the triton backend trains a gated block only with all "
+                                 "its BNs local or synchronized over one group; use "
+                                 "backend='torch' for this block")
             return super().forward_train(parts, x, groups)
-        return train_block(parts, x, group)
+        if any(g.kind == CHANNEL for g in parts.gates):
+            if group:
+                raise ValueError("the triton backend trains a channel-gated block with local "
+                                 "BNs only, this one's are synchronized; use "
+                                 "backend='torch' for this block")
+            return train_gated_block(parts, x)
+        return train_block(parts, x, group, gate=self._sample_gate(parts, x))
 
     def forward_frozen(self, parts, x: torch.Tensor) -> torch.Tensor:
         """The fused training block with every BN frozen (block_train's `running`):
         running statistics in the prologues and the join, no statistics in the
         epilogues, no update; the backward without the statistics terms. A chain the
         training kernels lack goes the composite way (bn_frozen_act)."""
-        if train_unsupported_reason(parts) is not None:
+        if train_unsupported_reason(parts) is not None or any(
+                g.kind == CHANNEL for g in parts.gates):
+            # (A channel-gated block: ATen convolutions and BN around the gates'
+            # modules, until block_train takes channel gates.)
             return super().forward_frozen(parts, x)
-        return train_block(parts, x, frozen=True)
+        return train_block(parts, x, frozen=True, gate=self._sample_gate(parts, x))
 
 
 __all__ = ["TritonBackend"]

@@ -183,8 +183,10 @@ def _finalize_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
 def _bn_act_kernel(c_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                    r_ptr, rmean_ptr, rinvstd_ptr, rw_ptr, rb_ptr,
                    out_ptr, mask_ptr, total, C, sC,
-                   HAS_RES: tl.constexpr, RES_BN: tl.constexpr, BYTES: tl.constexpr):
-    """out = relu(bn(c) [+ r | + bn_r(r)]) and its packed mask, over physical offsets.
+                   HAS_RES: tl.constexpr, RES_BN: tl.constexpr, BYTES: tl.constexpr,
+                   gate_ptr, sN, HAS_GATE: tl.constexpr):
+    """out = relu([gate[n, c] *] bn(c) [+ r | + bn_r(r)]) and its packed mask, over
+    physical offsets (gate: fp32 [N, C], n = offset // sN: a gated branch's join).
 
     A program owns BYTES whole mask bytes (8*BYTES elements), viewed [BYTES, 8], so
     each byte is assembled in registers and written once (no read-modify-write)."""
@@ -200,6 +202,8 @@ def _bn_act_kernel(c_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     w = tl.load(w_ptr + ch, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(tl.float32)
     y = (x - mean) * (inv * w) + b
+    if HAS_GATE:
+        y = y * tl.load(gate_ptr + (i // sN) * C + ch, mask=ok, other=0.0)
     if HAS_RES:
         r = tl.load(r_ptr + i, mask=ok, other=0.0).to(tl.float32)
         if RES_BN:
@@ -402,9 +406,10 @@ def finalize_impl(mean, var, weight, bias, eps: float, running=None, momentum: f
     return invstd, scale, shift
 
 
-def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
+def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None, gate=None):
     """relu(bn(c) + residual), res_bn = (mean, invstd, weight, bias) to normalise the
-    residual first (the BN'd projection shortcut). Returns (out, mask)."""
+    residual first (the BN'd projection shortcut); gate: fp32 [N, C] (gate.gate_nk)
+    multiplying bn(c) (a gated branch). Returns (out, mask)."""
     out = torch.empty_like(c)
     total = c.numel()
     nbytes = mask_numel(c)
@@ -413,7 +418,8 @@ def bn_act_impl(c, mean, invstd, weight, bias, residual=None, res_bn=None):
     launch(_bn_act_kernel, (triton.cdiv(nbytes, _EW_BYTES),), c, mean, invstd, weight, bias,
            residual if residual is not None else c, rb[0], rb[1], rb[2], rb[3],
            out, mask, total, c.shape[1], c.stride(1),
-           HAS_RES=residual is not None, RES_BN=res_bn is not None, BYTES=_EW_BYTES)
+           HAS_RES=residual is not None, RES_BN=res_bn is not None, BYTES=_EW_BYTES,
+           gate_ptr=c if gate is None else gate, sN=c.stride(0), HAS_GATE=gate is not None)
     return out, mask
 
 

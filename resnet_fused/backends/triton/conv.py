@@ -10,10 +10,13 @@ One kernel serves every convolution of the block, eval and training forward:
     epilogue = relu?(acc + bias[k] (+ R(residual)[n, p, q, k])), cast to x's dtype, optionally
                with per-channel (mean, biased var) of the written values and/or the
                packed 1-bit ReLU mask of them;
-               R(r) = r, or r * scale[k] + shift[k] (a BN of the residual: ResidualAdd).
+               R(r) = r, or r * scale[k] + shift[k] (a BN of the residual: ResidualAdd),
+               or r * gate[n, k] (a gated branch joined in the projection GEMM's epilogue);
+               optionally also per-(n, k) sums of the written values over the pixels
+               (pool_sums: the pool of a gated branch).
 
 conv2d_nhwc takes the optional parts as small named specs (Prologue, SecondGemm,
-ResidualAdd, Epilogue, stats=True) and returns a ConvOut(out, mask, mean, var) whose
+ResidualAdd, Epilogue, stats=True, pool_sums=) and returns a ConvOut(out, mask, mean, var) whose
 unrequested fields are None.
 
 As a GEMM: rows are the output pixels (M = N*P*Q), columns the output channels (K),
@@ -113,7 +116,8 @@ def _heavy(named_args, kwargs) -> bool:
     """A variant with a prologue, a second GEMM, or a residual read in the epilogue."""
     # Constexprs passed by keyword arrive in kwargs, the rest in named_args.
     return any(kwargs.get(f, named_args.get(f, False))
-               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "AVGPOOL"))
+               for f in ("HAS_PRO", "HAS_X2", "HAS_RES", "RES_BN", "OUT_MASK", "AVGPOOL",
+                         "RES_GATE", "POOL"))
 
 
 # Accumulator fp32 registers per thread (tile elements / threads) from which a heavy
@@ -138,6 +142,9 @@ def _prune(configs, named_args, **kwargs):
     has_x2 = kwargs.get("HAS_X2", named_args.get("HAS_X2", False))
     heavy = _heavy(named_args, kwargs)
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
+    gated = kwargs.get("RES_GATE", named_args.get("RES_GATE", False))
+    bn_join = any(kwargs.get(f, named_args.get(f, False)) for f in ("RES_BN", "OUT_MASK"))
+    pool_stats = all(kwargs.get(f, named_args.get(f, False)) for f in ("POOL", "STATS"))
     cmax = max(C, named_args["C2"] if has_x2 else 0)
     # A pooled operand (AVGPOOL, AVGPOOL2: ResNet-D's shortcut) loads k*k tiles of x per
     # step, and the pipeliner buffers each of them: k*k A tiles in shared memory a stage.
@@ -156,6 +163,18 @@ def _prune(configs, named_args, **kwargs):
         # fp32 without TF32 multiplies on the FMA units: accumulators above 32 registers
         # per thread spill on sm_90.
         if esize == 4 and ieee and _acc_regs(bm, bn, c.num_warps) > 32:
+            continue
+        # A gated join (RES_GATE): the [BM, BN] fp32 gate tile beside the accumulator
+        # spilled on sm_90 at 64 accumulator registers per thread in fp32 (16 B) and,
+        # with the BN'd residual and the mask (the training join), in bf16 (8 B; fp16 at
+        # 254 registers).
+        if gated and (esize == 4 or bn_join) and _acc_regs(bm, bn, c.num_warps) >= 64:
+            continue
+        # The pool sums beside the statistics (a channel-gated block's last conv in
+        # training) spilled at 64 accumulator registers per thread: 24-64 B with 4 warps
+        # (triton 3.8), 16 B in fp32 with 8 warps (triton 3.6).
+        if pool_stats and (c.num_warps == 4 or esize == 4) \
+                and _acc_regs(bm, bn, c.num_warps) >= 64:
             continue
         if bk > max(16, triton.next_power_of_2(cmax)):
             continue
@@ -252,16 +271,33 @@ def _pool_gemm_loop(acc, x_ptr, w_ptr, n64, oh, ow, row_ok, rk, rn, n_ok, H, W, 
 @triton.jit
 def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
               bias_ptr, res_ptr, rscale_ptr, rshift_ptr, out_ptr, omask_ptr,
-              pmean_ptr, pm2_ptr, pcnt_ptr,
+              pmean_ptr, pm2_ptr, pcnt_ptr, rgate_ptr, PQ,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
               RELU: tl.constexpr, OUT_MASK: tl.constexpr, STATS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, SLOT_ROWS: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, SLOT_ROWS: tl.constexpr,
+              RES_GATE: tl.constexpr):
     """rm: the flat output pixel index (n*P + p)*Q + q of each row; pid_m: the row tile;
     n0: the first output channel of the tile (rn = n0 + arange(BN)); SLOT_ROWS: the
-    rows of one statistics slot (BM is a multiple of it)."""
+    rows of one statistics slot (BM is a multiple of it); PQ: the pixels per image
+    (rm // PQ is the row's image, for RES_GATE's gate[n, k]). Returns the values as
+    written."""
     off = rm.to(tl.int64)[:, None] * K + rn[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
-    if RES_BN:
+    if RES_GATE:
+        # A gated residual, R(res) * gate[n, k]: the join relu(g * branch + x @ w_sc +
+        # b_sc) of a gated block with a projection, the branch being the residual here
+        # (eval: the folded branch; training: bn_last(c_last) with RES_BN).
+        gofs = (rm // PQ).to(tl.int64)[:, None] * K + rn[None, :]
+        gt = tl.load(rgate_ptr + gofs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        res = tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if RES_BN:
+            rs = tl.load(rscale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            rsh = tl.load(rshift_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            res = res * rs[None, :] + rsh[None, :]
+        acc = acc + res * gt
+    elif RES_BN:
         # A BatchNorm-transformed residual, res * scale[k] + shift[k] (the training
         # block's bn2(c2) added to the projection GEMM's output). The bias joins the
         # shift first: one per-channel vector fewer live next to the accumulator.
@@ -313,6 +349,27 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
         own = slot + tl.arange(0, SUB)
         tl.store(pcnt_ptr + own, tl.where(own == slot, cnt, 0.0),
                  mask=own < tl.cdiv(M, SLOT_ROWS))
+    return out
+
+
+@triton.jit
+def _pool_sums(out, rm, rn, row_ok, n_ok, pid_m, M, K, PQ, psum_ptr, BM: tl.constexpr):
+    """psum[n, k] += the sum of this tile's written values of image n, channel k (the
+    pool of a gated branch, per (n, k) over the pixels). A row tile spans the images
+    from its first row's to its last row's (several where P*Q < BM): one masked column
+    sum and one atomic add of BN floats per image. Atomics, not per-tile partials as
+    the statistics: the tiles of one image are P*Q / BM (at most a few hundred), so the
+    contention is low, the buffer is only N x K floats, and the order of the fp32 adds
+    only changes the rounding of a mean that the gate's `f` consumes (far below the
+    tolerance of the block's output). The caller zeroes the buffer; the autotuner
+    re-zeroes it (reset_to_zero) after benchmarking on it."""
+    v = tl.where(row_ok[:, None] & n_ok[None, :], out.to(tl.float32), 0.0)
+    img = rm // PQ
+    r0 = pid_m * BM
+    last = (tl.minimum(r0 + BM, M) - 1) // PQ
+    for n in range(r0 // PQ, last + 1):
+        s = tl.sum(tl.where((img == n)[:, None], v, 0.0), axis=0)
+        tl.atomic_add(psum_ptr + n * K + rn, s, mask=n_ok)   # N * K floats: int32 holds it
 
 
 # The autotune keys name the sizes and EVERY constexpr but the tile sizes: the variants
@@ -325,10 +382,12 @@ def _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, n0, M, K,
 _CONV_KEY = ["M", "K", "C", "C2", "H", "W", "H2", "W2", "P", "Q",
              "STRIDE", "PAD", "R", "S", "STRIDE2", "PAD2", "R2", "S2",
              "HAS_BIAS", "HAS_RES", "RELU", "HAS_X2", "HAS_PRO", "IN_RELU", "STATS", "RES_BN",
-             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS", "AVGPOOL", "AVGPOOL2"]
+             "OUT_MASK", "INPUT_PRECISION", "SLOT_ROWS", "AVGPOOL", "AVGPOOL2", "RES_GATE",
+             "POOL"]
 
 
-@triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune},
+                 reset_to_zero=["psum_ptr"])
 @triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
@@ -336,6 +395,7 @@ def _conv_kernel(
     x2_ptr, w2_ptr,
     pmean_ptr, pm2_ptr, pcnt_ptr,
     rscale_ptr, rshift_ptr, omask_ptr,
+    rgate_ptr, psum_ptr,
     M, K, H, W, C, P, Q,
     H2, W2, C2,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
@@ -347,6 +407,7 @@ def _conv_kernel(
     # The pooled shortcut (pool.py): 0, or the window k of an average pool (at STRIDE /
     # STRIDE2, no padding) applied to x / x2 as it is loaded, before a 1x1 GEMM.
     AVGPOOL: tl.constexpr, AVGPOOL2: tl.constexpr,
+    RES_GATE: tl.constexpr, POOL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is
@@ -388,9 +449,12 @@ def _conv_kernel(
             acc = _gemm_loop(acc, x2_ptr, w2_ptr, scale_ptr, shift_ptr, n64, oh, ow, row_ok, rk,
                              rn, n_ok, H2, W2, C2, STRIDE2, PAD2, R2, S2, False, False,
                              INPUT_PRECISION, BK)
-    _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
-              rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN, SLOT_ROWS)
+    out = _epilogue(acc, rm, rn, row_ok, n_ok, pid_m, pid_n * BN, M, K, bias_ptr, res_ptr,
+                    rscale_ptr, rshift_ptr, out_ptr, omask_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
+                    rgate_ptr, pq, HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, STATS, BM, BN,
+                    SLOT_ROWS, RES_GATE)
+    if POOL:
+        _pool_sums(out, rm, rn, row_ok, n_ok, pid_m, M, K, pq, psum_ptr, BM)
 
 
 # ----------------------------------------------------------------------------------------
@@ -508,7 +572,8 @@ def _conv_tma_kernel(
     rows = (n64 * P + oh) * Q + ow
     _epilogue(acc, rows, rn, row_ok, n_ok, 0, pid_n * BN, 0, K, bias_ptr, res_ptr,
               rscale_ptr, rshift_ptr, out_ptr, omask_ptr, out_ptr, out_ptr, out_ptr,
-              HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN, BH * BW)
+              out_ptr, P * Q, HAS_BIAS, HAS_RES, RES_BN, RELU, OUT_MASK, False, BH * BW, BN,
+              BH * BW, False)
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -671,10 +736,12 @@ class SecondGemm(NamedTuple):
 
 class ResidualAdd(NamedTuple):
     """tensor added in the epilogue, or tensor * scale[k] + shift[k] with both given (a
-    BatchNorm of it: bn2(c2) added to the projection GEMM in the training block)."""
+    BatchNorm of it: bn2(c2) added to the projection GEMM in the training block), or
+    that times gate[n, k] with gate given (a gated branch joined in the projection GEMM)."""
     tensor: torch.Tensor       # [N, K, P, Q], x's dtype
     scale: Optional[torch.Tensor] = None   # [K] fp32
     shift: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None    # [N, K] fp32, contiguous
 
 
 class Epilogue(NamedTuple):
@@ -777,6 +844,10 @@ def _assert_specs(g: _Geometry, x, prologue, residual, epilogue) -> None:
             f"conv2d_nhwc: residual {tuple(r.shape)} {r.dtype}, output {(g.N, g.K, g.P, g.Q)}"
         assert (residual.scale is None) == (residual.shift is None), \
             "conv2d_nhwc: residual scale and shift go together"
+        assert residual.gate is None or (
+            residual.gate.dtype == torch.float32
+            and tuple(residual.gate.shape) == (g.N, g.K) and residual.gate.is_contiguous()), \
+            "conv2d_nhwc: residual.gate is a contiguous fp32 [N, K] tensor"
         vecs += [("residual.scale", residual.scale, g.K), ("residual.shift", residual.shift, g.K)]
     for name, v, n in vecs:
         assert v is None or (tuple(v.shape) == (n,) and v.is_floating_point()
@@ -827,11 +898,16 @@ def _launch_tma(g: _Geometry, ptrs, flags) -> None:
 
 
 def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials,
-                    pool: Optional[AvgPool] = None, pool2: Optional[AvgPool] = None) -> None:
+                    pool: Optional[AvgPool] = None, pool2: Optional[AvgPool] = None,
+                    gate=None, pool_sums=None) -> None:
     M = g.N * g.P * g.Q
     out = ptrs["out_ptr"]
     pmean, pm2, pcnt = partials or (out, out, out)   # never read without STATS
     pro = prologue or Prologue(out, out, False)
+    # Absent: `out`, never read; the autotuner's reset_to_zero of psum_ptr zeroes it
+    # only around benchmarking, before the kernel overwrites all of it.
+    gate_t = out if gate is None else gate
+    psum = out if pool_sums is None else pool_sums
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(g.K, meta["BN"]),)
@@ -839,11 +915,12 @@ def _launch_pointer(g: _Geometry, stride, prologue, ptrs, flags, partials,
     _launch_named(_conv_kernel, grid,
                   dict(ptrs, M=M, scale_ptr=pro.scale.contiguous(),
                        shift_ptr=pro.shift.contiguous(), pmean_ptr=pmean, pm2_ptr=pm2,
-                       pcnt_ptr=pcnt),
+                       pcnt_ptr=pcnt, rgate_ptr=gate_t, psum_ptr=psum),
                   dict(flags, STRIDE=stride, HAS_PRO=prologue is not None,
                        IN_RELU=bool(pro.relu), STATS=partials is not None,
                        SLOT_ROWS=_MIN_BM, AVGPOOL=pool.kernel if pool is not None else 0,
-                       AVGPOOL2=pool2.kernel if pool2 is not None else 0))
+                       AVGPOOL2=pool2.kernel if pool2 is not None else 0,
+                       RES_GATE=gate is not None, POOL=pool_sums is not None))
 
 
 def _stat_partials(M: int, K: int, dev):
@@ -859,6 +936,7 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int 
                 prologue: Optional[Prologue] = None, second: Optional[SecondGemm] = None,
                 residual: Optional[ResidualAdd] = None, epilogue: Epilogue = Epilogue(),
                 stats: bool = False, pool: Optional[AvgPool] = None,
+                pool_sums: Optional[torch.Tensor] = None,
                 _path: Optional[str] = None) -> ConvOut:
     """Fused implicit-GEMM convolution; the module docstring has the formula.
     pool (and second.pool): the operand is x averaged over pool.kernel windows at
@@ -866,7 +944,9 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int 
 
     x [N, C, H, W] (channels_last; other layouts are copied once), w [K, C, R, S] in x's
     dtype; the optional parts are the specs above, stats=True also returns the
-    statistics of the output. Returns a ConvOut whose unrequested fields are None.
+    statistics of the output. pool_sums: a zeroed fp32 [N, K] tensor into which the
+    per-(n, k) sums of the written output over its P*Q pixels are added. Returns a
+    ConvOut whose unrequested fields are None.
     _path ("pointer" / "tma" / None = automatic) is for tests and benchmarks.
     """
     x = x.contiguous(memory_format=_CL)
@@ -878,14 +958,20 @@ def conv2d_nhwc(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int 
                       memory_format=_CL)
     mask = (torch.empty((mask_numel(out),), device=x.device, dtype=torch.uint8)
             if epilogue.mask else None)
+    gate = None if residual is None else residual.gate
+    assert pool_sums is None or (pool_sums.dtype == torch.float32 and pool_sums.is_contiguous()
+                                 and tuple(pool_sums.shape) == (g.N, g.K)), \
+        f"conv2d_nhwc: pool_sums is a contiguous fp32 {(g.N, g.K)} tensor"
     ptrs, flags = _operands(x, w, g, padding, second, residual, epilogue, out, mask)
     pools = (pool, second.pool if second is not None else None)
-    # The descriptor kernel has no pooled loader: a pooled call takes the pointer one.
-    if pools == (None, None) and _use_tma(x, w, stride, prologue, stats, _path):
+    # The descriptor kernel has no pooled loader and no gate or pool-sum epilogue: such a
+    # call takes the pointer kernel.
+    if pools == (None, None) and gate is None and pool_sums is None \
+            and _use_tma(x, w, stride, prologue, stats, _path):
         _launch_tma(g, ptrs, flags)
         return ConvOut(out, mask)
     partials = _stat_partials(g.N * g.P * g.Q, g.K, x.device) if stats else None
-    _launch_pointer(g, stride, prologue, ptrs, flags, partials, *pools)
+    _launch_pointer(g, stride, prologue, ptrs, flags, partials, *pools, gate, pool_sums)
     if partials is None:
         return ConvOut(out, mask)
     return ConvOut(out, mask, *_combine_stats(*partials, g.K, x.device))

@@ -1,6 +1,6 @@
 """Input checks of the triton backend's public convolution ops, eval_ops.py's
-resnet_fused_triton::conv_bias_relu, conv_bias_shortcut_relu and
-conv_bias_pool_shortcut_relu.
+resnet_fused_triton::conv_bias_relu, conv_bias_shortcut_relu,
+conv_bias_pool_shortcut_relu, conv_bias_pool and gate_shortcut_relu.
 
 This is where user input to the Triton convolutions is validated, once, with an error
 that names the op and what was wrong; conv.py's conv2d_nhwc only asserts what
@@ -147,5 +147,53 @@ def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padd
                          f"shortcut_weight) has shape {sc}, the main branch {out}")
 
 
-__all__ = ["check_conv_bias_pool_shortcut_relu", "check_conv_bias_relu",
-           "check_conv_bias_shortcut_relu"]
+def check_conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1) -> None:
+    """As conv_bias_relu's (the same convolution, no ReLU, plus its pool)."""
+    op = "conv_bias_pool"
+    _activation(op, "x", x)
+    _int(op, "stride", stride, 1)
+    _int(op, "padding", padding, 0)
+    _dense(op, dilation, groups)
+    _weight(op, "weight", weight, x, "x")
+    _bias(op, bias, weight.shape[0], x.device)
+    _out_hw(op, x, weight, stride, padding)
+
+
+def check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
+                             shortcut_padding) -> None:
+    op = "gate_shortcut_relu"
+    _activation(op, "y", y)
+    _activation(op, "x", x)
+    if x.dtype != y.dtype:
+        raise TypeError(f"{NS}::{op}: x dtype {x.dtype} differs from y dtype {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"{NS}::{op}: x is on {x.device}, y on {y.device}")
+    N, K = y.shape[:2]
+    _tensor(op, "gate", gate, 4, "N, C, 1, 1")
+    if (not gate.is_floating_point() or gate.device != y.device
+            or gate.shape[0] not in (1, N) or gate.shape[1] not in (1, K)
+            or gate.shape[2:] != (1, 1)):
+        raise ValueError(f"{NS}::{op}: gate must be a floating tensor on {y.device} of shape "
+                         f"({N} or 1, {K} or 1, 1, 1), got {tuple(gate.shape)} {gate.dtype} "
+                         f"on {gate.device}")
+    if shortcut_weight is None:
+        if shortcut_bias is not None:
+            raise ValueError(f"{NS}::{op}: shortcut_bias without shortcut_weight")
+        if x.shape != y.shape:
+            raise ValueError(f"{NS}::{op}: the identity shortcut x must have y's shape "
+                             f"{tuple(y.shape)}, got {tuple(x.shape)}")
+        return
+    _int(op, "shortcut_stride", shortcut_stride, 1)
+    _int(op, "shortcut_padding", shortcut_padding, 0)
+    _weight(op, "shortcut_weight", shortcut_weight, x, "x")
+    if shortcut_bias is not None:
+        _bias(op, shortcut_bias, shortcut_weight.shape[0], x.device)
+    sc = (x.shape[0], shortcut_weight.shape[0],
+          *_out_hw(op, x, shortcut_weight, shortcut_stride, shortcut_padding))
+    if sc != tuple(y.shape):
+        raise ValueError(f"{NS}::{op}: the projection shortcut conv(x, shortcut_weight) has "
+                         f"shape {sc}, the branch y {tuple(y.shape)}")
+
+
+__all__ = ["check_conv_bias_pool", "check_conv_bias_pool_shortcut_relu",
+           "check_conv_bias_relu", "check_conv_bias_shortcut_relu", "check_gate_shortcut_relu"]

@@ -1,6 +1,10 @@
 """The triton backend's eval ops: conv_bias_relu (every stage but the last),
 conv_bias_shortcut_relu (the last stage with the shortcut) and
-conv_bias_pool_shortcut_relu (the same with ResNet-D's pooled shortcut). Dense convolutions only:
+conv_bias_pool_shortcut_relu (the same with ResNet-D's pooled shortcut); for a gated
+last stage (README.md, Design, "Gates and pooled shortcuts") conv_bias_pool (the branch
+conv + bias, with its per-(n, k) sums accumulated in the same epilogue) and
+gate_shortcut_relu (relu(gate * branch + shortcut): the projection GEMM's epilogue, or
+one elementwise pass for the identity). Dense convolutions only:
 groups != 1 or dilation != 1 is refused with an error (conv_checks.py), and the
 backend's unsupported_block_reason routes such blocks to another backend.
 
@@ -25,8 +29,10 @@ import torch
 
 from ...ops import like_format
 from .conv import AvgPool, Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
-from .conv_checks import (check_conv_bias_pool_shortcut_relu, check_conv_bias_relu,
-                          check_conv_bias_shortcut_relu)
+from .conv_checks import (check_conv_bias_pool, check_conv_bias_pool_shortcut_relu,
+                          check_conv_bias_relu, check_conv_bias_shortcut_relu,
+                          check_gate_shortcut_relu)
+from .gate import gate_join_identity, gate_nk
 from .launcher import define_triton_op
 
 
@@ -72,5 +78,35 @@ def conv_bias_pool_shortcut_relu(y: torch.Tensor, weight: torch.Tensor, bias: to
     return like_format(out, y)
 
 
-for _fn in (conv_bias_relu, conv_bias_shortcut_relu, conv_bias_pool_shortcut_relu):
+def conv_bias_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int,
+                   padding: int, dilation: int = 1,
+                   groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    check_conv_bias_pool(x, weight, bias, stride, padding, dilation, groups)
+    N, K = x.shape[0], weight.shape[0]
+    sums = torch.zeros((N, K), device=x.device, dtype=torch.float32)
+    out = conv2d_nhwc(x, weight.to(x.dtype), stride, padding, epilogue=Epilogue(bias),
+                      pool_sums=sums).out
+    # The mean from the sums: N x K floats.
+    return like_format(out, x), sums / (out.shape[2] * out.shape[3])
+
+
+def gate_shortcut_relu(y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                       shortcut_weight: Optional[torch.Tensor],
+                       shortcut_bias: Optional[torch.Tensor], shortcut_stride: int,
+                       shortcut_padding: int) -> torch.Tensor:
+    check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
+                             shortcut_padding)
+    g = gate_nk(gate, y.shape[0], y.shape[1])
+    if shortcut_weight is None:
+        y = like_format(y, y)
+        return gate_join_identity(y, g, like_format(x, y))
+    # The projection GEMM over x with the gated branch as its epilogue's residual.
+    out = conv2d_nhwc(x, shortcut_weight.to(y.dtype), shortcut_stride, shortcut_padding,
+                      residual=ResidualAdd(y, gate=g),
+                      epilogue=Epilogue(shortcut_bias, relu=True)).out
+    return like_format(out, y)
+
+
+for _fn in (conv_bias_relu, conv_bias_shortcut_relu, conv_bias_pool_shortcut_relu,
+            conv_bias_pool, gate_shortcut_relu):
     define_triton_op(_fn.__name__, _fn)

@@ -61,6 +61,13 @@ and c_{i-1}; the dgrad writes dZ_{i-1} once. Eager also writes and re-reads ever
 input gradient and runs its two reduction/apply passes. The bottleneck projection's
 extra dX write+read is the accumulation eager does anyway. No path makes more passes.
 
+Sample gate (drop path; README.md, Design, "Gates and pooled shortcuts"): `gate`, the
+(N, 1, 1, 1) factor drawn before the call, scales bn_last(c_last) in the join (every
+join kind above: the elementwise pass, or the D2L projection GEMM's epilogue); the
+backward writes gate * grad_out once and runs BN_last's reductions and the loaders'
+BN-apply on it (a BN'd projection's reductions then take their own pass on the
+ungated grad_out). No gradient flows to the gate (the module's mask is a constant).
+
 Synchronized BN (nn.SyncBatchNorm children, resnet_fused/distributed.py; `group` names
 the process group, "" for none): each conv's epilogue statistics are combined across
 the group (one all-reduce per BN) before the finalize that the next kernel's prologue
@@ -101,6 +108,7 @@ from .bn import bn_act_impl, bn_backward_coef, bn_coef, finalize_impl
 from .conv import AvgPool, Epilogue, Prologue, ResidualAdd, conv2d_nhwc
 from .conv_bwd import (GradOperand, GradResidual, ReluBnEpilogue, SecondDgrad, conv_dgrad,
                        conv_wgrad)
+from .gate import gate_nk, gate_scale
 from .launcher import NS, define_triton_op
 from .pool import pool_out_hw, pool_stride, pool_unsupported_reason, shortcut_pool
 
@@ -171,32 +179,33 @@ def _sc_avgpool(sc_pool: int) -> Optional[AvgPool]:
 
 
 def _join(x, c, bn: _Bn, gamma, beta, w_sc, b_sc, g_sc, beta_sc, s_sc, eps_sc, group,
-          running_sc=None, sc_pool=0):
-    """out, mask = relu(bn_last(c) + shortcut) in one pass; also c_sc and the shortcut
-    BN's statistics (None without one). sc_pool: the shortcut GEMM averages x's windows
-    as it loads them (ResNet-D; conv._pool_gemm_loop)."""
+          running_sc=None, sc_pool=0, gate=None):
+    """out, mask = relu([gate *] bn_last(c) + shortcut) in one pass; also c_sc and the
+    shortcut BN's statistics (None without one). sc_pool: the shortcut GEMM averages x's
+    windows as it loads them (ResNet-D; conv._pool_gemm_loop). gate: fp32 [N, C]
+    (gate_nk) or None."""
     pool = _sc_avgpool(sc_pool)
     if w_sc is None:
-        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=x)
+        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=x, gate=gate)
         return out, mask, _empty(x), None
     if g_sc is None and c.shape[1] % 8 == 0:
         # D2L projection (no BN): the final pass is the projection GEMM's epilogue,
         # relu(conv(x, w_sc) + b_sc + scale*c + shift) with the mask, so the shortcut is
         # never written out and re-read.
         out, mask, _, _ = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), pool=pool,
-                                      residual=ResidualAdd(c, bn.scale, bn.shift),
+                                      residual=ResidualAdd(c, bn.scale, bn.shift, gate),
                                       epilogue=Epilogue(b_sc, relu=True, mask=True))
         return out, mask, _empty(x), None
     if g_sc is None:
         # Channel counts that are not a multiple of 8 would split a mask byte across
         # two tiles: the shortcut goes through memory and the elementwise pass.
         sc = conv2d_nhwc(x, w_sc, s_sc, _pad(w_sc), epilogue=Epilogue(b_sc), pool=pool).out
-        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=sc)
+        out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=sc, gate=gate)
         return out, mask, _empty(x), None
     c_sc, st = _stage(x, w_sc, b_sc, s_sc, None, g_sc, beta_sc, eps_sc, group, running_sc,
                       pool)
     out, mask = bn_act_impl(c, bn.mean, bn.invstd, gamma, beta, residual=c_sc,
-                            res_bn=(st.mean, st.invstd, g_sc, beta_sc))
+                            res_bn=(st.mean, st.invstd, g_sc, beta_sc), gate=gate)
     return out, mask, c_sc, st
 
 
@@ -212,7 +221,7 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
                  eps: list[float], w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
                  g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
                  eps_sc: float, group: str = "", running: Optional[list[torch.Tensor]] = None,
-                 sc_pool: int = 0
+                 sc_pool: int = 0, gate: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
                             list[torch.Tensor]]:
     """block_train (schemas.py): BlockTrainOut(out, c, c_sc, mask, stats) as a tuple."""
@@ -229,9 +238,10 @@ def _block_train(x: torch.Tensor, w: list[torch.Tensor], b: list[Optional[torch.
         cs.append(c)
         bns.append(st)
         prev, prologue = c, Prologue(st.scale, st.shift, relu=True)
+    gnk = None if gate is None else gate_nk(gate, x.shape[0], cs[-1].shape[1])
     out, mask, c_sc, st_sc = _join(x, cs[-1], bns[-1], g[-1], beta[-1], w_sc, b_sc, g_sc,
                                    beta_sc, _sc_stride(stride), eps_sc, group,
-                                   run[-1] if nbn > len(w) else None, sc_pool)
+                                   run[-1] if nbn > len(w) else None, sc_pool, gnk)
     stats = [_stat_rows(st) for st in bns + ([st_sc] if st_sc is not None else [])]
     return tuple(BlockTrainOut(out=out, c=cs, c_sc=c_sc, mask=mask, stats=stats))
 
@@ -252,10 +262,17 @@ def _saved_bn(stats: torch.Tensor, c: torch.Tensor, gamma, beta, eps, group) -> 
     return _Bn(m, v, inv, sc, sh, count)
 
 
-def _last_bn_grads(grad_out, mask, c, bn: _Bn, gamma, c_sc, bn_sc, g_sc, group):
+def _last_bn_grads(grad_out, mask, c, bn: _Bn, gamma, c_sc, bn_sc, g_sc, group,
+                   grad_last=None):
     """(coef, dg, dbeta) of the last BN and of the shortcut BN (Nones without one): their
-    reductions in one pass over grad_out and the mask, one all-reduce when synced."""
-    if g_sc is not None:
+    reductions in one pass over grad_out and the mask, one all-reduce when synced.
+    grad_last: the last BN's own gradient where it differs from the shortcut's (a gated
+    branch: gate * grad_out); then one pass each."""
+    if grad_last is not None:
+        last = bn_backward_coef(grad_last, mask, c, bn.mean, bn.invstd, gamma)
+        sc = (bn_backward_coef(grad_out, mask, c_sc, bn_sc.mean, bn_sc.invstd, g_sc)
+              if g_sc is not None else None)
+    elif g_sc is not None:
         last, sc = bn_backward_coef(grad_out, mask, c, bn.mean, bn.invstd, gamma,
                                     second=(c_sc, bn_sc.mean, bn_sc.invstd, g_sc))
     else:
@@ -319,7 +336,8 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
                           beta: list[torch.Tensor], w_sc: Optional[torch.Tensor],
                           g_sc: Optional[torch.Tensor], has_b: list[bool], has_b_sc: bool,
                           stride: list[int], eps: list[float], eps_sc: float, group: str = "",
-                          frozen: bool = False, sc_pool: int = 0
+                          frozen: bool = False, sc_pool: int = 0,
+                          gate: Optional[torch.Tensor] = None
                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                      list[torch.Tensor], list[torch.Tensor], torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,12 +347,18 @@ def _block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, c: list[torch
     bns = [_saved_bn(stats[i], c[i], g[i], beta[i], eps[i], group) for i in range(S)]
     has_bn_sc = w_sc is not None and g_sc is not None
     bn_sc = _saved_bn(stats[S], c_sc, g_sc, g_sc, eps_sc, group) if has_bn_sc else None
+    # A gated branch: the last BN's gradient is gate * grad_out (masked), written once;
+    # the shortcut's is grad_out (masked).
+    grad_last = (None if gate is None else
+                 gate_scale(grad_out, gate_nk(gate, grad_out.shape[0], grad_out.shape[1])))
     (coef, dg_l, dbeta_l), (coef_sc, dg_sc, dbeta_sc) = _last_bn_grads(
-        grad_out, mask, c[-1], bns[-1], g[-1], c_sc, bn_sc, g_sc if has_bn_sc else None, group)
+        grad_out, mask, c[-1], bns[-1], g[-1], c_sc, bn_sc, g_sc if has_bn_sc else None, group,
+        grad_last)
     if frozen:  # constants: the gradient has no path through the statistics
         coef = _frozen_coef(coef)
         coef_sc = _frozen_coef(coef_sc) if coef_sc is not None else None
-    G = GradOperand(grad_out, mask=mask, c=c[-1], coef=coef)
+    G = GradOperand(grad_out if grad_last is None else grad_last, mask=mask, c=c[-1],
+                    coef=coef)
     dw, db, dg, dbeta = [None] * S, [None] * S, [None] * S, [None] * S
     dg[-1], dbeta[-1] = dg_l, dbeta_l
     for i in range(S - 1, 0, -1):
@@ -487,7 +511,8 @@ def _running(bn) -> torch.Tensor:
                         bn.running_var.detach().to(torch.float32)])
 
 
-def _op_args(parts: Parts, x: torch.Tensor, group: str, frozen: bool = False) -> BlockTrainArgs:
+def _op_args(parts: Parts, x: torch.Tensor, group: str, frozen: bool = False,
+             gate: Optional[torch.Tensor] = None) -> BlockTrainArgs:
     dt = x.dtype
 
     def cast(t):     # conv weights/bias in the activation dtype (a no-op when they are)
@@ -510,19 +535,20 @@ def _op_args(parts: Parts, x: torch.Tensor, group: str, frozen: bool = False) ->
         beta_sc=sc_bn.bias if sc_bn is not None else None,
         eps_sc=bn_eps(sc_bn) if sc_bn is not None else 1e-5, group=group,
         running=[_running(bn) for bn in parts.bns()] if frozen else None,
-        sc_pool=pool.kernel if (pool := shortcut_pool(parts)) is not None else 0)
+        sc_pool=pool.kernel if (pool := shortcut_pool(parts)) is not None else 0, gate=gate)
 
 
 def train_block(parts: Parts, x: torch.Tensor, group: str = "",
-                frozen: bool = False) -> torch.Tensor:
+                frozen: bool = False, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Training forward of the block `parts` (spec.Parts) with batch statistics,
     differentiable in x and every parameter; updates the running statistics of every
     BN as nn.BatchNorm2d. x: NCHW or channels_last contiguous; the output has x's memory
     format. group: the name of the process group every BN of the block is synchronized
     over ("" for none; block_group). frozen: every BN normalises with its running
-    statistics instead (no statistics, no update; backend.forward_frozen)."""
+    statistics instead (no statistics, no update; backend.forward_frozen). gate: the
+    last stage's sample gates, drawn (block_train's `gate`), or None."""
     _check_parts(parts, x, frozen)
-    o = BlockTrainOut(*_OPS.block_train(*_op_args(parts, x, group, frozen)))
+    o = BlockTrainOut(*_OPS.block_train(*_op_args(parts, x, group, frozen, gate)))
     if frozen:
         return like_format(o.out, x)
     cs = list(o.c) + ([o.c_sc] if len(o.stats) > len(o.c) else [])

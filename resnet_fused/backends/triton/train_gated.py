@@ -131,7 +131,7 @@ def _gate_join_train(c: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor,
     bn = _saved_bn(stats, c, weight, bias, eps, "")
     out, mask, c_sc, st_sc = _join(x, c, bn, weight, bias, w_sc, b_sc, g_sc, beta_sc,
                                    stride_sc, eps_sc, "", None,
-                                   gate_nk(gate, c.shape[0], c.shape[1]))
+                                   gate=gate_nk(gate, c.shape[0], c.shape[1]))
     return out, mask, c_sc, (_stat_rows(st_sc) if st_sc is not None else _empty(x))
 
 

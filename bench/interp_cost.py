@@ -78,10 +78,12 @@ def micro() -> dict:
 
 
 class LaunchProfile:
-    """Wraps the backend's launch(): launches, programs and seconds per kernel."""
+    """Wraps the backend's launch(): launches, programs and seconds per kernel, wall and
+    CPU (the process's: on a shared machine the CPU seconds are the figure, the wall
+    seconds move with the other jobs' load)."""
 
     def __init__(self):
-        self.stats = defaultdict(lambda: [0, 0, 0.0])
+        self.stats = defaultdict(lambda: [0, 0, 0.0, 0.0])
 
     def __enter__(self):
         from resnet_fused.backends.triton import launcher
@@ -92,7 +94,7 @@ class LaunchProfile:
         stats = self.stats
 
         def launch(kernel, grid, *args, **kwargs):
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             progs = [0]
             g = grid
 
@@ -110,6 +112,7 @@ class LaunchProfile:
             s[0] += 1
             s[1] += progs[0]
             s[2] += time.perf_counter() - t
+            s[3] += time.process_time() - cpu
             return out
         for m, _ in self._saved:
             m.launch = launch
@@ -120,13 +123,15 @@ class LaunchProfile:
             m.launch = f
 
     def table(self) -> str:
-        rows = sorted(self.stats.items(), key=lambda kv: -kv[1][2])
-        tot = sum(v[2] for _, v in rows)
-        lines = [f"  {'kernel':28s} {'launches':>8s} {'programs':>9s} {'s':>8s} {'ms/prog':>8s}"]
-        for k, (n, p, s) in rows:
-            lines.append(f"  {k[:28]:28s} {n:8d} {p:9d} {s:8.1f} {1e3 * s / max(p, 1):8.2f}")
+        rows = sorted(self.stats.items(), key=lambda kv: -kv[1][3])
+        lines = [f"  {'kernel':28s} {'launches':>8s} {'programs':>9s} {'s wall':>8s} "
+                 f"{'s CPU':>8s} {'ms CPU/prog':>11s}"]
+        for k, (n, p, s, c) in rows:
+            lines.append(f"  {k[:28]:28s} {n:8d} {p:9d} {s:8.1f} {c:8.1f} "
+                         f"{1e3 * c / max(p, 1):11.2f}")
         lines.append(f"  {'total':28s} {sum(v[0] for _, v in rows):8d} "
-                     f"{sum(v[1] for _, v in rows):9d} {tot:8.1f}")
+                     f"{sum(v[1] for _, v in rows):9d} {sum(v[2] for _, v in rows):8.1f} "
+                     f"{sum(v[3] for _, v in rows):8.1f}")
         return "\n".join(lines)
 
 

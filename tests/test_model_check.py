@@ -246,6 +246,44 @@ def test_per_geometry_fails_on_a_kernel_off_by_a_part_in_a_thousand(monkeypatch,
     assert not any(b == "torch" for b, _ in failed), report.table()
 
 
+@pytest.mark.parametrize("at_probes,rescued_at", [
+    ([(0.3, 0.3), (0.01, 0.02), (0.3, 0.3), (0.3, 0.3)], 2),   # a rounding jump: not everywhere
+    ([(0.3, 0.3)] * 4, None),                                  # a defect: at every input
+    ([(0.01, 0.3)] * 4, None),                                 # within in L2 only
+], ids=["jump", "defect", "l2-only"])
+def test_over_the_bound_at_the_example_is_judged_again_at_the_probes(
+        monkeypatch, at_probes, rescued_at):
+    """A training quantity over its bound at the example passes if the fused error at
+    one probe input is within the same bound (both L2 and max-abs), and fails if it is
+    over at all four; the fused model runs at the probes only until one passes, and not
+    at all when nothing failed (model_check._recheck_at_probes)."""
+    from resnet_fused.testing import model_check as mc
+    from resnet_fused.testing.tolerance import Comparison
+    calls = []
+    monkeypatch.setattr(mc, "_errors_at", lambda run, who, xin, g, seed: calls.append(
+        (who, xin)) or {"grad w": at_probes[xin]})
+
+    def over():
+        return Comparison("grad w (step 0)", 0.3, 0.3, 0.01, 0.01, 0.05, 0.05, ok=False)
+
+    fine = Comparison("output (step 0)", 0.01, 0.01, 0.01, 0.01, 0.05, 0.05, ok=True)
+    rows = {"grad w": over(), "output": fine}
+    mc._recheck_at_probes(None, rows, list(range(4)), None, 0)
+    assert rows["output"] is fine
+    if rescued_at is None:
+        assert not rows["grad w"].ok and rows["grad w"].name == "grad w (step 0)"
+        assert calls == [("fused", k) for k in range(4)]
+    else:
+        assert rows["grad w"].ok, rows["grad w"].message()
+        assert rows["grad w"].name == (f"grad w (step 0) at probe {rescued_at} "
+                                       "(example: 6.00 of the bound)")
+        assert (rows["grad w"].bound_l2, rows["grad w"].plain_l2) == (0.05, 0.01)
+        assert calls == [("fused", k) for k in range(rescued_at)]
+    calls.clear()
+    mc._recheck_at_probes(None, {"output": fine}, list(range(4)), None, 0)
+    assert calls == []
+
+
 def test_fails_on_a_dropped_projection():
     torch.manual_seed(0)
     net = nn.Sequential(Residual(8, 8, use_1x1conv=True), Residual(8, 8))

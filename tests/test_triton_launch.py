@@ -120,6 +120,42 @@ def test_launch_routes_eager_to_the_kernel_and_traced_to_wrap_triton(gpu_routing
     assert calls == [("wrapped", (g,)) for g in (2, 3, 4, 5)], calls
 
 
+@pytest.mark.parametrize("C,K,H,tile", [(24, 40, 9, (128, 32, 16)), (40, 24, 5, (32, 32, 32))],
+                         ids=["c24-k40-9x9", "c40-k24-5x5"])
+def test_interpreter_runs_the_forward_on_its_shape_tile_without_benchmarking(
+        C, K, H, tile, monkeypatch):
+    """Under the interpreter the conv forward runs interp_tile's config for the shape on
+    the un-tuned kernel (launcher._sole_config) and never benchmarks: benchmarking needs
+    a GPU driver the interpreter lacks, and triton 3.6's Autotuner benchmarks even a
+    sole pruned config. Fails if the Autotuner runs or another tile is launched."""
+    if not launcher.INTERPRET:
+        pytest.skip("the interpreter's launch route (a GPU process autotunes)")
+    from resnet_fused.testing.tolerance import assert_within
+    tuner = conv._conv_kernel
+    real_fn = tuner.fn
+    launched = []
+
+    class Spy:
+        arg_names = real_fn.arg_names
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                launched.append(tuple(k[n] for n in ("BM", "BN", "BK")))
+                return real_fn[grid](*a, **k)
+            return run
+
+    monkeypatch.setattr(tuner, "fn", Spy())
+    monkeypatch.setattr(tuner, "run", lambda *a, **k: pytest.fail("the Autotuner ran"))
+    monkeypatch.setattr(tuner, "_bench", lambda *a, **k: pytest.fail("benchmarked"))
+    torch.manual_seed(0)
+    x = _cl(2, C, H, H)                       # M = 2*H*H rows: a partial last row tile
+    w = _cl(K, C, 3, 3, scale=C ** -0.5)
+    out = conv.conv2d_nhwc(x, w, 1, 1).out
+    assert launched == [tile]
+    conv_ref = lambda d: torch.nn.functional.conv2d(x.to(d), w.to(d), padding=1)  # noqa: E731
+    assert_within("conv forward", out, conv_ref(torch.float32), conv_ref(torch.float64))
+
+
 def test_interpreter_never_wraps_and_skips_shape_only_calls(monkeypatch):
     """Under TRITON_INTERPRET=1 (torch 2.11's wrap_triton rejects interpreted kernels)
     launches run the kernel directly, and fake/meta calls launch nothing."""

@@ -248,32 +248,79 @@ def _output_row(run: _Run, outs: dict, label: str, plain_errors=None) -> Compari
 # fused model whose only difference is its rounding. So in training the plain error is
 # the worst of the plain model at the example and at PROBES copies perturbed by a few
 # units in the last place (PROBE_ULPS), each against float64 at the same perturbed input.
+#
+# The fused error is one sample of the same kind of noise, and where a rounding decides
+# a discrete choice (a ReLU mask bit, a max-pool winner) that noise is not a spread but
+# a jump, present at some inputs and absent at others (ResNet-50 at 2x3x64x64: one
+# BN bias gradient's max-abs error is 2e-4 at some inputs and 1.2e-1 at others, for the
+# plain model and the fused one alike, while the fused torch backend in float64 agrees
+# with float64 to 7e-13; bench/NOTES.md, "ResNet-50's torch-backend training rows").
+# Five plain samples miss a jump that the fused sample hits often enough to fail a
+# correct model. So a fused quantity over its bound at the example is judged again at
+# the probe inputs, against the same bound: it passes if it is within the bound at one
+# of them. A defect (a weight, a scale, a formula) errs at every input and still fails.
 PROBES = 4
 PROBE_ULPS = 4
 
 
-def _probe_errors(run: _Run, xin: torch.Tensor, g: torch.Tensor, seed: int,
-                  gen: torch.Generator) -> dict:
-    """{quantity: [(l2, max) of the plain model against float64]} over the probes, the
-    quantities named as _check_train names them (without the step). On copies of plain
-    and ref, so the models checked are not touched."""
+def _probe_inputs(run: _Run, xin: torch.Tensor, gen: torch.Generator) -> list:
+    """PROBES copies of xin (float64), each element scaled by 1 + PROBE_ULPS ulps x N(0,1)."""
     eps = PROBE_ULPS * torch.finfo(run.dtype).eps
-    out: dict = {}
-    for _ in range(PROBES):
-        plain, ref = copy.deepcopy(run.plain), copy.deepcopy(run.ref)
-        noise = torch.randn(xin.shape, generator=gen, dtype=torch.float64).to(xin.device)
-        xs = run.inputs(xin.double() * (1 + eps * noise), grad=True)
-        outs = _forward_all(run, xs, seed, (("plain", plain), ("ref", ref)))
-        for y in outs.values():
-            y.backward(g.to(device=y.device, dtype=y.dtype))
-        out.setdefault("output", []).append(errors(outs["plain"], outs["ref"]))
-        out.setdefault("grad input", []).append(errors(xs["plain"].grad, xs["ref"].grad))
-        ref_p = dict(ref.named_parameters())
-        for name, p in plain.named_parameters():
-            r = ref_p.get(name)
-            if p.grad is not None and r is not None and r.grad is not None:
-                out.setdefault(f"grad {name}", []).append(errors(p.grad, r.grad))
+    return [xin.double() * (1 + eps * torch.randn(xin.shape, generator=gen,
+                                                  dtype=torch.float64).to(xin.device))
+            for _ in range(PROBES)]
+
+
+def _errors_at(run: _Run, who: str, xin: torch.Tensor, g: torch.Tensor, seed: int) -> dict:
+    """{quantity: (l2, max)} of model `who` ("plain" or "fused") against float64, both
+    run on copies (the models checked are not touched) at input xin with output
+    gradient g; the quantities named as _check_train names them (without the step)."""
+    model = copy.deepcopy(run.plain if who == "plain" else run.fused)
+    ref = copy.deepcopy(run.ref)
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+    xs = run.inputs(xin, grad=True)
+    outs = _forward_all(run, xs, seed, ((who, model), ("ref", ref)))
+    for y in outs.values():
+        y.backward(g.to(device=y.device, dtype=y.dtype))
+    out = {"output": errors(outs[who], outs["ref"]),
+           "grad input": errors(xs[who].grad, xs["ref"].grad)}
+    ref_p = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        r = ref_p.get(name)
+        if p.grad is not None and r is not None and r.grad is not None:
+            out[f"grad {name}"] = errors(p.grad, r.grad)
     return out
+
+
+def _probe_errors(run: _Run, inputs: list, g: torch.Tensor, seed: int) -> dict:
+    """{quantity: [(l2, max) of the plain model against float64]} over the probe inputs."""
+    out: dict = {}
+    for xin in inputs:
+        for q, e in _errors_at(run, "plain", xin, g, seed).items():
+            out.setdefault(q, []).append(e)
+    return out
+
+
+def _recheck_at_probes(run: _Run, rows: dict, inputs: list, g: torch.Tensor,
+                       seed: int) -> None:
+    """Judge again, at the probe inputs, each row of `rows` (name -> Comparison, one
+    step's) whose fused error was over its bound at the example: the row becomes the
+    first probe's comparison within the same bound, renamed to say so. Fused runs only
+    when something failed."""
+    failed = {name for name, c in rows.items() if not c.ok and not c.problem}
+    for k, xin in enumerate(inputs, 1):
+        if not failed:
+            return
+        errs = _errors_at(run, "fused", xin, g, seed)
+        for name in sorted(failed):   # keys: the quantity without its step
+            c = rows[name]
+            e = errs.get(name)
+            if e is not None and e[0] <= c.bound_l2 and e[1] <= c.bound_max:
+                rows[name] = Comparison(
+                    f"{c.name} at probe {k} (example: {c.ratio:.2f} of the bound)", e[0],
+                    e[1], c.plain_l2, c.plain_max, c.bound_l2, c.bound_max, ok=True)
+                failed.discard(name)
 
 
 def _check_train(run: _Run, x: torch.Tensor, steps: int, seed: int) -> list:
@@ -292,17 +339,22 @@ def _check_train(run: _Run, x: torch.Tensor, steps: int, seed: int) -> list:
         # Before the backward, so the copies carry no gradient yet. A training forward
         # normalises with batch statistics, so the running statistics this step's
         # forward updated do not change what the probes compute.
-        probes = _probe_errors(run, xin, g, seed + step, gen)
-        _keep_worst(worst, _output_row(run, outs, f"output (step {step})",
-                                       probes.get("output")))
+        inputs = _probe_inputs(run, xin, gen)
+        probes = _probe_errors(run, inputs, g, seed + step)
+        rows: dict = {}
+        _keep_worst(rows, _output_row(run, outs, f"output (step {step})",
+                                      probes.get("output")))
         for who, out in outs.items():
             out.backward(g.to(device=out.device, dtype=out.dtype))
-        _keep_worst(worst, compare(f"grad input (step {step})", xs["fused"].grad,
-                                   xs["plain"].grad, xs["ref"].grad, factor=3,
-                                   dtype=run.dtype, plain_errors=probes.get("grad input")))
-        _compare_grads(run, step, worst, probes)
+        _keep_worst(rows, compare(f"grad input (step {step})", xs["fused"].grad,
+                                  xs["plain"].grad, xs["ref"].grad, factor=3,
+                                  dtype=run.dtype, plain_errors=probes.get("grad input")))
+        _compare_grads(run, step, rows, probes)
         for _, m in run.models():
             m.zero_grad(set_to_none=True)
+        _recheck_at_probes(run, rows, inputs, g, seed + step)
+        for c in rows.values():
+            _keep_worst(worst, c)
     return list(worst.values()) + _compare_buffers(run)
 
 

@@ -99,7 +99,8 @@ class ModelReport:
         lines.append("  (rule: fused error <= 2x (outputs, buffers) or 3x (gradients) the "
                      "plain model's error in the same dtype, against float64, plus a floor; "
                      "in training the plain error is its worst at the input and at copies "
-                     "perturbed by a few ulps; 'of bound' <= 1 passes)")
+                     "perturbed by a few ulps, and a fused error over the bound there is "
+                     "judged again at those copies ('at probe k'); 'of bound' <= 1 passes)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -60,8 +60,8 @@ from .launcher import DTYPES as _DTYPES, INTERPRET, launch, tracing
 from .pool import AvgPool, pool_out_hw
 
 # ----------------------------------------------------------------------------------------
-# Configurations. The interpreter's tile for dgrad/wgrad (conv_bwd._cfg) is, per
-# shape, the one interp_tile picks (the forward keeps one small config: below): its
+# Configurations. The interpreter runs, per shape, the one tile interp_tile picks
+# (the forward: the prune below keeps exactly it; dgrad/wgrad: conv_bwd._cfg): its
 # cost is per tl operation (~35-50 us each, nearly independent of the tile's size;
 # bench/NOTES.md, "check_model through the interpreter"), so the largest tile that does
 # not exceed the problem cuts the operations executed 8-30x on wide layers, while tiles
@@ -81,12 +81,14 @@ def interp_tile(n: int, lo: int) -> int:
     return max(lo, min(128, 1 << (max(int(n), 1).bit_length() - 1)))
 
 
+_INTERP_TILES = (16, 32, 64, 128)
+
 if INTERPRET:
-    # One config: triton 3.6's Autotuner benchmarks whatever a prune leaves as soon as
-    # it holds two configs, and benchmarking needs a GPU driver the interpreter lacks.
-    # The forward keeps the small tile; the dgrad/wgrad launches (conv_bwd._cfg, no
-    # autotuner), where most of the interpreted time goes, take interp_tile's.
-    _CONFIGS = [_cfg(32, 32, 16, 4, 1)]
+    # Every tile interp_tile can pick; the prune keeps the one for the shape, which
+    # launcher.launch runs on the un-tuned kernel (no benchmark: the interpreter has no
+    # GPU driver to time on, and triton 3.6's Autotuner would benchmark even one config).
+    _CONFIGS = [_cfg(bm, bn, bk, 4, 1) for bm in _INTERP_TILES[1:]
+                for bn in _INTERP_TILES[1:] for bk in _INTERP_TILES]
 else:
     _CONFIGS = [
         _cfg(128, 128, 64, 8, 3),
@@ -150,6 +152,14 @@ def _prune(configs, named_args, **kwargs):
     # step, and the pipeliner buffers each of them: k*k A tiles in shared memory a stage.
     pool = max(kwargs.get(f, named_args.get(f, 0)) or 0 for f in ("AVGPOOL", "AVGPOOL2"))
     a_tiles = max(1, pool * pool)
+    if INTERPRET:
+        # Exactly interp_tile's config. A config list without it (a test's own, to make
+        # the autotuner tune) takes the rules below.
+        tile = (interp_tile(M, 32), interp_tile(K, 32), interp_tile(cmax, 16))
+        picked = [c for c in configs
+                  if (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) == tile]
+        if picked:
+            return picked[:1]
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]

@@ -15,7 +15,12 @@ annotated with triton.jit or triton.autotune" for an InterpretedFunction, an
 AttributeError on `.fn` for an autotuner around one). The ops are plain custom_ops
 there (README.md, Design, "The op layer"), and a shape-only call (fake or meta
 tensors, e.g. a fake implementation) launches nothing: the caller allocated the
-outputs, which is all a fake needs.
+outputs, which is all a fake needs. An autotuned kernel whose config pruning leaves
+one config for the call runs that config on the un-tuned kernel (`_sole_config`):
+benchmarking needs a GPU driver the interpreter lacks ("0 active drivers"), and
+triton 3.6's Autotuner benchmarks whatever its prune leaves, even one config, as soon
+as its list holds two (3.8 skips a sole survivor). That is how the conv forward takes
+its per-shape interpreter tile (conv.py, Configurations).
 """
 from __future__ import annotations
 
@@ -100,6 +105,23 @@ def device_guard(tensors):
     return torch.cuda.device(dev) if dev is not None else contextlib.nullcontext()
 
 
+def _sole_config(kernel, args, kwargs):
+    """(kernel, kwargs) to launch under the interpreter: for an Autotuner whose configs
+    (after its early_config_prune, called as the Autotuner calls it) are one, its
+    un-tuned kernel with that config's meta-parameters; anything else unchanged (an
+    autotuner left with several configs benchmarks them: a test's stub benchmark)."""
+    from triton.runtime.autotuner import Autotuner
+    if not isinstance(kernel, Autotuner):
+        return kernel, kwargs
+    configs = kernel.configs
+    if len(configs) > 1 and kernel.early_config_prune is not None:
+        configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)),
+                                            **kwargs)
+    if len(configs) != 1 or configs[0].pre_hook is not None:
+        return kernel, kwargs
+    return kernel.fn, {**kwargs, **configs[0].all_kwargs()}
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), through wrap_triton only while tracing (see the
     module docstring), on its tensors' device (device_guard). Traced launches take no
@@ -109,6 +131,7 @@ def launch(kernel, grid, *args, **kwargs):
     if INTERPRET:
         if any(_shape_only(a) for a in tensors):
             return None
+        kernel, kwargs = _sole_config(kernel, args, kwargs)
     elif tracing(args, kwargs):
         return wrap_triton(kernel)[grid](*args, **kwargs)
     with device_guard(tensors):

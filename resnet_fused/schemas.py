@@ -152,6 +152,14 @@ SCHEMAS = {
         "gate_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor? shortcut_weight, "
         "Tensor? shortcut_bias, int shortcut_stride, int shortcut_padding) -> Tensor"
     ),
+    # The triton backend's eval join of a gated block beside ResNet-D's pooled shortcut:
+    # relu(gate * y + conv2d(avg_pool2d(x, pool_kernel, pool_stride, 0, ceil_mode,
+    # count_include_pad=False), shortcut_weight) + shortcut_bias), shortcut_weight 1x1;
+    # the window average is taken as the projection GEMM loads x.
+    "gate_pool_shortcut_relu": (
+        "gate_pool_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor shortcut_weight, "
+        "Tensor? shortcut_bias, int pool_kernel, int pool_stride, bool ceil_mode) -> Tensor"
+    ),
 
     # The triton backend's eval last stage with ResNet-D's pooled shortcut (README.md,
     # Design, "Gates and pooled shortcuts"): relu(conv2d(y, weight, 1, padding) + bias +
@@ -261,8 +269,9 @@ GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward"
 EVAL_POOL_OPS = ("conv_bias_pool",)
 # The triton backend's: the eval of a gated last stage, and a channel-gated block's
 # training (a sample gate is block_train's `gate`).
-TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "block_branch",
-                   "block_branch_backward", "gate_join_train", "gate_join_train_backward")
+TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "gate_pool_shortcut_relu",
+                   "block_branch", "block_branch_backward", "gate_join_train",
+                   "gate_join_train_backward")
 # The triton backend's pooled-shortcut join (the others run the user's AvgPool2d).
 POOL_OPS = ("conv_bias_pool_shortcut_relu",)
 COMMON_OPS = tuple(name for name in SCHEMAS

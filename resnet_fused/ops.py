@@ -248,7 +248,7 @@ def _fake_block_branch_backward(grad_c_last, grad_pooled, x, c, c_last, stats, w
 
 
 def _fake_gate_join_train(c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc,
-                          eps_sc, stride_sc):
+                          eps_sc, stride_sc, sc_pool=0):
     bn_sc = w_sc is not None and g_sc is not None
     return (torch.empty_like(c), c.new_empty((mask_numel(c),), dtype=torch.uint8),
             torch.empty_like(c) if bn_sc else x.new_empty((0,)),
@@ -256,7 +256,8 @@ def _fake_gate_join_train(c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc
 
 
 def _fake_gate_join_train_backward(grad_out, mask, c, stats, weight, bias, eps, gate, x, w_sc,
-                                   g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc):
+                                   g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc,
+                                   sc_pool=0):
     e = x.new_empty((0,))
     k = c.shape[1]
     return (torch.empty_like(c), torch.empty_like(weight), torch.empty_like(bias),
@@ -653,28 +654,34 @@ def _make_block_branch_backward(ns: str):
 
 
 def _gate_join_train_setup(ctx, inputs, output):
-    c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc, eps_sc, stride_sc = inputs
+    # (torch < 2.14 hands the setup only the arguments given: a defaulted sc_pool is
+    # absent.)
+    (c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc, eps_sc, stride_sc,
+     *sc_pool) = inputs
     out, mask, c_sc, stats_sc = output
     ctx.mark_non_differentiable(mask, c_sc, stats_sc)
     ctx.save_for_backward(mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc)
-    ctx.scalars = (eps, b_sc is not None, stride_sc, eps_sc)
+    ctx.scalars = (eps, b_sc is not None, stride_sc, eps_sc, sc_pool[0] if sc_pool else 0)
 
 
 def _make_gate_join_train_backward(ns: str):
     def backward(ctx, grad_out, *_unused):
         mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc = ctx.saved_tensors
-        eps, has_b_sc, stride_sc, eps_sc = ctx.scalars
+        eps, has_b_sc, stride_sc, eps_sc, sc_pool = ctx.scalars
         op = getattr(getattr(torch.ops, ns), "gate_join_train_backward")
         (gc, gw, gb, gg, gx, gw_sc, gb_sc, gg_sc, gbeta_sc) = op(
             grad_out.contiguous(memory_format=torch.channels_last), mask, c, stats, weight,
-            bias, eps, gate, x, w_sc, g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc)
+            bias, eps, gate, x, w_sc, g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc,
+            sc_pool)
 
         def opt(t, present):
             return t if present else None
 
-        return (gc, None, gw, gb, None, gg, gx, opt(gw_sc, w_sc is not None),
-                opt(gb_sc, has_b_sc), opt(gg_sc, g_sc is not None),
-                opt(gbeta_sc, g_sc is not None), None, None)
+        grads = (gc, None, gw, gb, None, gg, gx, opt(gw_sc, w_sc is not None),
+                 opt(gb_sc, has_b_sc), opt(gg_sc, g_sc is not None),
+                 opt(gbeta_sc, g_sc is not None), None, None, None)
+        # Exactly one entry per input the op received (torch checks the structure).
+        return grads[:len(ctx.needs_input_grad)]
 
     return backward
 

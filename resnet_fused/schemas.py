@@ -241,19 +241,20 @@ SCHEMAS = {
     ),
     # out = relu(gate * bn(c) + shortcut) with bn on c's batch statistics `stats`
     # (block_branch's [3, C] row; differentiable in c on bn_act's contract), the
-    # shortcut as block_train's (w_sc None: x). c_sc / stats_sc: the shortcut BN's input
-    # and statistics (empty [0] without one).
+    # shortcut as block_train's (w_sc None: x; sc_pool: its pooled shortcut, stride_sc
+    # the pool's stride). c_sc / stats_sc: the shortcut BN's input and statistics
+    # (empty [0] without one).
     "gate_join_train": (
         "gate_join_train(Tensor c, Tensor stats, Tensor weight, Tensor bias, float eps, "
         "Tensor gate, Tensor x, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, Tensor? beta_sc, "
-        "float eps_sc, int stride_sc) -> (Tensor out, Tensor mask, Tensor c_sc, "
-        "Tensor stats_sc)"
+        "float eps_sc, int stride_sc, int sc_pool=0) -> (Tensor out, Tensor mask, "
+        "Tensor c_sc, Tensor stats_sc)"
     ),
     "gate_join_train_backward": (
         "gate_join_train_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor stats, "
         "Tensor weight, Tensor bias, float eps, Tensor gate, Tensor x, Tensor? w_sc, "
         "Tensor? g_sc, Tensor c_sc, Tensor stats_sc, bool has_b_sc, int stride_sc, "
-        "float eps_sc) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
+        "float eps_sc, int sc_pool=0) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
         "Tensor grad_gate, Tensor grad_x, Tensor grad_w_sc, Tensor grad_b_sc, "
         "Tensor grad_g_sc, Tensor grad_beta_sc)"
     ),

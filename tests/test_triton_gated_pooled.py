@@ -130,3 +130,44 @@ def test_eval_forward_runs_no_aten_op_over_a_feature_map(kind, ours):
             fused(x)
     assert rec.seen == []
     assert rec.ours == ours
+
+
+# --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("kind,channels_last,dtype", [
+    ("se_drop_avg", False, torch.float32), ("se_drop_avg", True, torch.float16),
+    ("eca_avg", True, torch.float32), ("drop_avg", False, torch.float32),
+    ("drop_avg", True, torch.float16)])
+def test_train(kind, channels_last, dtype):
+    """Seeded training steps against the plain block (the same RNG seed before each
+    forward: a drop path draws the same mask): output, every gradient (the gate
+    module's own parameters included) and the running statistics; the block is not
+    declined (no fallback hides a wrong fused path)."""
+    parts = FusedResidual.from_residual(GATED_POOLED[kind](), backend="torch").parts()
+    assert triton_backend.TritonBackend().unsupported_block_reason(parts, True) is None
+    check_block(GATED_POOLED[kind], backend="triton", dtype=dtype, train=True,
+                channels_last=channels_last, shape=SHAPE,
+                steps=2 if dtype == torch.float32 else 1, reseed=True)
+
+
+@pytest.mark.parametrize("kind", ["se_drop_avg", "drop_avg"])
+def test_train_frozen_bn(kind):
+    check_block(GATED_POOLED[kind], backend="triton", train=True, bn_eval=True, shape=SHAPE,
+                steps=1, reseed=True)
+
+
+@pytest.mark.parametrize("kind,first_ops", [
+    ("drop_avg", ["block_train"]), ("se_drop_avg", ["block_branch", "gate_join_train"]),
+    ("eca_avg", ["block_branch", "gate_join_train"])])
+def test_train_forward_runs_no_aten_op_over_a_feature_map(kind, first_ops):
+    """The training forward's pool of the branch, gate multiply, window average and join
+    are ours; then only the running statistics' finalize."""
+    torch.manual_seed(0)
+    plain = GATED_POOLED[kind]()
+    randomize_bn(plain)
+    fused = FusedResidual.from_residual(plain, backend="triton").train()
+    x = torch.randn(SHAPE).contiguous(memory_format=CL)
+    with _FeatureMapOps() as rec:
+        fused(x)
+    assert rec.seen == []
+    assert rec.ours[:len(first_ops)] == first_ops, rec.ours
+    assert set(rec.ours[len(first_ops):]) == {"bn_finalize"}, rec.ours

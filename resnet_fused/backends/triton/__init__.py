@@ -12,9 +12,9 @@ BNs are not all synchronized over one process group goes the composite way
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
 `auto` routes such blocks to native or torch. A gated last stage (README.md, Design,
 "Gates and pooled shortcuts"): eval through eval_ops' conv_bias_pool and
-gate_shortcut_relu, training with a drop path through block_train's `gate`, with an SE
-or ECA gate through train_gated.py; gates inside the chain and the pooled shortcut are
-declined.
+gate_shortcut_relu (gate_pool_shortcut_relu beside a pooled shortcut), training with a
+drop path through block_train's `gate`, with an SE or ECA gate through train_gated.py,
+either beside a pooled shortcut too; gates inside the chain are declined.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before anything imported triton.language
@@ -142,10 +142,11 @@ class TritonBackend(CompositeBackend):
 
     def _gate_reason(self, parts, training: bool) -> Optional[str]:
         """Gates on the last stage are computed in eval (conv_bias_pool, then the
-        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and in training (sample
-        gates and constant scales: block_train's `gate`; channel gates: train_gated.py);
-        not yet: a gate inside the chain (RegNet's SE before the last 1x1), a channel
-        gate beside a pooled shortcut or synchronized BNs in training."""
+        gates' modules on (N, C, 1, 1), then gate_shortcut_relu, or beside a pooled
+        shortcut gate_pool_shortcut_relu) and in training (sample gates and constant
+        scales: block_train's `gate`; channel gates: train_gated.py; either beside a
+        pooled shortcut too); not yet: a gate inside the chain (RegNet's SE before the
+        last 1x1) or synchronized BNs in training."""
         if not parts.gates:
             return None
         if any(g.stage != len(parts.stages) - 1 for g in parts.gates):
@@ -158,9 +159,6 @@ class TritonBackend(CompositeBackend):
         if any(isinstance(bn, nn.SyncBatchNorm) for bn in parts.bns()):
             return gate_reason(parts, self.name, "training gated branches with synchronized "
                                "BatchNorm")
-        if any(g.kind == CHANNEL for g in parts.gates) and shortcut_pool(parts) is not None:
-            return gate_reason(parts, self.name, "training a channel-gated branch beside a "
-                               "pooled shortcut (ResNet-D)")
         return None
 
     @staticmethod

@@ -171,3 +171,40 @@ def test_train_forward_runs_no_aten_op_over_a_feature_map(kind, first_ops):
     assert rec.seen == []
     assert rec.ours[:len(first_ops)] == first_ops, rec.ours
     assert set(rec.ours[len(first_ops):]) == {"bn_finalize"}, rec.ours
+
+
+@pytest.mark.parametrize("k", [16, 12], ids=["gemm_epilogue", "elementwise"])
+def test_gate_join_train_pooled_projection_without_bn(k):
+    """gate_join_train's sc_pool on the D2L projection (a conv bias, no BN), which the
+    blocks above (BN'd shortcuts) do not reach: K = 16 joins in the pooled GEMM's
+    epilogue, K = 12 through the elementwise pass; output and every gradient against
+    float64 (bn on c's batch statistics, differentiable through them)."""
+    torch.manual_seed(0)
+    c = torch.randn(3, k, 4, 5).contiguous(memory_format=CL)
+    x = torch.randn(3, 8, 7, 9).contiguous(memory_format=CL)
+    gamma, beta = torch.rand(k) + 0.5, torch.randn(k)
+    gate = torch.rand(3, k, 1, 1) + 0.25
+    w_sc, b_sc = torch.randn(k, 8, 1, 1) / 3, torch.randn(k)
+
+    def fused(c, gamma, beta, gate, x, w_sc, b_sc):
+        var, mean = torch.var_mean(c.detach(), dim=(0, 2, 3), correction=0)
+        stats = torch.stack([mean, var, torch.full_like(mean, c[:, 0].numel())])
+        return OPS.gate_join_train(c, stats, gamma, beta, 1e-5, gate, x, w_sc, b_sc, None,
+                                   None, 1e-5, 2, 2)[0]
+
+    def ref(c, gamma, beta, gate, x, w_sc, b_sc):
+        y = F.batch_norm(c, None, None, gamma, beta, True, 0.0, 1e-5)
+        return torch.relu(gate * y + F.conv2d(_ref_pool(x, 2, 2, True), w_sc, b_sc))
+
+    runs = []
+    for fn, dt in ((fused, torch.float32), (ref, torch.float32), (ref, torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_()
+                  for t in (c, gamma, beta, gate, x, w_sc, b_sc)]
+        out = fn(*leaves)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64).to(dt)
+        runs.append((out, torch.autograd.grad(out, leaves, g)))
+    (of, gf), (op, gp), (orf, gr) = runs
+    assert_within("out", of, op, orf)
+    for name, a, p, r in zip("c gamma beta gate x w_sc b_sc".split(), gf, gp, gr):
+        assert_within(f"grad {name}", a, p, r, factor=2)

@@ -516,8 +516,9 @@ def _gated_grads(ctx, grad_out):
     ny, ngate, _, _, nb3 = ctx.needs_input_grad[:5]
     gy = g * gate if ny else None
     acc = stats_dtype(g)
-    dims = tuple(i for i in range(4) if gate.shape[i] == 1 and g.shape[i] != 1)
-    ggate = ((g.to(acc) * y.to(acc)).sum(dims, keepdim=True).to(gate.dtype)
+    # (sum_to_size: at a 1x1 output there is nothing to reduce; sum over no dims would
+    # reduce them all.)
+    ggate = ((g.to(acc) * y.to(acc)).sum_to_size(gate.shape).to(gate.dtype)
              if ngate else None)
     gb3 = g.sum((0, 2, 3), dtype=acc).to(ctx.b3_dtype) if nb3 and ctx.b3_dtype else None
     return g, gy, ggate, gb3

@@ -208,3 +208,47 @@ def test_gate_join_train_pooled_projection_without_bn(k):
     assert_within("out", of, op, orf)
     for name, a, p, r in zip("c gamma beta gate x w_sc b_sc".split(), gf, gp, gr):
         assert_within(f"grad {name}", a, p, r, factor=2)
+
+
+def test_timm_ecaresnet_d_every_block_on_triton():
+    """timm's own ecaresnet*d layout (deep stem, avg_down shortcuts, the EcaModule timm
+    builds from its name, drop path) at tiny widths: every block on triton, 3 of 4
+    gated beside a pooled shortcut, the last at a 1x1 output, eval and a seeded training
+    step against float64 by check_model's rule (the whole network takes minutes per
+    forward through the interpreter)."""
+    from resnet_fused.testing.model_check import assert_model_matches
+    timm_resnet = pytest.importorskip("timm.models.resnet")
+    torch.manual_seed(0)
+    model = timm_resnet.ResNet(timm_resnet.Bottleneck, (1, 1, 1, 1), num_classes=10,
+                               stem_width=8, stem_type="deep", avg_down=True,
+                               channels=(4, 8, 8, 16), block_args=dict(attn_layer="eca"),
+                               drop_path_rate=0.1)
+    randomize_bn(model)
+    report = assert_model_matches(model, torch.randn(2, 3, 28, 28), backends=["triton"],
+                                  by_geometry=False, steps=1)
+    assert "4 residual block(s) fused" in str(report)
+
+
+def test_gate_gradient_at_a_one_pixel_output():
+    """At a 1x1 output the gate's gradient has nothing to sum over H, W: it keeps the
+    gate's (N, C, 1, 1) shape (a sum over no dims would reduce them all), in
+    gate_join_train's backward and in the eval join's."""
+    torch.manual_seed(0)
+    c = torch.randn(2, 16, 1, 1).contiguous(memory_format=CL)
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=CL)
+    gamma, beta = torch.rand(16) + 0.5, torch.randn(16)
+    gate = (torch.rand(2, 16, 1, 1) + 0.25).requires_grad_()
+    w_sc = torch.randn(16, 8, 1, 1) / 3
+    var, mean = torch.var_mean(c, dim=(0, 2, 3), correction=0)
+    stats = torch.stack([mean, var, torch.full_like(mean, 2)])
+    out = OPS.gate_join_train(c, stats, gamma, beta, 1e-5, gate, x, w_sc, None,
+                              torch.ones(16), torch.zeros(16), 1e-5, 2, 2)[0]
+    y = F.batch_norm(c, None, None, gamma, beta, True, 0.0, 1e-5)
+    sc = F.batch_norm(F.conv2d(_ref_pool(x, 2, 2, True), w_sc), None, None, torch.ones(16),
+                      torch.zeros(16), True, 0.0, 1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), gate)
+    torch.testing.assert_close(grad, (y * ((gate * y + sc) > 0)).detach())
+    out = OPS.gate_pool_shortcut_relu(y, gate, x, w_sc, None, 2, 2, True)
+    (grad,) = torch.autograd.grad(out.sum(), gate)
+    sc = F.conv2d(_ref_pool(x, 2, 2, True), w_sc)
+    torch.testing.assert_close(grad, (y * ((gate * y + sc) > 0)).detach())

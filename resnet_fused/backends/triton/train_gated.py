@@ -155,8 +155,9 @@ def _gate_join_train_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: tor
     grad_c, _ = _bwd_apply(grad_last, mask, c, coef, False)
     gm = grad_out.to(torch.float32) * unpack_mask(mask, grad_out)
     y = c.to(torch.float32) * bn.scale.view(1, -1, 1, 1) + bn.shift.view(1, -1, 1, 1)
-    dims = tuple(i for i in range(4) if gate.shape[i] == 1 and c.shape[i] != 1)
-    grad_gate = (gm * y).sum(dims, keepdim=True).to(gate.dtype)
+    # (sum_to_size, not sum(dims): with a 1x1 output there is nothing to reduce, and
+    # sum over no dims would reduce them all.)
+    grad_gate = (gm * y).sum_to_size(gate.shape).to(gate.dtype)
     # (Outputs may not alias: a new empty tensor for each absent gradient.)
     dw_sc, db_sc, dg_sc, dbeta_sc = (_empty(x) for _ in range(4))
     if w_sc is None:

@@ -25,6 +25,7 @@ the fakes and autograd. The autograd, per op:
     bn_pool                 -> <ns>::bn_pool_backward (the pool of a gated branch)
     bn_gate_act             -> <ns>::bn_gate_act_backward (gate * BN + residual + ReLU)
     gate_shortcut_relu      -> dReLU, the gate's sum, the shortcut's conv backward
+    gate_pool_shortcut_relu -> the same, the shortcut's through its pool
     conv_bias_pool          -> the pool's gradient spread over H, W, the conv backward
     block_branch            -> <ns>::block_branch_backward (a channel-gated block's stages)
     gate_join_train         -> <ns>::gate_join_train_backward (its gated join)
@@ -247,7 +248,7 @@ def _fake_block_branch_backward(grad_c_last, grad_pooled, x, c, c_last, stats, w
 
 
 def _fake_gate_join_train(c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc,
-                          eps_sc, stride_sc):
+                          eps_sc, stride_sc, sc_pool=0):
     bn_sc = w_sc is not None and g_sc is not None
     return (torch.empty_like(c), c.new_empty((mask_numel(c),), dtype=torch.uint8),
             torch.empty_like(c) if bn_sc else x.new_empty((0,)),
@@ -255,7 +256,8 @@ def _fake_gate_join_train(c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc
 
 
 def _fake_gate_join_train_backward(grad_out, mask, c, stats, weight, bias, eps, gate, x, w_sc,
-                                   g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc):
+                                   g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc,
+                                   sc_pool=0):
     e = x.new_empty((0,))
     k = c.shape[1]
     return (torch.empty_like(c), torch.empty_like(weight), torch.empty_like(bias),
@@ -295,12 +297,18 @@ def _fake_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcu
     return torch.empty_like(y)
 
 
+def _fake_gate_pool_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, pool_kernel,
+                                  pool_stride, ceil_mode):
+    return torch.empty_like(y)
+
+
 FAKES = {
     "bn_pool": _fake_bn_pool,
     "bn_pool_backward": _fake_bn_pool_backward,
     "bn_gate_act": _fake_bn_gate_act,
     "bn_gate_act_backward": _fake_bn_gate_act_backward,
     "gate_shortcut_relu": _fake_gate_shortcut_relu,
+    "gate_pool_shortcut_relu": _fake_gate_pool_shortcut_relu,
     "conv_bias_pool": _fake_conv_bias_pool,
     "channel_stats": _fake_channel_stats,
     "bn_finalize": _fake_bn_finalize,
@@ -500,22 +508,53 @@ def _gate_shortcut_relu_setup(ctx, inputs, output):
     ctx.has_w3, ctx.b3_dtype = w3 is not None, None if b3 is None else b3.dtype
 
 
-def _gate_shortcut_relu_backward(ctx, grad_out):
+def _gated_grads(ctx, grad_out):
+    """dReLU, then the gradients of y, the gate and the shortcut bias of a gated eval
+    join (ctx: a gate_shortcut_relu or gate_pool_shortcut_relu setup)."""
     y, gate, x, w3, out = ctx.saved_tensors
-    stride3, padding3 = ctx.geometry
     g = grad_out * (out > 0)
-    ny, ngate, nx, nw3, nb3 = ctx.needs_input_grad[:5]
+    ny, ngate, _, _, nb3 = ctx.needs_input_grad[:5]
     gy = g * gate if ny else None
     acc = stats_dtype(g)
-    dims = tuple(i for i in range(4) if gate.shape[i] == 1 and g.shape[i] != 1)
-    ggate = ((g.to(acc) * y.to(acc)).sum(dims, keepdim=True).to(gate.dtype)
+    # (sum_to_size: at a 1x1 output there is nothing to reduce; sum over no dims would
+    # reduce them all.)
+    ggate = ((g.to(acc) * y.to(acc)).sum_to_size(gate.shape).to(gate.dtype)
              if ngate else None)
+    gb3 = g.sum((0, 2, 3), dtype=acc).to(ctx.b3_dtype) if nb3 and ctx.b3_dtype else None
+    return g, gy, ggate, gb3
+
+
+def _gate_shortcut_relu_backward(ctx, grad_out):
+    _, _, x, w3, _ = ctx.saved_tensors
+    stride3, padding3 = ctx.geometry
+    g, gy, ggate, gb3 = _gated_grads(ctx, grad_out)
+    nx, nw3 = ctx.needs_input_grad[2:4]
     if ctx.has_w3:
         gx, gw3 = _conv_grads(g, x, w3, stride3, padding3, nx, nw3)
     else:
         gx, gw3 = (g if nx else None), None
-    gb3 = g.sum((0, 2, 3), dtype=acc).to(ctx.b3_dtype) if nb3 and ctx.b3_dtype else None
     return gy, ggate, gx, gw3, gb3, None, None
+
+
+def _gate_pool_shortcut_relu_setup(ctx, inputs, output):
+    y, gate, x, w3, b3, k, s, ceil_mode = inputs
+    ctx.save_for_backward(y, gate, x, w3, output)
+    ctx.geometry = (k, s, ceil_mode)
+    ctx.b3_dtype = None if b3 is None else b3.dtype
+
+
+def _gate_pool_shortcut_relu_backward(ctx, grad_out):
+    """gate_shortcut_relu's, the shortcut's through its pool (ATen's, in the backward of
+    an eval op only, as conv_bias_pool_shortcut_relu's)."""
+    _, _, x, w3, _ = ctx.saved_tensors
+    k, s, ceil_mode = ctx.geometry
+    g, gy, ggate, gb3 = _gated_grads(ctx, grad_out)
+    nx, nw3 = ctx.needs_input_grad[2:4]
+    pooled = torch.nn.functional.avg_pool2d(x, k, s, 0, ceil_mode, False)
+    gp, gw3 = _conv_grads(g, pooled, w3, 1, 0, nx, nw3)
+    gx = (torch.ops.aten.avg_pool2d_backward(gp, x, [k, k], [s, s], [0, 0], ceil_mode,
+                                             False, None) if nx else None)
+    return gy, ggate, gx, gw3, gb3, None, None, None
 
 
 _BWD_TENSORS = frozenset(tensor_args("block_train_backward"))
@@ -616,28 +655,34 @@ def _make_block_branch_backward(ns: str):
 
 
 def _gate_join_train_setup(ctx, inputs, output):
-    c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc, eps_sc, stride_sc = inputs
+    # (torch < 2.14 hands the setup only the arguments given: a defaulted sc_pool is
+    # absent.)
+    (c, stats, weight, bias, eps, gate, x, w_sc, b_sc, g_sc, beta_sc, eps_sc, stride_sc,
+     *sc_pool) = inputs
     out, mask, c_sc, stats_sc = output
     ctx.mark_non_differentiable(mask, c_sc, stats_sc)
     ctx.save_for_backward(mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc)
-    ctx.scalars = (eps, b_sc is not None, stride_sc, eps_sc)
+    ctx.scalars = (eps, b_sc is not None, stride_sc, eps_sc, sc_pool[0] if sc_pool else 0)
 
 
 def _make_gate_join_train_backward(ns: str):
     def backward(ctx, grad_out, *_unused):
         mask, c, stats, weight, bias, gate, x, w_sc, g_sc, c_sc, stats_sc = ctx.saved_tensors
-        eps, has_b_sc, stride_sc, eps_sc = ctx.scalars
+        eps, has_b_sc, stride_sc, eps_sc, sc_pool = ctx.scalars
         op = getattr(getattr(torch.ops, ns), "gate_join_train_backward")
         (gc, gw, gb, gg, gx, gw_sc, gb_sc, gg_sc, gbeta_sc) = op(
             grad_out.contiguous(memory_format=torch.channels_last), mask, c, stats, weight,
-            bias, eps, gate, x, w_sc, g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc)
+            bias, eps, gate, x, w_sc, g_sc, c_sc, stats_sc, has_b_sc, stride_sc, eps_sc,
+            sc_pool)
 
         def opt(t, present):
             return t if present else None
 
-        return (gc, None, gw, gb, None, gg, gx, opt(gw_sc, w_sc is not None),
-                opt(gb_sc, has_b_sc), opt(gg_sc, g_sc is not None),
-                opt(gbeta_sc, g_sc is not None), None, None)
+        grads = (gc, None, gw, gb, None, gg, gx, opt(gw_sc, w_sc is not None),
+                 opt(gb_sc, has_b_sc), opt(gg_sc, g_sc is not None),
+                 opt(gbeta_sc, g_sc is not None), None, None, None)
+        # Exactly one entry per input the op received (torch checks the structure).
+        return grads[:len(ctx.needs_input_grad)]
 
     return backward
 
@@ -661,6 +706,8 @@ AUTOGRAD = {
     "bn_gate_act": (_make_bn_gate_act_backward, _bn_gate_act_setup),
     "gate_shortcut_relu": (lambda ns: _gate_shortcut_relu_backward,
                            _gate_shortcut_relu_setup),
+    "gate_pool_shortcut_relu": (lambda ns: _gate_pool_shortcut_relu_backward,
+                                _gate_pool_shortcut_relu_setup),
     "conv_bias_pool": (lambda ns: _conv_bias_pool_backward, _conv_bias_pool_setup),
     "block_branch": (_make_block_branch_backward, _block_branch_setup),
     "gate_join_train": (_make_gate_join_train_backward, _gate_join_train_setup),

@@ -152,6 +152,14 @@ SCHEMAS = {
         "gate_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor? shortcut_weight, "
         "Tensor? shortcut_bias, int shortcut_stride, int shortcut_padding) -> Tensor"
     ),
+    # The triton backend's eval join of a gated block beside ResNet-D's pooled shortcut:
+    # relu(gate * y + conv2d(avg_pool2d(x, pool_kernel, pool_stride, 0, ceil_mode,
+    # count_include_pad=False), shortcut_weight) + shortcut_bias), shortcut_weight 1x1;
+    # the window average is taken as the projection GEMM loads x.
+    "gate_pool_shortcut_relu": (
+        "gate_pool_shortcut_relu(Tensor y, Tensor gate, Tensor x, Tensor shortcut_weight, "
+        "Tensor? shortcut_bias, int pool_kernel, int pool_stride, bool ceil_mode) -> Tensor"
+    ),
 
     # The triton backend's eval last stage with ResNet-D's pooled shortcut (README.md,
     # Design, "Gates and pooled shortcuts"): relu(conv2d(y, weight, 1, padding) + bias +
@@ -233,19 +241,20 @@ SCHEMAS = {
     ),
     # out = relu(gate * bn(c) + shortcut) with bn on c's batch statistics `stats`
     # (block_branch's [3, C] row; differentiable in c on bn_act's contract), the
-    # shortcut as block_train's (w_sc None: x). c_sc / stats_sc: the shortcut BN's input
-    # and statistics (empty [0] without one).
+    # shortcut as block_train's (w_sc None: x; sc_pool: its pooled shortcut, stride_sc
+    # the pool's stride). c_sc / stats_sc: the shortcut BN's input and statistics
+    # (empty [0] without one).
     "gate_join_train": (
         "gate_join_train(Tensor c, Tensor stats, Tensor weight, Tensor bias, float eps, "
         "Tensor gate, Tensor x, Tensor? w_sc, Tensor? b_sc, Tensor? g_sc, Tensor? beta_sc, "
-        "float eps_sc, int stride_sc) -> (Tensor out, Tensor mask, Tensor c_sc, "
-        "Tensor stats_sc)"
+        "float eps_sc, int stride_sc, int sc_pool=0) -> (Tensor out, Tensor mask, "
+        "Tensor c_sc, Tensor stats_sc)"
     ),
     "gate_join_train_backward": (
         "gate_join_train_backward(Tensor grad_out, Tensor mask, Tensor c, Tensor stats, "
         "Tensor weight, Tensor bias, float eps, Tensor gate, Tensor x, Tensor? w_sc, "
         "Tensor? g_sc, Tensor c_sc, Tensor stats_sc, bool has_b_sc, int stride_sc, "
-        "float eps_sc) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
+        "float eps_sc, int sc_pool=0) -> (Tensor grad_c, Tensor grad_weight, Tensor grad_bias, "
         "Tensor grad_gate, Tensor grad_x, Tensor grad_w_sc, Tensor grad_b_sc, "
         "Tensor grad_g_sc, Tensor grad_beta_sc)"
     ),
@@ -261,8 +270,9 @@ GATE_OPS = ("bn_pool", "bn_pool_backward", "bn_gate_act", "bn_gate_act_backward"
 EVAL_POOL_OPS = ("conv_bias_pool",)
 # The triton backend's: the eval of a gated last stage, and a channel-gated block's
 # training (a sample gate is block_train's `gate`).
-TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "block_branch",
-                   "block_branch_backward", "gate_join_train", "gate_join_train_backward")
+TRITON_GATE_OPS = ("conv_bias_pool", "gate_shortcut_relu", "gate_pool_shortcut_relu",
+                   "block_branch", "block_branch_backward", "gate_join_train",
+                   "gate_join_train_backward")
 # The triton backend's pooled-shortcut join (the others run the user's AvgPool2d).
 POOL_OPS = ("conv_bias_pool_shortcut_relu",)
 COMMON_OPS = tuple(name for name in SCHEMAS

@@ -102,21 +102,24 @@ def test_float16(kind, backend):
                 shape=_shape(kind), grads=False)
 
 
-@pytest.mark.parametrize("backend,kind", [("triton", "se_drop_avg")])
-def test_backends_without_kernels_decline(kind, backend, monkeypatch):
-    """triton does not train a channel gate beside a pooled shortcut yet (its gated
-    blocks: tests/test_triton_gates.py; its pooled shortcut:
-    tests/test_triton_pooled_shortcut.py): it says so, an explicit choice raises with it,
+@pytest.mark.parametrize("backend", ["triton"])
+def test_backends_without_kernels_decline(backend, monkeypatch):
+    """triton does not compute a gate inside the chain of convolutions (a scale on an
+    inner stage's output, tests/test_scaled_branch.py's "inner"; its gated last stages,
+    with or without a pooled shortcut: tests/test_triton_gates.py,
+    tests/test_triton_gated_pooled.py): it says so, an explicit choice raises with it,
     and auto takes a backend that computes the block."""
-    block = FusedResidual.from_residual(BLOCKS[kind](), backend="torch")
+    from test_scaled_branch import BLOCKS as SCALED
+    block = FusedResidual.from_residual(SCALED["inner"](), backend="torch")
     be = backends_pkg._load(backend)
     if be is None:
         pytest.skip(f"{backend} is not importable here")
-    reason = be.unsupported_block_reason(block.parts(), True)
-    assert reason and "no kernels" in reason
+    for training in (True, False):
+        reason = be.unsupported_block_reason(block.parts(), training)
+        assert reason and "no kernels" in reason and "inside the chain" in reason
     block.backend = backend
     with pytest.raises(ValueError, match=f"backend='{backend}'.*no kernels"):
-        block(torch.randn(_shape(kind)))
+        block(torch.randn(3, 16, 7, 7))
     monkeypatch.setattr(backends_pkg, "preferred_order", lambda *a: (backend, "torch"))
     assert backends_pkg.choose(torch.device("cpu"), torch.float32, True, None,
                                block.parts()).name == "torch"

@@ -95,6 +95,10 @@ def test_gated_eval_kernels_write_only_their_outputs(report):
         ["_conv_kernel", ["out_ptr", "psum_ptr"]], ["_gate_join_kernel", ["out_ptr"]]]
     assert report["gated eval projection"]["kernels"] == [
         ["_conv_kernel", ["out_ptr", "psum_ptr"]], ["_conv_kernel", ["out_ptr"]]]
+    # Beside a pooled shortcut: the pooled projection GEMM with the gated epilogue.
+    assert report["gated eval avg_down"]["kernels"] == [
+        ["_conv_kernel", ["out_ptr"]], ["_conv_kernel", ["out_ptr", "psum_ptr"]],
+        ["_conv_kernel", ["out_ptr"]]]
 
 
 def test_eval_kernels_write_only_their_output(report):

@@ -177,7 +177,27 @@ with FakeTensorMode() as mode:
     trace("eval avg_down", lambda x, w1, w2, w3, b: OPS.conv_bias_pool_shortcut_relu(
         OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, x, w3, 1, 2, 2, True), xo, w1o, w2o, w3o,
         b16)
+
+    # A gated block beside it: the branch with its pool sums, a gate, the gated join in
+    # the pooled projection GEMM's epilogue (eval); the channel-gated training forward
+    # (gate_join_train's sc_pool).
+    def gated_pooled(x, w1, w2, w3, b):
+        branch, pooled = OPS.conv_bias_pool(OPS.conv_bias_relu(x, w1, b, 2, 1), w2, b, 1, 1)
+        gate = pooled.view(pooled.shape[0], -1, 1, 1).sigmoid()
+        return OPS.gate_pool_shortcut_relu(branch, gate, x, w3, b, 2, 2, True)
+
+    trace("gated eval avg_down", gated_pooled, xo, w1o, w2o, w3o, b16)
     gs = [fake(mode, 16, dtype=torch.float32) for _ in range(6)]
+
+    def channel_gated_pooled(x, w1, w2, w3, *v):
+        c_last, pooled, _, st = OPS.block_branch(x, [w1, w2], [None, None], [v[0], v[1]],
+                                                 [v[2], v[3]], [2, 1], [1e-5, 1e-5])
+        gate = pooled.view(pooled.shape[0], -1, 1, 1).sigmoid()
+        return OPS.gate_join_train(c_last, st[-1], v[1], v[3], 1e-5, gate, x, w3, None, v[4],
+                                   v[5], 1e-5, 2, 2)[0]
+
+    trace("train channel-gated avg_down forward", channel_gated_pooled, xo, w1o, w2o, w3o,
+          *gs)
     trace("train avg_down forward", lambda x, w1, w2, w3, *v: OPS.block_train(
         x, [w1, w2], [None, None], [v[0], v[1]], [v[2], v[3]], [2, 1], [1e-5, 1e-5], w3, None,
         v[4], v[5], 1e-5, "", None, 2)[0], xo, w1o, w2o, w3o, *gs)

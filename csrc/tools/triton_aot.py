@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -155,9 +156,10 @@ def _block_launches(cin, k, hw, stride, kind, dt, pdt, frozen=False):
     _train_launches(x, [w1, w2], [b1, b2], [stride, 1], w3, b3, g3, beta3, pdt, frozen)
 
 
-def _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt):
+def _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, sc_pool=0):
     """A channel-gated block's training (train_gated.py): block_branch (the last conv's
-    pool sums beside its statistics), gate_join_train and both backwards."""
+    pool sums beside its statistics), gate_join_train and both backwards; sc_pool:
+    ResNet-D's pooled shortcut."""
     from resnet_fused.backends.triton import train_gated as tg
 
     g = [torch.ones(wi.shape[0], dtype=pdt) for wi in w]
@@ -165,12 +167,13 @@ def _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, p
     eps = [1e-5] * len(w)
     c_last, pooled, c, stats = tg._block_branch(x, w, b, g, beta, strides, eps)
     gate = torch.empty((x.shape[0], c_last.shape[1], 1, 1), dtype=x.dtype)
-    s_sc = strides[0] * strides[1]
+    s_sc = math.prod(strides)
     out, mask, c_sc, st_sc = tg._gate_join_train(c_last, stats[-1], g[-1], beta[-1], 1e-5, gate,
-                                                 x, w_sc, b_sc, g_sc, beta_sc, 1e-5, s_sc)
+                                                 x, w_sc, b_sc, g_sc, beta_sc, 1e-5, s_sc,
+                                                 sc_pool)
     tg._gate_join_train_backward(_t(tuple(out.shape), x.dtype), mask, c_last, stats[-1], g[-1],
                                  beta[-1], 1e-5, gate, x, w_sc, g_sc, c_sc, st_sc,
-                                 b_sc is not None, s_sc, 1e-5)
+                                 b_sc is not None, s_sc, 1e-5, sc_pool)
     tg._block_branch_backward(_t(tuple(c_last.shape), x.dtype), pooled, x, c, c_last, stats,
                               w, g, beta, [t is not None for t in b], strides, eps)
 
@@ -292,6 +295,37 @@ def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
         return
     _train_launches(x, w, [None] * len(w), strides, w_sc, None, torch.ones(out, dtype=pdt),
                     torch.zeros(out, dtype=pdt), pdt, frozen, sc_pool=2)
+
+
+def _gated_avg_down_launches(kind, cin, width, hw, dt, pdt):
+    """A gated block beside the pooled shortcut (ecaresnet*d, SE + avg_down): the eval
+    join gate_pool_shortcut_relu (the pooled GEMM with the gated epilogue), the training
+    block with a sample gate (block_train's sc_pool and gate) and with a channel gate
+    (train_gated.py's gate_join_train with sc_pool)."""
+    from resnet_fused.backends.triton import eval_ops
+
+    x = _t((BATCH, cin, hw, hw), dt)
+    if kind == "bottleneck":
+        out = 4 * width
+        w = [_t((width, cin, 1, 1), dt), _t((width, width, 3, 3), dt), _t((out, width, 1, 1), dt)]
+        strides = [1, 2, 1]
+    else:
+        out = width
+        w = [_t((out, cin, 3, 3), dt), _t((out, out, 3, 3), dt)]
+        strides = [2, 1]
+    p = (hw + 1) // 2
+    w_sc = _t((out, cin, 1, 1), dt)
+    sample = torch.empty((BATCH, 1, 1, 1), dtype=dt)
+    if kind == "d2l":
+        b, b_sc, g_sc, beta_sc = [_t((out,), dt)] * 2, _t((out,), dt), None, None
+    else:
+        b, b_sc = [None] * len(w), None
+        g_sc, beta_sc = torch.ones(out, dtype=pdt), torch.zeros(out, dtype=pdt)
+        eval_ops.gate_pool_shortcut_relu(_t((BATCH, out, p, p), dt),
+                                         torch.empty((BATCH, out, 1, 1), dtype=dt), x, w_sc,
+                                         _t((out,), dt), 2, 2, True)
+    _train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, sc_pool=2, gate=sample)
+    _channel_gated_train_launches(x, w, b, strides, w_sc, b_sc, g_sc, beta_sc, pdt, sc_pool=2)
 
 
 def _tma_launches(cin, k, hw, stride, kind, dt):
@@ -416,6 +450,11 @@ def collect(full: bool = False) -> list:
                     kind = "identity" if cin == k and stride == 1 else "1x1"
                     label[0] = f"{plabel} gated {kind} {cin}->{k}@{hw}/{stride}"
                     _gated_launches(cin, k, hw, stride, kind, dt, torch.float32)
+                # Gated beside the pooled shortcut: after the others (--filter "gated
+                # avgdown").
+                for kind, cin, width, hw in AVG_DOWN:
+                    label[0] = f"{plabel} gated avgdown {kind} {cin}->{width}@{hw}/2"
+                    _gated_avg_down_launches(kind, cin, width, hw, dt, torch.float32)
                 if prec != "ieee":
                     for pdt in pdts:
                         for cl in (False, True):

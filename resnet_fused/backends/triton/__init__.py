@@ -12,9 +12,9 @@ BNs are not all synchronized over one process group goes the composite way
 bn.py). Grouped or dilated convolutions are declined (unsupported_block_reason), so
 `auto` routes such blocks to native or torch. A gated last stage (README.md, Design,
 "Gates and pooled shortcuts"): eval through eval_ops' conv_bias_pool and
-gate_shortcut_relu, training with a drop path through block_train's `gate`, with an SE
-or ECA gate through train_gated.py; gates inside the chain and the pooled shortcut are
-declined.
+gate_shortcut_relu (gate_pool_shortcut_relu beside a pooled shortcut), training with a
+drop path through block_train's `gate`, with an SE or ECA gate through train_gated.py,
+either beside a pooled shortcut too; gates inside the chain are declined.
 
 Runs on CUDA GPUs of compute capability >= 8.0, and on CPU through Triton's
 interpreter when TRITON_INTERPRET=1 was set before anything imported triton.language
@@ -32,7 +32,7 @@ from torch import nn
 import triton  # noqa: F401  (ImportError here makes the registry report the backend unavailable)
 
 from ..base import FoldedBlock, gate_reason
-from ..composite import CompositeBackend, branch_gate
+from ..composite import CompositeBackend, branch_gate, eval_branch_gate
 from ...spec import CHANNEL
 from . import bn  # noqa: F401  (defines the resnet_fused_triton BN ops)
 from . import conv as _conv
@@ -119,28 +119,34 @@ class TritonBackend(CompositeBackend):
 
     def forward_eval(self, parts, folded: FoldedBlock, x: torch.Tensor) -> torch.Tensor:
         """CompositeBackend's stage walk over this namespace's eval ops (a gated last
-        stage: conv_bias_pool, the gate, gate_shortcut_relu); an ungated block with a
-        pooled shortcut joins in conv_bias_pool_shortcut_relu, whose projection GEMM
-        averages x's windows as it loads them (the pooled x is never written)."""
+        stage: conv_bias_pool, the gate, gate_shortcut_relu); with a pooled shortcut the
+        join is conv_bias_pool_shortcut_relu (ungated) or gate_pool_shortcut_relu
+        (gated), whose projection GEMM averages x's windows as it loads them (the
+        pooled x is never written)."""
         pool = shortcut_pool(parts)
-        if pool is None or parts.gates:
-            # A gated block with a pooled shortcut: the composite walk pools x with the
-            # user's module (conv_bias_pool_shortcut_relu has no gate term).
+        if pool is None:
             return super().forward_eval(parts, folded, x)
         ops, y = self.ops, x
-        for f in folded.stages[:-1]:
+        for f in folded.stages[:-1]:   # (gates inside the chain are declined)
             y = ops.conv_bias_relu(y, f.w, f.b, f.stride, f.padding, f.dilation, f.groups)
-        last, sc = folded.stages[-1], folded.shortcut
-        return ops.conv_bias_pool_shortcut_relu(y, last.w, last.b, x, sc.w, last.padding,
-                                                pool.kernel, pool_stride(parts),
-                                                pool.ceil_mode)
+        last, sc, stride = folded.stages[-1], folded.shortcut, pool_stride(parts)
+        bias = last.b
+        if sc.b is not None:   # a gated last stage (fold.py keeps the shortcut's bias)
+            gate = eval_branch_gate(parts, ops, y, last)
+            if gate is not None:
+                return ops.gate_pool_shortcut_relu(gate[1], gate[0], x, sc.w, sc.b,
+                                                   pool.kernel, stride, pool.ceil_mode)
+            bias = bias + sc.b   # only sample gates, in eval: the identity
+        return ops.conv_bias_pool_shortcut_relu(y, last.w, bias, x, sc.w, last.padding,
+                                                pool.kernel, stride, pool.ceil_mode)
 
     def _gate_reason(self, parts, training: bool) -> Optional[str]:
         """Gates on the last stage are computed in eval (conv_bias_pool, then the
-        gates' modules on (N, C, 1, 1), then gate_shortcut_relu) and in training (sample
-        gates and constant scales: block_train's `gate`; channel gates: train_gated.py);
-        not yet: a gate inside the chain (RegNet's SE before the last 1x1), a channel
-        gate beside a pooled shortcut or synchronized BNs in training."""
+        gates' modules on (N, C, 1, 1), then gate_shortcut_relu, or beside a pooled
+        shortcut gate_pool_shortcut_relu) and in training (sample gates and constant
+        scales: block_train's `gate`; channel gates: train_gated.py; either beside a
+        pooled shortcut too); not yet: a gate inside the chain (RegNet's SE before the
+        last 1x1) or synchronized BNs in training."""
         if not parts.gates:
             return None
         if any(g.stage != len(parts.stages) - 1 for g in parts.gates):
@@ -153,9 +159,6 @@ class TritonBackend(CompositeBackend):
         if any(isinstance(bn, nn.SyncBatchNorm) for bn in parts.bns()):
             return gate_reason(parts, self.name, "training gated branches with synchronized "
                                "BatchNorm")
-        if any(g.kind == CHANNEL for g in parts.gates) and shortcut_pool(parts) is not None:
-            return gate_reason(parts, self.name, "training a channel-gated branch beside a "
-                               "pooled shortcut (ResNet-D)")
         return None
 
     @staticmethod

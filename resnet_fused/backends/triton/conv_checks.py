@@ -1,6 +1,7 @@
 """Input checks of the triton backend's public convolution ops, eval_ops.py's
 resnet_fused_triton::conv_bias_relu, conv_bias_shortcut_relu,
-conv_bias_pool_shortcut_relu, conv_bias_pool and gate_shortcut_relu.
+conv_bias_pool_shortcut_relu, conv_bias_pool, gate_shortcut_relu and
+gate_pool_shortcut_relu.
 
 This is where user input to the Triton convolutions is validated, once, with an error
 that names the op and what was wrong; conv.py's conv2d_nhwc only asserts what
@@ -127,10 +128,8 @@ def check_conv_bias_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
                          f"shape {sc}, the main branch {out}")
 
 
-def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
-                                       pool_kernel, pool_stride, ceil_mode) -> None:
-    op = "conv_bias_pool_shortcut_relu"
-    out = _join_inputs(op, y, weight, bias, x, padding)
+def _pooled_shortcut(op, x, shortcut_weight, pool_kernel, pool_stride, ceil_mode) -> tuple:
+    """The checks of a pooled shortcut conv(avg_pool2d(x), shortcut_weight); its shape."""
     _int(op, "pool_kernel", pool_kernel, 1)
     _int(op, "pool_stride", pool_stride, 1)
     _weight(op, "shortcut_weight", shortcut_weight, x, "x")
@@ -141,7 +140,14 @@ def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padd
     if min(hw) < 1:
         raise ValueError(f"{NS}::{op}: x {tuple(x.shape)} is smaller than the pool's "
                          f"{pool_kernel}x{pool_kernel} window")
-    sc = (x.shape[0], shortcut_weight.shape[0], *hw)
+    return (x.shape[0], shortcut_weight.shape[0], *hw)
+
+
+def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padding,
+                                       pool_kernel, pool_stride, ceil_mode) -> None:
+    op = "conv_bias_pool_shortcut_relu"
+    out = _join_inputs(op, y, weight, bias, x, padding)
+    sc = _pooled_shortcut(op, x, shortcut_weight, pool_kernel, pool_stride, ceil_mode)
     if sc != out:
         raise ValueError(f"{NS}::{op}: the pooled shortcut conv(avg_pool2d(x), "
                          f"shortcut_weight) has shape {sc}, the main branch {out}")
@@ -159,9 +165,8 @@ def check_conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1)
     _out_hw(op, x, weight, stride, padding)
 
 
-def check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
-                             shortcut_padding) -> None:
-    op = "gate_shortcut_relu"
+def _gate_join_inputs(op, y, gate, x) -> None:
+    """The checks of a gated join's branch y, its gate and x."""
     _activation(op, "y", y)
     _activation(op, "x", x)
     if x.dtype != y.dtype:
@@ -176,6 +181,12 @@ def check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcu
         raise ValueError(f"{NS}::{op}: gate must be a floating tensor on {y.device} of shape "
                          f"({N} or 1, {K} or 1, 1, 1), got {tuple(gate.shape)} {gate.dtype} "
                          f"on {gate.device}")
+
+
+def check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcut_stride,
+                             shortcut_padding) -> None:
+    op = "gate_shortcut_relu"
+    _gate_join_inputs(op, y, gate, x)
     if shortcut_weight is None:
         if shortcut_bias is not None:
             raise ValueError(f"{NS}::{op}: shortcut_bias without shortcut_weight")
@@ -195,5 +206,18 @@ def check_gate_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, shortcu
                          f"shape {sc}, the branch y {tuple(y.shape)}")
 
 
+def check_gate_pool_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, pool_kernel,
+                                  pool_stride, ceil_mode) -> None:
+    op = "gate_pool_shortcut_relu"
+    _gate_join_inputs(op, y, gate, x)
+    sc = _pooled_shortcut(op, x, shortcut_weight, pool_kernel, pool_stride, ceil_mode)
+    if shortcut_bias is not None:
+        _bias(op, shortcut_bias, shortcut_weight.shape[0], x.device)
+    if sc != tuple(y.shape):
+        raise ValueError(f"{NS}::{op}: the pooled shortcut conv(avg_pool2d(x), "
+                         f"shortcut_weight) has shape {sc}, the branch y {tuple(y.shape)}")
+
+
 __all__ = ["check_conv_bias_pool", "check_conv_bias_pool_shortcut_relu",
-           "check_conv_bias_relu", "check_conv_bias_shortcut_relu", "check_gate_shortcut_relu"]
+           "check_conv_bias_relu", "check_conv_bias_shortcut_relu",
+           "check_gate_pool_shortcut_relu", "check_gate_shortcut_relu"]

@@ -4,7 +4,8 @@ conv_bias_pool_shortcut_relu (the same with ResNet-D's pooled shortcut); for a g
 last stage (README.md, Design, "Gates and pooled shortcuts") conv_bias_pool (the branch
 conv + bias, with its per-(n, k) sums accumulated in the same epilogue) and
 gate_shortcut_relu (relu(gate * branch + shortcut): the projection GEMM's epilogue, or
-one elementwise pass for the identity). Dense convolutions only:
+one elementwise pass for the identity) and gate_pool_shortcut_relu (the same beside a
+pooled shortcut: the pooled projection GEMM with the gated epilogue). Dense convolutions only:
 groups != 1 or dilation != 1 is refused with an error (conv_checks.py), and the
 backend's unsupported_block_reason routes such blocks to another backend.
 
@@ -31,7 +32,7 @@ from ...ops import like_format
 from .conv import AvgPool, Epilogue, ResidualAdd, SecondGemm, conv2d_nhwc
 from .conv_checks import (check_conv_bias_pool, check_conv_bias_pool_shortcut_relu,
                           check_conv_bias_relu, check_conv_bias_shortcut_relu,
-                          check_gate_shortcut_relu)
+                          check_gate_pool_shortcut_relu, check_gate_shortcut_relu)
 from .gate import gate_join_identity, gate_nk
 from .launcher import define_triton_op
 
@@ -107,6 +108,23 @@ def gate_shortcut_relu(y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
     return like_format(out, y)
 
 
+def gate_pool_shortcut_relu(y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                            shortcut_weight: torch.Tensor, shortcut_bias: Optional[torch.Tensor],
+                            pool_kernel: int, pool_stride: int,
+                            ceil_mode: bool) -> torch.Tensor:
+    """A gated branch beside ResNet-D's pooled shortcut: the projection GEMM averages
+    x's windows as it loads them (conv.py, _pool_gemm_loop) and its epilogue adds the
+    gated branch (RES_GATE), one launch; the pooled x is never written."""
+    check_gate_pool_shortcut_relu(y, gate, x, shortcut_weight, shortcut_bias, pool_kernel,
+                                  pool_stride, ceil_mode)
+    g = gate_nk(gate, y.shape[0], y.shape[1])
+    out = conv2d_nhwc(x, shortcut_weight.to(y.dtype), pool_stride, 0,
+                      pool=AvgPool(pool_kernel, bool(ceil_mode)),
+                      residual=ResidualAdd(y, gate=g),
+                      epilogue=Epilogue(shortcut_bias, relu=True)).out
+    return like_format(out, y)
+
+
 for _fn in (conv_bias_relu, conv_bias_shortcut_relu, conv_bias_pool_shortcut_relu,
-            conv_bias_pool, gate_shortcut_relu):
+            conv_bias_pool, gate_shortcut_relu, gate_pool_shortcut_relu):
     define_triton_op(_fn.__name__, _fn)

@@ -17,7 +17,9 @@ autograd between the kernels, so the fused block is two differentiable ops aroun
   gate_join_train(c_last, stats_last, gamma, beta, g, x, shortcut...)
                             out = relu(g * bn_last(c_last) + shortcut), the joins of
                             train._join (elementwise pass, or the D2L projection GEMM's
-                            epilogue); the shortcut BN's statistics in its conv epilogue.
+                            epilogue); the shortcut BN's statistics in its conv epilogue;
+                            ResNet-D's pooled shortcut (sc_pool) averaged in that
+                            GEMM's loader, as block_train's.
 
 Backward, in autograd's order:
   gate_join_train_backward  G = g * grad_out * mask written once; BN_last's reductions on
@@ -125,12 +127,12 @@ def _gate_join_train(c: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor, eps: float, gate: torch.Tensor, x: torch.Tensor,
                      w_sc: Optional[torch.Tensor], b_sc: Optional[torch.Tensor],
                      g_sc: Optional[torch.Tensor], beta_sc: Optional[torch.Tensor],
-                     eps_sc: float, stride_sc: int
+                     eps_sc: float, stride_sc: int, sc_pool: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate_join_train (schemas.py): (out, mask, c_sc, stats_sc)."""
     bn = _saved_bn(stats, c, weight, bias, eps, "")
     out, mask, c_sc, st_sc = _join(x, c, bn, weight, bias, w_sc, b_sc, g_sc, beta_sc,
-                                   stride_sc, eps_sc, "", None,
+                                   stride_sc, eps_sc, "", None, sc_pool,
                                    gate=gate_nk(gate, c.shape[0], c.shape[1]))
     return out, mask, c_sc, (_stat_rows(st_sc) if st_sc is not None else _empty(x))
 
@@ -140,7 +142,7 @@ def _gate_join_train_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: tor
                               eps: float, gate: torch.Tensor, x: torch.Tensor,
                               w_sc: Optional[torch.Tensor], g_sc: Optional[torch.Tensor],
                               c_sc: torch.Tensor, stats_sc: torch.Tensor, has_b_sc: bool,
-                              stride_sc: int, eps_sc: float
+                              stride_sc: int, eps_sc: float, sc_pool: int = 0
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor, torch.Tensor]:
@@ -153,8 +155,9 @@ def _gate_join_train_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: tor
     grad_c, _ = _bwd_apply(grad_last, mask, c, coef, False)
     gm = grad_out.to(torch.float32) * unpack_mask(mask, grad_out)
     y = c.to(torch.float32) * bn.scale.view(1, -1, 1, 1) + bn.shift.view(1, -1, 1, 1)
-    dims = tuple(i for i in range(4) if gate.shape[i] == 1 and c.shape[i] != 1)
-    grad_gate = (gm * y).sum(dims, keepdim=True).to(gate.dtype)
+    # (sum_to_size, not sum(dims): with a 1x1 output there is nothing to reduce, and
+    # sum over no dims would reduce them all.)
+    grad_gate = (gm * y).sum_to_size(gate.shape).to(gate.dtype)
     # (Outputs may not alias: a new empty tensor for each absent gradient.)
     dw_sc, db_sc, dg_sc, dbeta_sc = (_empty(x) for _ in range(4))
     if w_sc is None:
@@ -167,10 +170,14 @@ def _gate_join_train_backward(grad_out: torch.Tensor, mask: torch.Tensor, c: tor
                                                         bn_sc.invstd, g_sc)
             G = GradOperand(grad_out, mask, c_sc, coef_sc)
             dg_sc, dbeta_sc = dg_sc.to(g_sc.dtype), dbeta_sc.to(g_sc.dtype)
-        dw, db = conv_wgrad(G, x, w_sc.shape, stride_sc, _pad(w_sc), need_db=has_b_sc)
+        # (A pooled shortcut: the wgrad rebuilds the pooled x in its loader, the dgrad
+        # spreads each window's gradient over its taps, as block_train_backward's.)
+        dw, db = conv_wgrad(G, x, w_sc.shape, stride_sc, _pad(w_sc), need_db=has_b_sc,
+                            pool=sc_pool)
         dw_sc = dw.to(w_sc.dtype).contiguous()
         db_sc = db.to(w_sc.dtype) if has_b_sc else db_sc
-        grad_x = conv_dgrad(G, w_sc, tuple(x.shape[2:]), stride_sc, _pad(w_sc)).dx
+        grad_x = conv_dgrad(G, w_sc, tuple(x.shape[2:]), stride_sc, _pad(w_sc),
+                            pool=sc_pool).dx
     return (grad_c, dw_l.to(weight.dtype), db_l.to(bias.dtype), grad_gate, grad_x, dw_sc,
             db_sc, dg_sc, dbeta_sc)
 
@@ -194,7 +201,7 @@ def train_gated_block(parts: Parts, x: torch.Tensor) -> torch.Tensor:
     gate = branch_gate(parts, c_last, lambda: pooled)
     out, _, c_sc, stats_sc = ops.gate_join_train(
         c_last, stats[-1], a.g[-1], a.beta[-1], a.eps[-1], gate, a.x, a.w_sc, a.b_sc, a.g_sc,
-        a.beta_sc, a.eps_sc, _sc_stride(a.stride))
+        a.beta_sc, a.eps_sc, _sc_stride(a.stride), a.sc_pool)
     bn_sc = a.w_sc is not None and a.g_sc is not None
     rows = list(stats) + ([stats_sc] if bn_sc else [])
     convs = list(cs) + [c_last] + ([c_sc] if bn_sc else [])

@@ -95,6 +95,20 @@ def test_train_and_eval(kind, backend, channels_last):
                 shape=_shape(kind), grads=False)
 
 
+@pytest.mark.parametrize("kind", ["last_identity", "with_drop_path"])
+def test_triton(kind):
+    """On triton (its interpreter on CPU) a constant scale is block_train's `gate` in
+    training and the gated join's in eval; a scale inside the chain ("inner") is
+    declined there (tests/test_gated_blocks.py)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend on CPU needs TRITON_INTERPRET=1")
+    check_block(BLOCKS[kind], backend="triton", train=True, shape=_shape(kind), steps=2,
+                reseed=True)
+    check_block(BLOCKS[kind], backend="triton", train=False, channels_last=True,
+                shape=_shape(kind), grads=False)
+
+
 @pytest.mark.parametrize("kind", ["last_stride2", "inner"])
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_float16_and_frozen(kind, backend):

@@ -170,6 +170,14 @@ def _prune(configs, named_args, **kwargs):
         # fp32 operands: more than 64 loaded elements per thread per stage spill on sm_90.
         if esize == 4 and (bm * bk + bk * bn) // (32 * c.num_warps) > 64:
             continue
+        # A pooled fp32 operand (AVGPOOL*): the window's k*k A tiles are loaded beside
+        # the B tile. Two candidates spilled 8 B on sm_90 with triton 3.8: 32x32x16 with
+        # 2 warps in TF32 (the frozen block's projection) and 64x64x32 with 4 warps in
+        # IEEE (80 loaded elements per thread per stage, counting the k*k A tiles).
+        if esize == 4 and pool and (
+                (ieee and (bm * bk * a_tiles + bk * bn) // (32 * c.num_warps) > 64)
+                or (not ieee and c.num_warps == 2)):
+            continue
         # fp32 without TF32 multiplies on the FMA units: accumulators above 32 registers
         # per thread spill on sm_90.
         if esize == 4 and ieee and _acc_regs(bm, bn, c.num_warps) > 32:

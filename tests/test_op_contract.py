@@ -183,6 +183,24 @@ def _requiring_grad(name, args):
                             if getattr(args, n) is not None})
 
 
+def _assert_outputs_match(name, got, plain, ref):
+    """Every output of op `name` (a tensor or the schema's tuple) against the plain op's
+    by the tolerance rule (ref: float64): absent outputs empty on both, the mask exactly
+    the bits of the op's own first output > 0, dtype, shape and layout as plain's."""
+    got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
+    for field, g, p, r in zip(op_layer.returns_tuple(name)._fields, got, plain, ref):
+        if g.numel() == 0:  # an absent output (bn_act_backward without residual_grad)
+            assert g.shape == p.shape == (0,), f"{name}: {field}"
+            continue
+        if g.dtype == torch.uint8:
+            assert torch.equal(g, torch_ops.pack_mask(got[0] > 0)), f"{name}: {field}"
+            continue
+        assert g.dtype == p.dtype and g.shape == p.shape, f"{name}: {field}"
+        if g.dim() == 4:
+            assert g.stride() == p.stride(), f"{name}: {field} layout"
+        assert_within(f"{name} {field}", g, p, r)
+
+
 def _cloned(args):
     """Fresh copies of the tensor arguments (mutated ones must not leak between runs)."""
     return type(args)(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
@@ -217,19 +235,7 @@ def test_against_float64_torch_op(device, backend, name):
         got = op(*got_args)
         plain = getattr(REF, name)(*plain_args)
         ref = getattr(REF, name)(*ref_args)
-        got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
-        fields = op_layer.returns_tuple(name)._fields
-        for field, g, p, r in zip(fields, got, plain, ref):
-            if g.numel() == 0:  # an absent output (bn_act_backward without residual_grad)
-                assert g.shape == p.shape == (0,), f"{name}: {field}"
-                continue
-            if g.dtype == torch.uint8:
-                assert torch.equal(g, torch_ops.pack_mask(got[0] > 0)), f"{name}: {field}"
-                continue
-            assert g.dtype == p.dtype and g.shape == p.shape, f"{name}: {field}"
-            if g.dim() == 4:
-                assert g.stride() == p.stride(), f"{name}: {field} layout"
-            assert_within(f"{name} {field}", g, p, r)
+        _assert_outputs_match(name, got, plain, ref)
         for n in written:
             g, p, r = (getattr(a, n) for a in (got_args, plain_args, ref_args))
             if g.is_floating_point():
@@ -525,18 +531,7 @@ def test_gate_ops_against_float64_torch_op(backend, name):
     for args in _gate_cases(name):
         args32 = _float(args)
         got, plain, ref = op(*args32), getattr(REF, name)(*args32), getattr(REF, name)(*args)
-        got, plain, ref = ((t,) if isinstance(t, torch.Tensor) else t for t in (got, plain, ref))
-        for field, g, p, r in zip(op_layer.returns_tuple(name)._fields, got, plain, ref):
-            if g.numel() == 0:
-                assert g.shape == p.shape == (0,), f"{name}: {field}"
-                continue
-            if g.dtype == torch.uint8:
-                assert torch.equal(g, torch_ops.pack_mask(got[0] > 0)), f"{name}: {field}"
-                continue
-            assert g.dtype == p.dtype and g.shape == p.shape, f"{name}: {field}"
-            if g.dim() == 4:
-                assert g.stride() == p.stride(), f"{name}: {field} layout"
-            assert_within(f"{name} {field}", g, p, r)
+        _assert_outputs_match(name, got, plain, ref)
 
 
 @pytest.mark.parametrize("name", list(_GATE_DIFFERENTIABLE))

@@ -267,13 +267,9 @@ def _bottleneck_launches(cin, width, hw, stride, v1, dt, pdt, frozen=False):
 AVG_DOWN = [("basic", 64, 128, 56), ("bottleneck", 256, 128, 56), ("d2l", 64, 128, 56)]
 
 
-def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
-    """The pooled shortcut's variants: the eval join (conv_bias_pool_shortcut_relu: the
-    pooled second GEMM), the fused training forward (the pooled GEMM with its BN
-    statistics) and backward (pooled wgrad; pooled dgrad as the basic block's second
-    GEMM, as the bottleneck's own launch)."""
-    from resnet_fused.backends.triton import eval_ops
-
+def _avg_down_chain(kind, cin, width, hw, dt):
+    """A ResNet-D downsampling block's operands (stride 2): x, the stages' weights and
+    strides, the output channels, the output size and the pooled shortcut's 1x1 weight."""
     x = _t((BATCH, cin, hw, hw), dt)
     if kind == "bottleneck":
         out = 4 * width
@@ -283,8 +279,17 @@ def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
         out = width
         w = [_t((out, cin, 3, 3), dt), _t((out, out, 3, 3), dt)]
         strides = [2, 1]
-    p = (hw + 1) // 2
-    w_sc = _t((out, cin, 1, 1), dt)
+    return x, w, strides, out, (hw + 1) // 2, _t((out, cin, 1, 1), dt)
+
+
+def _avg_down_launches(kind, cin, width, hw, dt, pdt, frozen=False):
+    """The pooled shortcut's variants: the eval join (conv_bias_pool_shortcut_relu: the
+    pooled second GEMM), the fused training forward (the pooled GEMM with its BN
+    statistics) and backward (pooled wgrad; pooled dgrad as the basic block's second
+    GEMM, as the bottleneck's own launch)."""
+    from resnet_fused.backends.triton import eval_ops
+
+    x, w, strides, out, p, w_sc = _avg_down_chain(kind, cin, width, hw, dt)
     if not frozen and kind != "d2l":
         y = _t((BATCH, w[-1].shape[1], p, p), dt)
         eval_ops.conv_bias_pool_shortcut_relu(y, w[-1], _t((out,), dt), x, w_sc,
@@ -304,17 +309,7 @@ def _gated_avg_down_launches(kind, cin, width, hw, dt, pdt):
     (train_gated.py's gate_join_train with sc_pool)."""
     from resnet_fused.backends.triton import eval_ops
 
-    x = _t((BATCH, cin, hw, hw), dt)
-    if kind == "bottleneck":
-        out = 4 * width
-        w = [_t((width, cin, 1, 1), dt), _t((width, width, 3, 3), dt), _t((out, width, 1, 1), dt)]
-        strides = [1, 2, 1]
-    else:
-        out = width
-        w = [_t((out, cin, 3, 3), dt), _t((out, out, 3, 3), dt)]
-        strides = [2, 1]
-    p = (hw + 1) // 2
-    w_sc = _t((out, cin, 1, 1), dt)
+    x, w, strides, out, p, w_sc = _avg_down_chain(kind, cin, width, hw, dt)
     sample = torch.empty((BATCH, 1, 1, 1), dtype=dt)
     if kind == "d2l":
         b, b_sc, g_sc, beta_sc = [_t((out,), dt)] * 2, _t((out,), dt), None, None

@@ -81,8 +81,8 @@ def _out_hw(op: str, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int
     return P, Q
 
 
-def check_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1) -> None:
-    op = "conv_bias_relu"
+def _conv_bias_inputs(op, x, weight, bias, stride, padding, dilation, groups) -> None:
+    """The checks of one dense convolution with a bias, named after `op`."""
     _activation(op, "x", x)
     _int(op, "stride", stride, 1)
     _int(op, "padding", padding, 0)
@@ -90,6 +90,10 @@ def check_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1)
     _weight(op, "weight", weight, x, "x")
     _bias(op, bias, weight.shape[0], x.device)
     _out_hw(op, x, weight, stride, padding)
+
+
+def check_conv_bias_relu(x, weight, bias, stride, padding, dilation=1, groups=1) -> None:
+    _conv_bias_inputs("conv_bias_relu", x, weight, bias, stride, padding, dilation, groups)
 
 
 def _join_inputs(op, y, weight, bias, x, padding, dilation=1, groups=1) -> tuple:
@@ -155,14 +159,7 @@ def check_conv_bias_pool_shortcut_relu(y, weight, bias, x, shortcut_weight, padd
 
 def check_conv_bias_pool(x, weight, bias, stride, padding, dilation=1, groups=1) -> None:
     """As conv_bias_relu's (the same convolution, no ReLU, plus its pool)."""
-    op = "conv_bias_pool"
-    _activation(op, "x", x)
-    _int(op, "stride", stride, 1)
-    _int(op, "padding", padding, 0)
-    _dense(op, dilation, groups)
-    _weight(op, "weight", weight, x, "x")
-    _bias(op, bias, weight.shape[0], x.device)
-    _out_hw(op, x, weight, stride, padding)
+    _conv_bias_inputs("conv_bias_pool", x, weight, bias, stride, padding, dilation, groups)
 
 
 def _gate_join_inputs(op, y, gate, x) -> None:
